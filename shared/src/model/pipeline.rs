@@ -1,0 +1,452 @@
+//! The pipeline file: one YAML file per pipeline with the recipe (parent image, components,
+//! tests), the infrastructure, the distribution, the schedule and the lifecycle.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::component::{self, Document};
+
+/// A pipeline definition as written by the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "kiln pipeline")]
+pub struct Pipeline {
+    /// Letters, digits, `-` and `_`, starting with a letter or digit; at most 128 characters.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"))]
+    pub name: String,
+    pub description: Option<String>,
+    /// Semantic version `x.y.z` of this definition; each build gets `x.y.z/n`.
+    pub version: String,
+    /// The image the builder starts from: exactly one of `ami`, `ssmParameter`, `filter`, `local`.
+    pub parent: Parent,
+    /// Customizations, run in order on the builder (phases build and validate).
+    #[schemars(length(min = 1))]
+    pub components: Vec<ComponentRef>,
+    /// Tests, run on a fresh instance of the new image (phase test).
+    #[serde(default)]
+    pub tests: Tests,
+    /// Where components run and keep their files on the instance.
+    #[serde(default = "default_working_directory")]
+    pub working_directory: String,
+    #[serde(default)]
+    pub block_devices: Vec<BlockDevice>,
+    /// A user-data script for the builder instance.
+    pub user_data: Option<String>,
+    #[serde(default)]
+    pub infrastructure: Infrastructure,
+    /// Target regions. The image is built in `infrastructure.region`, or in the first region here.
+    #[schemars(length(min = 1))]
+    pub distribution: Vec<Distribution>,
+    pub schedule: Option<Schedule>,
+    pub lifecycle: Option<Lifecycle>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+fn default_working_directory() -> String {
+    "/tmp".into()
+}
+
+/// Where the parent image comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Parent {
+    /// A fixed AMI id.
+    Ami(String),
+    /// An SSM parameter holding an AMI id, read at build time (e.g. `/aws/service/…`).
+    SsmParameter(String),
+    /// The most recent image matching owners, name pattern and architecture.
+    Filter(ParentFilter),
+    /// An image in the embedded image store (`kiln image list`).
+    Local(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentFilter {
+    /// `self`, `amazon`, `aws-marketplace` or account ids.
+    #[schemars(length(min = 1))]
+    pub owners: Vec<String>,
+    /// Image name pattern; `*` and `?` are wildcards.
+    pub name: String,
+    pub architecture: Option<Architecture>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Architecture {
+    #[serde(rename = "x86_64")]
+    X86_64,
+    #[serde(rename = "arm64")]
+    Arm64,
+}
+
+/// A component: a document file (relative to the pipeline file) or an inline document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ComponentRef {
+    pub path: Option<String>,
+    pub inline: Option<Document>,
+    /// Values for the document's parameters.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tests {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Instance type of the test instance; the first of `infrastructure.instanceTypes` by default.
+    pub instance_type: Option<String>,
+    #[serde(default)]
+    pub components: Vec<ComponentRef>,
+}
+
+impl Default for Tests {
+    fn default() -> Self {
+        Tests { enabled: true, instance_type: None, components: Vec::new() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlockDevice {
+    #[serde(default = "default_device")]
+    pub device_name: String,
+    /// GiB.
+    #[schemars(range(min = 1, max = 65536))]
+    pub volume_size: Option<u32>,
+    pub volume_type: Option<VolumeType>,
+    pub iops: Option<u32>,
+    /// MiB/s, gp3 only.
+    pub throughput: Option<u32>,
+    #[serde(default = "yes")]
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    #[serde(default = "yes")]
+    pub delete_on_termination: bool,
+}
+
+fn default_device() -> String {
+    "/dev/xvda".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeType {
+    Gp2,
+    Gp3,
+    Io1,
+    Io2,
+    St1,
+    Sc1,
+    Standard,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Infrastructure {
+    /// The region the builder runs in; the first distribution region by default.
+    pub region: Option<String>,
+    /// Tried in order when EC2 has no capacity for one.
+    #[serde(default = "default_instance_types")]
+    #[schemars(length(min = 1))]
+    pub instance_types: Vec<String>,
+    pub subnet_id: Option<String>,
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    /// Needs SSM core permissions and read access to the artifacts bucket.
+    pub instance_profile: Option<String>,
+    pub key_pair: Option<String>,
+    /// Terminate the builder when the build fails (set false to debug a failed build).
+    #[serde(default = "yes")]
+    pub terminate_on_failure: bool,
+    #[serde(default)]
+    pub imdsv2: Imdsv2,
+    #[serde(default)]
+    pub associate_public_ip: bool,
+    /// Tags on every instance kiln launches (besides `kiln:*`).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Embedded mode: `host` shares the machine's network, `none` gives the sandbox none.
+    #[serde(default)]
+    pub network: Network,
+    pub sns_topic_arn: Option<String>,
+}
+
+impl Default for Infrastructure {
+    fn default() -> Self {
+        Infrastructure {
+            region: None,
+            instance_types: default_instance_types(),
+            subnet_id: None,
+            security_group_ids: Vec::new(),
+            instance_profile: None,
+            key_pair: None,
+            terminate_on_failure: true,
+            imdsv2: Imdsv2::Required,
+            associate_public_ip: false,
+            tags: BTreeMap::new(),
+            network: Network::Host,
+            sns_topic_arn: None,
+        }
+    }
+}
+
+fn default_instance_types() -> Vec<String> {
+    vec!["t3.small".into()]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Imdsv2 {
+    #[default]
+    Required,
+    Optional,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    #[default]
+    Host,
+    None,
+}
+
+/// One target region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Distribution {
+    pub region: String,
+    /// Image name; may use `{{ kiln:pipeline }}`, `{{ kiln:version }}`, `{{ kiln:buildNumber }}`,
+    /// `{{ kiln:buildDate }}`.
+    #[serde(default = "default_ami_name")]
+    pub ami_name: String,
+    pub description: Option<String>,
+    pub kms_key_id: Option<String>,
+    pub launch_permission: Option<LaunchPermission>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// An SSM parameter that receives the new image id in this region.
+    pub ssm_parameter: Option<String>,
+    /// Launch templates that get a new version using the new image.
+    #[serde(default)]
+    pub launch_templates: Vec<LaunchTemplateRef>,
+}
+
+pub const DEFAULT_AMI_NAME: &str = "{{ kiln:pipeline }}-{{ kiln:version }}-{{ kiln:buildNumber }}-{{ kiln:buildDate }}";
+
+fn default_ami_name() -> String {
+    DEFAULT_AMI_NAME.into()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LaunchPermission {
+    #[serde(default)]
+    pub accounts: Vec<String>,
+    #[serde(default)]
+    pub organization_arns: Vec<String>,
+    #[serde(default)]
+    pub organizational_unit_arns: Vec<String>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LaunchTemplateRef {
+    pub id: String,
+    /// Make the new version the template's default.
+    #[serde(default)]
+    pub set_default_version: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Schedule {
+    /// EventBridge cron: `cron(minutes hours day-of-month month day-of-week year)`.
+    pub cron: Option<String>,
+    /// IANA time zone the cron expression is read in.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    #[serde(default)]
+    pub start_condition: StartCondition,
+    /// Disable the schedule after this many consecutive failed builds.
+    #[schemars(range(min = 1))]
+    pub disable_after_failures: Option<u32>,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StartCondition {
+    /// Build every time.
+    Always,
+    /// Skip the build when nothing that determines the image changed since the last available one.
+    #[default]
+    OnChange,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Lifecycle {
+    #[schemars(range(min = 1))]
+    pub keep_latest: Option<u32>,
+    #[schemars(range(min = 1))]
+    pub deprecate_after_days: Option<u32>,
+    #[schemars(range(min = 1))]
+    pub delete_after_days: Option<u32>,
+    /// Images with all of these tags are never deprecated or deleted.
+    #[serde(default)]
+    pub exclude_tags: BTreeMap<String, String>,
+}
+
+/// Minutes each stage may take before the build fails with `Kiln.Timeout`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default = "t15")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub launch_minutes: u32,
+    #[serde(default = "t120")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub customize_minutes: u32,
+    #[serde(default = "t120")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub snapshot_minutes: u32,
+    #[serde(default = "t60")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub test_minutes: u32,
+    #[serde(default = "t120")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub distribute_minutes: u32,
+}
+
+fn t15() -> u32 {
+    15
+}
+fn t60() -> u32 {
+    60
+}
+fn t120() -> u32 {
+    120
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { launch_minutes: 15, customize_minutes: 120, snapshot_minutes: 120, test_minutes: 60, distribute_minutes: 120 }
+    }
+}
+
+impl Pipeline {
+    pub fn start_condition(&self) -> StartCondition {
+        self.schedule.as_ref().map(|s| s.start_condition).unwrap_or_default()
+    }
+
+    /// The region the image is built in.
+    pub fn home_region(&self) -> &str {
+        self.infrastructure.region.as_deref().unwrap_or_else(|| self.distribution[0].region.as_str())
+    }
+}
+
+/// Where a component came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    File(PathBuf),
+    Inline { pipeline: PathBuf, index: usize },
+}
+
+/// A component ready to run: its validated document and the parameter values to run it with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedComponent {
+    pub origin: Origin,
+    pub document: component::Loaded,
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl LoadedComponent {
+    /// A short name for reports: the document's name, else the file name.
+    pub fn display_name(&self) -> String {
+        if let Some(n) = &self.document.document.name {
+            return n.clone();
+        }
+        match &self.origin {
+            Origin::File(p) => p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            Origin::Inline { index, .. } => format!("inline-{index}"),
+        }
+    }
+}
+
+/// A validated pipeline with its components loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedPipeline {
+    pub file: PathBuf,
+    pub pipeline: Pipeline,
+    pub components: Vec<LoadedComponent>,
+    pub tests: Vec<LoadedComponent>,
+}
+
+/// The variables allowed in image name templates.
+pub const NAME_VARIABLES: [&str; 4] = ["kiln:pipeline", "kiln:version", "kiln:buildNumber", "kiln:buildDate"];
+
+/// Values for an image name template.
+#[derive(Debug, Clone)]
+pub struct NameContext<'a> {
+    pub pipeline: &'a str,
+    pub version: &'a str,
+    pub build_number: u32,
+    /// UTC, formatted `YYYYMMDDhhmmss`.
+    pub build_date: &'a str,
+}
+
+/// Expands an image name template. Unknown variables are errors that name them.
+pub fn render_name(template: &str, ctx: &NameContext<'_>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after.find("}}").ok_or("`{{` without a closing `}}`")?;
+        let var = after[..close].trim();
+        match var {
+            "kiln:pipeline" => out.push_str(ctx.pipeline),
+            "kiln:version" => out.push_str(ctx.version),
+            "kiln:buildNumber" => out.push_str(&ctx.build_number.to_string()),
+            "kiln:buildDate" => out.push_str(ctx.build_date),
+            other => {
+                let hint = crate::diag::did_you_mean(other, NAME_VARIABLES).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+                return Err(format!("unknown variable `{{{{ {other} }}}}` in the image name{hint}"));
+            }
+        }
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Checks an expanded image name against EC2's rules for AMI names.
+pub fn check_image_name(name: &str) -> Result<(), String> {
+    if !(3..=128).contains(&name.chars().count()) {
+        return Err(format!("the image name `{name}` must be 3 to 128 characters long"));
+    }
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(*c))) {
+        return Err(format!("the image name may only contain letters, digits, spaces and ()[]./-'@_; found `{bad}`"));
+    }
+    Ok(())
+}
+
+/// Resolves a component path relative to the pipeline file.
+pub fn component_path(pipeline_file: &Path, path: &str) -> PathBuf {
+    pipeline_file.parent().unwrap_or(Path::new(".")).join(path)
+}

@@ -1,0 +1,1 @@
+//! kiln-tests holds the integration tests; see `integration/`.
