@@ -63,7 +63,11 @@ pub struct Collector<'a> {
 
 impl<'a> Collector<'a> {
     pub fn new(file: &'a Path, root: &'a Node) -> Self {
-        Collector { file, root, found: Vec::new() }
+        Collector {
+            file,
+            root,
+            found: Vec::new(),
+        }
     }
 
     pub fn file(&self) -> &'a Path {
@@ -81,7 +85,12 @@ impl<'a> Collector<'a> {
     }
 
     /// An error about the value at `path` that has a closed set of allowed values.
-    pub fn at_with_allowed(&mut self, path: &[Seg], message: impl Into<String>, allowed: Vec<String>) {
+    pub fn at_with_allowed(
+        &mut self,
+        path: &[Seg],
+        message: impl Into<String>,
+        allowed: Vec<String>,
+    ) {
         let mark = self.root.locate(path);
         self.at_mark(mark, path, message, allowed);
     }
@@ -92,14 +101,22 @@ impl<'a> Collector<'a> {
             Some((Seg::Key(k), parent)) => {
                 let parent_mark = self.root.locate(parent);
                 let parent_node = locate_node(self.root, parent);
-                parent_node.and_then(|n| n.key_mark(k)).unwrap_or(parent_mark)
+                parent_node
+                    .and_then(|n| n.key_mark(k))
+                    .unwrap_or(parent_mark)
             }
             _ => self.root.locate(path),
         };
         self.at_mark(mark, path, message, allowed);
     }
 
-    pub fn at_mark(&mut self, mark: Mark, path: &[Seg], message: impl Into<String>, allowed: Vec<String>) {
+    pub fn at_mark(
+        &mut self,
+        mark: Mark,
+        path: &[Seg],
+        message: impl Into<String>,
+        allowed: Vec<String>,
+    ) {
         self.found.push(Diagnostic {
             file: self.file.to_path_buf(),
             line: mark.line,
@@ -116,7 +133,10 @@ pub fn locate_node<'n>(root: &'n Node, path: &[Seg]) -> Option<&'n Node> {
     let mut node = root;
     for seg in path {
         node = match (&node.value, seg) {
-            (crate::yaml::Value::Map(entries), Seg::Key(k)) => entries.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, v)| v)?,
+            (crate::yaml::Value::Map(entries), Seg::Key(k)) => entries
+                .iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .map(|(_, v)| v)?,
             (crate::yaml::Value::Seq(items), Seg::Index(i)) => items.get(*i)?,
             _ => return None,
         };
@@ -125,11 +145,19 @@ pub fn locate_node<'n>(root: &'n Node, path: &[Seg]) -> Option<&'n Node> {
 }
 
 /// "did you mean" for a misspelt name: the closest candidate within a small edit distance.
-pub fn did_you_mean<'c>(given: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+pub fn did_you_mean<'c>(
+    given: &str,
+    candidates: impl IntoIterator<Item = &'c str>,
+) -> Option<&'c str> {
     let given_lower = given.to_ascii_lowercase();
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&given_lower, &c.to_ascii_lowercase()), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&given_lower, &c.to_ascii_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, c)| *d <= 2.max(c.len() / 4))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -150,7 +178,9 @@ impl Diagnostics {
     }
 
     pub fn sorted(mut self) -> Self {
-        self.0.sort_by(|a, b| (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message)));
+        self.0.sort_by(|a, b| {
+            (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
+        });
         self.0.dedup();
         self
     }

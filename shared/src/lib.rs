@@ -4,6 +4,7 @@
 pub mod component;
 pub mod diag;
 pub mod model;
+pub mod report;
 pub mod typed;
 pub mod yaml;
 

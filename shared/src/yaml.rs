@@ -14,7 +14,10 @@ pub struct Mark {
 impl From<Marker> for Mark {
     fn from(m: Marker) -> Self {
         // yaml-rust2 reports 1-based lines and 0-based columns.
-        Mark { line: m.line(), column: m.col() + 1 }
+        Mark {
+            line: m.line(),
+            column: m.col() + 1,
+        }
     }
 }
 
@@ -29,7 +32,10 @@ pub struct Node {
 pub enum Value {
     /// A scalar keeps its source text; what it means (string, number, bool, null) depends on the
     /// field it fills, as in Go's YAML decoding that AWSTOE uses (`schemaVersion: 1.0` is "1.0").
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -63,7 +69,10 @@ impl Node {
 
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
-            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
             _ => None,
         }
     }
@@ -75,7 +84,10 @@ impl Node {
         let mut node = self;
         for seg in path {
             let next = match (&node.value, seg) {
-                (Value::Map(entries), Seg::Key(k)) => entries.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, v)| v),
+                (Value::Map(entries), Seg::Key(k)) => entries
+                    .iter()
+                    .find(|(key, _)| key.as_str() == Some(k))
+                    .map(|(_, v)| v),
                 (Value::Seq(items), Seg::Index(i)) => items.get(*i),
                 _ => None,
             };
@@ -90,7 +102,10 @@ impl Node {
     /// The mark of the key `key` in this map, if present.
     pub fn key_mark(&self, key: &str) -> Option<Mark> {
         match &self.value {
-            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, _)| k.mark),
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(k, _)| k.mark),
             _ => None,
         }
     }
@@ -102,18 +117,25 @@ pub fn parse(text: &str) -> Result<Node, Vec<SyntaxProblem>> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, true) {
-        return Err(vec![SyntaxProblem { mark: (*e.marker()).into(), message: e.info().to_string() }]);
+        return Err(vec![SyntaxProblem {
+            mark: (*e.marker()).into(),
+            message: e.info().to_string(),
+        }]);
     }
     if builder.documents.len() > 1 {
         builder.problems.push(SyntaxProblem {
             mark: builder.documents[1].mark,
-            message: "only one YAML document per file is allowed; remove the second `---` document".into(),
+            message: "only one YAML document per file is allowed; remove the second `---` document"
+                .into(),
         });
     }
     if !builder.problems.is_empty() {
         return Err(builder.problems);
     }
-    Ok(builder.documents.into_iter().next().unwrap_or(Node { value: Value::Map(Vec::new()), mark: Mark { line: 1, column: 1 } }))
+    Ok(builder.documents.into_iter().next().unwrap_or(Node {
+        value: Value::Map(Vec::new()),
+        mark: Mark { line: 1, column: 1 },
+    }))
 }
 
 #[derive(Default)]
@@ -128,21 +150,48 @@ impl Builder {
     fn push_value(&mut self, node: Node) {
         match self.stack.last_mut() {
             None => self.documents.push(node),
-            Some((Node { value: Value::Seq(items), .. }, _)) => items.push(node),
-            Some((Node { value: Value::Map(entries), .. }, _)) => {
+            Some((
+                Node {
+                    value: Value::Seq(items),
+                    ..
+                },
+                _,
+            )) => items.push(node),
+            Some((
+                Node {
+                    value: Value::Map(entries),
+                    ..
+                },
+                _,
+            )) => {
                 // A map under construction holds keys with a placeholder value until the value arrives.
                 match entries.last_mut() {
                     Some((_, v)) if v.mark.line == 0 => *v = node,
                     _ => {
                         if node.as_str().is_none() {
-                            self.problems.push(SyntaxProblem { mark: node.mark, message: "mapping keys must be plain strings".into() });
-                        } else if let Some(dup) = entries.iter().find(|(k, _)| k.as_str() == node.as_str()) {
                             self.problems.push(SyntaxProblem {
                                 mark: node.mark,
-                                message: format!("duplicate key `{}` (first defined at line {})", node.as_str().unwrap_or_default(), dup.0.mark.line),
+                                message: "mapping keys must be plain strings".into(),
+                            });
+                        } else if let Some(dup) =
+                            entries.iter().find(|(k, _)| k.as_str() == node.as_str())
+                        {
+                            self.problems.push(SyntaxProblem {
+                                mark: node.mark,
+                                message: format!(
+                                    "duplicate key `{}` (first defined at line {})",
+                                    node.as_str().unwrap_or_default(),
+                                    dup.0.mark.line
+                                ),
                             });
                         }
-                        let placeholder = Node { value: Value::Scalar { text: String::new(), quoted: false }, mark: Mark::default() };
+                        let placeholder = Node {
+                            value: Value::Scalar {
+                                text: String::new(),
+                                quoted: false,
+                            },
+                            mark: Mark::default(),
+                        };
                         entries.push((node, placeholder));
                     }
                 }
@@ -165,10 +214,28 @@ impl MarkedEventReceiver for Builder {
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
                 let quoted = !matches!(style, TScalarStyle::Plain);
-                self.finish(Node { value: Value::Scalar { text, quoted }, mark }, anchor);
+                self.finish(
+                    Node {
+                        value: Value::Scalar { text, quoted },
+                        mark,
+                    },
+                    anchor,
+                );
             }
-            Event::SequenceStart(anchor, _) => self.stack.push((Node { value: Value::Seq(Vec::new()), mark }, anchor)),
-            Event::MappingStart(anchor, _) => self.stack.push((Node { value: Value::Map(Vec::new()), mark }, anchor)),
+            Event::SequenceStart(anchor, _) => self.stack.push((
+                Node {
+                    value: Value::Seq(Vec::new()),
+                    mark,
+                },
+                anchor,
+            )),
+            Event::MappingStart(anchor, _) => self.stack.push((
+                Node {
+                    value: Value::Map(Vec::new()),
+                    mark,
+                },
+                anchor,
+            )),
             Event::SequenceEnd | Event::MappingEnd => {
                 if let Some((mut node, anchor)) = self.stack.pop() {
                     if let Value::Map(entries) = &mut node.value {
@@ -176,6 +243,13 @@ impl MarkedEventReceiver for Builder {
                         for (k, v) in entries.iter_mut() {
                             if v.mark.line == 0 {
                                 v.mark = k.mark;
+                            }
+                        }
+                        // The parser marks a block map where it recognised it, after its first
+                        // key; the first key is where a reader sees the map start.
+                        if let Some((first, _)) = entries.first() {
+                            if first.mark < node.mark {
+                                node.mark = first.mark;
                             }
                         }
                     }
@@ -188,9 +262,16 @@ impl MarkedEventReceiver for Builder {
                     node.mark = mark;
                     self.push_value(node);
                 }
-                None => self.problems.push(SyntaxProblem { mark, message: "alias refers to an unknown anchor".into() }),
+                None => self.problems.push(SyntaxProblem {
+                    mark,
+                    message: "alias refers to an unknown anchor".into(),
+                }),
             },
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
+            Event::Nothing
+            | Event::StreamStart
+            | Event::StreamEnd
+            | Event::DocumentStart
+            | Event::DocumentEnd => {}
         }
     }
 }
@@ -205,14 +286,24 @@ mod tests {
         let doc = parse("a:\n  b: [1, two]\n").expect("parses");
         let b = doc.get("a").and_then(|a| a.get("b")).expect("a.b");
         assert_eq!(b.mark, Mark { line: 2, column: 6 });
-        assert_eq!(doc.locate(&[Seg::Key("a".into()), Seg::Key("b".into()), Seg::Index(1)]), Mark { line: 2, column: 10 });
+        assert_eq!(
+            doc.locate(&[Seg::Key("a".into()), Seg::Key("b".into()), Seg::Index(1)]),
+            Mark {
+                line: 2,
+                column: 10
+            }
+        );
     }
 
     #[test]
     fn duplicate_keys_are_reported_with_both_lines() {
         let problems = parse("name: a\nx: 1\nname: b\n").expect_err("duplicate");
         assert_eq!(problems[0].mark, Mark { line: 3, column: 1 });
-        assert!(problems[0].message.contains("first defined at line 1"), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("first defined at line 1"),
+            "{}",
+            problems[0].message
+        );
     }
 
     #[test]
@@ -225,14 +316,29 @@ mod tests {
     #[test]
     fn quoted_scalars_are_marked_quoted() {
         let doc = parse("a: '1'\nb: 1\n").expect("parses");
-        assert_eq!(doc.get("a").map(|n| n.value.clone()), Some(Value::Scalar { text: "1".into(), quoted: true }));
-        assert_eq!(doc.get("b").map(|n| n.value.clone()), Some(Value::Scalar { text: "1".into(), quoted: false }));
+        assert_eq!(
+            doc.get("a").map(|n| n.value.clone()),
+            Some(Value::Scalar {
+                text: "1".into(),
+                quoted: true
+            })
+        );
+        assert_eq!(
+            doc.get("b").map(|n| n.value.clone()),
+            Some(Value::Scalar {
+                text: "1".into(),
+                quoted: false
+            })
+        );
     }
 
     #[test]
     fn aliases_copy_the_anchored_node() {
         let doc = parse("a: &x {k: v}\nb: *x\n").expect("parses");
-        assert_eq!(doc.get("b").and_then(|b| b.get("k")).and_then(Node::as_str), Some("v"));
+        assert_eq!(
+            doc.get("b").and_then(|b| b.get("k")).and_then(Node::as_str),
+            Some("v")
+        );
     }
 
     #[test]

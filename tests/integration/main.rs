@@ -1,0 +1,8 @@
+//! kiln's integration tests: one binary, one module per area.
+
+mod support;
+
+mod bad_input;
+mod cli;
+mod examples;
+mod fixtures;

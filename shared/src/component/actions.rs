@@ -121,7 +121,8 @@ pub struct S3Transfer {
 #[serde(deny_unknown_fields)]
 pub struct AppendFile {
     pub path: String,
-    pub content: String,
+    /// Nothing is appended when omitted (the file is still created).
+    pub content: Option<String>,
     pub encoding: Option<String>,
 }
 
@@ -192,7 +193,8 @@ pub struct ReadFile {
 #[serde(deny_unknown_fields)]
 pub struct SetFileEncoding {
     pub path: String,
-    pub encoding: String,
+    /// UTF-8 when omitted.
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -232,14 +234,19 @@ pub struct Msi {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RegistryType {
+    #[serde(rename = "BINARY")]
     Binary,
+    #[serde(rename = "DWORD")]
     Dword,
-    ExpandString,
-    MultiString,
+    #[serde(rename = "QWORD")]
     Qword,
-    String,
+    #[serde(rename = "SZ")]
+    Sz,
+    #[serde(rename = "EXPAND_SZ")]
+    ExpandSz,
+    #[serde(rename = "MULTI_SZ")]
+    MultiSz,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -286,11 +293,30 @@ impl Action {
     pub fn input_schema(&self) -> schemars::Schema {
         (self.schema)()
     }
+
+    /// The input schema ready for checking, built once per action.
+    pub fn input_shape(&self) -> &'static crate::typed::Shape {
+        use std::collections::HashMap;
+        use std::sync::OnceLock;
+        static SHAPES: OnceLock<HashMap<&'static str, crate::typed::Shape>> = OnceLock::new();
+        let shapes = SHAPES.get_or_init(|| {
+            ACTIONS
+                .iter()
+                .map(|a| (a.name, crate::typed::Shape::new(a.input_schema())))
+                .collect()
+        });
+        &shapes[self.name]
+    }
 }
 
 macro_rules! action {
     ($name:literal, $platform:ident, $form:ident, $ty:ty) => {
-        Action { name: $name, platform: Platform::$platform, form: InputForm::$form, schema: || schemars::schema_for!($ty) }
+        Action {
+            name: $name,
+            platform: Platform::$platform,
+            form: InputForm::$form,
+            schema: || schemars::schema_for!($ty),
+        }
     };
 }
 

@@ -41,18 +41,46 @@ pub enum Needs {
 
 pub const OPERATORS: &[(&str, Operator, Needs)] = &[
     ("stringIsEmpty", Operator::StringIsEmpty, Needs::Nothing),
-    ("stringIsWhitespace", Operator::StringIsWhitespace, Needs::Nothing),
+    (
+        "stringIsWhitespace",
+        Operator::StringIsWhitespace,
+        Needs::Nothing,
+    ),
     ("stringEquals", Operator::StringEquals, Needs::Value),
     ("stringLessThan", Operator::StringLessThan, Needs::Value),
-    ("stringLessThanEquals", Operator::StringLessThanEquals, Needs::Value),
-    ("stringGreaterThan", Operator::StringGreaterThan, Needs::Value),
-    ("stringGreaterThanEquals", Operator::StringGreaterThanEquals, Needs::Value),
+    (
+        "stringLessThanEquals",
+        Operator::StringLessThanEquals,
+        Needs::Value,
+    ),
+    (
+        "stringGreaterThan",
+        Operator::StringGreaterThan,
+        Needs::Value,
+    ),
+    (
+        "stringGreaterThanEquals",
+        Operator::StringGreaterThanEquals,
+        Needs::Value,
+    ),
     ("patternMatches", Operator::PatternMatches, Needs::Value),
     ("numberEquals", Operator::NumberEquals, Needs::Value),
     ("numberLessThan", Operator::NumberLessThan, Needs::Value),
-    ("numberLessThanEquals", Operator::NumberLessThanEquals, Needs::Value),
-    ("numberGreaterThan", Operator::NumberGreaterThan, Needs::Value),
-    ("numberGreaterThanEquals", Operator::NumberGreaterThanEquals, Needs::Value),
+    (
+        "numberLessThanEquals",
+        Operator::NumberLessThanEquals,
+        Needs::Value,
+    ),
+    (
+        "numberGreaterThan",
+        Operator::NumberGreaterThan,
+        Needs::Value,
+    ),
+    (
+        "numberGreaterThanEquals",
+        Operator::NumberGreaterThanEquals,
+        Needs::Value,
+    ),
     ("booleanEquals", Operator::BooleanEquals, Needs::Value),
     ("fileExists", Operator::FileExists, Needs::Nothing),
     ("folderExists", Operator::FolderExists, Needs::Nothing),
@@ -71,7 +99,12 @@ pub enum Condition {
     And(Vec<Condition>),
     Or(Vec<Condition>),
     Not(Box<Condition>),
-    Compare { op: Operator, operand: Json, value: Option<Json>, path: Option<String> },
+    Compare {
+        op: Operator,
+        operand: Json,
+        value: Option<Json>,
+        path: Option<String>,
+    },
 }
 
 /// A problem in a condition, relative to where the condition starts.
@@ -83,25 +116,52 @@ pub struct Problem {
 }
 
 fn all_keys() -> Vec<String> {
-    LOGICAL.iter().copied().chain(OPERATORS.iter().map(|(n, _, _)| *n)).map(str::to_string).collect()
+    LOGICAL
+        .iter()
+        .copied()
+        .chain(OPERATORS.iter().map(|(n, _, _)| *n))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Parses a condition, collecting every problem.
 pub fn parse(json: &Json, path: &mut Vec<Seg>, problems: &mut Vec<Problem>) -> Option<Condition> {
-    let mut problem = |path: &[Seg], message: String, allowed: Vec<String>| problems.push(Problem { path: path.to_vec(), message, allowed });
+    let mut problem = |path: &[Seg], message: String, allowed: Vec<String>| {
+        problems.push(Problem {
+            path: path.to_vec(),
+            message,
+            allowed,
+        })
+    };
     let Some(map) = json.as_object() else {
-        problem(path, "a condition is a map, e.g. `stringEquals: 'x'` with `value: …`".into(), Vec::new());
+        problem(
+            path,
+            "a condition is a map, e.g. `stringEquals: 'x'` with `value: …`".into(),
+            Vec::new(),
+        );
         return None;
     };
-    let ops: Vec<&String> = map.keys().filter(|k| LOGICAL.contains(&k.as_str()) || OPERATORS.iter().any(|(n, _, _)| n == k)).collect();
+    let ops: Vec<&String> = map
+        .keys()
+        .filter(|k| LOGICAL.contains(&k.as_str()) || OPERATORS.iter().any(|(n, _, _)| n == k))
+        .collect();
     let [op_name] = ops.as_slice() else {
         let message = if ops.is_empty() {
-            let unknown = map.keys().find(|k| *k != "value" && *k != "path").cloned().unwrap_or_default();
+            let unknown = map
+                .keys()
+                .find(|k| *k != "value" && *k != "path")
+                .cloned()
+                .unwrap_or_default();
             let names = all_keys();
-            let hint = crate::diag::did_you_mean(&unknown, names.iter().map(String::as_str)).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            let hint = crate::diag::did_you_mean(&unknown, names.iter().map(String::as_str))
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
             format!("needs one comparison operator or `and`/`or`/`not`{hint}")
         } else {
-            format!("has {} operators; a condition has exactly one (combine them with `and`/`or`)", ops.len())
+            format!(
+                "has {} operators; a condition has exactly one (combine them with `and`/`or`)",
+                ops.len()
+            )
         };
         problem(path, message, all_keys());
         return None;
@@ -119,19 +179,37 @@ pub fn parse(json: &Json, path: &mut Vec<Seg>, problems: &mut Vec<Problem>) -> O
                     path.pop();
                 }
                 let parsed: Option<Vec<Condition>> = parsed.into_iter().collect();
-                parsed.map(|p| if op_name == "and" { Condition::And(p) } else { Condition::Or(p) })
+                parsed.map(|p| {
+                    if op_name == "and" {
+                        Condition::And(p)
+                    } else {
+                        Condition::Or(p)
+                    }
+                })
             }
             _ => {
-                problems.push(Problem { path: path.clone(), message: format!("`{op_name}` takes a non-empty list of conditions"), allowed: Vec::new() });
+                problems.push(Problem {
+                    path: path.clone(),
+                    message: format!("`{op_name}` takes a non-empty list of conditions"),
+                    allowed: Vec::new(),
+                });
                 None
             }
         },
         "not" => parse(operand, path, problems).map(|c| Condition::Not(Box::new(c))),
         _ => {
-            let (_, op, needs) = OPERATORS.iter().find(|(n, _, _)| *n == op_name).copied().expect("listed operator");
+            let (_, op, needs) = OPERATORS
+                .iter()
+                .find(|(n, _, _)| *n == op_name)
+                .copied()
+                .expect("listed operator");
             let mut ok = true;
             if operand.is_object() || operand.is_array() {
-                problems.push(Problem { path: path.clone(), message: format!("`{op_name}` compares a single value, not a list or map"), allowed: Vec::new() });
+                problems.push(Problem {
+                    path: path.clone(),
+                    message: format!("`{op_name}` compares a single value, not a list or map"),
+                    allowed: Vec::new(),
+                });
                 ok = false;
             }
             path.pop();
@@ -154,7 +232,11 @@ pub fn parse(json: &Json, path: &mut Vec<Seg>, problems: &mut Vec<Problem>) -> O
             }
             for key in allowed_extra {
                 if !map.contains_key(*key) {
-                    problems.push(Problem { path: path.clone(), message: format!("`{op_name}` needs `{key}`"), allowed: Vec::new() });
+                    problems.push(Problem {
+                        path: path.clone(),
+                        message: format!("`{op_name}` needs `{key}`"),
+                        allowed: Vec::new(),
+                    });
                     ok = false;
                 }
             }
@@ -162,7 +244,11 @@ pub fn parse(json: &Json, path: &mut Vec<Seg>, problems: &mut Vec<Problem>) -> O
                 if let Some(p) = operand.as_str().filter(|p| !p.contains("{{")) {
                     if let Err(e) = regex::Regex::new(p) {
                         path.push(Seg::Key(op_name.to_string()));
-                        problems.push(Problem { path: path.clone(), message: format!("invalid regular expression: {e}"), allowed: Vec::new() });
+                        problems.push(Problem {
+                            path: path.clone(),
+                            message: format!("invalid regular expression: {e}"),
+                            allowed: Vec::new(),
+                        });
                         path.pop();
                         ok = false;
                     }
@@ -186,24 +272,35 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn problems_of(j: Json) -> Vec<String> {
+    fn problems_of(j: &Json) -> Vec<String> {
         let mut problems = Vec::new();
-        parse(&j, &mut Vec::new(), &mut problems);
+        parse(j, &mut Vec::new(), &mut problems);
         problems.into_iter().map(|p| p.message).collect()
     }
 
     #[test]
     fn nested_logic_parses() {
         let mut problems = Vec::new();
-        let c = parse(&json!({"and": [{"stringEquals": "a", "value": "a"}, {"not": {"binaryExists": "unzip"}}]}), &mut Vec::new(), &mut problems);
+        let c = parse(
+            &json!({"and": [{"stringEquals": "a", "value": "a"}, {"not": {"binaryExists": "unzip"}}]}),
+            &mut Vec::new(),
+            &mut problems,
+        );
         assert!(problems.is_empty(), "{problems:?}");
         assert!(matches!(c, Some(Condition::And(v)) if v.len() == 2));
     }
 
     #[test]
     fn missing_value_and_typo_are_reported() {
-        assert_eq!(problems_of(json!({"stringEquals": "a"})), ["`stringEquals` needs `value`"]);
-        assert!(problems_of(json!({"stringEqual": "a", "value": "b"}))[0].contains("did you mean `stringEquals`"));
-        assert!(problems_of(json!({"stringEquals": "a", "numberEquals": 1, "value": "b"}))[0].contains("exactly one"));
+        assert_eq!(
+            problems_of(&json!({"stringEquals": "a"})),
+            ["`stringEquals` needs `value`"]
+        );
+        assert!(problems_of(&json!({"stringEqual": "a", "value": "b"}))[0]
+            .contains("did you mean `stringEquals`"));
+        assert!(
+            problems_of(&json!({"stringEquals": "a", "numberEquals": 1, "value": "b"}))[0]
+                .contains("exactly one")
+        );
     }
 }

@@ -24,7 +24,7 @@ use vars::{ChainKind, Expr};
 pub struct Document {
     pub name: Option<String>,
     pub description: Option<String>,
-    /// Always `1.0`.
+    /// `1.0` (written `1` by some documents, which AWSTOE accepts too).
     pub schema_version: String,
     /// Each item is a map with one key, the parameter's name.
     #[serde(default)]
@@ -43,13 +43,15 @@ pub enum ValueType {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParameterSpec {
     #[serde(rename = "type")]
     pub kind: ValueType,
     /// Used when the pipeline does not set the parameter; without it the parameter is required.
     pub default: Option<String>,
     pub description: Option<String>,
+    /// The only values the parameter may take.
+    pub allowed_values: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -61,7 +63,9 @@ pub struct ConstantSpec {
     pub description: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PhaseName {
     Build,
@@ -169,7 +173,9 @@ impl Document {
     }
 
     pub fn parameter_names(&self) -> impl Iterator<Item = &str> {
-        self.parameters.iter().flat_map(|p| p.keys().map(String::as_str))
+        self.parameters
+            .iter()
+            .flat_map(|p| p.keys().map(String::as_str))
     }
 
     pub fn phase(&self, name: PhaseName) -> Option<&Phase> {
@@ -197,16 +203,29 @@ pub fn load_str(path: &Path, text: &str) -> Result<Loaded, Diagnostics> {
 /// Validates the document at `path` within the tree `out` reports on (a file of its own, or an
 /// inline component inside a pipeline file).
 pub fn check(node: &Node, path: &mut Vec<Seg>, out: &mut Collector<'_>) -> Option<Loaded> {
-    let json = Shape::of::<Document>().read(node, path, out, Options::default())?;
+    let before = out.found.len();
+    static SHAPE: std::sync::OnceLock<Shape> = std::sync::OnceLock::new();
+    let json =
+        SHAPE
+            .get_or_init(Shape::of::<Document>)
+            .read_lenient(node, path, out, Options::default());
+    // With problems already reported, go on to the semantic checks when what was read still
+    // makes a document, so that one pass reports as much as it can.
     let document: Document = match serde_json::from_value(json.clone()) {
         Ok(d) => d,
         Err(e) => {
-            out.at(path, format!("cannot read the document: {e}"));
+            if out.found.len() == before {
+                out.at(path, format!("cannot read the document: {e}"));
+            }
             return None;
         }
     };
-    let before = out.found.len();
-    Checker { doc: &document, base: path.clone(), out }.run();
+    Checker {
+        doc: &document,
+        base: path.clone(),
+        out,
+    }
+    .run();
     (out.found.len() == before).then_some(Loaded { document, json })
 }
 
@@ -217,7 +236,10 @@ struct Checker<'d, 'c, 'o> {
 }
 
 fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl Checker<'_, '_, '_> {
@@ -234,21 +256,67 @@ impl Checker<'_, '_, '_> {
 
     fn run(&mut self) {
         let doc = self.doc;
-        if doc.schema_version != "1.0" {
+        if !matches!(doc.schema_version.as_str(), "1.0" | "1") {
             let p = self.path(&[key("schemaVersion")]);
-            self.out.at_with_allowed(&p, format!("unsupported schemaVersion `{}`", doc.schema_version), vec!["1.0".into()]);
+            self.out.at_with_allowed(
+                &p,
+                format!("unsupported schemaVersion `{}`", doc.schema_version),
+                vec!["1.0".into()],
+            );
         }
-        let params = self.check_names("parameters", doc.parameters.iter().map(|m| m.keys().collect::<Vec<_>>()).collect());
-        let consts = self.check_names("constants", doc.constants.iter().map(|m| m.keys().collect::<Vec<_>>()).collect());
+        let params = self.check_names(
+            "parameters",
+            &doc.parameters
+                .iter()
+                .map(|m| m.keys().collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        );
+        let consts = self.check_names(
+            "constants",
+            &doc.constants
+                .iter()
+                .map(|m| m.keys().collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        );
+        for (i, spec) in doc.parameters.iter().enumerate() {
+            for (name, spec) in spec {
+                if let (Some(allowed), Some(default)) = (&spec.allowed_values, &spec.default) {
+                    if !allowed.contains(default) {
+                        let p = self.path(&[
+                            key("parameters"),
+                            Seg::Index(i),
+                            key(name),
+                            key("default"),
+                        ]);
+                        self.out.at_with_allowed(
+                            &p,
+                            format!(
+                                "default `{default}` is not one of the parameter's allowedValues"
+                            ),
+                            allowed.clone(),
+                        );
+                    }
+                }
+            }
+        }
         for (i, name) in consts.iter().enumerate() {
             if params.contains(name) {
-                self.err(&[key("constants"), Seg::Index(i), key(name)], format!("`{name}` is both a parameter and a constant; rename one"));
+                self.err(
+                    &[key("constants"), Seg::Index(i), key(name)],
+                    format!("`{name}` is both a parameter and a constant; rename one"),
+                );
             }
         }
         let mut seen_phases = BTreeSet::new();
         for (pi, phase) in doc.phases.iter().enumerate() {
             if !seen_phases.insert(phase.name) {
-                self.err(&[key("phases"), Seg::Index(pi), key("name")], format!("phase `{}` appears twice; merge its steps into one phase", phase.name.as_str()));
+                self.err(
+                    &[key("phases"), Seg::Index(pi), key("name")],
+                    format!(
+                        "phase `{}` appears twice; merge its steps into one phase",
+                        phase.name.as_str()
+                    ),
+                );
             }
             let mut seen_steps: BTreeMap<&str, usize> = BTreeMap::new();
             for (si, step) in phase.steps.iter().enumerate() {
@@ -257,7 +325,13 @@ impl Checker<'_, '_, '_> {
                     self.err(&[&at[..], &[key("name")]].concat(), format!("duplicate step name `{}` in phase `{}` (also step {first}); step names must be unique within a phase", step.name, phase.name.as_str()));
                 }
                 if !is_name(&step.name) {
-                    self.err(&[&at[..], &[key("name")]].concat(), format!("step name `{}` may only contain letters, digits, `_` and `-`", step.name));
+                    self.err(
+                        &[&at[..], &[key("name")]].concat(),
+                        format!(
+                            "step name `{}` may only contain letters, digits, `_` and `-`",
+                            step.name
+                        ),
+                    );
                 }
                 self.check_step(pi, si, step, &at);
             }
@@ -265,20 +339,32 @@ impl Checker<'_, '_, '_> {
     }
 
     /// Checks that each item of `parameters` / `constants` has exactly one well-formed, unique name.
-    fn check_names(&mut self, field: &str, items: Vec<Vec<&String>>) -> Vec<String> {
+    fn check_names(&mut self, field: &str, items: &[Vec<&String>]) -> Vec<String> {
         let mut names = Vec::new();
         for (i, keys) in items.iter().enumerate() {
             match keys.as_slice() {
                 [name] => {
                     if !is_name(name) {
-                        self.err(&[key(field), Seg::Index(i), key(name)], format!("name `{name}` may only contain letters, digits, `_` and `-`"));
+                        self.err(
+                            &[key(field), Seg::Index(i), key(name)],
+                            format!("name `{name}` may only contain letters, digits, `_` and `-`"),
+                        );
                     }
                     if names.contains(*name) {
-                        self.err(&[key(field), Seg::Index(i), key(name)], format!("`{name}` is declared twice in {field}"));
+                        self.err(
+                            &[key(field), Seg::Index(i), key(name)],
+                            format!("`{name}` is declared twice in {field}"),
+                        );
                     }
                     names.push((*name).clone());
                 }
-                _ => self.err(&[key(field), Seg::Index(i)], format!("each item of {field} is a map with exactly one key, the name (found {})", keys.len())),
+                _ => self.err(
+                    &[key(field), Seg::Index(i)],
+                    format!(
+                        "each item of {field} is a map with exactly one key, the name (found {})",
+                        keys.len()
+                    ),
+                ),
             }
         }
         names
@@ -289,15 +375,26 @@ impl Checker<'_, '_, '_> {
         match actions::find(&step.action) {
             None => {
                 let names = actions::ACTIONS.iter().map(|a| a.name);
-                let hint = did_you_mean(&step.action, names.clone()).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+                let hint = did_you_mean(&step.action, names.clone())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
                 let p = self.path(&sub(&[key("action")]));
-                self.out.at_with_allowed(&p, format!("unknown action `{}`{hint}", step.action), names.map(str::to_string).collect());
+                self.out.at_with_allowed(
+                    &p,
+                    format!("unknown action `{}`{hint}", step.action),
+                    names.map(str::to_string).collect(),
+                );
             }
             Some(action) => self.check_inputs(action, step, &sub(&[key("inputs")])),
         }
         if let Some(t) = step.timeout_seconds {
             if t == 0 || t < -1 {
-                self.err(&sub(&[key("timeoutSeconds")]), format!("timeoutSeconds is -1 (no limit) or a positive number of seconds, not {t}"));
+                self.err(
+                    &sub(&[key("timeoutSeconds")]),
+                    format!(
+                        "timeoutSeconds is -1 (no limit) or a positive number of seconds, not {t}"
+                    ),
+                );
             }
         }
         let mut loop_name = None;
@@ -306,9 +403,18 @@ impl Checker<'_, '_, '_> {
             match (&l.for_, &l.for_each) {
                 (Some(f), None) => {
                     if f.update_by == 0 {
-                        self.err(&[&lp[..], &[key("for"), key("updateBy")]].concat(), "updateBy must not be 0: the loop would never end");
+                        self.err(
+                            &[&lp[..], &[key("for"), key("updateBy")]].concat(),
+                            "updateBy must not be 0: the loop would never end",
+                        );
                     } else if (f.end - f.start).signum() * f.update_by.signum() < 0 {
-                        self.err(&[&lp[..], &[key("for"), key("updateBy")]].concat(), format!("counting from {} to {} needs an updateBy of the opposite sign", f.start, f.end));
+                        self.err(
+                            &[&lp[..], &[key("for"), key("updateBy")]].concat(),
+                            format!(
+                                "counting from {} to {} needs an updateBy of the opposite sign",
+                                f.start, f.end
+                            ),
+                        );
                     }
                 }
                 (None, Some(_)) => {}
@@ -318,7 +424,12 @@ impl Checker<'_, '_, '_> {
                 if !is_name(name) || name == "loop" {
                     self.err(&[&lp[..], &[key("name")]].concat(), format!("loop name `{name}` must be letters, digits, `_` or `-`, and not `loop`"));
                 } else if self.doc.parameter(name).is_some() || self.doc.constant(name).is_some() {
-                    self.err(&[&lp[..], &[key("name")]].concat(), format!("loop name `{name}` is also a parameter or constant; rename the loop"));
+                    self.err(
+                        &[&lp[..], &[key("name")]].concat(),
+                        format!(
+                            "loop name `{name}` is also a parameter or constant; rename the loop"
+                        ),
+                    );
                 }
             }
             loop_name = Some(l.name.clone());
@@ -334,12 +445,26 @@ impl Checker<'_, '_, '_> {
         if let Some(cond) = &step.if_ {
             collect_strings(cond, &mut sub(&[key("if")]), &mut strings);
         }
-        if let Some(Loop { for_each: Some(ForEach::Delimited(d)), .. }) = &step.loop_ {
-            strings.push((sub(&[key("loop"), key("forEach"), key("list")]), d.list.clone()));
+        if let Some(Loop {
+            for_each: Some(ForEach::Delimited(d)),
+            ..
+        }) = &step.loop_
+        {
+            strings.push((
+                sub(&[key("loop"), key("forEach"), key("list")]),
+                d.list.clone(),
+            ));
         }
-        if let Some(Loop { for_each: Some(ForEach::List(items)), .. }) = &step.loop_ {
+        if let Some(Loop {
+            for_each: Some(ForEach::List(items)),
+            ..
+        }) = &step.loop_
+        {
             for (i, item) in items.iter().enumerate() {
-                strings.push((sub(&[key("loop"), key("forEach"), Seg::Index(i)]), item.clone()));
+                strings.push((
+                    sub(&[key("loop"), key("forEach"), Seg::Index(i)]),
+                    item.clone(),
+                ));
             }
         }
         for (path, text) in strings {
@@ -354,13 +479,17 @@ impl Checker<'_, '_, '_> {
     fn check_inputs(&mut self, action: &actions::Action, step: &Step, at: &[Seg]) {
         let node_path = self.path(at);
         let node = crate::diag::locate_node(self.out.root(), &node_path);
-        let lenient = Options { templates_fill_any_scalar: true };
+        let lenient = Options {
+            templates_fill_any_scalar: true,
+        };
         match (action.form, &step.inputs, node) {
             (InputForm::OptionalMap, None | Some(Json::Null), _) => {}
             (InputForm::Comparison, Some(cond), _) => self.check_condition(cond, at),
-            (_, None | Some(Json::Null), _) => self.err(at, format!("`{}` needs inputs", action.name)),
+            (_, None | Some(Json::Null), _) => {
+                self.err(at, format!("`{}` needs inputs", action.name))
+            }
             (InputForm::List, Some(Json::Array(_)), Some(node)) => {
-                let shape = Shape::new(action.input_schema());
+                let shape = action.input_shape();
                 if let crate::yaml::Value::Seq(items) = &node.value {
                     for (i, item) in items.iter().enumerate() {
                         let mut p = node_path.clone();
@@ -369,15 +498,29 @@ impl Checker<'_, '_, '_> {
                     }
                 }
             }
-            (InputForm::List, Some(_), _) => self.err(at, format!("inputs of `{}` are a list of operations: start each one with `- `", action.name)),
+            (InputForm::List, Some(_), _) => self.err(
+                at,
+                format!(
+                    "inputs of `{}` are a list of operations: start each one with `- `",
+                    action.name
+                ),
+            ),
             (InputForm::Map | InputForm::OptionalMap, Some(Json::Object(map)), Some(node)) => {
-                let shape = Shape::new(action.input_schema());
+                let shape = action.input_shape();
                 shape.read(node, &mut node_path.clone(), self.out, lenient);
-                if action.name == "ExecutePowerShell" && map.contains_key("commands") == map.contains_key("file") {
-                    self.err(at, "ExecutePowerShell takes exactly one of `commands` and `file`");
+                if action.name == "ExecutePowerShell"
+                    && map.contains_key("commands") == map.contains_key("file")
+                {
+                    self.err(
+                        at,
+                        "ExecutePowerShell takes exactly one of `commands` and `file`",
+                    );
                 }
             }
-            (InputForm::Map | InputForm::OptionalMap, Some(_), _) => self.err(at, format!("inputs of `{}` are a single map, not a list", action.name)),
+            (InputForm::Map | InputForm::OptionalMap, Some(_), _) => self.err(
+                at,
+                format!("inputs of `{}` are a single map, not a list", action.name),
+            ),
         }
     }
 
@@ -391,27 +534,49 @@ impl Checker<'_, '_, '_> {
     }
 
     /// Why `expr`, used in step `si` of phase `pi`, does not resolve; `None` when it does.
-    fn check_variable(&self, expr: &Expr, pi: usize, si: usize, loop_name: Option<&Option<String>>) -> Option<String> {
+    fn check_variable(
+        &self,
+        expr: &Expr,
+        pi: usize,
+        si: usize,
+        loop_name: Option<&Option<String>>,
+    ) -> Option<String> {
         let doc = self.doc;
         match expr {
             Expr::Name(n) => {
                 if doc.parameter(n).is_some() || doc.constant(n).is_some() {
                     return None;
                 }
-                let known: Vec<&str> = doc.parameter_names().chain(doc.constants.iter().flat_map(|c| c.keys().map(String::as_str))).collect();
-                let hint = did_you_mean(n, known.iter().copied()).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+                let known: Vec<&str> = doc
+                    .parameter_names()
+                    .chain(
+                        doc.constants
+                            .iter()
+                            .flat_map(|c| c.keys().map(String::as_str)),
+                    )
+                    .collect();
+                let hint = did_you_mean(n, known.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
                 Some(format!("undefined variable `{{{{ {n} }}}}`: not a parameter or constant of this document{hint}"))
             }
             Expr::Loop { name, .. } => match (loop_name, name) {
-                (None, _) => Some(format!("`{{{{ {expr} }}}}` is used in a step without a loop")),
+                (None, _) => Some(format!(
+                    "`{{{{ {expr} }}}}` is used in a step without a loop"
+                )),
                 (Some(_), None) => None,
                 (Some(Some(declared)), Some(used)) if declared == used => None,
                 (Some(declared), Some(used)) => Some(format!(
                     "`{{{{ {expr} }}}}` refers to loop `{used}`, but this step's loop is {}",
-                    declared.as_ref().map(|d| format!("named `{d}`")).unwrap_or_else(|| "unnamed (use `loop.value`)".into())
+                    declared
+                        .as_ref()
+                        .map(|d| format!("named `{d}`"))
+                        .unwrap_or_else(|| "unnamed (use `loop.value`)".into())
                 )),
             },
-            Expr::Chain { phase, step, kind, .. } => {
+            Expr::Chain {
+                phase, step, kind, ..
+            } => {
                 let here = &doc.phases[pi];
                 if phase != here.name.as_str() {
                     return Some(format!("`{{{{ {expr} }}}}` chains to phase `{phase}`; a step can only use outputs of earlier steps in its own phase (`{}`)", here.name.as_str()));
@@ -435,7 +600,9 @@ impl Checker<'_, '_, '_> {
                     }
                 }
             }
-            Expr::Invalid { text, reason } => Some(format!("cannot understand `{{{{ {text} }}}}`: {reason}")),
+            Expr::Invalid { text, reason } => {
+                Some(format!("cannot understand `{{{{ {text} }}}}`: {reason}"))
+            }
         }
     }
 }

@@ -17,9 +17,18 @@ pub enum Expr {
     /// A parameter or a constant.
     Name(String),
     /// `loop.index`, `loop.value`, or the same through a named loop.
-    Loop { name: Option<String>, field: LoopField },
+    Loop {
+        name: Option<String>,
+        field: LoopField,
+    },
     /// `phase.step.(inputs|outputs)[i].field…`
-    Chain { phase: String, step: String, kind: ChainKind, index: Option<usize>, fields: Vec<String> },
+    Chain {
+        phase: String,
+        step: String,
+        kind: ChainKind,
+        index: Option<usize>,
+        fields: Vec<String>,
+    },
     /// Anything else; `reason` says why it is not understood.
     Invalid { text: String, reason: String },
 }
@@ -41,10 +50,33 @@ impl fmt::Display for Expr {
         match self {
             Expr::Name(n) => f.write_str(n),
             Expr::Loop { name, field } => {
-                write!(f, "{}.{}", name.as_deref().unwrap_or("loop"), if *field == LoopField::Index { "index" } else { "value" })
+                write!(
+                    f,
+                    "{}.{}",
+                    name.as_deref().unwrap_or("loop"),
+                    if *field == LoopField::Index {
+                        "index"
+                    } else {
+                        "value"
+                    }
+                )
             }
-            Expr::Chain { phase, step, kind, index, fields } => {
-                write!(f, "{phase}.{step}.{}", if *kind == ChainKind::Inputs { "inputs" } else { "outputs" })?;
+            Expr::Chain {
+                phase,
+                step,
+                kind,
+                index,
+                fields,
+            } => {
+                write!(
+                    f,
+                    "{phase}.{step}.{}",
+                    if *kind == ChainKind::Inputs {
+                        "inputs"
+                    } else {
+                        "outputs"
+                    }
+                )?;
                 if let Some(i) = index {
                     write!(f, "[{i}]")?;
                 }
@@ -61,12 +93,17 @@ impl fmt::Display for Expr {
 pub const PHASES: [&str; 3] = ["build", "validate", "test"];
 
 fn is_ident(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Splits `a.b[0].c` into `["a", "b[0]", "c"]` and interprets it.
 fn parse_expr(text: &str) -> Expr {
-    let invalid = |reason: &str| Expr::Invalid { text: text.to_string(), reason: reason.to_string() };
+    let invalid = |reason: &str| Expr::Invalid {
+        text: text.to_string(),
+        reason: reason.to_string(),
+    };
     let parts: Vec<&str> = text.split('.').collect();
     match parts.as_slice() {
         [single] if is_ident(single) => Expr::Name(single.to_string()),
@@ -106,10 +143,16 @@ pub fn placeholders(text: &str) -> Vec<Placeholder> {
     let mut pos = 0;
     while let Some(open) = text[pos..].find("{{") {
         let start = pos + open;
-        let Some(close) = text[start + 2..].find("}}") else { break };
+        let Some(close) = text[start + 2..].find("}}") else {
+            break;
+        };
         let end = start + 2 + close + 2;
         let inner = text[start + 2..end - 2].trim();
-        found.push(Placeholder { start, end, expr: parse_expr(inner) });
+        found.push(Placeholder {
+            start,
+            end,
+            expr: parse_expr(inner),
+        });
         pos = end;
     }
     found
@@ -117,7 +160,10 @@ pub fn placeholders(text: &str) -> Vec<Placeholder> {
 
 /// Replaces each placeholder with what `lookup` returns for it; an expression it cannot resolve
 /// is an error naming it.
-pub fn substitute(text: &str, mut lookup: impl FnMut(&Expr) -> Option<String>) -> Result<String, String> {
+pub fn substitute(
+    text: &str,
+    mut lookup: impl FnMut(&Expr) -> Option<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut last = 0;
     for p in placeholders(text) {
@@ -138,15 +184,34 @@ mod tests {
 
     #[test]
     fn finds_names_loops_and_chains() {
-        let found = placeholders("a {{ Name }} b {{loop.value}} {{ myLoop.index }} {{ build.Dl.inputs[0].destination }}");
+        let found = placeholders(
+            "a {{ Name }} b {{loop.value}} {{ myLoop.index }} {{ build.Dl.inputs[0].destination }}",
+        );
         let exprs: Vec<String> = found.iter().map(|p| p.expr.to_string()).collect();
-        assert_eq!(exprs, ["Name", "loop.value", "myLoop.index", "build.Dl.inputs[0].destination"]);
-        assert!(matches!(found[3].expr, Expr::Chain { index: Some(0), kind: ChainKind::Inputs, .. }));
+        assert_eq!(
+            exprs,
+            [
+                "Name",
+                "loop.value",
+                "myLoop.index",
+                "build.Dl.inputs[0].destination"
+            ]
+        );
+        assert!(matches!(
+            found[3].expr,
+            Expr::Chain {
+                index: Some(0),
+                kind: ChainKind::Inputs,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn unclosed_braces_are_left_alone() {
-        assert!(placeholders("awk '{{print $1}' ").is_empty() || placeholders("echo {{ x").is_empty());
+        assert!(
+            placeholders("awk '{{print $1}' ").is_empty() || placeholders("echo {{ x").is_empty()
+        );
         assert!(placeholders("echo {{ x").is_empty());
     }
 

@@ -36,16 +36,48 @@ struct Spec {
     names: &'static [&'static str],
 }
 
-const MONTHS: &[&str] = &["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"];
+const MONTHS: &[&str] = &[
+    "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+];
 const DAYS: &[&str] = &["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 
 const SPECS: [Spec; 6] = [
-    Spec { name: "minutes", min: 0, max: 59, names: &[] },
-    Spec { name: "hours", min: 0, max: 23, names: &[] },
-    Spec { name: "day-of-month", min: 1, max: 31, names: &[] },
-    Spec { name: "month", min: 1, max: 12, names: MONTHS },
-    Spec { name: "day-of-week", min: 1, max: 7, names: DAYS },
-    Spec { name: "year", min: 1970, max: 2199, names: &[] },
+    Spec {
+        name: "minutes",
+        min: 0,
+        max: 59,
+        names: &[],
+    },
+    Spec {
+        name: "hours",
+        min: 0,
+        max: 23,
+        names: &[],
+    },
+    Spec {
+        name: "day-of-month",
+        min: 1,
+        max: 31,
+        names: &[],
+    },
+    Spec {
+        name: "month",
+        min: 1,
+        max: 12,
+        names: MONTHS,
+    },
+    Spec {
+        name: "day-of-week",
+        min: 1,
+        max: 7,
+        names: DAYS,
+    },
+    Spec {
+        name: "year",
+        min: 1970,
+        max: 2199,
+        names: &[],
+    },
 ];
 
 impl fmt::Display for Cron {
@@ -62,7 +94,9 @@ impl Cron {
             return Err("rate expressions are not supported; write a cron expression such as `cron(0 4 ? * SUN *)`".into());
         }
         let inner = match trimmed.strip_prefix("cron(") {
-            Some(rest) => rest.strip_suffix(')').ok_or("`cron(` is not closed with `)`")?,
+            Some(rest) => rest
+                .strip_suffix(')')
+                .ok_or("`cron(` is not closed with `)`")?,
             None => trimmed,
         };
         let parts: Vec<&str> = inner.split_whitespace().collect();
@@ -74,7 +108,10 @@ impl Cron {
         }
         let mut fields: Vec<Field> = Vec::with_capacity(6);
         for (i, (part, spec)) in parts.iter().zip(SPECS.iter()).enumerate() {
-            fields.push(parse_field(part, spec, i).map_err(|e| format!("{} field `{part}`: {e}", spec.name))?);
+            fields.push(
+                parse_field(part, spec, i)
+                    .map_err(|e| format!("{} field `{part}`: {e}", spec.name))?,
+            );
         }
         let dom_q = parts[2] == "?";
         let dow_q = parts[4] == "?";
@@ -82,7 +119,10 @@ impl Cron {
             return Err("exactly one of day-of-month and day-of-week must be `?` (EventBridge cannot match both)".into());
         }
         let fields: [Field; 6] = fields.try_into().map_err(|_| "six fields")?;
-        Ok(Cron { text: parts.join(" "), fields })
+        Ok(Cron {
+            text: parts.join(" "),
+            fields,
+        })
     }
 }
 
@@ -94,7 +134,10 @@ fn parse_value(text: &str, spec: &Spec) -> Result<u32, String> {
         if spec.names.is_empty() {
             format!("`{text}` is not a number")
         } else {
-            format!("`{text}` is not a number or one of {}", spec.names.join(","))
+            format!(
+                "`{text}` is not a number or one of {}",
+                spec.names.join(",")
+            )
         }
     })?;
     if v < spec.min || v > spec.max {
@@ -108,7 +151,11 @@ fn parse_field(text: &str, spec: &Spec, index: usize) -> Result<Field, String> {
         return Ok(Field::Any);
     }
     if text == "?" {
-        return if index == 2 || index == 4 { Ok(Field::Any) } else { Err("`?` is only allowed in day-of-month and day-of-week".into()) };
+        return if index == 2 || index == 4 {
+            Ok(Field::Any)
+        } else {
+            Err("`?` is only allowed in day-of-month and day-of-week".into())
+        };
     }
     let mut terms = Vec::new();
     for term in text.split(',') {
@@ -138,19 +185,32 @@ fn parse_term(term: &str, spec: &Spec, index: usize) -> Result<Term, String> {
         }
         if let Some((day, nth)) = term.split_once('#') {
             let weekday = parse_value(day, spec)?;
-            let nth: u32 = nth.parse().map_err(|_| format!("`#{nth}` needs a number 1-5"))?;
+            let nth: u32 = nth
+                .parse()
+                .map_err(|_| format!("`#{nth}` needs a number 1-5"))?;
             if !(1..=5).contains(&nth) {
-                return Err(format!("`#{nth}`: a weekday occurs at most 5 times a month"));
+                return Err(format!(
+                    "`#{nth}`: a weekday occurs at most 5 times a month"
+                ));
             }
             return Ok(Term::Nth { weekday, nth });
         }
     }
-    if term.contains(['L', 'W', '#']) && spec.names.iter().all(|n| !term.to_ascii_uppercase().contains(n)) {
-        return Err(format!("`{term}`: L, W and # are only allowed in the day fields"));
+    if term.contains(['L', 'W', '#'])
+        && spec
+            .names
+            .iter()
+            .all(|n| !term.to_ascii_uppercase().contains(n))
+    {
+        return Err(format!(
+            "`{term}`: L, W and # are only allowed in the day fields"
+        ));
     }
     let (range, step) = match term.split_once('/') {
         Some((r, s)) => {
-            let step: u32 = s.parse().map_err(|_| format!("step `/{s}` is not a number"))?;
+            let step: u32 = s
+                .parse()
+                .map_err(|_| format!("step `/{s}` is not a number"))?;
             if step == 0 {
                 return Err("a step of 0 never advances".into());
             }
@@ -179,7 +239,19 @@ mod tests {
 
     #[test]
     fn accepts_eventbridge_examples() {
-        for ok in ["cron(0 10 * * ? *)", "cron(15 12 * * ? *)", "cron(0 18 ? * MON-FRI *)", "cron(0 8 1 * ? *)", "cron(0/15 * * * ? *)", "0/10 * ? * MON-FRI *", "cron(0/5 8-17 ? * MON-FRI *)", "cron(0 9 ? * 2#1 *)", "cron(0 0 L * ? *)", "cron(0 0 15W * ? *)", "cron(0 0 ? * 6L 2027)"] {
+        for ok in [
+            "cron(0 10 * * ? *)",
+            "cron(15 12 * * ? *)",
+            "cron(0 18 ? * MON-FRI *)",
+            "cron(0 8 1 * ? *)",
+            "cron(0/15 * * * ? *)",
+            "0/10 * ? * MON-FRI *",
+            "cron(0/5 8-17 ? * MON-FRI *)",
+            "cron(0 9 ? * 2#1 *)",
+            "cron(0 0 L * ? *)",
+            "cron(0 0 15W * ? *)",
+            "cron(0 0 ? * 6L 2027)",
+        ] {
             assert!(Cron::parse(ok).is_ok(), "{ok}: {:?}", Cron::parse(ok));
         }
     }
@@ -187,9 +259,15 @@ mod tests {
     #[test]
     fn rejects_with_a_reason() {
         let cases = [
-            ("cron(0 10 * * * *)", "exactly one of day-of-month and day-of-week"),
+            (
+                "cron(0 10 * * * *)",
+                "exactly one of day-of-month and day-of-week",
+            ),
             ("cron(0 10 * *)", "six fields"),
-            ("cron(60 10 * * ? *)", "minutes field `60`: 60 is outside 0-59"),
+            (
+                "cron(60 10 * * ? *)",
+                "minutes field `60`: 60 is outside 0-59",
+            ),
             ("cron(0 10 ? * FUN *)", "day-of-week field `FUN`"),
             ("rate(5 minutes)", "rate expressions"),
             ("cron(0 ? * * ? *)", "hours field"),

@@ -24,7 +24,10 @@ impl Fingerprint {
     pub fn of_value(value: &Json) -> Fingerprint {
         let mut text = String::new();
         write_canonical(value, &mut text);
-        Fingerprint(format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))))
+        Fingerprint(format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(text.as_bytes()))
+        ))
     }
 }
 
@@ -102,9 +105,16 @@ mod tests {
         let text = "[a-zA-Z0-9 _./=-]{1,20}";
         (
             prop::collection::btree_map("[A-Z][a-zA-Z0-9]{0,8}", text, 0..4),
-            prop::collection::btree_map("[A-Z][a-zA-Z0-9]{0,8}", prop::collection::vec(text, 1..4), 1..5),
+            prop::collection::btree_map(
+                "[A-Z][a-zA-Z0-9]{0,8}",
+                prop::collection::vec(text, 1..4),
+                1..5,
+            ),
         )
-            .prop_map(|(params, steps)| Doc { params: params.into_iter().collect(), steps: steps.into_iter().collect() })
+            .prop_map(|(params, steps)| Doc {
+                params: params.into_iter().collect(),
+                steps: steps.into_iter().collect(),
+            })
     }
 
     fn q(s: &str) -> String {
@@ -117,7 +127,10 @@ mod tests {
         if !d.params.is_empty() {
             y.push_str("parameters:\n");
             for (n, v) in &d.params {
-                y.push_str(&format!("  - {n}:\n      type: string\n      default: {}\n", q(v)));
+                y.push_str(&format!(
+                    "  - {n}:\n      type: string\n      default: {}\n",
+                    q(v)
+                ));
             }
         }
         y.push_str("phases:\n  - name: build\n    steps:\n");
@@ -149,7 +162,8 @@ mod tests {
     }
 
     fn fp(text: &str) -> Fingerprint {
-        let loaded = crate::component::load_str(Path::new("gen.yaml"), text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let loaded = crate::component::load_str(Path::new("gen.yaml"), text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
         Fingerprint::of_value(&loaded.json)
     }
 
@@ -183,7 +197,13 @@ mod tests {
 
     #[test]
     fn step_order_is_semantic() {
-        let d = Doc { params: vec![], steps: vec![("A".into(), vec!["echo a".into()]), ("B".into(), vec!["echo b".into()])] };
+        let d = Doc {
+            params: vec![],
+            steps: vec![
+                ("A".into(), vec!["echo a".into()]),
+                ("B".into(), vec!["echo b".into()]),
+            ],
+        };
         let mut swapped = d.clone();
         swapped.steps.reverse();
         assert_ne!(fp(&render_block(&d)), fp(&render_block(&swapped)));

@@ -36,21 +36,55 @@ pub fn load_str(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnostics> 
     }
 }
 
-fn check(file: &Path, root: &Node, out: &mut Collector<'_>, others: &mut Diagnostics) -> Option<LoadedPipeline> {
-    let json = Shape::of::<Pipeline>().read(root, &mut Vec::new(), out, Options::default())?;
+fn check(
+    file: &Path,
+    root: &Node,
+    out: &mut Collector<'_>,
+    others: &mut Diagnostics,
+) -> Option<LoadedPipeline> {
+    let before = out.found.len();
+    static SHAPE: std::sync::OnceLock<Shape> = std::sync::OnceLock::new();
+    let json = SHAPE.get_or_init(Shape::of::<Pipeline>).read_lenient(
+        root,
+        &mut Vec::new(),
+        out,
+        Options::default(),
+    );
+    // Go on to the semantic checks whenever what was read still makes a pipeline (see
+    // `component::check`).
     let pipeline: Pipeline = match serde_json::from_value(json) {
         Ok(p) => p,
         Err(e) => {
-            out.at(&[], format!("cannot read the pipeline: {e}"));
+            if out.found.len() == before {
+                out.at(&[], format!("cannot read the pipeline: {e}"));
+            }
             return None;
         }
     };
-    let before = out.found.len();
     check_fields(&pipeline, out);
-    let components = load_components(file, root, &pipeline.components, &[key("components")], out, others);
-    let tests = load_components(file, root, &pipeline.tests.components, &[key("tests"), key("components")], out, others);
+    let components = load_components(
+        file,
+        root,
+        &pipeline.components,
+        &[key("components")],
+        out,
+        others,
+    );
+    let tests = load_components(
+        file,
+        root,
+        &pipeline.tests.components,
+        &[key("tests"), key("components")],
+        out,
+        others,
+    );
     let ok = out.found.len() == before && others.is_empty();
-    ok.then(|| LoadedPipeline { file: file.to_path_buf(), pipeline, components: components.into_iter().flatten().collect(), tests: tests.into_iter().flatten().collect() })
+    ok.then(|| LoadedPipeline {
+        file: file.to_path_buf(),
+        pipeline,
+        components: components.into_iter().flatten().collect(),
+        tests: tests.into_iter().flatten().collect(),
+    })
 }
 
 fn report<T>(out: &mut Collector<'_>, path: &[Seg], result: Result<T, String>) {
@@ -63,29 +97,50 @@ fn check_fields(p: &Pipeline, out: &mut Collector<'_>) {
     report(out, &[key("version")], p.version.parse::<SemVer>());
     match &p.parent {
         Parent::Ami(id) => report(out, &[key("parent"), key("ami")], shape::ami_id(id)),
-        Parent::SsmParameter(name) => report(out, &[key("parent"), key("ssmParameter")], shape::ssm_parameter_name(name)),
+        Parent::SsmParameter(name) => report(
+            out,
+            &[key("parent"), key("ssmParameter")],
+            shape::ssm_parameter_name(name),
+        ),
         Parent::Filter(f) => {
             for (i, owner) in f.owners.iter().enumerate() {
                 if !matches!(owner.as_str(), "self" | "amazon" | "aws-marketplace") {
                     let r = AccountId::parse(owner).map_err(|_| format!("owner `{owner}` is not `self`, `amazon`, `aws-marketplace` or a 12-digit account id"));
-                    report(out, &[key("parent"), key("filter"), key("owners"), Seg::Index(i)], r);
+                    report(
+                        out,
+                        &[key("parent"), key("filter"), key("owners"), Seg::Index(i)],
+                        r,
+                    );
                 }
             }
             if f.name.trim().is_empty() {
-                out.at(&[key("parent"), key("filter"), key("name")], "the name pattern is empty; use e.g. `al2023-ami-2023.*-x86_64`");
+                out.at(
+                    &[key("parent"), key("filter"), key("name")],
+                    "the name pattern is empty; use e.g. `al2023-ami-2023.*-x86_64`",
+                );
             }
         }
         Parent::Local(name) => {
             if name.trim().is_empty() {
-                out.at(&[key("parent"), key("local")], "name the embedded image (see `kiln image list`)");
+                out.at(
+                    &[key("parent"), key("local")],
+                    "name the embedded image (see `kiln image list`)",
+                );
             }
         }
     }
     if !p.working_directory.starts_with('/') {
-        out.at(&[key("workingDirectory")], format!("`{}` must be an absolute path", p.working_directory));
+        out.at(
+            &[key("workingDirectory")],
+            format!("`{}` must be an absolute path", p.working_directory),
+        );
     }
     if let Some(t) = &p.tests.instance_type {
-        report(out, &[key("tests"), key("instanceType")], shape::instance_type(t));
+        report(
+            out,
+            &[key("tests"), key("instanceType")],
+            shape::instance_type(t),
+        );
     }
     check_block_devices(p, out);
     check_infrastructure(p, out);
@@ -96,8 +151,16 @@ fn check_fields(p: &Pipeline, out: &mut Collector<'_>) {
         }
         if s.timezone.parse::<chrono_tz::Tz>().is_err() {
             let names = chrono_tz::TZ_VARIANTS.iter().map(|t| t.name());
-            let hint = crate::diag::did_you_mean(&s.timezone, names).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
-            out.at(&[key("schedule"), key("timezone")], format!("`{}` is not an IANA time zone such as `Europe/Berlin`{hint}", s.timezone));
+            let hint = crate::diag::did_you_mean(&s.timezone, names)
+                .map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_default();
+            out.at(
+                &[key("schedule"), key("timezone")],
+                format!(
+                    "`{}` is not an IANA time zone such as `Europe/Berlin`{hint}",
+                    s.timezone
+                ),
+            );
         }
     }
     if let Some(l) = &p.lifecycle {
@@ -106,8 +169,14 @@ fn check_fields(p: &Pipeline, out: &mut Collector<'_>) {
                 out.at(&[key("lifecycle"), key("deleteAfterDays")], format!("images would be deleted ({del} days) before they are deprecated ({dep} days)"));
             }
         }
-        if l.keep_latest.is_none() && l.deprecate_after_days.is_none() && l.delete_after_days.is_none() {
-            out.at(&[key("lifecycle")], "set at least one of keepLatest, deprecateAfterDays, deleteAfterDays");
+        if l.keep_latest.is_none()
+            && l.deprecate_after_days.is_none()
+            && l.delete_after_days.is_none()
+        {
+            out.at(
+                &[key("lifecycle")],
+                "set at least one of keepLatest, deprecateAfterDays, deleteAfterDays",
+            );
         }
     }
 }
@@ -117,11 +186,17 @@ fn check_block_devices(p: &Pipeline, out: &mut Collector<'_>) {
     for (i, d) in p.block_devices.iter().enumerate() {
         let at = |f: &str| vec![key("blockDevices"), Seg::Index(i), key(f)];
         if names.contains(&d.device_name) {
-            out.at(&at("deviceName"), format!("device `{}` is listed twice", d.device_name));
+            out.at(
+                &at("deviceName"),
+                format!("device `{}` is listed twice", d.device_name),
+            );
         }
         names.push(d.device_name.clone());
         if !d.device_name.starts_with("/dev/") {
-            out.at(&at("deviceName"), format!("`{}` is not a device name such as /dev/xvda", d.device_name));
+            out.at(
+                &at("deviceName"),
+                format!("`{}` is not a device name such as /dev/xvda", d.device_name),
+            );
         }
         let vt = d.volume_type.unwrap_or(VolumeType::Gp3);
         if let Some(iops) = d.iops {
@@ -132,18 +207,39 @@ fn check_block_devices(p: &Pipeline, out: &mut Collector<'_>) {
                 _ => None,
             };
             match range {
-                None => out.at(&at("iops"), format!("iops can only be set for gp3, io1 and io2 volumes, not {vt:?}").to_lowercase()),
-                Some(r) if !r.contains(&iops) => out.at(&at("iops"), format!("iops for {} volumes is {} to {}", format!("{vt:?}").to_lowercase(), r.start(), r.end())),
+                None => out.at(
+                    &at("iops"),
+                    format!("iops can only be set for gp3, io1 and io2 volumes, not {vt:?}")
+                        .to_lowercase(),
+                ),
+                Some(r) if !r.contains(&iops) => out.at(
+                    &at("iops"),
+                    format!(
+                        "iops for {} volumes is {} to {}",
+                        format!("{vt:?}").to_lowercase(),
+                        r.start(),
+                        r.end()
+                    ),
+                ),
                 _ => {}
             }
         } else if matches!(vt, VolumeType::Io1 | VolumeType::Io2) {
-            out.at(&[key("blockDevices"), Seg::Index(i)], "io1 and io2 volumes need `iops`");
+            out.at(
+                &[key("blockDevices"), Seg::Index(i)],
+                "io1 and io2 volumes need `iops`",
+            );
         }
         if let Some(t) = d.throughput {
             if vt != VolumeType::Gp3 {
-                out.at(&at("throughput"), "throughput can only be set for gp3 volumes");
+                out.at(
+                    &at("throughput"),
+                    "throughput can only be set for gp3 volumes",
+                );
             } else if !(125..=2000).contains(&t) {
-                out.at(&at("throughput"), "throughput for gp3 volumes is 125 to 2000 MiB/s");
+                out.at(
+                    &at("throughput"),
+                    "throughput for gp3 volumes is 125 to 2000 MiB/s",
+                );
             }
         }
         if let Some(k) = &d.kms_key_id {
@@ -162,16 +258,31 @@ fn check_infrastructure(p: &Pipeline, out: &mut Collector<'_>) {
         report(out, &at("region"), Region::parse(r));
     }
     for (i, t) in inf.instance_types.iter().enumerate() {
-        report(out, &[key("infrastructure"), key("instanceTypes"), Seg::Index(i)], shape::instance_type(t));
+        report(
+            out,
+            &[key("infrastructure"), key("instanceTypes"), Seg::Index(i)],
+            shape::instance_type(t),
+        );
     }
     if let Some(s) = &inf.subnet_id {
         report(out, &at("subnetId"), shape::subnet_id(s));
     }
     for (i, sg) in inf.security_group_ids.iter().enumerate() {
-        report(out, &[key("infrastructure"), key("securityGroupIds"), Seg::Index(i)], shape::security_group_id(sg));
+        report(
+            out,
+            &[
+                key("infrastructure"),
+                key("securityGroupIds"),
+                Seg::Index(i),
+            ],
+            shape::security_group_id(sg),
+        );
     }
     if !inf.security_group_ids.is_empty() && inf.subnet_id.is_none() {
-        out.at(&at("securityGroupIds"), "security groups belong to a VPC: set `subnetId` too");
+        out.at(
+            &at("securityGroupIds"),
+            "security groups belong to a VPC: set `subnetId` too",
+        );
     }
     if let Some(ip) = &inf.instance_profile {
         report(out, &at("instanceProfile"), shape::instance_profile(ip));
@@ -181,19 +292,31 @@ fn check_infrastructure(p: &Pipeline, out: &mut Collector<'_>) {
     }
     for k in inf.tags.keys() {
         if k.starts_with("kiln:") || k.starts_with("aws:") {
-            out.at_key(&[key("infrastructure"), key("tags"), key(k)], format!("tag `{k}`: the `kiln:` and `aws:` prefixes are reserved"), Vec::new());
+            out.at_key(
+                &[key("infrastructure"), key("tags"), key(k)],
+                format!("tag `{k}`: the `kiln:` and `aws:` prefixes are reserved"),
+                Vec::new(),
+            );
         }
     }
 }
 
 fn check_distribution(p: &Pipeline, out: &mut Collector<'_>) {
     let mut seen = Vec::new();
-    let sample = NameContext { pipeline: &p.name, version: &p.version, build_number: 1, build_date: "20260101000000" };
+    let sample = NameContext {
+        pipeline: &p.name,
+        version: &p.version,
+        build_number: 1,
+        build_date: "20260101000000",
+    };
     for (i, d) in p.distribution.iter().enumerate() {
         let at = |f: &str| vec![key("distribution"), Seg::Index(i), key(f)];
         report(out, &at("region"), Region::parse(&d.region));
         if seen.contains(&d.region) {
-            out.at(&at("region"), format!("region `{}` is listed twice", d.region));
+            out.at(
+                &at("region"),
+                format!("region `{}` is listed twice", d.region),
+            );
         }
         seen.push(d.region.clone());
         match render_name(&d.ami_name, &sample) {
@@ -204,32 +327,64 @@ fn check_distribution(p: &Pipeline, out: &mut Collector<'_>) {
             report(out, &at("kmsKeyId"), shape::kms_key(k));
         }
         if let Some(lp) = &d.launch_permission {
-            let base = vec![key("distribution"), Seg::Index(i), key("launchPermission")];
+            let base = [key("distribution"), Seg::Index(i), key("launchPermission")];
             for (j, a) in lp.accounts.iter().enumerate() {
-                report(out, &[&base[..], &[key("accounts"), Seg::Index(j)]].concat(), AccountId::parse(a));
+                report(
+                    out,
+                    &[&base[..], &[key("accounts"), Seg::Index(j)]].concat(),
+                    AccountId::parse(a),
+                );
             }
             for (j, a) in lp.organization_arns.iter().enumerate() {
-                report(out, &[&base[..], &[key("organizationArns"), Seg::Index(j)]].concat(), shape::organization_arn(a));
+                report(
+                    out,
+                    &[&base[..], &[key("organizationArns"), Seg::Index(j)]].concat(),
+                    shape::organization_arn(a),
+                );
             }
             for (j, a) in lp.organizational_unit_arns.iter().enumerate() {
-                report(out, &[&base[..], &[key("organizationalUnitArns"), Seg::Index(j)]].concat(), shape::organizational_unit_arn(a));
+                report(
+                    out,
+                    &[&base[..], &[key("organizationalUnitArns"), Seg::Index(j)]].concat(),
+                    shape::organizational_unit_arn(a),
+                );
             }
             if lp.public && d.kms_key_id.is_some() {
-                out.at(&[&base[..], &[key("public")]].concat(), "an image encrypted with a KMS key cannot be made public");
+                out.at(
+                    &[&base[..], &[key("public")]].concat(),
+                    "an image encrypted with a KMS key cannot be made public",
+                );
             }
         }
         if let Some(s) = &d.ssm_parameter {
             report(out, &at("ssmParameter"), shape::ssm_parameter_name(s));
             if s.starts_with("/aws/") {
-                out.at(&at("ssmParameter"), "parameters under /aws/ belong to AWS; choose a name of your own");
+                out.at(
+                    &at("ssmParameter"),
+                    "parameters under /aws/ belong to AWS; choose a name of your own",
+                );
             }
         }
         for (j, lt) in d.launch_templates.iter().enumerate() {
-            report(out, &[key("distribution"), Seg::Index(i), key("launchTemplates"), Seg::Index(j), key("id")], shape::launch_template_id(&lt.id));
+            report(
+                out,
+                &[
+                    key("distribution"),
+                    Seg::Index(i),
+                    key("launchTemplates"),
+                    Seg::Index(j),
+                    key("id"),
+                ],
+                shape::launch_template_id(&lt.id),
+            );
         }
         for k in d.tags.keys() {
             if k.starts_with("kiln:") || k.starts_with("aws:") {
-                out.at_key(&[key("distribution"), Seg::Index(i), key("tags"), key(k)], format!("tag `{k}`: the `kiln:` and `aws:` prefixes are reserved"), Vec::new());
+                out.at_key(
+                    &[key("distribution"), Seg::Index(i), key("tags"), key(k)],
+                    format!("tag `{k}`: the `kiln:` and `aws:` prefixes are reserved"),
+                    Vec::new(),
+                );
             }
         }
     }
@@ -282,23 +437,46 @@ fn load_components(
 }
 
 /// Parameters given must exist in the document; parameters without a default must be given.
-fn check_parameters(doc: &component::Document, given: &std::collections::BTreeMap<String, String>, at: &[Seg], out: &mut Collector<'_>) {
+fn check_parameters(
+    doc: &component::Document,
+    given: &std::collections::BTreeMap<String, String>,
+    at: &[Seg],
+    out: &mut Collector<'_>,
+) {
     let declared: Vec<&str> = doc.parameter_names().collect();
-    for name in given.keys() {
+    for (name, value) in given {
+        if let Some(allowed) = doc.parameter(name).and_then(|s| s.allowed_values.as_ref()) {
+            if !allowed.contains(value) {
+                out.at_with_allowed(
+                    &[at, &[key("parameters"), key(name)]].concat(),
+                    format!("`{value}` is not an allowed value of parameter `{name}`"),
+                    allowed.clone(),
+                );
+            }
+        }
         if !declared.contains(&name.as_str()) {
-            let hint = crate::diag::did_you_mean(name, declared.iter().copied()).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            let hint = crate::diag::did_you_mean(name, declared.iter().copied())
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
             let message = if declared.is_empty() {
                 format!("parameter `{name}`: this component declares no parameters")
             } else {
                 format!("parameter `{name}` is not declared by the component{hint}")
             };
-            out.at_key(&[at, &[key("parameters"), key(name)]].concat(), message, declared.iter().map(|s| s.to_string()).collect());
+            out.at_key(
+                &[at, &[key("parameters"), key(name)]].concat(),
+                message,
+                declared.iter().map(|s| s.to_string()).collect(),
+            );
         }
     }
     for name in &declared {
         let spec = doc.parameter(name);
         if spec.is_some_and(|s| s.default.is_none()) && !given.contains_key(*name) {
-            out.at(at, format!("the component needs parameter `{name}` (it has no default)"));
+            out.at(
+                at,
+                format!("the component needs parameter `{name}` (it has no default)"),
+            );
         }
     }
 }

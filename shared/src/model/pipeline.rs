@@ -107,7 +107,11 @@ pub struct Tests {
 
 impl Default for Tests {
     fn default() -> Self {
-        Tests { enabled: true, instance_type: None, components: Vec::new() }
+        Tests {
+            enabled: true,
+            instance_type: None,
+            components: Vec::new(),
+        }
     }
 }
 
@@ -241,7 +245,8 @@ pub struct Distribution {
     pub launch_templates: Vec<LaunchTemplateRef>,
 }
 
-pub const DEFAULT_AMI_NAME: &str = "{{ kiln:pipeline }}-{{ kiln:version }}-{{ kiln:buildNumber }}-{{ kiln:buildDate }}";
+pub const DEFAULT_AMI_NAME: &str =
+    "{{ kiln:pipeline }}-{{ kiln:version }}-{{ kiln:buildNumber }}-{{ kiln:buildDate }}";
 
 fn default_ami_name() -> String {
     DEFAULT_AMI_NAME.into()
@@ -345,18 +350,30 @@ fn t120() -> u32 {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { launch_minutes: 15, customize_minutes: 120, snapshot_minutes: 120, test_minutes: 60, distribute_minutes: 120 }
+        Timeouts {
+            launch_minutes: 15,
+            customize_minutes: 120,
+            snapshot_minutes: 120,
+            test_minutes: 60,
+            distribute_minutes: 120,
+        }
     }
 }
 
 impl Pipeline {
     pub fn start_condition(&self) -> StartCondition {
-        self.schedule.as_ref().map(|s| s.start_condition).unwrap_or_default()
+        self.schedule
+            .as_ref()
+            .map(|s| s.start_condition)
+            .unwrap_or_default()
     }
 
     /// The region the image is built in.
     pub fn home_region(&self) -> &str {
-        self.infrastructure.region.as_deref().unwrap_or_else(|| self.distribution[0].region.as_str())
+        self.infrastructure
+            .region
+            .as_deref()
+            .unwrap_or_else(|| self.distribution[0].region.as_str())
     }
 }
 
@@ -382,7 +399,10 @@ impl LoadedComponent {
             return n.clone();
         }
         match &self.origin {
-            Origin::File(p) => p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            Origin::File(p) => p
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             Origin::Inline { index, .. } => format!("inline-{index}"),
         }
     }
@@ -398,7 +418,12 @@ pub struct LoadedPipeline {
 }
 
 /// The variables allowed in image name templates.
-pub const NAME_VARIABLES: [&str; 4] = ["kiln:pipeline", "kiln:version", "kiln:buildNumber", "kiln:buildDate"];
+pub const NAME_VARIABLES: [&str; 4] = [
+    "kiln:pipeline",
+    "kiln:version",
+    "kiln:buildNumber",
+    "kiln:buildDate",
+];
 
 /// Values for an image name template.
 #[derive(Debug, Clone)]
@@ -425,8 +450,12 @@ pub fn render_name(template: &str, ctx: &NameContext<'_>) -> Result<String, Stri
             "kiln:buildNumber" => out.push_str(&ctx.build_number.to_string()),
             "kiln:buildDate" => out.push_str(ctx.build_date),
             other => {
-                let hint = crate::diag::did_you_mean(other, NAME_VARIABLES).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
-                return Err(format!("unknown variable `{{{{ {other} }}}}` in the image name{hint}"));
+                let hint = crate::diag::did_you_mean(other, NAME_VARIABLES)
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "unknown variable `{{{{ {other} }}}}` in the image name{hint}"
+                ));
             }
         }
         rest = &after[close + 2..];
@@ -438,10 +467,17 @@ pub fn render_name(template: &str, ctx: &NameContext<'_>) -> Result<String, Stri
 /// Checks an expanded image name against EC2's rules for AMI names.
 pub fn check_image_name(name: &str) -> Result<(), String> {
     if !(3..=128).contains(&name.chars().count()) {
-        return Err(format!("the image name `{name}` must be 3 to 128 characters long"));
+        return Err(format!(
+            "the image name `{name}` must be 3 to 128 characters long"
+        ));
     }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(*c))) {
-        return Err(format!("the image name may only contain letters, digits, spaces and ()[]./-'@_; found `{bad}`"));
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(*c)))
+    {
+        return Err(format!(
+            "the image name may only contain letters, digits, spaces and ()[]./-'@_; found `{bad}`"
+        ));
     }
     Ok(())
 }

@@ -17,14 +17,23 @@ impl FromStr for SemVer {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("`{s}` is not a version of the form x.y.z (e.g. 1.0.0)");
         let parts: Vec<&str> = s.split('.').collect();
-        let [a, b, c] = parts.as_slice() else { return Err(bad()) };
+        let [a, b, c] = parts.as_slice() else {
+            return Err(bad());
+        };
         let num = |p: &str| -> Result<u32, String> {
-            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || (p.len() > 1 && p.starts_with('0')) {
+            if p.is_empty()
+                || !p.bytes().all(|b| b.is_ascii_digit())
+                || (p.len() > 1 && p.starts_with('0'))
+            {
                 return Err(bad());
             }
             p.parse().map_err(|_| bad())
         };
-        Ok(SemVer { major: num(a)?, minor: num(b)?, patch: num(c)? })
+        Ok(SemVer {
+            major: num(a)?,
+            minor: num(b)?,
+            patch: num(c)?,
+        })
     }
 }
 
@@ -44,9 +53,18 @@ pub struct BuildVersion {
 impl FromStr for BuildVersion {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (v, n) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a build version x.y.z/n"))?;
-        let build = n.parse().ok().filter(|n| *n >= 1).ok_or_else(|| format!("`{s}`: the build number is a whole number from 1"))?;
-        Ok(BuildVersion { version: v.parse()?, build })
+        let (v, n) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a build version x.y.z/n"))?;
+        let build = n
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| format!("`{s}`: the build number is a whole number from 1"))?;
+        Ok(BuildVersion {
+            version: v.parse()?,
+            build,
+        })
     }
 }
 
@@ -65,7 +83,9 @@ macro_rules! string_serde {
         }
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
             }
         }
     };
