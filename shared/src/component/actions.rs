@@ -6,6 +6,44 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Values whose type is only known once `{{ variables }}` are resolved: `"true"` fills a bool,
+/// `"30"` a number, as AWSTOE reads them.
+pub mod flex {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match Option::<Value>::deserialize(d)? {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            Some(other) => Err(serde::de::Error::custom(format!(
+                "expected true or false, found {other}"
+            ))),
+        }
+    }
+
+    pub fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        match Option::<Value>::deserialize(d)? {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!("expected a whole number, found {n}"))
+                }),
+            Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| {
+                serde::de::Error::custom(format!("expected a whole number, found `{s}`"))
+            }),
+            Some(other) => Err(serde::de::Error::custom(format!(
+                "expected a whole number, found {other}"
+            ))),
+        }
+    }
+}
+
 /// A scalar that AWSTOE accepts either as a string or a number (`permissions: 0755` or `'0755'`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
@@ -79,6 +117,7 @@ pub struct UpdateOs {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Reboot {
+    #[serde(default, deserialize_with = "flex::opt_u32")]
     pub delay_seconds: Option<u32>,
 }
 
@@ -99,11 +138,14 @@ pub enum ChecksumAlgorithm {
 pub struct WebDownload {
     pub source: String,
     pub destination: String,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub overwrite: Option<bool>,
     pub checksum: Option<String>,
     pub algorithm: Option<ChecksumAlgorithm>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub ignore_certificate_errors: Option<bool>,
     /// kiln extension: download attempts before the step fails (default 3).
+    #[serde(default, deserialize_with = "flex::opt_u32")]
     pub max_retries: Option<u32>,
 }
 
@@ -113,7 +155,9 @@ pub struct S3Transfer {
     pub source: String,
     pub destination: String,
     pub expected_bucket_owner: Option<StrOrInt>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub overwrite: Option<bool>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub recurse: Option<bool>,
 }
 
@@ -135,6 +179,7 @@ pub struct CreateFile {
     pub owner: Option<StrOrInt>,
     pub group: Option<StrOrInt>,
     pub permissions: Option<StrOrInt>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub overwrite: Option<bool>,
 }
 
@@ -145,6 +190,7 @@ pub struct CreateFolder {
     pub owner: Option<StrOrInt>,
     pub group: Option<StrOrInt>,
     pub permissions: Option<StrOrInt>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub overwrite: Option<bool>,
 }
 
@@ -155,6 +201,7 @@ pub struct CreateSymlink {
     pub path: String,
     /// What the link points at.
     pub target: String,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub force: Option<bool>,
 }
 
@@ -163,6 +210,7 @@ pub struct CreateSymlink {
 pub struct CopyOrMove {
     pub source: String,
     pub destination: String,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub overwrite: Option<bool>,
 }
 
@@ -170,6 +218,7 @@ pub struct CopyOrMove {
 #[serde(deny_unknown_fields)]
 pub struct Delete {
     pub path: String,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub force: Option<bool>,
 }
 
@@ -178,6 +227,7 @@ pub struct Delete {
 pub struct ListFiles {
     pub path: String,
     pub file_name_pattern: Option<String>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub recursive: Option<bool>,
 }
 
@@ -186,6 +236,7 @@ pub struct ListFiles {
 pub struct ReadFile {
     pub path: String,
     pub encoding: Option<String>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub print_file_content: Option<bool>,
 }
 
@@ -203,6 +254,7 @@ pub struct SetOwner {
     pub path: String,
     pub owner: StrOrInt,
     pub group: Option<StrOrInt>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub recursive: Option<bool>,
 }
 
@@ -211,6 +263,7 @@ pub struct SetOwner {
 pub struct SetPermissions {
     pub path: String,
     pub permissions: StrOrInt,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub recursive: Option<bool>,
 }
 
@@ -229,7 +282,9 @@ pub struct Msi {
     pub log_options: Option<String>,
     pub log_file: Option<String>,
     pub properties: Option<BTreeMap<String, StrOrInt>>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub ignore_authenticode_signature_errors: Option<bool>,
+    #[serde(default, deserialize_with = "flex::opt_bool")]
     pub allow_unsigned_installer: Option<bool>,
 }
 

@@ -226,7 +226,91 @@ pub fn check(node: &Node, path: &mut Vec<Seg>, out: &mut Collector<'_>) -> Optio
         out,
     }
     .run();
-    (out.found.len() == before).then_some(Loaded { document, json })
+    if out.found.len() != before {
+        return None;
+    }
+    let mut document = document;
+    retype(&mut document, node, path);
+    let json = serde_json::to_value(&document).unwrap_or(json);
+    Some(Loaded { document, json })
+}
+
+/// Re-reads each step's `inputs` with its action's schema and `if` as text, so that what runs
+/// sees values as written: `checksum: 0000` stays "0000", `permissions: 0755` stays octal text,
+/// `stringEquals: 007` compares "007". (The document schema leaves them untyped.)
+fn retype(document: &mut Document, node: &Node, base: &[Seg]) {
+    let root = node;
+    let lenient = Options {
+        templates_fill_any_scalar: true,
+    };
+    for (pi, phase) in document.phases.iter_mut().enumerate() {
+        for (si, step) in phase.steps.iter_mut().enumerate() {
+            let at = |field: &str| {
+                let mut p = base.to_vec();
+                p.extend([
+                    key("phases"),
+                    Seg::Index(pi),
+                    key("steps"),
+                    Seg::Index(si),
+                    key(field),
+                ]);
+                p
+            };
+            let (inputs_at, if_at) = (at("inputs"), at("if"));
+            let relative = |p: &[Seg]| p[base.len()..].to_vec();
+            if let (Some(n), Some(action)) = (
+                crate::diag::locate_node(root, &relative(&inputs_at)),
+                actions::find(&step.action),
+            ) {
+                if !n.is_null() {
+                    let mut scratch = Collector::new(Path::new(""), root);
+                    step.inputs = Some(match action.form {
+                        InputForm::Comparison => text_json(n),
+                        InputForm::List => match &n.value {
+                            crate::yaml::Value::Seq(items) => Json::Array(
+                                items
+                                    .iter()
+                                    .map(|item| {
+                                        action.input_shape().read_lenient(
+                                            item,
+                                            &mut Vec::new(),
+                                            &mut scratch,
+                                            lenient,
+                                        )
+                                    })
+                                    .collect(),
+                            ),
+                            _ => text_json(n),
+                        },
+                        _ => action.input_shape().read_lenient(
+                            n,
+                            &mut Vec::new(),
+                            &mut scratch,
+                            lenient,
+                        ),
+                    });
+                }
+            }
+            if let Some(n) = crate::diag::locate_node(root, &relative(&if_at)) {
+                step.if_ = Some(text_json(n));
+            }
+        }
+    }
+}
+
+/// A node as JSON with every scalar kept as its text.
+fn text_json(node: &Node) -> Json {
+    match &node.value {
+        _ if node.is_null() => Json::Null,
+        crate::yaml::Value::Scalar { text, .. } => Json::String(text.clone()),
+        crate::yaml::Value::Seq(items) => Json::Array(items.iter().map(text_json).collect()),
+        crate::yaml::Value::Map(entries) => Json::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), text_json(v)))
+                .collect(),
+        ),
+    }
 }
 
 struct Checker<'d, 'c, 'o> {

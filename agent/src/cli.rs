@@ -1,0 +1,253 @@
+//! The `kiln-agent` command line.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use kiln::component::PhaseName;
+
+use crate::runner::{self, DocSpec, Options, RunOutcome};
+
+/// Exit codes, as AWSTOE and SSM Run Command read them.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILED: i32 = 1;
+    pub const INVALID: i32 = 2;
+    pub const REBOOT: i32 = crate::actions::REBOOT_EXIT_CODE;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln-agent",
+    version,
+    about = "An open, AWSTOE-compatible component runner"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check component documents; exit 0 when all are valid, 2 when not.
+    Validate {
+        #[arg(required = true, value_name = "DOC.yaml")]
+        documents: Vec<PathBuf>,
+        /// Print a JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run component documents. Exit 0 success, 1 a step failed, 194 reboot and run again, 2
+    /// invalid documents or usage.
+    Run {
+        /// Documents, in the order they run (comma-separated or repeated).
+        #[arg(long, required = true, value_delimiter = ',')]
+        documents: Vec<PathBuf>,
+        /// Phases to run, in document order (default: all).
+        #[arg(long, value_delimiter = ',', default_value = "build,validate,test")]
+        phases: Vec<String>,
+        /// NAME=VALUE for every document that declares NAME (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        parameters: Vec<String>,
+        /// JSON list with one object of parameter values per document, in --documents order.
+        #[arg(long, value_name = "FILE")]
+        parameters_file: Option<PathBuf>,
+        /// Write the JSON report here.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Where steps run (default: the current folder).
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Progress kept across a reboot.
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/var/lib/kiln-agent/state.json"
+        )]
+        state_file: PathBuf,
+        /// Write each step's full output here.
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
+        /// Do not stream step output to the console.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+/// Runs the command line; returns the exit code.
+pub fn run<I, T>(args: I, stdout: &mut dyn Write, stderr: &mut dyn Write) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let text = e.render().to_string();
+            let _ = if e.use_stderr() {
+                stderr.write_all(text.as_bytes())
+            } else {
+                stdout.write_all(text.as_bytes())
+            };
+            return if e.use_stderr() {
+                exit::INVALID
+            } else {
+                exit::OK
+            };
+        }
+    };
+    match cli.command {
+        Command::Validate { documents, json } => {
+            let results = kiln::report::check_components(&documents);
+            match kiln::report::write(&results, json, stdout, stderr) {
+                Ok(true) => exit::OK,
+                Ok(false) => exit::INVALID,
+                Err(_) => exit::FAILED,
+            }
+        }
+        Command::Run {
+            documents,
+            phases,
+            parameters,
+            parameters_file,
+            report,
+            work_dir,
+            state_file,
+            log_dir,
+            quiet,
+        } => {
+            let plan = match plan(&documents, &phases, &parameters, parameters_file.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = writeln!(stderr, "{}", e.trim_end());
+                    return exit::INVALID;
+                }
+            };
+            let work_dir = work_dir
+                .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
+            if let Err(e) = std::fs::create_dir_all(&work_dir) {
+                let _ = writeln!(
+                    stderr,
+                    "cannot create the work folder {}: {e}",
+                    work_dir.display()
+                );
+                return exit::FAILED;
+            }
+            let opts = Options {
+                phases: plan.1,
+                work_dir,
+                state_file,
+                log_dir,
+                echo: !quiet,
+            };
+            let (outcome, rep) = runner::run(&plan.0, &opts);
+            if let Some(path) = report {
+                let written = serde_json::to_vec_pretty(&rep)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| std::fs::write(&path, b).map_err(|e| e.to_string()));
+                if let Err(e) = written {
+                    let _ = writeln!(stderr, "cannot write the report to {}: {e}", path.display());
+                }
+            }
+            let _ = write!(stdout, "{}", crate::report::summary(&rep));
+            match outcome {
+                RunOutcome::Success => exit::OK,
+                RunOutcome::Failed => exit::FAILED,
+                RunOutcome::Reboot => exit::REBOOT,
+            }
+        }
+    }
+}
+
+/// Reads and validates everything a run needs before any step runs.
+fn plan(
+    documents: &[PathBuf],
+    phases: &[String],
+    parameters: &[String],
+    parameters_file: Option<&std::path::Path>,
+) -> Result<(Vec<DocSpec>, Vec<PhaseName>), String> {
+    let mut wanted = Vec::new();
+    for p in phases {
+        match p.trim() {
+            "build" => wanted.push(PhaseName::Build),
+            "validate" => wanted.push(PhaseName::Validate),
+            "test" => wanted.push(PhaseName::Test),
+            other => {
+                return Err(format!(
+                    "--phases: unknown phase `{other}` (allowed: build, validate, test)"
+                ))
+            }
+        }
+    }
+    let mut global = BTreeMap::new();
+    for p in parameters {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| format!("--parameters: `{p}` is not NAME=VALUE"))?;
+        global.insert(k.trim().to_string(), v.to_string());
+    }
+    let per_doc: Vec<BTreeMap<String, String>> = match parameters_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| format!("--parameters-file {}: {e}", f.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("--parameters-file {}: expected a JSON list of {{\"name\": \"value\"}} objects: {e}", f.display()))?
+        }
+        None => Vec::new(),
+    };
+    if per_doc.len() > documents.len() {
+        return Err(format!(
+            "--parameters-file has {} entries for {} documents",
+            per_doc.len(),
+            documents.len()
+        ));
+    }
+    let mut specs = Vec::new();
+    let mut problems = kiln::diag::Diagnostics::default();
+    for (i, path) in documents.iter().enumerate() {
+        match kiln::component::load_file(path) {
+            Ok(loaded) => {
+                let declared: Vec<&str> = loaded.document.parameter_names().collect();
+                let mut params: BTreeMap<String, String> = global
+                    .iter()
+                    .filter(|(k, _)| declared.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                for (k, v) in per_doc.get(i).into_iter().flatten() {
+                    if !declared.contains(&k.as_str()) {
+                        return Err(format!(
+                            "--parameters-file: {} declares no parameter `{k}`",
+                            path.display()
+                        ));
+                    }
+                    params.insert(k.clone(), v.clone());
+                }
+                specs.push(DocSpec {
+                    path: path.clone(),
+                    loaded,
+                    parameters: params,
+                });
+            }
+            Err(d) => problems.extend(d),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.to_string());
+    }
+    for k in global.keys() {
+        if !specs
+            .iter()
+            .any(|s| s.loaded.document.parameter(k).is_some())
+        {
+            return Err(format!("--parameters: no document declares `{k}`"));
+        }
+    }
+    for s in &specs {
+        runner::resolve_parameters(
+            &s.loaded.document,
+            &s.parameters,
+            &s.path.display().to_string(),
+        )?;
+    }
+    Ok((specs, wanted))
+}
