@@ -4,15 +4,19 @@ CARGO ?= cargo
 # `kiln` as built by this checkout (honours CARGO_TARGET_DIR).
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 KILN := $(TARGET_DIR)/debug/kiln
+# Python tools the tests use (moto server), in a virtualenv: .venv, or $KILN_VENV.
+VENV := $(abspath $(or $(KILN_VENV),.venv))
+export KILN_MOTO_SERVER := $(VENV)/bin/moto_server
 
 .PHONY: setup run test lint fmt bench build
 
-## setup: install what the build and the tests need (Rust components; more as stages land)
+## setup: install what the build and the tests need (Rust components, cargo-nextest, moto server)
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is required: install Rust from rustup.rs"; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+	@test -x $(VENV)/bin/moto_server || { echo "installing moto[server] into $(VENV)"; python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet 'moto[server]>=5.1,<6'; }
 
 ## build: the CLI and the agent (debug)
 build:
@@ -38,3 +42,6 @@ fmt:
 ## bench: measured ratios against a baseline in the same run
 bench:
 	$(CARGO) bench -p kiln --bench validate
+	$(CARGO) bench -p kiln-agent --bench steps
+	$(CARGO) build --release -p kiln-agent
+	@echo "kiln-agent release binary: $$(stat -c %s $(TARGET_DIR)/release/kiln-agent) bytes"

@@ -134,6 +134,76 @@ fn hmac(key: &[u8], data: &str) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+/// What a signature covers.
+struct Request<'a> {
+    method: &'a str,
+    host: &'a str,
+    /// Already URI-encoded.
+    path: &'a str,
+    query: &'a [(&'a str, String)],
+    extra_headers: &'a [(String, String)],
+    payload_hash: &'a str,
+    /// `YYYYMMDDTHHMMSSZ`
+    amz_date: &'a str,
+    region: &'a str,
+}
+
+struct Signed {
+    query_string: String,
+    /// Headers to send, `authorization` included (`host` is set by the HTTP client).
+    headers: Vec<(String, String)>,
+}
+
+/// Signature Version 4 for S3, per the AWS documentation.
+fn sign(r: &Request<'_>, creds: &Credentials) -> Signed {
+    let date = &r.amz_date[..8];
+    let mut q: Vec<(String, String)> = r
+        .query
+        .iter()
+        .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
+        .collect();
+    q.sort();
+    let query_string = q
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut headers: Vec<(String, String)> = vec![
+        ("host".into(), r.host.to_string()),
+        ("x-amz-content-sha256".into(), r.payload_hash.to_string()),
+        ("x-amz-date".into(), r.amz_date.to_string()),
+    ];
+    headers.extend(r.extra_headers.iter().cloned());
+    headers.sort();
+    let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+    let signed_headers = names.join(";");
+    let canonical_headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}:{}\n", v.trim()))
+        .collect();
+    let canonical = format!(
+        "{}\n{}\n{query_string}\n{canonical_headers}\n{signed_headers}\n{}",
+        r.method, r.path, r.payload_hash
+    );
+    let scope = format!("{date}/{}/s3/aws4_request", r.region);
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{}\n{scope}\n{}",
+        r.amz_date,
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    );
+    let mut key_bytes = hmac(format!("AWS4{}", creds.secret).as_bytes(), date);
+    for part in [r.region, "s3", "aws4_request"] {
+        key_bytes = hmac(&key_bytes, part);
+    }
+    let signature = hex::encode(hmac(&key_bytes, &to_sign));
+    headers.push(("authorization".into(), format!("AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}", creds.key)));
+    headers.retain(|(k, _)| k != "host");
+    Signed {
+        query_string,
+        headers,
+    }
+}
+
 /// A client for one bucket.
 struct Bucket {
     name: String,
@@ -183,66 +253,32 @@ impl Bucket {
         body: Option<&[u8]>,
     ) -> Result<http::Response, String> {
         let (url, host, path) = self.locate(key);
-        let now = chrono::Utc::now();
-        let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
-        let date = now.format("%Y%m%d").to_string();
+        let amz_date = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
         let payload_hash = hex::encode(Sha256::digest(body.unwrap_or_default()));
-        let mut q: Vec<(String, String)> = query
-            .iter()
-            .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
-            .collect();
-        q.sort();
-        let query_string = q
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let mut headers: Vec<(String, String)> = vec![
-            ("host".into(), host),
-            ("x-amz-content-sha256".into(), payload_hash.clone()),
-            ("x-amz-date".into(), amz_date.clone()),
-        ];
+        let mut extra = Vec::new();
         if let Some(t) = &self.creds.token {
-            headers.push(("x-amz-security-token".into(), t.clone()));
+            extra.push(("x-amz-security-token".to_string(), t.clone()));
         }
         if let Some(o) = &self.expected_owner {
-            headers.push(("x-amz-expected-bucket-owner".into(), o.clone()));
+            extra.push(("x-amz-expected-bucket-owner".to_string(), o.clone()));
         }
-        headers.sort();
-        let signed: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
-        let canonical_headers: String = headers
-            .iter()
-            .map(|(k, v)| format!("{k}:{}\n", v.trim()))
-            .collect();
-        let canonical = format!(
-            "{method}\n{path}\n{query_string}\n{canonical_headers}\n{}\n{payload_hash}",
-            signed.join(";")
-        );
-        let scope = format!("{date}/{}/s3/aws4_request", self.region);
-        let to_sign = format!(
-            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
-        );
-        let mut key_bytes = hmac(format!("AWS4{}", self.creds.secret).as_bytes(), &date);
-        for part in [self.region.as_str(), "s3", "aws4_request"] {
-            key_bytes = hmac(&key_bytes, part);
-        }
-        let signature = hex::encode(hmac(&key_bytes, &to_sign));
-        headers.push((
-            "authorization".into(),
-            format!(
-                "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={}, Signature={signature}",
-                self.creds.key,
-                signed.join(";")
-            ),
-        ));
-        headers.retain(|(k, _)| k != "host");
-        let full = if query_string.is_empty() {
+        let request = Request {
+            method,
+            host: &host,
+            path: &path,
+            query,
+            extra_headers: &extra,
+            payload_hash: &payload_hash,
+            amz_date: &amz_date,
+            region: &self.region,
+        };
+        let signed = sign(&request, &self.creds);
+        let full = if signed.query_string.is_empty() {
             url
         } else {
-            format!("{url}?{query_string}")
+            format!("{url}?{}", signed.query_string)
         };
-        let r = http::request(method, &full, &headers, body)?;
+        let r = http::request(method, &full, &signed.headers, body)?;
         if !(200..300).contains(&r.status) {
             let text = String::from_utf8_lossy(&r.body);
             let code = regex::Regex::new("<Code>([^<]+)</Code>")
@@ -419,6 +455,43 @@ fn walk(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signature_matches_the_aws_documentation_example() {
+        // GIVEN the "GET Bucket (List Objects)" example of the S3 SigV4 documentation
+        let creds = Credentials {
+            key: "AKIAIOSFODNN7EXAMPLE".into(),
+            secret: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+            token: None,
+        };
+        let query = [("max-keys", "2".to_string()), ("prefix", "J".to_string())];
+        let empty = hex::encode(Sha256::digest(b""));
+        let r = Request {
+            method: "GET",
+            host: "examplebucket.s3.amazonaws.com",
+            path: "/",
+            query: &query,
+            extra_headers: &[],
+            payload_hash: &empty,
+            amz_date: "20130524T000000Z",
+            region: "us-east-1",
+        };
+        // WHEN signed THEN the signature is the documented one
+        let signed = sign(&r, &creds);
+        let auth = signed
+            .headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        assert!(
+            auth.ends_with(
+                "Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"
+            ),
+            "{auth}"
+        );
+        assert_eq!(signed.query_string, "max-keys=2&prefix=J");
+    }
 
     #[test]
     fn urls_and_encoding() {

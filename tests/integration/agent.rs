@@ -656,3 +656,51 @@ fn runnable_fixture_documents_run_to_their_documented_result() {
         assert!(r.stdout.contains("run succeeded"), "{file}: {}", r.stdout);
     }
 }
+
+#[test]
+fn s3_upload_and_download_against_a_moto_server() {
+    // GIVEN a moto S3 endpoint with a bucket, and local files to upload
+    let moto = crate::support::Moto::start();
+    assert_eq!(moto.http("PUT", "/kiln-artifacts", b"").0, 200);
+    let r = run_doc_env(
+        &doc(r#"
+      - name: Prepare
+        action: ExecuteBash
+        inputs:
+          commands:
+            - mkdir -p @DIR@/up/sub && echo one > @DIR@/up/a.txt && echo two > @DIR@/up/sub/b.txt && echo single > @DIR@/single.txt
+      - name: Upload
+        action: S3Upload
+        inputs:
+          - source: "@DIR@/up"
+            destination: s3://kiln-artifacts/tree/
+            recurse: true
+          - source: "@DIR@/single.txt"
+            destination: s3://kiln-artifacts/one/renamed.txt
+      - name: DownloadPrefix
+        action: S3Download
+        inputs:
+          - source: s3://kiln-artifacts/tree/*
+            destination: "@DIR@/down"
+      - name: DownloadOne
+        action: S3Download
+        inputs:
+          - source: s3://kiln-artifacts/one/renamed.txt
+            destination: "@DIR@/got/"
+      - name: Missing
+        action: S3Download
+        onFailure: Continue
+        inputs:
+          - source: s3://kiln-artifacts/nope.txt
+            destination: "@DIR@/nope.txt"
+"#),
+        &[],
+        &moto.env(),
+    );
+    // THEN the files made the round trip, and a missing object fails the step with S3's code
+    assert_eq!(r.read("down/a.txt"), "one\n", "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.read("down/sub/b.txt"), "two\n");
+    assert_eq!(r.read("got/renamed.txt"), "single\n");
+    assert_eq!(r.step("Missing").0, "failed");
+    assert!(r.stdout.contains("HTTP 404 NoSuchKey"), "{}", r.stdout);
+}
