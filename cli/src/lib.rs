@@ -51,6 +51,43 @@ pub enum Command {
         #[arg(value_enum)]
         format: SchemaFormat,
     },
+    /// Run and check Step Functions state machines locally.
+    Sfn {
+        #[command(subcommand)]
+        command: SfnCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SfnCommand {
+    /// Execute a state machine and print {"status", "output", "error", "cause"} as JSON.
+    Exec {
+        #[arg(value_name = "DEF.json")]
+        definition: PathBuf,
+        /// The execution input: JSON text, or @FILE.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Mocked task responses (AWS Step Functions Local MockConfigFile format).
+        #[arg(long, value_name = "FILE", requires = "test_case")]
+        mock_config: Option<PathBuf>,
+        /// The test case of the mock config to use.
+        #[arg(long, requires = "mock_config")]
+        test_case: Option<String>,
+        /// The state machine of the mock config (when several have the test case).
+        #[arg(long)]
+        state_machine: Option<String>,
+        /// Also print the execution history and the billed counts.
+        #[arg(long)]
+        history: bool,
+        /// Wait for Wait states and retry backoff in real time (default: virtual time).
+        #[arg(long)]
+        real_time: bool,
+    },
+    /// Check definitions statically: fields, states, transitions, paths, choice rules.
+    Validate {
+        #[arg(required = true, value_name = "DEF.json")]
+        definitions: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +155,7 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
             let ok = kiln::report::write(&results, output == Output::Json, stdout, stderr)?;
             Ok(if ok { exit::OK } else { exit::INVALID })
         }
+        Command::Sfn { command } => sfn(command, stdout, stderr),
         Command::Schema { format } => {
             let schema = match format {
                 SchemaFormat::Pipeline => schemars::schema_for!(kiln::model::Pipeline),
@@ -125,6 +163,138 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
             };
             serde_json::to_writer_pretty(&mut *stdout, &schema)?;
             writeln!(stdout)?;
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Reads a definition file; problems are usage errors (exit 2).
+fn read_definition(
+    path: &std::path::Path,
+) -> Result<(serde_json::Value, kiln::engine::definition::Machine), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{}:{}:{}: invalid JSON: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    let machine = kiln::engine::definition::parse(&json).map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    Ok((json, machine))
+}
+
+/// Task states without a mock config cannot run: they fail with a clear cause.
+struct NoTasks;
+
+impl kiln::engine::Tasks for NoTasks {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        _input: serde_json::Value,
+    ) -> futures_lite::BoxFuture<'a> {
+        let e = kiln::engine::StateError::new("States.Runtime", format!("state `{state}`: no handler for resource `{resource}`; pass --mock-config and --test-case to mock it"));
+        Box::pin(async move { Err(e) })
+    }
+}
+
+mod futures_lite {
+    pub type BoxFuture<'a> = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<serde_json::Value, kiln::engine::StateError>>
+                + Send
+                + 'a,
+        >,
+    >;
+}
+
+fn sfn(command: SfnCommand, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::Result<i32> {
+    match command {
+        SfnCommand::Validate { definitions } => {
+            let mut ok = true;
+            for d in &definitions {
+                match read_definition(d) {
+                    Ok(_) => writeln!(stdout, "ok  {}", d.display())?,
+                    Err(e) => {
+                        ok = false;
+                        writeln!(stderr, "{e}")?;
+                    }
+                }
+            }
+            Ok(if ok { exit::OK } else { exit::INVALID })
+        }
+        SfnCommand::Exec {
+            definition,
+            input,
+            mock_config,
+            test_case,
+            state_machine,
+            history,
+            real_time,
+        } => {
+            let usage = |stderr: &mut dyn Write, m: String| -> anyhow::Result<i32> {
+                writeln!(stderr, "{m}")?;
+                Ok(exit::INVALID)
+            };
+            let (_, machine) = match read_definition(&definition) {
+                Ok(m) => m,
+                Err(e) => return usage(stderr, e),
+            };
+            let input_text = match input.strip_prefix('@') {
+                Some(f) => match std::fs::read_to_string(f) {
+                    Ok(t) => t,
+                    Err(e) => return usage(stderr, format!("--input @{f}: {e}")),
+                },
+                None => input,
+            };
+            let input: serde_json::Value = match serde_json::from_str(&input_text) {
+                Ok(v) => v,
+                Err(e) => return usage(stderr, format!("--input is not JSON: {e}")),
+            };
+            let tasks: std::sync::Arc<dyn kiln::engine::Tasks> = match (mock_config, test_case) {
+                (Some(f), Some(case)) => {
+                    let text = match std::fs::read_to_string(&f) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            return usage(stderr, format!("--mock-config {}: {e}", f.display()))
+                        }
+                    };
+                    match kiln::engine::mock::MockConfig::parse(&text)
+                        .and_then(|c| c.test_case(state_machine.as_deref(), &case))
+                    {
+                        Ok(t) => std::sync::Arc::new(t),
+                        Err(e) => {
+                            return usage(stderr, format!("--mock-config {}: {e}", f.display()))
+                        }
+                    }
+                }
+                _ => std::sync::Arc::new(NoTasks),
+            };
+            let clock: std::sync::Arc<dyn kiln::engine::clock::Clock> = if real_time {
+                std::sync::Arc::new(kiln::engine::clock::RealClock)
+            } else {
+                std::sync::Arc::new(kiln::engine::clock::VirtualClock::default())
+            };
+            let engine = kiln::engine::Engine::new(tasks, clock, !real_time);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let outcome = runtime.block_on(engine.run(&machine, input, "kiln-sfn-exec"));
+            let mut out = serde_json::to_value(&outcome)?;
+            if history {
+                out["stateTransitions"] = serde_json::json!(outcome.state_transitions());
+                out["taskInvocations"] = serde_json::json!(outcome.task_invocations());
+                out["history"] = serde_json::to_value(&outcome.history)?;
+            }
+            writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
             Ok(exit::OK)
         }
     }

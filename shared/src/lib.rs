@@ -3,6 +3,8 @@
 
 pub mod component;
 pub mod diag;
+#[cfg(feature = "engine")]
+pub mod engine;
 pub mod model;
 pub mod report;
 pub mod typed;

@@ -1,0 +1,751 @@
+//! The embedded Step Functions: an interpreter of the Amazon States Language (JSONPath query
+//! language) that behaves like AWS — the same input/output processing, error names, retry
+//! timing and history events — so that what passes locally holds in the cloud.
+
+pub mod choice;
+pub mod clock;
+pub mod definition;
+pub mod error;
+pub mod intrinsic;
+pub mod mock;
+pub mod path;
+pub mod payload;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+
+use clock::Clock;
+use definition::{Kind, Machine, NumOrPath, PathField, State};
+pub use error::StateError;
+
+/// Runs Task states. Resources are the strings in the definition after `${Name}` substitution.
+pub trait Tasks: Send + Sync {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> BoxFuture<'a, Result<Json, StateError>>;
+}
+
+/// The most a state's input or output may hold, as in AWS (256 KiB).
+pub const MAX_PAYLOAD_BYTES: usize = 262_144;
+/// The most events one execution may record, as in AWS.
+pub const MAX_HISTORY_EVENTS: usize = 25_000;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(skip_serializing_if = "Json::is_null")]
+    pub details: Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Succeeded,
+    Failed,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub status: Status,
+    pub output: Option<Json>,
+    pub error: Option<String>,
+    pub cause: Option<String>,
+    #[serde(skip)]
+    pub history: Vec<Event>,
+}
+
+impl Outcome {
+    /// State transitions, as AWS bills them (one per state entered).
+    pub fn state_transitions(&self) -> usize {
+        self.history
+            .iter()
+            .filter(|e| e.kind.ends_with("StateEntered"))
+            .count()
+    }
+
+    /// Task invocations (Lambda invocations for Lambda resources).
+    pub fn task_invocations(&self) -> usize {
+        self.history
+            .iter()
+            .filter(|e| e.kind == "TaskScheduled" || e.kind == "LambdaFunctionScheduled")
+            .count()
+    }
+}
+
+/// The interpreter. One engine runs any number of executions.
+pub struct Engine {
+    pub tasks: Arc<dyn Tasks>,
+    pub clock: Arc<dyn Clock>,
+    /// Whether `clock` is virtual: task timeouts are then measured on it.
+    pub virtual_time: bool,
+    pub max_events: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("virtual_time", &self.virtual_time)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Run<'e> {
+    engine: &'e Engine,
+    history: Mutex<Vec<Event>>,
+    next_id: AtomicU64,
+    overflow: AtomicBool,
+    context: Json,
+}
+
+enum Step {
+    Next(String, Json),
+    End(Json),
+}
+
+fn runtime(m: impl Into<String>) -> StateError {
+    StateError::new("States.Runtime", m)
+}
+
+fn is_lambda(resource: &str) -> bool {
+    resource.starts_with("arn:aws:lambda:")
+        || resource.starts_with("arn:aws:states:::lambda:invoke")
+}
+
+impl Engine {
+    pub fn new(tasks: Arc<dyn Tasks>, clock: Arc<dyn Clock>, virtual_time: bool) -> Engine {
+        Engine {
+            tasks,
+            clock,
+            virtual_time,
+            max_events: MAX_HISTORY_EVENTS,
+        }
+    }
+
+    /// Runs `machine` on `input` as an execution called `name`.
+    pub async fn run(&self, machine: &Machine, input: Json, name: &str) -> Outcome {
+        let start = self
+            .clock
+            .now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let machine_arn = "arn:aws:states:local:000000000000:stateMachine:kiln";
+        let context = json!({
+            "Execution": {"Id": format!("arn:aws:states:local:000000000000:execution:kiln:{name}"), "Input": input, "Name": name, "StartTime": start, "RoleArn": "arn:aws:iam::000000000000:role/kiln"},
+            "StateMachine": {"Id": machine_arn, "Name": "kiln"},
+        });
+        let run = Run {
+            engine: self,
+            history: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            overflow: AtomicBool::new(false),
+            context,
+        };
+        run.event("ExecutionStarted", None, json!({"input": input}));
+        let result = if serde_json::to_vec(&input).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES
+        {
+            Err(StateError::new(
+                "States.DataLimitExceeded",
+                "the execution input is larger than 256 KiB",
+            ))
+        } else {
+            run.machine(machine, input, None).await
+        };
+        let outcome = match result {
+            Ok(output) => {
+                run.event("ExecutionSucceeded", None, json!({"output": output}));
+                Outcome {
+                    status: Status::Succeeded,
+                    output: Some(output),
+                    error: None,
+                    cause: None,
+                    history: Vec::new(),
+                }
+            }
+            Err(e) => {
+                run.event(
+                    "ExecutionFailed",
+                    None,
+                    json!({"error": e.error, "cause": e.cause}),
+                );
+                Outcome {
+                    status: Status::Failed,
+                    output: None,
+                    error: Some(e.error),
+                    cause: Some(e.cause),
+                    history: Vec::new(),
+                }
+            }
+        };
+        Outcome {
+            history: run
+                .history
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ..outcome
+        }
+    }
+}
+
+impl Run<'_> {
+    fn event(&self, kind: &str, state: Option<&str>, details: Json) {
+        let mut h = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if h.len() >= self.engine.max_events {
+            self.overflow.store(true, Ordering::Relaxed);
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        h.push(Event {
+            id,
+            kind: kind.to_string(),
+            timestamp: self
+                .engine
+                .clock
+                .now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            state: state.map(str::to_string),
+            details,
+        });
+    }
+
+    fn check_overflow(&self) -> Result<(), StateError> {
+        if self.overflow.load(Ordering::Relaxed) {
+            return Err(runtime(format!(
+                "the execution history reached the limit of {} events",
+                self.engine.max_events
+            )));
+        }
+        Ok(())
+    }
+
+    fn machine<'a>(
+        &'a self,
+        m: &'a Machine,
+        input: Json,
+        item: Option<&'a Json>,
+    ) -> BoxFuture<'a, Result<Json, StateError>> {
+        async move {
+            let mut current = m.start_at.clone();
+            let mut input = input;
+            loop {
+                let state = m
+                    .states
+                    .get(&current)
+                    .ok_or_else(|| runtime(format!("no state `{current}`")))?;
+                match self.state(state, input, item).await? {
+                    Step::Next(n, out) => {
+                        current = n;
+                        input = out;
+                    }
+                    Step::End(out) => return Ok(out),
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn context_for(&self, state: &State, retry: u32, item: Option<&Json>) -> Json {
+        let mut c = self.context.clone();
+        c["State"] = json!({"Name": state.name, "EnteredTime": self.engine.clock.now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "RetryCount": retry});
+        if let Some(i) = item {
+            c["Map"] = i.clone();
+        }
+        c
+    }
+
+    async fn state(
+        &self,
+        state: &State,
+        raw: Json,
+        item: Option<&Json>,
+    ) -> Result<Step, StateError> {
+        let ty = state.type_name();
+        self.event(
+            &format!("{ty}StateEntered"),
+            Some(&state.name),
+            json!({"input": raw}),
+        );
+        self.check_overflow()?;
+        let mut counts = vec![0u32; state.retry.len()];
+        let mut retries = 0u32;
+        let result = loop {
+            let ctx = self.context_for(state, retries, item);
+            match self.attempt(state, &raw, &ctx).await {
+                Ok(v) => break Ok(v),
+                Err(e) => {
+                    self.check_overflow()?;
+                    let in_task = matches!(state.kind, Kind::Task { .. });
+                    if let Some(i) = state
+                        .retry
+                        .iter()
+                        .position(|r| e.matches(&r.errors, in_task))
+                    {
+                        let r = &state.retry[i];
+                        if counts[i] < r.max_attempts {
+                            let mut delay = r.interval * r.backoff.powi(counts[i] as i32);
+                            if let Some(max) = r.max_delay {
+                                delay = delay.min(max);
+                            }
+                            if r.full_jitter {
+                                delay *= (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64
+                                    / 1_000_000.0;
+                            }
+                            counts[i] += 1;
+                            retries += 1;
+                            self.engine
+                                .clock
+                                .sleep(Duration::from_secs_f64(delay.max(0.0)))
+                                .await;
+                            continue;
+                        }
+                    }
+                    break Err(e);
+                }
+            }
+        };
+        let (output, next) = match result {
+            Ok((out, chosen)) => (out, chosen.or_else(|| state.next.clone())),
+            Err(e) => {
+                let in_task = matches!(state.kind, Kind::Task { .. });
+                match state.catch.iter().find(|c| e.matches(&c.errors, in_task)) {
+                    Some(c) => {
+                        let err_out = json!({"Error": e.error, "Cause": e.cause});
+                        let out = apply_result_path(&c.result_path, &raw, err_out)?;
+                        (out, Some(c.next.clone()))
+                    }
+                    None => {
+                        if ty == "Fail" {
+                            self.event("FailStateEntered", Some(&state.name), Json::Null);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        if serde_json::to_vec(&output).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES {
+            return Err(StateError::new(
+                "States.DataLimitExceeded",
+                format!(
+                    "the output of state `{}` is larger than 256 KiB",
+                    state.name
+                ),
+            ));
+        }
+        self.event(
+            &format!("{ty}StateExited"),
+            Some(&state.name),
+            json!({"output": output}),
+        );
+        self.check_overflow()?;
+        Ok(match next {
+            Some(n) => Step::Next(n, output),
+            None => Step::End(output),
+        })
+    }
+
+    fn number(&self, v: &NumOrPath, input: &Json, ctx: &Json) -> Result<f64, StateError> {
+        match v {
+            NumOrPath::Num(n) => Ok(*n),
+            NumOrPath::Path(p) => path::select(p, input, ctx)
+                .map_err(runtime)?
+                .as_f64()
+                .ok_or_else(|| runtime("the path does not hold a number")),
+        }
+    }
+
+    /// One try of a state: its output (after OutputPath) and, for Choice, the chosen next state.
+    async fn attempt(
+        &self,
+        state: &State,
+        raw: &Json,
+        ctx: &Json,
+    ) -> Result<(Json, Option<String>), StateError> {
+        let effective = apply_input_path(&state.input_path, raw, ctx)?;
+        let finish = |result: Json| -> Result<(Json, Option<String>), StateError> {
+            let selected = match &state.result_selector {
+                Some(t) => payload::apply(t, &result, ctx)?,
+                None => result,
+            };
+            let merged = apply_result_path(&state.result_path, raw, selected)?;
+            Ok((apply_output_path(&state.output_path, &merged, ctx)?, None))
+        };
+        let params = |input: &Json| -> Result<Json, StateError> {
+            match &state.parameters {
+                Some(t) => payload::apply(t, input, ctx),
+                None => Ok(input.clone()),
+            }
+        };
+        match &state.kind {
+            Kind::Pass { result } => {
+                let p = params(&effective)?;
+                let r = result.clone().unwrap_or(p);
+                let merged = apply_result_path(&state.result_path, raw, r)?;
+                Ok((apply_output_path(&state.output_path, &merged, ctx)?, None))
+            }
+            Kind::Task {
+                resource,
+                timeout,
+                heartbeat,
+            } => {
+                let input = params(&effective)?;
+                let limit = [timeout, heartbeat]
+                    .into_iter()
+                    .flatten()
+                    .map(|t| self.number(t, &effective, ctx))
+                    .collect::<Result<Vec<f64>, _>>()?;
+                let limit = limit.into_iter().fold(None, |acc: Option<f64>, x| {
+                    Some(acc.map_or(x, |a| a.min(x)))
+                });
+                let lambda = is_lambda(resource);
+                let (scheduled, started, succeeded, failed, timed_out) = if lambda {
+                    (
+                        "LambdaFunctionScheduled",
+                        "LambdaFunctionStarted",
+                        "LambdaFunctionSucceeded",
+                        "LambdaFunctionFailed",
+                        "LambdaFunctionTimedOut",
+                    )
+                } else {
+                    (
+                        "TaskScheduled",
+                        "TaskStarted",
+                        "TaskSucceeded",
+                        "TaskFailed",
+                        "TaskTimedOut",
+                    )
+                };
+                self.event(
+                    scheduled,
+                    Some(&state.name),
+                    json!({"resource": resource, "parameters": input}),
+                );
+                self.event(started, Some(&state.name), Json::Null);
+                let before = self.engine.clock.now();
+                let call = self.engine.tasks.invoke(resource, &state.name, input);
+                let outcome = match limit {
+                    Some(secs) if !self.engine.virtual_time => {
+                        match tokio::time::timeout(Duration::from_secs_f64(secs), call).await {
+                            Ok(r) => r,
+                            Err(_) => Err(StateError::new(
+                                "States.Timeout",
+                                format!("the task did not finish within {secs} seconds"),
+                            )),
+                        }
+                    }
+                    Some(secs) => {
+                        let r = call.await;
+                        let spent =
+                            (self.engine.clock.now() - before).num_milliseconds() as f64 / 1000.0;
+                        if spent > secs {
+                            Err(StateError::new(
+                                "States.Timeout",
+                                format!("the task did not finish within {secs} seconds"),
+                            ))
+                        } else {
+                            r
+                        }
+                    }
+                    None => call.await,
+                };
+                match outcome {
+                    Ok(result) => {
+                        self.event(succeeded, Some(&state.name), json!({"output": result}));
+                        finish(result)
+                    }
+                    Err(e) => {
+                        let kind = if e.error == "States.Timeout" {
+                            timed_out
+                        } else {
+                            failed
+                        };
+                        self.event(
+                            kind,
+                            Some(&state.name),
+                            json!({"error": e.error, "cause": e.cause}),
+                        );
+                        Err(e)
+                    }
+                }
+            }
+            Kind::Choice { choices, default } => {
+                for (rule, next) in choices {
+                    if choice::evaluate(rule, &effective, ctx)? {
+                        return Ok((
+                            apply_output_path(&state.output_path, &effective, ctx)?,
+                            Some(next.clone()),
+                        ));
+                    }
+                }
+                match default {
+                    Some(d) => Ok((
+                        apply_output_path(&state.output_path, &effective, ctx)?,
+                        Some(d.clone()),
+                    )),
+                    None => Err(StateError::new(
+                        "States.NoChoiceMatched",
+                        format!(
+                            "no choice rule matched and state `{}` has no Default",
+                            state.name
+                        ),
+                    )),
+                }
+            }
+            Kind::Wait { seconds, timestamp } => {
+                let wait = match (seconds, timestamp) {
+                    (Some(s), _) => {
+                        let s = self.number(s, &effective, ctx)?;
+                        if s < 0.0 {
+                            return Err(runtime("Wait seconds must not be negative"));
+                        }
+                        Duration::from_secs_f64(s)
+                    }
+                    (None, Some(t)) => {
+                        let text = match t {
+                            Ok(t) => t.clone(),
+                            Err(p) => path::select(p, &effective, ctx)
+                                .map_err(runtime)?
+                                .as_str()
+                                .map(str::to_string)
+                                .ok_or_else(|| runtime("TimestampPath does not hold a string"))?,
+                        };
+                        let at = chrono::DateTime::parse_from_rfc3339(&text).map_err(|_| {
+                            runtime(format!("`{text}` is not an RFC 3339 timestamp"))
+                        })?;
+                        (at.with_timezone(&chrono::Utc) - self.engine.clock.now())
+                            .to_std()
+                            .unwrap_or_default()
+                    }
+                    (None, None) => Duration::ZERO,
+                };
+                self.engine.clock.sleep(wait).await;
+                Ok((
+                    apply_output_path(&state.output_path, &effective, ctx)?,
+                    None,
+                ))
+            }
+            Kind::Succeed => Ok((
+                apply_output_path(&state.output_path, &effective, ctx)?,
+                None,
+            )),
+            Kind::Fail { error, cause } => {
+                let read = |f: &Option<Result<String, path::Path>>| -> Result<String, StateError> {
+                    match f {
+                        None => Ok(String::new()),
+                        Some(Ok(t)) => Ok(t.clone()),
+                        Some(Err(p)) => path::select(p, raw, ctx).map_err(runtime).and_then(|v| {
+                            v.as_str()
+                                .map(str::to_string)
+                                .ok_or_else(|| runtime("ErrorPath/CausePath must select a string"))
+                        }),
+                    }
+                };
+                Err(StateError::new(read(error)?, read(cause)?))
+            }
+            Kind::Parallel { branches } => {
+                let input = params(&effective)?;
+                self.event("ParallelStateStarted", Some(&state.name), Json::Null);
+                let runs = branches
+                    .iter()
+                    .map(|b| self.machine(b, input.clone(), None));
+                let results = futures::future::join_all(runs).await;
+                let mut outputs = Vec::with_capacity(results.len());
+                for r in results {
+                    match r {
+                        Ok(o) => outputs.push(o),
+                        Err(e) => {
+                            self.event(
+                                "ParallelStateFailed",
+                                Some(&state.name),
+                                json!({"error": e.error, "cause": e.cause}),
+                            );
+                            return Err(e);
+                        }
+                    }
+                }
+                self.event("ParallelStateSucceeded", Some(&state.name), Json::Null);
+                finish(Json::Array(outputs))
+            }
+            Kind::Map {
+                items_path,
+                item_selector,
+                processor,
+                max_concurrency,
+                tolerated_count,
+                tolerated_percentage,
+            } => {
+                let items = path::select(items_path, &effective, ctx).map_err(runtime)?;
+                let items = items.as_array().cloned().ok_or_else(|| {
+                    runtime(format!(
+                        "ItemsPath of state `{}` does not select an array",
+                        state.name
+                    ))
+                })?;
+                let limit = max_concurrency
+                    .as_ref()
+                    .map(|m| self.number(m, &effective, ctx))
+                    .transpose()?
+                    .map(|m| m as usize)
+                    .filter(|m| *m > 0)
+                    .unwrap_or(usize::MAX);
+                let tolerance = (
+                    tolerated_count
+                        .as_ref()
+                        .map(|t| self.number(t, &effective, ctx))
+                        .transpose()?,
+                    tolerated_percentage
+                        .as_ref()
+                        .map(|t| self.number(t, &effective, ctx))
+                        .transpose()?,
+                );
+                self.event(
+                    "MapStateStarted",
+                    Some(&state.name),
+                    json!({"length": items.len()}),
+                );
+                let total = items.len();
+                let work = items.into_iter().enumerate().map(|(index, value)| {
+                    let effective = &effective;
+                    async move {
+                        let item_ctx = json!({"Item": {"Index": index, "Value": value}});
+                        let mut c = ctx.clone();
+                        c["Map"] = item_ctx.clone();
+                        let input = match item_selector {
+                            Some(t) => payload::apply(t, effective, &c).map_err(|e| (index, e))?,
+                            None => value,
+                        };
+                        self.event(
+                            "MapIterationStarted",
+                            Some(&state.name),
+                            json!({"index": index}),
+                        );
+                        let r = self.machine(processor, input, Some(&item_ctx)).await;
+                        self.event(
+                            if r.is_ok() {
+                                "MapIterationSucceeded"
+                            } else {
+                                "MapIterationFailed"
+                            },
+                            Some(&state.name),
+                            json!({"index": index}),
+                        );
+                        r.map(|o| (index, o)).map_err(|e| (index, e))
+                    }
+                    .boxed()
+                });
+                let results: Vec<Result<(usize, Json), (usize, StateError)>> =
+                    futures::stream::iter(work)
+                        .buffer_unordered(limit.min(total.max(1)))
+                        .collect()
+                        .await;
+                let mut outputs: Vec<(usize, Json)> = Vec::with_capacity(total);
+                let mut failures: Vec<(usize, StateError)> = Vec::new();
+                for r in results {
+                    match r {
+                        Ok(o) => outputs.push(o),
+                        Err(e) => failures.push(e),
+                    }
+                }
+                failures.sort_by_key(|(i, _)| *i);
+                if !failures.is_empty() {
+                    let tolerated = match tolerance {
+                        (None, None) => false,
+                        (count, pct) => {
+                            let n = failures.len() as f64;
+                            count.is_none_or(|c| n <= c)
+                                && pct.is_none_or(|p| n * 100.0 / total as f64 <= p)
+                                && (count.is_some() || pct.is_some())
+                        }
+                    };
+                    if !tolerated {
+                        let e = if tolerance == (None, None) {
+                            failures.swap_remove(0).1
+                        } else {
+                            StateError::new("States.ExceedToleratedFailureThreshold", format!("{} of {total} iterations failed, more than the Map state tolerates", failures.len()))
+                        };
+                        self.event(
+                            "MapStateFailed",
+                            Some(&state.name),
+                            json!({"error": e.error, "cause": e.cause}),
+                        );
+                        return Err(e);
+                    }
+                    for (i, e) in failures {
+                        outputs.push((i, json!({"Error": e.error, "Cause": e.cause})));
+                    }
+                }
+                outputs.sort_by_key(|(i, _)| *i);
+                self.event("MapStateSucceeded", Some(&state.name), Json::Null);
+                finish(Json::Array(outputs.into_iter().map(|(_, o)| o).collect()))
+            }
+        }
+    }
+}
+
+fn apply_input_path(p: &PathField, raw: &Json, ctx: &Json) -> Result<Json, StateError> {
+    match p {
+        PathField::Default => Ok(raw.clone()),
+        PathField::Null => Ok(json!({})),
+        PathField::Path(p) => path::select(p, raw, ctx)
+            .map_err(|e| runtime(format!("Invalid path in InputPath: {e}"))),
+    }
+}
+
+fn apply_output_path(p: &PathField, merged: &Json, ctx: &Json) -> Result<Json, StateError> {
+    match p {
+        PathField::Default => Ok(merged.clone()),
+        PathField::Null => Ok(json!({})),
+        PathField::Path(p) => path::select(p, merged, ctx)
+            .map_err(|e| runtime(format!("Invalid path in OutputPath: {e}"))),
+    }
+}
+
+fn apply_result_path(p: &PathField, raw: &Json, result: Json) -> Result<Json, StateError> {
+    match p {
+        PathField::Default => Ok(result),
+        PathField::Null => Ok(raw.clone()),
+        PathField::Path(p) => {
+            let mut out = raw.clone();
+            path::set(&mut out, p, result)
+                .map_err(|e| StateError::new("States.ResultPathMatchFailure", e))?;
+            Ok(out)
+        }
+    }
+}
+
+/// Replaces `${Name}` in every string of a definition (SAM's DefinitionSubstitutions).
+pub fn substitute(definition: &Json, values: &HashMap<String, String>) -> Json {
+    match definition {
+        Json::String(s) => {
+            let mut out = s.clone();
+            for (k, v) in values {
+                out = out.replace(&format!("${{{k}}}"), v);
+            }
+            Json::String(out)
+        }
+        Json::Array(a) => Json::Array(a.iter().map(|x| substitute(x, values)).collect()),
+        Json::Object(m) => Json::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), substitute(v, values)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
