@@ -42,6 +42,7 @@ fmt:
 ## bench: measured ratios against a baseline in the same run
 bench:
 	$(CARGO) bench -p kiln --bench validate
+	$(CARGO) bench -p kiln --features engine --bench engine
 	$(CARGO) bench -p kiln-agent --bench steps
 	$(CARGO) build --release -p kiln-agent
 	@echo "kiln-agent release binary: $$(stat -c %s $(TARGET_DIR)/release/kiln-agent) bytes"

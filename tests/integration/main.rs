@@ -5,5 +5,6 @@ mod support;
 mod agent;
 mod bad_input;
 mod cli;
+mod engine;
 mod examples;
 mod fixtures;

@@ -109,6 +109,36 @@ pub struct State {
     pub result_selector: Option<Json>,
     pub retry: Vec<Retrier>,
     pub catch: Vec<Catcher>,
+    /// What of the context object (`$$`) the state reads, so that the execution input is not
+    /// copied into every state's context when nothing reads it.
+    pub context_use: ContextUse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ContextUse {
+    None,
+    WithoutExecutionInput,
+    Full,
+}
+
+fn context_use(state: &serde_json::Map<String, Json>) -> ContextUse {
+    // Nested machines (Parallel branches, Map processors) have states of their own.
+    let own: serde_json::Map<String, Json> = state
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "Branches" | "ItemProcessor" | "Iterator"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let text = Json::Object(own).to_string();
+    if !text.contains("$$") {
+        ContextUse::None
+    } else if text.contains("$$.Execution")
+        || text.contains("$$['Execution")
+        || text.contains("$$[\\\"Execution")
+    {
+        ContextUse::Full
+    } else {
+        ContextUse::WithoutExecutionInput
+    }
 }
 
 impl State {
@@ -792,6 +822,7 @@ impl Checker {
             result_selector: obj.get("ResultSelector").cloned(),
             retry,
             catch,
+            context_use: context_use(obj),
         })
     }
 }

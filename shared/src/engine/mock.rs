@@ -63,9 +63,11 @@ impl MockConfig {
                     "no state machine in the mock config has a test case `{name}`"
                 ))
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "several state machines have a test case `{name}`; name one with --state-machine"
-            )),
+            ))
+            }
         };
         let mut states = HashMap::new();
         for (state, response) in &cases.test_cases[name] {

@@ -263,7 +263,24 @@ impl Run<'_> {
     }
 
     fn context_for(&self, state: &State, retry: u32, item: Option<&Json>) -> Json {
-        let mut c = self.context.clone();
+        let mut c = match state.context_use {
+            definition::ContextUse::None => return Json::Null,
+            definition::ContextUse::Full => self.context.clone(),
+            definition::ContextUse::WithoutExecutionInput => {
+                let mut c = json!({"StateMachine": self.context["StateMachine"], "Execution": {}});
+                if let (Some(dst), Some(src)) = (
+                    c["Execution"].as_object_mut(),
+                    self.context["Execution"].as_object(),
+                ) {
+                    dst.extend(
+                        src.iter()
+                            .filter(|(k, _)| *k != "Input")
+                            .map(|(k, v)| (k.clone(), v.clone())),
+                    );
+                }
+                c
+            }
+        };
         c["State"] = json!({"Name": state.name, "EnteredTime": self.engine.clock.now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "RetryCount": retry});
         if let Some(i) = item {
             c["Map"] = i.clone();

@@ -23,12 +23,15 @@ pub fn apply(template: &Json, input: &Json, context: &Json) -> Result<Json, Stat
                             )
                         })?;
                         let value = if intrinsic::is_call(expr) {
+                            // AWS (and moto, whose interpreter is checked against AWS recordings)
+                            // fail the execution with States.Runtime, not States.IntrinsicFailure,
+                            // when an intrinsic function cannot be evaluated.
                             intrinsic::evaluate(expr, input, context)
-                                .map_err(|e| StateError::new("States.IntrinsicFailure", e))?
+                                .map_err(|e| StateError::new("States.Runtime", e))?
                         } else {
                             let p = path::parse(expr)
                                 .map_err(|e| StateError::new("States.Runtime", e))?;
-                            path::select(&p, input, context).map_err(|e| StateError::new("States.ParameterPathFailure", format!("The JSONPath '{expr}' specified for the field '{k}' could not be found in the input: {e}")))?
+                            path::select(&p, input, context).map_err(|e| StateError::new("States.Runtime", format!("The JSONPath '{expr}' specified for the field '{k}' could not be found in the input: {e}")))?
                         };
                         out.insert(name.to_string(), value);
                     }

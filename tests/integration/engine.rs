@@ -1,0 +1,430 @@
+//! The embedded Step Functions against an interpreter we did not write: every machine of
+//! tests/data/asl/ runs in moto's interpreter (tests/conformance/moto_sfn.py) and in kiln's engine,
+//! and the results must agree. Where moto is known to differ from AWS, the corpus file carries
+//! the AWS result under "aws" with a note, and kiln follows AWS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln::engine::{clock::VirtualClock, definition, Engine, StateError, Tasks};
+use serde_json::{json, Value as Json};
+
+use crate::support::repo;
+
+struct NoTasks;
+
+impl Tasks for NoTasks {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        _state: &'a str,
+        _input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            Err(StateError::new(
+                "States.Runtime",
+                format!("no task handler for {resource}"),
+            ))
+        })
+    }
+}
+
+fn corpus() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/data/asl"))
+        .expect("corpus")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The venv's python beside moto_server (the tests' moto installation).
+fn python() -> PathBuf {
+    let server = std::env::var_os("KILN_MOTO_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/moto_server"));
+    let py = server.with_file_name("python");
+    assert!(py.is_file(), "{} not found: run `make setup`", py.display());
+    py
+}
+
+pub fn run_engine(def: &Json, input: Json) -> kiln::engine::Outcome {
+    let machine = definition::parse(def).unwrap_or_else(|p| panic!("definition rejected: {p:?}"));
+    let engine = Engine::new(Arc::new(NoTasks), Arc::new(VirtualClock::default()), true);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(engine.run(&machine, input, "conformance"))
+}
+
+#[test]
+fn the_engine_agrees_with_moto_on_the_whole_corpus() {
+    // GIVEN at least 60 machines, and moto's results for each of their inputs
+    let files = corpus();
+    assert!(files.len() >= 60, "{} machines", files.len());
+    let out = std::process::Command::new(python())
+        .arg(repo().join("tests/conformance/moto_sfn.py"))
+        .args(&files)
+        .output()
+        .expect("moto runs");
+    assert!(
+        out.status.success(),
+        "moto_sfn.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: Vec<Json> = serde_json::from_slice(&out.stdout).expect("moto results");
+    let mut mismatches = Vec::new();
+    let mut compared = 0;
+    for want in &expected {
+        let file = want["file"].as_str().expect("file");
+        let index = want["input"].as_u64().expect("index") as usize;
+        let doc: Json = serde_json::from_str(
+            &std::fs::read_to_string(repo().join("tests/data/asl").join(file)).expect("read"),
+        )
+        .expect("json");
+        // Where the corpus records AWS's result over moto's, that is what kiln must do.
+        let want = doc
+            .get("aws")
+            .and_then(|a| a.get(index.to_string()))
+            .cloned()
+            .unwrap_or_else(|| want.clone());
+        if want["status"] == "MOTO_REJECTED" {
+            mismatches.push(format!("{file}[{index}]: moto rejected the definition and the corpus gives no AWS result: {}", want["cause"]));
+            continue;
+        }
+        // WHEN kiln's engine runs the same machine on the same input
+        let got = run_engine(&doc["definition"], doc["inputs"][index].clone());
+        compared += 1;
+        // THEN status, output (on success) and error name (on failure) agree; causes agree for
+        // errors a machine raises itself (States.* causes are implementation text).
+        let status = serde_json::to_value(got.status).expect("status");
+        let mut problems = Vec::new();
+        if status != want["status"] {
+            problems.push(format!("status {status} != {}", want["status"]));
+        } else if want["status"] == "SUCCEEDED" {
+            if got.output.as_ref() != Some(&want["output"]) {
+                problems.push(format!(
+                    "output {} != {}",
+                    got.output.unwrap_or(Json::Null),
+                    want["output"]
+                ));
+            }
+        } else {
+            if got.error.as_deref().map(Json::from) != Some(want["error"].clone()) {
+                problems.push(format!("error {:?} != {}", got.error, want["error"]));
+            }
+            let own_error = want["error"]
+                .as_str()
+                .is_some_and(|e| !e.starts_with("States."));
+            if own_error
+                && want.get("cause").is_some()
+                && got.cause.clone().unwrap_or_default()
+                    != want["cause"].as_str().unwrap_or_default()
+            {
+                problems.push(format!("cause {:?} != {}", got.cause, want["cause"]));
+            }
+        }
+        if !problems.is_empty() {
+            mismatches.push(format!("{file}[{index}]: {}", problems.join("; ")));
+        }
+    }
+    assert!(compared >= 100, "only {compared} executions compared");
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} executions disagree:\n{}",
+        mismatches.len(),
+        expected.len(),
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn every_corpus_machine_passes_static_validation() {
+    for f in corpus() {
+        let doc: Json =
+            serde_json::from_str(&std::fs::read_to_string(&f).expect("read")).expect("json");
+        if let Err(p) = definition::parse(&doc["definition"]) {
+            panic!("{}: {p:?}", f.display());
+        }
+    }
+    let _ = json!(null);
+}
+
+fn data(p: &str) -> String {
+    repo().join(p).display().to_string()
+}
+
+fn write_temp(name: &str, value: &Json) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join(name);
+    std::fs::write(&path, value.to_string()).expect("write");
+    let p = path.display().to_string();
+    (dir, p)
+}
+
+/// A task that is throttled twice, then succeeds; retried with backoff in virtual time.
+fn flaky_machine() -> Json {
+    json!({
+        "StartAt": "Launch",
+        "States": {
+            "Launch": {
+                "Type": "Task",
+                "Resource": "arn:aws:lambda:us-east-1:123456789012:function:launch",
+                "TimeoutSeconds": 900,
+                "Retry": [
+                    {"ErrorEquals": ["Kiln.Retryable"], "IntervalSeconds": 600, "BackoffRate": 2.0, "MaxAttempts": 3, "MaxDelaySeconds": 900},
+                    {"ErrorEquals": ["States.ALL"], "MaxAttempts": 0}
+                ],
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.failure", "Next": "Cleanup"}],
+                "ResultPath": "$.launch",
+                "Next": "Wait"
+            },
+            "Wait": {"Type": "Wait", "Seconds": 86400, "Next": "Done"},
+            "Done": {"Type": "Succeed"},
+            "Cleanup": {"Type": "Pass", "Next": "Failed"},
+            "Failed": {"Type": "Fail", "Error": "Kiln.BuildFailed", "CausePath": "$.failure.Cause"}
+        }
+    })
+}
+
+fn mocks() -> Json {
+    json!({
+        "StateMachines": {"pipeline": {"TestCases": {
+            "ThrottledTwice": {"Launch": "ThrottledThenOk"},
+            "AlwaysThrottled": {"Launch": "Throttled"},
+            "CapacityError": {"Launch": "NoCapacity"}
+        }}},
+        "MockedResponses": {
+            "ThrottledThenOk": {"0-1": {"Throw": {"Error": "Kiln.Retryable", "Cause": "RequestLimitExceeded"}}, "2": {"Return": {"instanceId": "i-0123"}}},
+            "Throttled": {"0-9": {"Throw": {"Error": "Kiln.Retryable", "Cause": "RequestLimitExceeded"}}},
+            "NoCapacity": {"0": {"Throw": {"Error": "Kiln.Capacity", "Cause": "InsufficientInstanceCapacity"}}}
+        }
+    })
+}
+
+fn exec(args: &[&str]) -> (i32, Json, String) {
+    let (code, stdout, stderr) = crate::support::kiln(args);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or(Json::Null);
+    (code, v, stderr)
+}
+
+#[test]
+fn task_retries_back_off_in_virtual_time_and_then_succeed() {
+    // GIVEN a task throttled twice, retried after 600 s and 1200 s, then a one-day Wait
+    let (_d1, def) = write_temp("def.json", &flaky_machine());
+    let (_d2, mock) = write_temp("mock.json", &mocks());
+    let started = std::time::Instant::now();
+    // WHEN executed with the mock test case
+    let (code, out, stderr) = exec(&[
+        "sfn",
+        "exec",
+        &def,
+        "--input",
+        r#"{"pipeline": "web"}"#,
+        "--mock-config",
+        &mock,
+        "--test-case",
+        "ThrottledTwice",
+        "--history",
+    ]);
+    // THEN it succeeds with the third invocation's result, at once in real time
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(out["status"], "SUCCEEDED", "{out}");
+    assert_eq!(
+        out["output"],
+        json!({"pipeline": "web", "launch": {"instanceId": "i-0123"}})
+    );
+    assert_eq!(out["taskInvocations"], 3);
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "virtual time must not sleep"
+    );
+    // AND the history shows the retries 600 s and 1200 s apart, in AWS's event names
+    let events = out["history"].as_array().expect("history");
+    let times: Vec<chrono::DateTime<chrono::FixedOffset>> = events
+        .iter()
+        .filter(|e| e["type"] == "LambdaFunctionScheduled")
+        .map(|e| {
+            chrono::DateTime::parse_from_rfc3339(e["timestamp"].as_str().expect("ts"))
+                .expect("rfc3339")
+        })
+        .collect();
+    assert_eq!((times[1] - times[0]).num_seconds(), 600);
+    assert_eq!(
+        (times[2] - times[1]).num_seconds(),
+        900,
+        "capped by MaxDelaySeconds"
+    );
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"ExecutionStarted"));
+    assert_eq!(kinds.last(), Some(&"ExecutionSucceeded"));
+    assert!(kinds.contains(&"LambdaFunctionFailed") && kinds.contains(&"WaitStateEntered"));
+    assert_eq!(out["stateTransitions"], 3, "Launch, Wait, Done");
+}
+
+#[test]
+fn exhausted_retries_are_caught_and_the_fail_state_carries_the_cause() {
+    let (_d1, def) = write_temp("def.json", &flaky_machine());
+    let (_d2, mock) = write_temp("mock.json", &mocks());
+    for (case, invocations) in [("AlwaysThrottled", 4), ("CapacityError", 1)] {
+        let (code, out, _) = exec(&[
+            "sfn",
+            "exec",
+            &def,
+            "--mock-config",
+            &mock,
+            "--test-case",
+            case,
+            "--history",
+        ]);
+        assert_eq!(code, 0);
+        assert_eq!(out["status"], "FAILED", "{case}");
+        assert_eq!(out["error"], "Kiln.BuildFailed", "{case}");
+        assert_eq!(
+            out["taskInvocations"], invocations,
+            "{case}: MaxAttempts 3 retries, or none for an error with MaxAttempts 0"
+        );
+        let cause = if case == "AlwaysThrottled" {
+            "RequestLimitExceeded"
+        } else {
+            "InsufficientInstanceCapacity"
+        };
+        assert_eq!(out["cause"], cause, "{case}");
+    }
+}
+
+#[test]
+fn task_timeouts_fail_with_states_timeout() {
+    // GIVEN a task whose handler takes (virtual) longer than TimeoutSeconds
+    struct Slow(Arc<VirtualClock>);
+    impl Tasks for Slow {
+        fn invoke<'a>(
+            &'a self,
+            _r: &'a str,
+            _s: &'a str,
+            _i: Json,
+        ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+            Box::pin(async move {
+                kiln::engine::clock::Clock::sleep(&*self.0, std::time::Duration::from_secs(120))
+                    .await;
+                Ok(json!({}))
+            })
+        }
+    }
+    let def = json!({"StartAt": "T", "States": {"T": {"Type": "Task", "Resource": "r", "TimeoutSeconds": 60, "Catch": [{"ErrorEquals": ["States.TaskFailed"], "Next": "No"}], "End": true}, "No": {"Type": "Succeed"}}});
+    let clock = Arc::new(VirtualClock::default());
+    let engine = Engine::new(Arc::new(Slow(clock.clone())), clock, true);
+    let machine = definition::parse(&def).expect("valid");
+    let out = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt")
+        .block_on(engine.run(&machine, json!({}), "t"));
+    // THEN States.Timeout, which States.TaskFailed does not catch
+    assert_eq!(out.error.as_deref(), Some("States.Timeout"));
+    assert!(out.history.iter().any(|e| e.kind == "TaskTimedOut"));
+}
+
+#[test]
+fn map_and_parallel_run_branches_concurrently() {
+    // GIVEN handlers that each wait 200 ms of real time
+    struct Sleepy;
+    impl Tasks for Sleepy {
+        fn invoke<'a>(
+            &'a self,
+            _r: &'a str,
+            _s: &'a str,
+            input: Json,
+        ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Ok(input)
+            })
+        }
+    }
+    let def = json!({"StartAt": "M", "States": {"M": {"Type": "Map", "MaxConcurrency": 5, "ItemsPath": "$.items", "ItemProcessor": {"StartAt": "T", "States": {"T": {"Type": "Task", "Resource": "r", "End": true}}}, "End": true}}});
+    let engine = Engine::new(
+        Arc::new(Sleepy),
+        Arc::new(kiln::engine::clock::RealClock),
+        false,
+    );
+    let machine = definition::parse(&def).expect("valid");
+    let started = std::time::Instant::now();
+    let out = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt")
+        .block_on(engine.run(
+            &machine,
+            json!({"items": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}),
+            "t",
+        ));
+    // WHEN 10 items run 5 at a time THEN it takes about two rounds, not ten, and keeps order
+    let took = started.elapsed().as_millis();
+    assert_eq!(out.output, Some(json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])));
+    assert!((400..1500).contains(&took), "took {took} ms");
+}
+
+#[test]
+fn the_history_limit_fails_an_endless_loop() {
+    let def = json!({"StartAt": "A", "States": {"A": {"Type": "Pass", "Next": "B"}, "B": {"Type": "Pass", "Next": "A"}}});
+    let out = run_engine(&def, json!({}));
+    assert_eq!(out.error.as_deref(), Some("States.Runtime"));
+    assert!(out.cause.unwrap_or_default().contains("25000 events"));
+    assert_eq!(out.history.len(), 25_000);
+}
+
+#[test]
+fn sfn_exec_prints_one_json_object_and_refuses_bad_definitions_with_exit_2() {
+    // A corpus file wraps its definition, so it is not a definition: refused as a usage error.
+    let (code, out, _) = exec(&["sfn", "exec", &data("tests/data/asl/fail-error-cause.json")]);
+    assert_eq!(code, 2, "{out}");
+    let (_d, def) = write_temp(
+        "def.json",
+        &json!({"StartAt": "F", "States": {"F": {"Type": "Fail", "Error": "Kiln.InvalidPipeline", "Cause": "bad"}}}),
+    );
+    let (code, out, _) = exec(&["sfn", "exec", &def]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        json!({"status": "FAILED", "output": null, "error": "Kiln.InvalidPipeline", "cause": "bad"})
+    );
+    let (_d, jsonata) = write_temp(
+        "def.json",
+        &json!({"QueryLanguage": "JSONata", "StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}),
+    );
+    let (code, _, stderr) = exec(&["sfn", "exec", &jsonata]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("JSONata state machines are not supported"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = exec(&["sfn", "exec", &def, "--input", "{not json"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--input is not JSON"), "{stderr}");
+}
+
+#[test]
+fn sfn_validate_locates_every_problem_with_a_json_pointer() {
+    let (_d, def) = write_temp(
+        "def.json",
+        &json!({"StartAt": "Start", "States": {
+            "Start": {"Type": "Pass", "Next": "Nowhere", "Resutl": 1},
+            "Orphan": {"Type": "Succeed"},
+            "C": {"Type": "Choice", "Choices": [{"Variable": "$.n", "NumericEquals": "three", "Next": "Orphan"}]},
+            "W": {"Type": "Wait", "End": true}
+        }}),
+    );
+    let (code, stdout, stderr) = crate::support::kiln(&["sfn", "validate", &def]);
+    assert_eq!(code, 2, "{stdout}");
+    for want in [
+        "/States/Start/Next: no state named `Nowhere`",
+        "/States/Start/Resutl: field `Resutl` is not allowed in a Pass state; did you mean `Result`?",
+        "/States/C/Choices/0/NumericEquals: NumericEquals compares with a number",
+        "/States/W: a Wait state needs exactly one of Seconds",
+        "/States/Orphan: state `Orphan` cannot be reached from StartAt",
+    ] {
+        assert!(stderr.contains(want), "missing `{want}` in\n{stderr}");
+    }
+}
