@@ -324,6 +324,22 @@ fn task_timeouts_fail_with_states_timeout() {
     // THEN States.Timeout, which States.TaskFailed does not catch
     assert_eq!(out.error.as_deref(), Some("States.Timeout"));
     assert!(out.history.iter().any(|e| e.kind == "TaskTimedOut"));
+    // AND with a shorter HeartbeatSeconds, the missed heartbeat is what fails it (AWS lets
+    // States.TaskFailed match a heartbeat timeout, so the Catch is removed to see it)
+    let mut def = def;
+    def["States"]["T"]["HeartbeatSeconds"] = json!(30);
+    def["States"]["T"]
+        .as_object_mut()
+        .expect("state")
+        .remove("Catch");
+    let clock = Arc::new(VirtualClock::default());
+    let engine = Engine::new(Arc::new(Slow(clock.clone())), clock, true);
+    let machine = definition::parse(&def).expect("valid");
+    let out = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt")
+        .block_on(engine.run(&machine, json!({}), "t"));
+    assert_eq!(out.error.as_deref(), Some("States.HeartbeatTimeout"));
 }
 
 #[test]

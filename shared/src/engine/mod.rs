@@ -348,12 +348,7 @@ impl Run<'_> {
                         let out = apply_result_path(&c.result_path, &raw, err_out)?;
                         (out, Some(c.next.clone()))
                     }
-                    None => {
-                        if ty == "Fail" {
-                            self.event("FailStateEntered", Some(&state.name), Json::Null);
-                        }
-                        return Err(e);
-                    }
+                    None => return Err(e),
                 }
             }
         };
@@ -423,14 +418,22 @@ impl Run<'_> {
                 heartbeat,
             } => {
                 let input = params(&effective)?;
-                let limit = [timeout, heartbeat]
-                    .into_iter()
-                    .flatten()
+                // The task's deadline: TimeoutSeconds, or HeartbeatSeconds when shorter (kiln's
+                // handlers send no heartbeats, so a task silent that long has missed one).
+                let timeout = timeout
+                    .as_ref()
                     .map(|t| self.number(t, &effective, ctx))
-                    .collect::<Result<Vec<f64>, _>>()?;
-                let limit = limit.into_iter().fold(None, |acc: Option<f64>, x| {
-                    Some(acc.map_or(x, |a| a.min(x)))
-                });
+                    .transpose()?;
+                let heartbeat = heartbeat
+                    .as_ref()
+                    .map(|t| self.number(t, &effective, ctx))
+                    .transpose()?;
+                let limit = match (timeout, heartbeat) {
+                    (Some(t), Some(h)) if h < t => Some((h, "States.HeartbeatTimeout")),
+                    (None, Some(h)) => Some((h, "States.HeartbeatTimeout")),
+                    (Some(t), _) => Some((t, "States.Timeout")),
+                    (None, None) => None,
+                };
                 let lambda = is_lambda(resource);
                 let (scheduled, started, succeeded, failed, timed_out) = if lambda {
                     (
@@ -458,22 +461,22 @@ impl Run<'_> {
                 let before = self.engine.clock.now();
                 let call = self.engine.tasks.invoke(resource, &state.name, input);
                 let outcome = match limit {
-                    Some(secs) if !self.engine.virtual_time => {
+                    Some((secs, name)) if !self.engine.virtual_time => {
                         match tokio::time::timeout(Duration::from_secs_f64(secs), call).await {
                             Ok(r) => r,
                             Err(_) => Err(StateError::new(
-                                "States.Timeout",
+                                name,
                                 format!("the task did not finish within {secs} seconds"),
                             )),
                         }
                     }
-                    Some(secs) => {
+                    Some((secs, name)) => {
                         let r = call.await;
                         let spent =
                             (self.engine.clock.now() - before).num_milliseconds() as f64 / 1000.0;
                         if spent > secs {
                             Err(StateError::new(
-                                "States.Timeout",
+                                name,
                                 format!("the task did not finish within {secs} seconds"),
                             ))
                         } else {
@@ -488,7 +491,9 @@ impl Run<'_> {
                         finish(result)
                     }
                     Err(e) => {
-                        let kind = if e.error == "States.Timeout" {
+                        let kind = if e.error == "States.Timeout"
+                            || e.error == "States.HeartbeatTimeout"
+                        {
                             timed_out
                         } else {
                             failed
