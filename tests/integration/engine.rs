@@ -332,6 +332,7 @@ fn task_timeouts_fail_with_states_timeout() {
         .as_object_mut()
         .expect("state")
         .remove("Catch");
+    def["States"].as_object_mut().expect("states").remove("No");
     let clock = Arc::new(VirtualClock::default());
     let engine = Engine::new(Arc::new(Slow(clock.clone())), clock, true);
     let machine = definition::parse(&def).expect("valid");
