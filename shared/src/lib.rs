@@ -5,8 +5,12 @@ pub mod component;
 pub mod diag;
 #[cfg(feature = "engine")]
 pub mod engine;
+pub mod errors;
+pub mod memory;
 pub mod model;
+pub mod ports;
 pub mod report;
+pub mod stages;
 pub mod typed;
 pub mod yaml;
 

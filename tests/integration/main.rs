@@ -8,3 +8,4 @@ mod cli;
 mod engine;
 mod examples;
 mod fixtures;
+mod stages;

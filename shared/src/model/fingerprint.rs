@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
-use crate::model::pipeline::{LoadedComponent, LoadedPipeline};
+use crate::model::pipeline::LoadedPipeline;
+use crate::ports::{ComponentSpec, PipelineRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -67,12 +68,17 @@ fn write_canonical(value: &Json, out: &mut String) {
     }
 }
 
-fn component_input(c: &LoadedComponent) -> Json {
-    json!({ "document": c.document.json, "parameters": c.parameters })
+fn component_input(c: &ComponentSpec) -> Json {
+    json!({ "document": c.document, "parameters": c.parameters })
 }
 
 /// The fingerprint of building `pipeline` on `parent_image` (an AMI id or an embedded image id).
 pub fn compute(pipeline: &LoadedPipeline, parent_image: &str) -> Fingerprint {
+    of_record(&PipelineRecord::from(pipeline), parent_image)
+}
+
+/// The same, from the record the store keeps.
+pub fn of_record(pipeline: &PipelineRecord, parent_image: &str) -> Fingerprint {
     let p = &pipeline.pipeline;
     Fingerprint::of_value(&json!({
         "runner": crate::VERSION,

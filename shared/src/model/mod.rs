@@ -1,5 +1,6 @@
 //! The pipeline file and the values derived from it: versions, ids, schedules, fingerprints.
 
+pub mod build;
 pub mod cron;
 pub mod fingerprint;
 pub mod ids;

@@ -1,0 +1,693 @@
+//! An in-memory cloud implementing every port, with faults to inject. It shows what moto cannot
+//! (ClientToken idempotency, pending images, commands that fail or stay in progress, capacity
+//! errors, throttling) and lets the stage tests run in microseconds.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use crate::errors::{ErrorKind, StageError};
+use crate::model::build::{Build, BuildId, BuildStatus, CommandId, ImageId, InstanceId};
+use crate::model::pipeline::{LaunchPermission, ParentFilter};
+use crate::ports::*;
+
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub region: String,
+    pub image: ImageId,
+    pub instance_type: String,
+    pub state: InstanceState,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub region: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+    pub state: ImageState,
+    /// `image_state` answers Pending this many more times.
+    pub pending_checks: u32,
+    pub shared_with: Vec<LaunchPermission>,
+    pub snapshots: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub instance: InstanceId,
+    pub plan: CommandPlan,
+    pub in_progress_checks: u32,
+    pub outcome: CommandStatus,
+}
+
+/// Faults to inject.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Instance types without capacity.
+    pub no_capacity: BTreeSet<String>,
+    /// How many times each image stays pending.
+    pub image_pending_checks: u32,
+    /// How many status checks each command stays in progress.
+    pub command_in_progress_checks: u32,
+    /// The outcome of commands that run the given phase ("build", "test").
+    pub command_fails: BTreeMap<String, CommandStatus>,
+    /// Copies to these regions fail.
+    pub copy_fails: BTreeSet<String>,
+    /// Created images (home region) fail.
+    pub image_fails: bool,
+    /// The next N compute calls are throttled.
+    pub throttle_next: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Cloud {
+    pub instances: BTreeMap<InstanceId, Instance>,
+    pub images: BTreeMap<ImageId, Image>,
+    pub tokens: BTreeMap<String, String>,
+    pub commands: BTreeMap<CommandId, Command>,
+    pub parameters: BTreeMap<(String, String), String>,
+    pub pipelines: BTreeMap<String, PipelineRecord>,
+    pub builds: BTreeMap<BuildId, Build>,
+    pub locks: BTreeMap<String, (BuildId, DateTime<Utc>)>,
+    pub events: Vec<BuildEvent>,
+    pub launch_templates: Vec<(String, String, ImageId, bool)>,
+    pub launches: u32,
+    pub faults: Faults,
+    next: u64,
+}
+
+/// The in-memory cloud.
+#[derive(Debug, Default)]
+pub struct MemoryCloud {
+    pub cloud: Mutex<Cloud>,
+    pub now: Mutex<Option<DateTime<Utc>>>,
+}
+
+fn ok<'a, T: Send + 'a>(v: Result<T, StageError>) -> PortResult<'a, T> {
+    Box::pin(async move { v })
+}
+
+impl Cloud {
+    fn id(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}-{:017x}", self.next)
+    }
+
+    fn throttled(&mut self) -> Result<(), StageError> {
+        if self.faults.throttle_next > 0 {
+            self.faults.throttle_next -= 1;
+            return Err(
+                StageError::new(ErrorKind::Retryable, "request limit exceeded")
+                    .with_code("RequestLimitExceeded"),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl MemoryCloud {
+    pub fn new() -> Self {
+        MemoryCloud::default()
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut Cloud) -> T) -> T {
+        f(&mut self
+            .cloud
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Registers an available image, e.g. a parent.
+    pub fn add_image(&self, region: &str, name: &str) -> ImageId {
+        self.with(|c| {
+            let id = ImageId(c.id("ami"));
+            let snapshots = vec![c.id("snap")];
+            c.images.insert(
+                id.clone(),
+                Image {
+                    region: region.into(),
+                    name: name.into(),
+                    tags: BTreeMap::new(),
+                    state: ImageState::Available,
+                    pending_checks: 0,
+                    shared_with: Vec::new(),
+                    snapshots,
+                },
+            );
+            id
+        })
+    }
+
+    pub fn ports(&self) -> Ports<'_> {
+        Ports {
+            compute: self,
+            commands: self,
+            store: self,
+            events: self,
+            parameters: self,
+            clock: self,
+        }
+    }
+
+    /// Instances not terminated.
+    pub fn live_instances(&self) -> Vec<InstanceId> {
+        self.with(|c| {
+            c.instances
+                .iter()
+                .filter(|(_, i)| i.state != InstanceState::Terminated)
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
+    }
+
+    /// Images carrying a build id tag.
+    pub fn build_images(&self) -> Vec<(String, ImageId)> {
+        self.with(|c| {
+            c.images
+                .iter()
+                .filter(|(_, i)| i.tags.contains_key("kiln:build-id"))
+                .map(|(id, i)| (i.region.clone(), id.clone()))
+                .collect()
+        })
+    }
+}
+
+impl Clock for MemoryCloud {
+    fn now(&self) -> DateTime<Utc> {
+        self.now
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(Utc::now)
+    }
+}
+
+impl Compute for MemoryCloud {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId> {
+        ok(self.with(|c| {
+            c.throttled()?;
+            if let Some(existing) = c.tokens.get(&spec.client_token) {
+                return Ok(InstanceId(existing.clone()));
+            }
+            if c.faults.no_capacity.contains(&spec.instance_type) {
+                return Err(StageError::new(
+                    ErrorKind::Capacity,
+                    format!("no capacity for {}", spec.instance_type),
+                )
+                .with_code("InsufficientInstanceCapacity"));
+            }
+            if !c
+                .images
+                .get(&spec.image)
+                .is_some_and(|i| i.state == ImageState::Available)
+            {
+                return Err(StageError::new(
+                    ErrorKind::InvalidPipeline,
+                    format!("image {} is not available", spec.image),
+                )
+                .with_code("InvalidAMIID.NotFound"));
+            }
+            let id = InstanceId(c.id("i"));
+            c.tokens.insert(spec.client_token.clone(), id.0.clone());
+            c.launches += 1;
+            c.instances.insert(
+                id.clone(),
+                Instance {
+                    region: spec.region.clone(),
+                    image: spec.image.clone(),
+                    instance_type: spec.instance_type.clone(),
+                    state: InstanceState::Running,
+                    tags: spec.tags.clone(),
+                },
+            );
+            Ok(id)
+        }))
+    }
+
+    fn instance_state<'a>(
+        &'a self,
+        _region: &'a str,
+        id: &'a InstanceId,
+    ) -> PortResult<'a, InstanceState> {
+        ok(self.with(|c| {
+            c.instances.get(id).map(|i| i.state).ok_or_else(|| {
+                StageError::new(ErrorKind::Retryable, format!("no instance {id}"))
+                    .with_code("InvalidInstanceID.NotFound")
+            })
+        }))
+    }
+
+    fn stop<'a>(&'a self, _region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            match c.instances.get_mut(id) {
+                Some(i) if i.state != InstanceState::Terminated => i.state = InstanceState::Stopped,
+                Some(_) => {
+                    return Err(
+                        StageError::new(ErrorKind::Internal, format!("{id} is terminated"))
+                            .with_code("IncorrectInstanceState"),
+                    )
+                }
+                None => {
+                    return Err(
+                        StageError::new(ErrorKind::Retryable, format!("no instance {id}"))
+                            .with_code("InvalidInstanceID.NotFound"),
+                    )
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    fn terminate<'a>(&'a self, _region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            if let Some(i) = c.instances.get_mut(id) {
+                i.state = InstanceState::Terminated;
+            }
+            Ok(())
+        }))
+    }
+
+    fn instances_of<'a>(
+        &'a self,
+        region: &'a str,
+        build: &'a BuildId,
+    ) -> PortResult<'a, Vec<InstanceId>> {
+        ok(Ok(self.with(|c| {
+            c.instances
+                .iter()
+                .filter(|(_, i)| {
+                    i.region == region
+                        && i.state != InstanceState::Terminated
+                        && i.tags.get("kiln:build-id") == Some(&build.0)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        })))
+    }
+
+    fn create_image<'a>(
+        &'a self,
+        region: &'a str,
+        instance: &'a InstanceId,
+        name: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> PortResult<'a, ImageId> {
+        ok(self.with(|c| {
+            c.throttled()?;
+            if !c
+                .instances
+                .get(instance)
+                .is_some_and(|i| i.state == InstanceState::Stopped)
+            {
+                return Err(StageError::new(
+                    ErrorKind::Internal,
+                    format!("{instance} is not stopped"),
+                )
+                .with_code("IncorrectInstanceState"));
+            }
+            if c.images
+                .values()
+                .any(|i| i.region == region && i.name == name)
+            {
+                return Err(StageError::new(
+                    ErrorKind::Internal,
+                    format!("an image named {name} exists"),
+                )
+                .with_code("InvalidAMIName.Duplicate"));
+            }
+            let id = ImageId(c.id("ami"));
+            let state = if c.faults.image_fails {
+                ImageState::Failed("snapshot failed".into())
+            } else {
+                ImageState::Available
+            };
+            let snapshots = vec![c.id("snap")];
+            c.images.insert(
+                id.clone(),
+                Image {
+                    region: region.into(),
+                    name: name.into(),
+                    tags: tags.clone(),
+                    state,
+                    pending_checks: c.faults.image_pending_checks,
+                    shared_with: Vec::new(),
+                    snapshots,
+                },
+            );
+            Ok(id)
+        }))
+    }
+
+    fn image_state<'a>(&'a self, _region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState> {
+        ok(self.with(|c| match c.images.get_mut(id) {
+            Some(i) if i.pending_checks > 0 => {
+                i.pending_checks -= 1;
+                Ok(ImageState::Pending)
+            }
+            Some(i) => Ok(i.state.clone()),
+            None => Err(
+                StageError::new(ErrorKind::Retryable, format!("no image {id}"))
+                    .with_code("InvalidAMIID.NotFound"),
+            ),
+        }))
+    }
+
+    fn images_of<'a>(
+        &'a self,
+        region: &'a str,
+        build: &'a BuildId,
+    ) -> PortResult<'a, Vec<ImageId>> {
+        ok(Ok(self.with(|c| {
+            c.images
+                .iter()
+                .filter(|(_, i)| {
+                    i.region == region && i.tags.get("kiln:build-id") == Some(&build.0)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        })))
+    }
+
+    fn copy_image<'a>(
+        &'a self,
+        _from: &'a str,
+        image: &'a ImageId,
+        to: &'a str,
+        name: &'a str,
+        token: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> PortResult<'a, ImageId> {
+        ok(self.with(|c| {
+            if let Some(existing) = c.tokens.get(token) {
+                return Ok(ImageId(existing.clone()));
+            }
+            if !c.images.contains_key(image) {
+                return Err(
+                    StageError::new(ErrorKind::Internal, format!("no image {image}"))
+                        .with_code("InvalidAMIID.NotFound"),
+                );
+            }
+            let id = ImageId(c.id("ami"));
+            c.tokens.insert(token.into(), id.0.clone());
+            let state = if c.faults.copy_fails.contains(to) {
+                ImageState::Failed("copy failed".into())
+            } else {
+                ImageState::Available
+            };
+            let snapshots = vec![c.id("snap")];
+            c.images.insert(
+                id.clone(),
+                Image {
+                    region: to.into(),
+                    name: name.into(),
+                    tags: tags.clone(),
+                    state,
+                    pending_checks: c.faults.image_pending_checks,
+                    shared_with: Vec::new(),
+                    snapshots,
+                },
+            );
+            Ok(id)
+        }))
+    }
+
+    fn share_image<'a>(
+        &'a self,
+        _region: &'a str,
+        image: &'a ImageId,
+        permission: &'a LaunchPermission,
+    ) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            let i = c
+                .images
+                .get_mut(image)
+                .ok_or_else(|| StageError::new(ErrorKind::Internal, format!("no image {image}")))?;
+            if !i.shared_with.contains(permission) {
+                i.shared_with.push(permission.clone());
+            }
+            Ok(())
+        }))
+    }
+
+    fn delete_image<'a>(&'a self, _region: &'a str, image: &'a ImageId) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            c.images.remove(image);
+            Ok(())
+        }))
+    }
+
+    fn latest_image<'a>(
+        &'a self,
+        region: &'a str,
+        filter: &'a ParentFilter,
+    ) -> PortResult<'a, Option<ImageId>> {
+        let pattern = filter.name.replace('*', "");
+        ok(Ok(self.with(|c| {
+            c.images
+                .iter()
+                .filter(|(_, i)| i.region == region && i.name.contains(&pattern))
+                .map(|(id, _)| id.clone())
+                .next_back()
+        })))
+    }
+
+    fn image_named<'a>(
+        &'a self,
+        region: &'a str,
+        name: &'a str,
+    ) -> PortResult<'a, Option<ImageId>> {
+        ok(Ok(self.with(|c| {
+            c.images
+                .iter()
+                .find(|(_, i)| i.region == region && i.name == name)
+                .map(|(id, _)| id.clone())
+        })))
+    }
+
+    fn new_launch_template_version<'a>(
+        &'a self,
+        region: &'a str,
+        template: &'a str,
+        image: &'a ImageId,
+        set_default: bool,
+    ) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            let entry = (
+                region.to_string(),
+                template.to_string(),
+                image.clone(),
+                set_default,
+            );
+            if !c.launch_templates.contains(&entry) {
+                c.launch_templates.push(entry);
+            }
+            Ok(())
+        }))
+    }
+}
+
+impl Commands for MemoryCloud {
+    fn agent_online<'a>(
+        &'a self,
+        _region: &'a str,
+        instance: &'a InstanceId,
+    ) -> PortResult<'a, bool> {
+        ok(Ok(self.with(|c| {
+            c.instances
+                .get(instance)
+                .is_some_and(|i| i.state == InstanceState::Running)
+        })))
+    }
+
+    fn send<'a>(
+        &'a self,
+        _region: &'a str,
+        instance: &'a InstanceId,
+        plan: &'a CommandPlan,
+    ) -> PortResult<'a, CommandId> {
+        ok(self.with(|c| {
+            let id = CommandId(c.id("cmd"));
+            let phase = plan
+                .phases
+                .first()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            let outcome = c
+                .faults
+                .command_fails
+                .get(&phase)
+                .cloned()
+                .unwrap_or(CommandStatus::Success);
+            c.commands.insert(
+                id.clone(),
+                Command {
+                    instance: instance.clone(),
+                    plan: plan.clone(),
+                    in_progress_checks: c.faults.command_in_progress_checks,
+                    outcome,
+                },
+            );
+            Ok(id)
+        }))
+    }
+
+    fn status<'a>(
+        &'a self,
+        _region: &'a str,
+        _instance: &'a InstanceId,
+        command: &'a CommandId,
+    ) -> PortResult<'a, CommandStatus> {
+        ok(self.with(|c| match c.commands.get_mut(command) {
+            Some(cmd) if cmd.in_progress_checks > 0 => {
+                cmd.in_progress_checks -= 1;
+                Ok(CommandStatus::InProgress)
+            }
+            Some(cmd) => Ok(cmd.outcome.clone()),
+            None => Err(
+                StageError::new(ErrorKind::Retryable, format!("no command {command}"))
+                    .with_code("InvocationDoesNotExist"),
+            ),
+        }))
+    }
+}
+
+impl Store for MemoryCloud {
+    fn put_pipeline<'a>(&'a self, record: &'a PipelineRecord) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            c.pipelines
+                .insert(record.pipeline.name.clone(), record.clone());
+            Ok(())
+        }))
+    }
+
+    fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>> {
+        ok(Ok(self.with(|c| c.pipelines.get(name).cloned())))
+    }
+
+    fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()> {
+        ok(self.with(|c| match c.builds.get(&build.id) {
+            Some(existing) if existing != build => Err(StageError::new(
+                ErrorKind::Internal,
+                format!("build {} exists with other content", build.id),
+            )),
+            _ => {
+                c.builds.insert(build.id.clone(), build.clone());
+                Ok(())
+            }
+        }))
+    }
+
+    fn save_build<'a>(&'a self, build: &'a Build, expected: BuildStatus) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            let stored = c.builds.get(&build.id).map(|b| b.status).ok_or_else(|| {
+                StageError::new(ErrorKind::Internal, format!("no build {}", build.id))
+            })?;
+            if stored != expected && stored != build.status {
+                return Err(StageError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "build {} is {}, not {} (a stale update)",
+                        build.id,
+                        stored.as_str(),
+                        expected.as_str()
+                    ),
+                )
+                .with_code("ConditionalCheckFailedException"));
+            }
+            if !stored.can_become(build.status) {
+                return Err(StageError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "build {} cannot move from {} to {}",
+                        build.id,
+                        stored.as_str(),
+                        build.status.as_str()
+                    ),
+                )
+                .with_code("ConditionalCheckFailedException"));
+            }
+            c.builds.insert(build.id.clone(), build.clone());
+            Ok(())
+        }))
+    }
+
+    fn build<'a>(&'a self, id: &'a BuildId) -> PortResult<'a, Option<Build>> {
+        ok(Ok(self.with(|c| c.builds.get(id).cloned())))
+    }
+
+    fn builds<'a>(&'a self, pipeline: &'a str) -> PortResult<'a, Vec<Build>> {
+        ok(Ok(self.with(|c| {
+            c.builds
+                .values()
+                .filter(|b| b.pipeline == pipeline)
+                .cloned()
+                .collect()
+        })))
+    }
+
+    fn lock<'a>(
+        &'a self,
+        pipeline: &'a str,
+        build: &'a BuildId,
+        now: DateTime<Utc>,
+        ttl: i64,
+    ) -> PortResult<'a, ()> {
+        ok(self.with(|c| match c.locks.get(pipeline) {
+            Some((holder, expires)) if holder != build && *expires > now => Err(StageError::new(
+                ErrorKind::Locked,
+                format!("pipeline {pipeline} is being built by build {holder}"),
+            )),
+            _ => {
+                c.locks.insert(
+                    pipeline.into(),
+                    (build.clone(), now + chrono::Duration::seconds(ttl)),
+                );
+                Ok(())
+            }
+        }))
+    }
+
+    fn unlock<'a>(&'a self, pipeline: &'a str, build: &'a BuildId) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            if c.locks
+                .get(pipeline)
+                .is_some_and(|(holder, _)| holder == build)
+            {
+                c.locks.remove(pipeline);
+            }
+            Ok(())
+        }))
+    }
+}
+
+impl Events for MemoryCloud {
+    fn emit<'a>(&'a self, event: &'a BuildEvent) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            c.events.push(event.clone());
+            Ok(())
+        }))
+    }
+}
+
+impl Parameters for MemoryCloud {
+    fn get<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<String>> {
+        ok(Ok(self.with(|c| {
+            c.parameters
+                .get(&(region.to_string(), name.to_string()))
+                .cloned()
+        })))
+    }
+
+    fn put<'a>(&'a self, region: &'a str, name: &'a str, value: &'a str) -> PortResult<'a, ()> {
+        ok(self.with(|c| {
+            c.parameters
+                .insert((region.into(), name.into()), value.into());
+            Ok(())
+        }))
+    }
+}
+
+/// Commands in flight, for tests that look at what was sent.
+pub fn sent_plans(cloud: &MemoryCloud) -> VecDeque<CommandPlan> {
+    cloud.with(|c| c.commands.values().map(|cmd| cmd.plan.clone()).collect())
+}

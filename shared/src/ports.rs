@@ -1,0 +1,294 @@
+//! The capabilities the stages need, sized to the stages rather than to any SDK. Each has an
+//! AWS implementation and an embedded one; stage code never names a backend. Futures are boxed
+//! so the ports can be used as trait objects.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::component::PhaseName;
+use crate::errors::StageError;
+use crate::model::build::{Build, BuildId, BuildStatus, CommandId, ImageId, InstanceId};
+use crate::model::pipeline::{
+    BlockDevice, Infrastructure, LaunchPermission, ParentFilter, Pipeline,
+};
+
+pub type PortResult<'a, T> = BoxFuture<'a, Result<T, StageError>>;
+
+/// A component as the stages carry it: the validated document (typed JSON) and its values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentSpec {
+    pub name: String,
+    pub document: serde_json::Value,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// What the store keeps of one pipeline version: the definition and its component documents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineRecord {
+    pub pipeline: Pipeline,
+    pub components: Vec<ComponentSpec>,
+    pub tests: Vec<ComponentSpec>,
+}
+
+impl From<&crate::model::LoadedPipeline> for PipelineRecord {
+    fn from(l: &crate::model::LoadedPipeline) -> Self {
+        let spec = |c: &crate::model::LoadedComponent| ComponentSpec {
+            name: c.display_name(),
+            document: c.document.json.clone(),
+            parameters: c.parameters.clone(),
+        };
+        PipelineRecord {
+            pipeline: l.pipeline.clone(),
+            components: l.components.iter().map(spec).collect(),
+            tests: l.tests.iter().map(spec).collect(),
+        }
+    }
+}
+
+/// The tags every resource of a build carries.
+pub fn build_tags(build: &Build) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("kiln:build-id".to_string(), build.id.0.clone()),
+        ("kiln:pipeline".to_string(), build.pipeline.clone()),
+        ("kiln:version".to_string(), build.version()),
+    ])
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchSpec {
+    pub region: String,
+    pub image: ImageId,
+    pub instance_type: String,
+    /// Idempotency token: launching twice with it starts one instance.
+    pub client_token: String,
+    pub tags: BTreeMap<String, String>,
+    pub infrastructure: Infrastructure,
+    pub block_devices: Vec<BlockDevice>,
+    pub user_data: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+    Terminated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    Pending,
+    Available,
+    Failed(String),
+}
+
+/// Instances and images.
+pub trait Compute: Send + Sync {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId>;
+    fn instance_state<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a InstanceId,
+    ) -> PortResult<'a, InstanceState>;
+    fn stop<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()>;
+    /// Terminating an instance that is gone already succeeds.
+    fn terminate<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()>;
+    /// Instances tagged with this build id that are not terminated.
+    fn instances_of<'a>(
+        &'a self,
+        region: &'a str,
+        build: &'a BuildId,
+    ) -> PortResult<'a, Vec<InstanceId>>;
+    /// Creates an image of a stopped instance, tagged (image and snapshots) with `tags`.
+    fn create_image<'a>(
+        &'a self,
+        region: &'a str,
+        instance: &'a InstanceId,
+        name: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> PortResult<'a, ImageId>;
+    fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState>;
+    /// Images tagged with this build id in `region`.
+    fn images_of<'a>(&'a self, region: &'a str, build: &'a BuildId)
+        -> PortResult<'a, Vec<ImageId>>;
+    fn copy_image<'a>(
+        &'a self,
+        from_region: &'a str,
+        image: &'a ImageId,
+        to_region: &'a str,
+        name: &'a str,
+        client_token: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> PortResult<'a, ImageId>;
+    fn share_image<'a>(
+        &'a self,
+        region: &'a str,
+        image: &'a ImageId,
+        permission: &'a LaunchPermission,
+    ) -> PortResult<'a, ()>;
+    /// Deregisters the image and deletes its snapshots; a missing image succeeds.
+    fn delete_image<'a>(&'a self, region: &'a str, image: &'a ImageId) -> PortResult<'a, ()>;
+    /// The most recent image matching the filter.
+    fn latest_image<'a>(
+        &'a self,
+        region: &'a str,
+        filter: &'a ParentFilter,
+    ) -> PortResult<'a, Option<ImageId>>;
+    /// An image by name (embedded parent images, `parent.local`).
+    fn image_named<'a>(&'a self, region: &'a str, name: &'a str)
+        -> PortResult<'a, Option<ImageId>>;
+    fn new_launch_template_version<'a>(
+        &'a self,
+        region: &'a str,
+        template: &'a str,
+        image: &'a ImageId,
+        set_default: bool,
+    ) -> PortResult<'a, ()>;
+}
+
+/// What a customize or test command runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandPlan {
+    pub build: BuildId,
+    pub phases: Vec<PhaseName>,
+    pub components: Vec<ComponentSpec>,
+    pub working_directory: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CommandStatus {
+    InProgress,
+    Success,
+    /// Which component and step failed, and the tail of its output.
+    Failed {
+        message: String,
+        output_tail: String,
+    },
+}
+
+/// Commands on instances (SSM Run Command with kiln-agent, or the embedded agent).
+pub trait Commands: Send + Sync {
+    fn agent_online<'a>(
+        &'a self,
+        region: &'a str,
+        instance: &'a InstanceId,
+    ) -> PortResult<'a, bool>;
+    fn send<'a>(
+        &'a self,
+        region: &'a str,
+        instance: &'a InstanceId,
+        plan: &'a CommandPlan,
+    ) -> PortResult<'a, CommandId>;
+    fn status<'a>(
+        &'a self,
+        region: &'a str,
+        instance: &'a InstanceId,
+        command: &'a CommandId,
+    ) -> PortResult<'a, CommandStatus>;
+}
+
+/// Pipelines, builds and locks. Status changes are conditional on the current status.
+pub trait Store: Send + Sync {
+    fn put_pipeline<'a>(&'a self, record: &'a PipelineRecord) -> PortResult<'a, ()>;
+    fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>>;
+    /// Creates the build record; creating the same id twice with the same content succeeds.
+    fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()>;
+    /// Saves `build` if the stored one is in `expected` (or may move to the new status from it).
+    fn save_build<'a>(&'a self, build: &'a Build, expected: BuildStatus) -> PortResult<'a, ()>;
+    fn build<'a>(&'a self, id: &'a BuildId) -> PortResult<'a, Option<Build>>;
+    fn builds<'a>(&'a self, pipeline: &'a str) -> PortResult<'a, Vec<Build>>;
+    /// Takes the pipeline's lock for `build`; `Kiln.Locked` naming the holder when taken.
+    fn lock<'a>(
+        &'a self,
+        pipeline: &'a str,
+        build: &'a BuildId,
+        now: DateTime<Utc>,
+        ttl_seconds: i64,
+    ) -> PortResult<'a, ()>;
+    /// Releases the lock if `build` holds it.
+    fn unlock<'a>(&'a self, pipeline: &'a str, build: &'a BuildId) -> PortResult<'a, ()>;
+}
+
+/// "Kiln Image State Change" events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildEvent {
+    pub pipeline: String,
+    pub version: String,
+    pub build: BuildId,
+    pub state: BuildStatus,
+    pub images: BTreeMap<String, ImageId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+}
+
+impl BuildEvent {
+    pub fn of(build: &Build) -> BuildEvent {
+        BuildEvent {
+            pipeline: build.pipeline.clone(),
+            version: build.version(),
+            build: build.id.clone(),
+            state: build.status,
+            images: build
+                .regions
+                .iter()
+                .filter_map(|r| r.image.clone().map(|i| (r.region.clone(), i)))
+                .collect(),
+            failure_reason: build
+                .failure
+                .as_ref()
+                .map(|f| format!("{}: {}", f.error, f.message)),
+        }
+    }
+}
+
+pub trait Events: Send + Sync {
+    fn emit<'a>(&'a self, event: &'a BuildEvent) -> PortResult<'a, ()>;
+}
+
+/// SSM parameters: parent image ids in, new image ids out.
+pub trait Parameters: Send + Sync {
+    fn get<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<String>>;
+    fn put<'a>(&'a self, region: &'a str, name: &'a str, value: &'a str) -> PortResult<'a, ()>;
+}
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// Everything a stage may use.
+#[derive(Clone, Copy)]
+pub struct Ports<'a> {
+    pub compute: &'a dyn Compute,
+    pub commands: &'a dyn Commands,
+    pub store: &'a dyn Store,
+    pub events: &'a dyn Events,
+    pub parameters: &'a dyn Parameters,
+    pub clock: &'a dyn Clock,
+}
+
+impl std::fmt::Debug for Ports<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ports")
+    }
+}

@@ -1,0 +1,114 @@
+//! cleanup: the Catch target of every state. Terminates every instance of the build (recorded
+//! or found by tag), removes a partial image and its snapshots in every region, marks the build
+//! FAILED or CANCELLED with the failure, releases the lock and emits the event. Idempotent.
+
+use crate::errors::{ErrorKind, StageError};
+use crate::model::build::{Build, BuildStatus, FailureContext};
+use crate::ports::{BuildEvent, Ports};
+
+/// Cleans up after a failure of the first operation, which has only the execution input: the
+/// build it may have created is found by the request id. `None` when it created none (e.g. the
+/// pipeline was locked by another build).
+pub async fn run_for_request(
+    ports: &Ports<'_>,
+    req: &crate::stages::StartRequest,
+    error: &str,
+    cause: &str,
+) -> Result<Option<Build>, StageError> {
+    let Some(request_id) = &req.request_id else {
+        return Ok(None);
+    };
+    let found = ports
+        .store
+        .builds(&req.pipeline)
+        .await?
+        .into_iter()
+        .find(|b| b.request_id.as_ref() == Some(request_id));
+    match found {
+        Some(b) => run(ports, b, error, cause).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Cleans up after `failure` (error type and cause as the state machine caught them).
+pub async fn run(
+    ports: &Ports<'_>,
+    build: Build,
+    error: &str,
+    cause: &str,
+) -> Result<Build, StageError> {
+    // Start from the stored record: the state machine's copy may predate the last save.
+    let mut build = ports.store.build(&build.id).await?.unwrap_or(build);
+    let record = ports.store.pipeline(&build.pipeline).await?;
+    let mut regions: Vec<String> = vec![build.home_region.clone()];
+    if let Some(r) = &record {
+        regions.extend(r.pipeline.distribution.iter().map(|d| d.region.clone()));
+    }
+    regions.extend(build.regions.iter().map(|r| r.region.clone()));
+    regions.sort();
+    regions.dedup();
+    let terminate = record
+        .as_ref()
+        .is_none_or(|r| r.pipeline.infrastructure.terminate_on_failure)
+        || error == ErrorKind::Cancelled.error_type();
+    let mut instances = build.instances();
+    instances.extend(
+        ports
+            .compute
+            .instances_of(&build.home_region, &build.id)
+            .await?,
+    );
+    instances.sort();
+    instances.dedup();
+    if terminate {
+        for i in &instances {
+            ports.compute.terminate(&build.home_region, i).await?;
+        }
+    }
+    if build.status != BuildStatus::Available {
+        for region in &regions {
+            let mut images = ports.compute.images_of(region, &build.id).await?;
+            images.extend(
+                build
+                    .regions
+                    .iter()
+                    .filter(|r| &r.region == region)
+                    .filter_map(|r| r.image.clone()),
+            );
+            if region == &build.home_region {
+                images.extend(build.image.clone());
+            }
+            images.sort();
+            images.dedup();
+            for image in &images {
+                ports.compute.delete_image(region, image).await?;
+            }
+        }
+    }
+    if !build.status.is_final() {
+        let stage = build
+            .stages
+            .iter()
+            .filter(|(_, t)| t.finished.is_none())
+            .map(|(k, _)| k.clone())
+            .next()
+            .unwrap_or_else(|| "launch".into());
+        let cancelled = error == ErrorKind::Cancelled.error_type();
+        build.failure = Some(FailureContext {
+            stage,
+            error: error.to_string(),
+            message: cause.to_string(),
+        });
+        let previous = build.status;
+        build.status = if cancelled {
+            BuildStatus::Cancelled
+        } else {
+            BuildStatus::Failed
+        };
+        ports.store.save_build(&build, previous).await?;
+        ports.events.emit(&BuildEvent::of(&build)).await?;
+    }
+    ports.store.unlock(&build.pipeline, &build.id).await?;
+    build.ready = true;
+    Ok(build)
+}

@@ -1,0 +1,229 @@
+//! launch-builder: resolve the parent image, decide skip, take the lock, record the build and
+//! launch the builder (instance types in order on capacity errors). `check`: running and the
+//! command channel online.
+
+use crate::errors::{ErrorKind, StageError};
+use crate::model::build::{Build, BuildId, BuildStatus, ImageId, InstanceRef};
+use crate::model::fingerprint;
+use crate::model::pipeline::{Parent, StartCondition};
+use crate::ports::{build_tags, InstanceState, LaunchSpec, PipelineRecord, Ports};
+
+use super::{check_deadline, record, stage_finished, stage_started, StartRequest};
+
+const STAGE: &str = "launch";
+
+/// Resolves the parent image the pipeline names, at build time.
+pub async fn resolve_parent(
+    ports: &Ports<'_>,
+    record: &PipelineRecord,
+    region: &str,
+) -> Result<ImageId, StageError> {
+    let not_found = |what: String| StageError::new(ErrorKind::InvalidPipeline, what);
+    match &record.pipeline.parent {
+        Parent::Ami(id) => Ok(ImageId(id.clone())),
+        Parent::SsmParameter(name) => ports
+            .parameters
+            .get(region, name)
+            .await?
+            .map(ImageId)
+            .ok_or_else(|| not_found(format!("SSM parameter `{name}` does not exist in {region}"))),
+        Parent::Filter(f) => ports.compute.latest_image(region, f).await?.ok_or_else(|| {
+            not_found(format!(
+                "no image in {region} matches owners {:?} and name `{}`",
+                f.owners, f.name
+            ))
+        }),
+        Parent::Local(name) => ports
+            .compute
+            .image_named(region, name)
+            .await?
+            .ok_or_else(|| not_found(format!("no embedded image `{name}`; see `kiln image list`"))),
+    }
+}
+
+/// Starts a build: the first operation of an execution.
+pub async fn start(ports: &Ports<'_>, req: &StartRequest) -> Result<Build, StageError> {
+    let record = record(ports, &req.pipeline).await?;
+    let p = &record.pipeline;
+    let region = p.home_region().to_string();
+    let builds = ports.store.builds(&p.name).await?;
+    // A retried invocation continues the build it created.
+    if let Some(existing) = req
+        .request_id
+        .as_ref()
+        .and_then(|r| builds.iter().find(|b| b.request_id.as_ref() == Some(r)))
+    {
+        let mut build = existing.clone();
+        if build.status == BuildStatus::Pending
+            || (build.status == BuildStatus::Building && build.builder.is_none())
+        {
+            launch(ports, &record, &mut build).await?;
+        }
+        return Ok(build);
+    }
+    let parent = resolve_parent(ports, &record, &region).await?;
+    let fp = fingerprint::of_record(&record, parent.as_str());
+    let now = ports.clock.now();
+    let mut build = Build {
+        id: BuildId::new_at(now.timestamp_millis().max(0) as u64),
+        pipeline: p.name.clone(),
+        definition_version: p.version.clone(),
+        // A skipped run makes no image, so it takes no build number.
+        build_number: builds
+            .iter()
+            .filter(|b| b.definition_version == p.version && b.status != BuildStatus::Skipped)
+            .map(|b| b.build_number)
+            .max()
+            .unwrap_or(0)
+            + 1,
+        trigger: req.trigger.clone(),
+        request_id: req.request_id.clone(),
+        status: BuildStatus::Pending,
+        home_region: region.clone(),
+        fingerprint: Some(fp.clone()),
+        parent_image: Some(parent),
+        builder: None,
+        customize_command: None,
+        image: None,
+        image_name: None,
+        test_instance: None,
+        test_command: None,
+        regions: Vec::new(),
+        stages: Default::default(),
+        ready: false,
+        failure: None,
+        build_date: now.format("%Y%m%d%H%M%S").to_string(),
+    };
+    // onChange: nothing that determines the image changed since the last available build.
+    if p.start_condition() == StartCondition::OnChange
+        && builds
+            .iter()
+            .any(|b| b.status == BuildStatus::Available && b.fingerprint.as_ref() == Some(&fp))
+    {
+        build.status = BuildStatus::Skipped;
+        build.ready = true;
+        ports.store.create_build(&build).await?;
+        ports
+            .events
+            .emit(&crate::ports::BuildEvent::of(&build))
+            .await?;
+        return Ok(build);
+    }
+    let ttl = i64::from(
+        p.timeouts.launch_minutes
+            + p.timeouts.customize_minutes
+            + p.timeouts.snapshot_minutes
+            + p.timeouts.test_minutes
+            + p.timeouts.distribute_minutes,
+    ) * 60;
+    ports.store.lock(&p.name, &build.id, now, ttl).await?;
+    if let Err(e) = ports.store.create_build(&build).await {
+        ports.store.unlock(&p.name, &build.id).await?;
+        return Err(e);
+    }
+    launch(ports, &record, &mut build).await?;
+    Ok(build)
+}
+
+/// Launches the builder, trying instance types in order on capacity errors.
+async fn launch(
+    ports: &Ports<'_>,
+    record: &PipelineRecord,
+    build: &mut Build,
+) -> Result<(), StageError> {
+    let p = &record.pipeline;
+    stage_started(ports, build, STAGE);
+    let prev = build.status;
+    build.status = BuildStatus::Building;
+    ports.store.save_build(build, prev).await?;
+    let parent = build
+        .parent_image
+        .clone()
+        .ok_or_else(|| StageError::new(ErrorKind::Internal, "the build has no parent image"))?;
+    let mut tags = p.infrastructure.tags.clone();
+    tags.extend(build_tags(build));
+    tags.insert("Name".into(), format!("kiln-builder-{}", p.name));
+    let mut last = None;
+    for instance_type in &p.infrastructure.instance_types {
+        let spec = LaunchSpec {
+            region: build.home_region.clone(),
+            image: parent.clone(),
+            instance_type: instance_type.clone(),
+            client_token: build.id.token(&format!("builder-{instance_type}")),
+            tags: tags.clone(),
+            infrastructure: p.infrastructure.clone(),
+            block_devices: p.block_devices.clone(),
+            user_data: p.user_data.clone(),
+        };
+        match ports.compute.launch(&spec).await {
+            Ok(id) => {
+                build.builder = Some(InstanceRef {
+                    id,
+                    instance_type: instance_type.clone(),
+                });
+                ports.store.save_build(build, BuildStatus::Building).await?;
+                return Ok(());
+            }
+            Err(e) if e.kind == ErrorKind::Capacity => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last
+        .map(|e| {
+            StageError::new(
+                ErrorKind::Capacity,
+                format!(
+                    "no capacity for any of {}: {e}",
+                    p.infrastructure.instance_types.join(", ")
+                ),
+            )
+        })
+        .unwrap_or_else(|| StageError::new(ErrorKind::InvalidPipeline, "no instance types")))
+}
+
+/// Ready when the builder runs and its command channel is online.
+pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageError> {
+    if build.status == BuildStatus::Skipped {
+        build.ready = true;
+        return Ok(build);
+    }
+    let record = record(ports, &build.pipeline).await?;
+    let builder = build
+        .builder
+        .clone()
+        .ok_or_else(|| StageError::new(ErrorKind::Internal, "the build has no builder instance"))?;
+    build.ready = match ports
+        .compute
+        .instance_state(&build.home_region, &builder.id)
+        .await?
+    {
+        InstanceState::Running => {
+            ports
+                .commands
+                .agent_online(&build.home_region, &builder.id)
+                .await?
+        }
+        InstanceState::Pending => false,
+        other => {
+            return Err(StageError::new(
+                ErrorKind::Internal,
+                format!("builder {} is {other:?} before customization", builder.id),
+            ))
+        }
+    };
+    if build.ready {
+        stage_finished(ports, &mut build, STAGE);
+        ports
+            .store
+            .save_build(&build, BuildStatus::Building)
+            .await?;
+    } else {
+        check_deadline(
+            ports,
+            &build,
+            STAGE,
+            record.pipeline.timeouts.launch_minutes,
+        )?;
+    }
+    Ok(build)
+}

@@ -1,0 +1,419 @@
+//! The stages over their ports, driven as the state machine drives them (start → check until
+//! ready → next stage; any error → cleanup), on the in-memory cloud: it honours ClientToken,
+//! keeps images pending, and fails or stalls commands on request — what moto cannot show.
+
+use futures::executor::block_on;
+use kiln::errors::{ErrorKind, StageError};
+use kiln::memory::MemoryCloud;
+use kiln::model::build::{Build, BuildStatus, Trigger, TriggerKind};
+use kiln::ports::{CommandStatus, PipelineRecord, Ports};
+use kiln::stages::{
+    cleanup, customize, distribute, launch_builder, snapshot, test_image, StartRequest,
+};
+
+use crate::support::repo;
+
+const PARENT_PARAM: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
+
+/// A cloud with the AWS example pipeline applied and its parent image published.
+fn cloud() -> MemoryCloud {
+    let cloud = MemoryCloud::new();
+    let loaded = kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml"))
+        .expect("example is valid");
+    block_on(
+        cloud
+            .ports()
+            .store
+            .put_pipeline(&PipelineRecord::from(&loaded)),
+    )
+    .expect("stored");
+    let parent = cloud.add_image("us-east-1", "al2023-ami-2023.6");
+    block_on(
+        cloud
+            .ports()
+            .parameters
+            .put("us-east-1", PARENT_PARAM, parent.as_str()),
+    )
+    .expect("param");
+    cloud
+}
+
+fn request(id: &str) -> StartRequest {
+    StartRequest {
+        pipeline: "al2023-base".into(),
+        trigger: Trigger {
+            kind: TriggerKind::Manual,
+            detail: None,
+        },
+        request_id: Some(id.into()),
+    }
+}
+
+/// Calls `check` until ready, at most 20 times (the state machine's bounded poll loop).
+fn until_ready(
+    mut build: Build,
+    check: impl Fn(Build) -> Result<Build, StageError>,
+) -> Result<Build, StageError> {
+    for _ in 0..20 {
+        build = check(build)?;
+        if build.ready {
+            return Ok(build);
+        }
+    }
+    Err(StageError::new(
+        ErrorKind::Timeout,
+        "not ready after 20 checks",
+    ))
+}
+
+/// Runs a whole build; on failure runs cleanup with the error, as the state machine's Catch does.
+#[allow(clippy::result_large_err)] // a test helper: the failed build is what the tests inspect
+fn run(ports: &Ports<'_>, req: &StartRequest) -> Result<Build, (Build, StageError)> {
+    let mut last: Option<Build> = None;
+    let result = (|| -> Result<Build, StageError> {
+        let b = block_on(launch_builder::start(ports, req))?;
+        last = Some(b.clone());
+        let b = until_ready(b, |b| block_on(launch_builder::check(ports, b)))?;
+        if b.status == BuildStatus::Skipped {
+            return Ok(b);
+        }
+        let b = block_on(customize::start(ports, b))?;
+        last = Some(b.clone());
+        let b = until_ready(b, |b| block_on(customize::check(ports, b)))?;
+        let b = block_on(snapshot::start(ports, b))?;
+        last = Some(b.clone());
+        let b = until_ready(b, |b| block_on(snapshot::check(ports, b)))?;
+        let b = block_on(test_image::start(ports, b))?;
+        last = Some(b.clone());
+        let b = until_ready(b, |b| block_on(test_image::check(ports, b)))?;
+        let b = block_on(distribute::begin(ports, b))?;
+        last = Some(b.clone());
+        let record = block_on(ports.store.pipeline(&b.pipeline))?.expect("record");
+        let mut regions = Vec::new();
+        for d in &record.pipeline.distribution {
+            let mut entry = block_on(distribute::start(ports, &b, &d.region))?;
+            for _ in 0..20 {
+                entry = block_on(distribute::check(ports, &b, entry))?;
+                if entry.state == kiln::model::build::RegionState::Shared {
+                    break;
+                }
+            }
+            regions.push(entry);
+        }
+        block_on(distribute::finish(ports, b, regions))
+    })();
+    result.map_err(|e| {
+        let cleaned = match last {
+            Some(b) => block_on(cleanup::run(ports, b, e.error_type(), &e.message))
+                .expect("cleanup succeeds"),
+            // The first operation failed: its Catch has only the execution input.
+            None => block_on(cleanup::run_for_request(
+                ports,
+                req,
+                e.error_type(),
+                &e.message,
+            ))
+            .expect("cleanup succeeds")
+            .expect("the failed start had recorded its build"),
+        };
+        (cleaned, e)
+    })
+}
+
+#[test]
+fn a_build_ends_available_in_every_region_with_nothing_left_running() {
+    // GIVEN the example pipeline, with images that stay pending and commands that take a while
+    let cloud = cloud();
+    cloud.with(|c| {
+        c.faults.image_pending_checks = 2;
+        c.faults.command_in_progress_checks = 2;
+    });
+    // WHEN a build runs
+    let build = run(&cloud.ports(), &request("exec-1")).expect("the build succeeds");
+    // THEN it is AVAILABLE with an image per region, shared and published, and nothing runs
+    assert_eq!(build.status, BuildStatus::Available);
+    assert_eq!(build.version(), "2.1.0/1");
+    let stored = block_on(cloud.ports().store.build(&build.id))
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.status, BuildStatus::Available);
+    assert_eq!(build.regions.len(), 2);
+    cloud.with(|c| {
+        for r in &build.regions {
+            let image = r.image.as_ref().expect("image");
+            let img = &c.images[image];
+            assert_eq!(img.region, r.region);
+            assert_eq!(
+                img.tags.get("kiln:build-id"),
+                Some(&build.id.0),
+                "images carry the build id"
+            );
+            assert!(
+                !img.shared_with.is_empty(),
+                "launch permissions applied in {}",
+                r.region
+            );
+            assert_eq!(
+                c.parameters
+                    .get(&(r.region.clone(), "/images/al2023-base/latest".into())),
+                Some(&image.0)
+            );
+        }
+        assert_eq!(
+            c.launch_templates.len(),
+            1,
+            "the us-east-1 launch template got a version"
+        );
+        assert!(c.locks.is_empty(), "lock released");
+        assert_eq!(
+            c.events.last().map(|e| e.state),
+            Some(BuildStatus::Available)
+        );
+        let sent: Vec<Vec<&str>> = c
+            .commands
+            .values()
+            .map(|cmd| cmd.plan.phases.iter().map(|p| p.as_str()).collect())
+            .collect();
+        assert_eq!(sent, [vec!["build", "validate"], vec!["test"]]);
+        let builder_tags = &c.instances[&build.builder.as_ref().expect("builder").id].tags;
+        assert_eq!(
+            builder_tags.get("kiln:pipeline").map(String::as_str),
+            Some("al2023-base")
+        );
+        assert_eq!(
+            builder_tags.get("cost-center").map(String::as_str),
+            Some("platform")
+        );
+    });
+    assert!(
+        cloud.live_instances().is_empty(),
+        "builder and test instance terminated"
+    );
+}
+
+#[test]
+fn on_change_skips_a_build_whose_inputs_did_not_change() {
+    let cloud = cloud();
+    run(&cloud.ports(), &request("exec-1")).expect("first build");
+    let launches = cloud.with(|c| c.launches);
+    // WHEN the same pipeline runs again on the same parent
+    let second = run(&cloud.ports(), &request("exec-2")).expect("second run");
+    // THEN it is SKIPPED, recorded, and launched nothing
+    assert_eq!(second.status, BuildStatus::Skipped);
+    assert_eq!(cloud.with(|c| c.launches), launches);
+    // AND a new parent image makes the next run build again (an hour later: the example's image
+    // names carry the build date to the second)
+    *cloud.now.lock().expect("clock") = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    let newer = cloud.add_image("us-east-1", "al2023-ami-2023.7");
+    block_on(
+        cloud
+            .ports()
+            .parameters
+            .put("us-east-1", PARENT_PARAM, newer.as_str()),
+    )
+    .expect("param");
+    let third = run(&cloud.ports(), &request("exec-3")).expect("third run");
+    assert_eq!(third.status, BuildStatus::Available);
+    assert_eq!(
+        third.version(),
+        "2.1.0/2",
+        "build numbers count per definition version"
+    );
+}
+
+#[test]
+fn capacity_errors_move_to_the_next_instance_type() {
+    let cloud = cloud();
+    cloud.with(|c| c.faults.no_capacity.insert("t3.small".into()));
+    let build = run(&cloud.ports(), &request("exec-1")).expect("builds on the second type");
+    assert_eq!(build.builder.expect("builder").instance_type, "t3a.small");
+}
+
+#[test]
+fn a_second_start_is_told_which_build_holds_the_lock() {
+    let cloud = cloud();
+    let first =
+        block_on(launch_builder::start(&cloud.ports(), &request("exec-1"))).expect("first start");
+    let err =
+        block_on(launch_builder::start(&cloud.ports(), &request("exec-2"))).expect_err("locked");
+    assert_eq!(err.kind, ErrorKind::Locked);
+    assert!(err.message.contains(&first.id.0), "{}", err.message);
+    assert_eq!(
+        cloud.with(|c| c.builds.len()),
+        1,
+        "the refused start created no build"
+    );
+}
+
+#[test]
+fn every_operation_invoked_twice_creates_nothing_twice() {
+    // GIVEN a build driven with every start and check called twice (a retried Lambda)
+    let cloud = cloud();
+    let ports = cloud.ports();
+    let req = request("exec-1");
+    let b = block_on(launch_builder::start(&ports, &req)).expect("start");
+    let again = block_on(launch_builder::start(&ports, &req)).expect("start again");
+    assert_eq!(again.id, b.id, "the retried start continues the same build");
+    let b = block_on(launch_builder::check(&ports, b)).expect("check");
+    let b = block_on(launch_builder::check(&ports, b)).expect("check again");
+    let b = block_on(customize::start(&ports, b)).expect("customize");
+    let b = block_on(customize::start(&ports, b)).expect("customize again");
+    let b = block_on(customize::check(&ports, b)).expect("customize check");
+    let b = block_on(snapshot::start(&ports, b)).expect("snapshot");
+    let b = block_on(snapshot::start(&ports, b)).expect("snapshot again");
+    let b = block_on(snapshot::check(&ports, b)).expect("image created");
+    let lost_update = b.clone();
+    let b = block_on(snapshot::check(&ports, b)).expect("image available");
+    // A check retried with the input from before its image was recorded finds it by tag.
+    let _ = block_on(snapshot::check(
+        &ports,
+        Build {
+            image: None,
+            ..lost_update
+        },
+    ))
+    .expect("stale check");
+    let b = block_on(test_image::start(&ports, b)).expect("test");
+    let b = block_on(test_image::start(&ports, b)).expect("test again");
+    let b = until_ready(b, |b| block_on(test_image::check(&ports, b))).expect("tests pass");
+    let b = block_on(distribute::begin(&ports, b)).expect("distribute");
+    let e1 = block_on(distribute::start(&ports, &b, "eu-central-1")).expect("copy");
+    let e2 = block_on(distribute::start(&ports, &b, "eu-central-1")).expect("copy again");
+    assert_eq!(
+        e1.image, e2.image,
+        "CopyImage with the same client token copies once"
+    );
+    // THEN one builder, one test instance, one image per region, one command per stage
+    cloud.with(|c| {
+        assert_eq!(c.launches, 2);
+        assert_eq!(c.commands.len(), 2);
+    });
+    let mut images = cloud.build_images();
+    images.sort();
+    assert_eq!(images.iter().filter(|(r, _)| r == "us-east-1").count(), 1);
+    assert_eq!(
+        images.iter().filter(|(r, _)| r == "eu-central-1").count(),
+        1
+    );
+}
+
+/// Each injected failure: (what to break, the error the build must end with).
+fn inject(cloud: &MemoryCloud, stage: &str) -> ErrorKind {
+    cloud.with(|c| match stage {
+        "launch" => {
+            c.faults
+                .no_capacity
+                .extend(["t3.small", "t3a.small", "m5.large"].map(String::from));
+            ErrorKind::Capacity
+        }
+        "customize" => {
+            c.faults.command_fails.insert(
+                "build".into(),
+                CommandStatus::Failed {
+                    message: "component harden, step DisableRootLogin: exit code 2".into(),
+                    output_tail: "sed: no such file".into(),
+                },
+            );
+            ErrorKind::ComponentFailed
+        }
+        "snapshot" => {
+            c.faults.image_fails = true;
+            ErrorKind::Internal
+        }
+        "test" => {
+            c.faults.command_fails.insert(
+                "test".into(),
+                CommandStatus::Failed {
+                    message: "component smoke, step SshdConfigValid: exit code 255".into(),
+                    output_tail: "sshd: bad config".into(),
+                },
+            );
+            ErrorKind::TestFailed
+        }
+        _ => {
+            c.faults.copy_fails.insert("eu-central-1".into());
+            ErrorKind::Internal
+        }
+    })
+}
+
+#[test]
+fn a_failure_at_any_stage_ends_failed_with_nothing_left_behind() {
+    for stage in ["launch", "customize", "snapshot", "test", "distribute"] {
+        // GIVEN a failure injected at one stage
+        let cloud = cloud();
+        let want = inject(&cloud, stage);
+        // WHEN the build runs and the state machine's Catch runs cleanup
+        let (build, err) = run(&cloud.ports(), &request("exec-1")).expect_err(stage);
+        // THEN the error has the expected kind, the build is FAILED with the reason
+        assert_eq!(err.kind, want, "{stage}: {err}");
+        let stored = block_on(cloud.ports().store.build(&build.id))
+            .expect("read")
+            .expect("stored");
+        assert_eq!(stored.status, BuildStatus::Failed, "{stage}");
+        let failure = stored.failure.expect("failure context");
+        assert_eq!(failure.error, want.error_type(), "{stage}");
+        assert!(!failure.message.is_empty());
+        // AND no instance runs, no image of the build remains in any region, the lock is free
+        assert!(
+            cloud.live_instances().is_empty(),
+            "{stage}: instances left: {:?}",
+            cloud.live_instances()
+        );
+        assert!(
+            cloud.build_images().is_empty(),
+            "{stage}: images left: {:?}",
+            cloud.build_images()
+        );
+        assert!(cloud.with(|c| c.locks.is_empty()), "{stage}: lock held");
+        assert_eq!(
+            cloud.with(|c| c.events.last().map(|e| e.state)),
+            Some(BuildStatus::Failed)
+        );
+        // AND cleanup is idempotent
+        let again = block_on(cleanup::run(
+            &cloud.ports(),
+            build,
+            err.error_type(),
+            &err.message,
+        ))
+        .expect("cleanup again");
+        assert_eq!(again.status, BuildStatus::Failed);
+    }
+}
+
+#[test]
+fn a_stale_retry_cannot_move_a_build_backwards() {
+    let cloud = cloud();
+    let build = run(&cloud.ports(), &request("exec-1")).expect("build");
+    let stale = Build {
+        status: BuildStatus::Building,
+        ..build.clone()
+    };
+    let err = block_on(
+        cloud
+            .ports()
+            .store
+            .save_build(&stale, BuildStatus::Building),
+    )
+    .expect_err("rejected");
+    assert_eq!(err.code.as_deref(), Some("ConditionalCheckFailedException"));
+    let stored = block_on(cloud.ports().store.build(&build.id))
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.status, BuildStatus::Available);
+}
+
+#[test]
+fn throttling_is_retryable_and_named_for_the_state_machine() {
+    let cloud = cloud();
+    cloud.with(|c| c.faults.throttle_next = 1);
+    let err =
+        block_on(launch_builder::start(&cloud.ports(), &request("exec-1"))).expect_err("throttled");
+    assert_eq!(err.error_type(), "Kiln.Retryable");
+    assert_eq!(err.code.as_deref(), Some("RequestLimitExceeded"));
+    // The state machine retries the same input: the retry continues the same build.
+    let build = block_on(launch_builder::start(&cloud.ports(), &request("exec-1"))).expect("retry");
+    assert!(build.builder.is_some());
+    assert_eq!(cloud.with(|c| c.builds.len()), 1);
+}
