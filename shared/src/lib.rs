@@ -1,6 +1,8 @@
 //! kiln: golden-image pipelines. All logic lives here; the CLI, the agent and the Lambda
 //! functions are thin front ends over this crate.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod component;
 pub mod diag;
 #[cfg(feature = "engine")]

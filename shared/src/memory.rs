@@ -611,8 +611,10 @@ impl Store for MemoryCloud {
         }))
     }
 
-    fn build<'a>(&'a self, id: &'a BuildId) -> PortResult<'a, Option<Build>> {
-        ok(Ok(self.with(|c| c.builds.get(id).cloned())))
+    fn build<'a>(&'a self, pipeline: &'a str, id: &'a BuildId) -> PortResult<'a, Option<Build>> {
+        ok(Ok(self.with(|c| {
+            c.builds.get(id).filter(|b| b.pipeline == pipeline).cloned()
+        })))
     }
 
     fn builds<'a>(&'a self, pipeline: &'a str) -> PortResult<'a, Vec<Build>> {

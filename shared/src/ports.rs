@@ -206,7 +206,7 @@ pub trait Store: Send + Sync {
     fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()>;
     /// Saves `build` if the stored one is in `expected` (or may move to the new status from it).
     fn save_build<'a>(&'a self, build: &'a Build, expected: BuildStatus) -> PortResult<'a, ()>;
-    fn build<'a>(&'a self, id: &'a BuildId) -> PortResult<'a, Option<Build>>;
+    fn build<'a>(&'a self, pipeline: &'a str, id: &'a BuildId) -> PortResult<'a, Option<Build>>;
     fn builds<'a>(&'a self, pipeline: &'a str) -> PortResult<'a, Vec<Build>>;
     /// Takes the pipeline's lock for `build`; `Kiln.Locked` naming the holder when taken.
     fn lock<'a>(

@@ -3,6 +3,7 @@
 mod support;
 
 mod agent;
+mod aws;
 mod bad_input;
 mod cli;
 mod engine;

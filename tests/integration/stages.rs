@@ -133,7 +133,7 @@ fn a_build_ends_available_in_every_region_with_nothing_left_running() {
     // THEN it is AVAILABLE with an image per region, shared and published, and nothing runs
     assert_eq!(build.status, BuildStatus::Available);
     assert_eq!(build.version(), "2.1.0/1");
-    let stored = block_on(cloud.ports().store.build(&build.id))
+    let stored = block_on(cloud.ports().store.build(&build.pipeline, &build.id))
         .expect("read")
         .expect("stored");
     assert_eq!(stored.status, BuildStatus::Available);
@@ -347,7 +347,7 @@ fn a_failure_at_any_stage_ends_failed_with_nothing_left_behind() {
         let (build, err) = run(&cloud.ports(), &request("exec-1")).expect_err(stage);
         // THEN the error has the expected kind, the build is FAILED with the reason
         assert_eq!(err.kind, want, "{stage}: {err}");
-        let stored = block_on(cloud.ports().store.build(&build.id))
+        let stored = block_on(cloud.ports().store.build(&build.pipeline, &build.id))
             .expect("read")
             .expect("stored");
         assert_eq!(stored.status, BuildStatus::Failed, "{stage}");
@@ -398,7 +398,7 @@ fn a_stale_retry_cannot_move_a_build_backwards() {
     )
     .expect_err("rejected");
     assert_eq!(err.code.as_deref(), Some("ConditionalCheckFailedException"));
-    let stored = block_on(cloud.ports().store.build(&build.id))
+    let stored = block_on(cloud.ports().store.build(&build.pipeline, &build.id))
         .expect("read")
         .expect("stored");
     assert_eq!(stored.status, BuildStatus::Available);

@@ -38,7 +38,11 @@ pub async fn run(
     cause: &str,
 ) -> Result<Build, StageError> {
     // Start from the stored record: the state machine's copy may predate the last save.
-    let mut build = ports.store.build(&build.id).await?.unwrap_or(build);
+    let mut build = ports
+        .store
+        .build(&build.pipeline, &build.id)
+        .await?
+        .unwrap_or(build);
     let record = ports.store.pipeline(&build.pipeline).await?;
     let mut regions: Vec<String> = vec![build.home_region.clone()];
     if let Some(r) = &record {

@@ -1,0 +1,591 @@
+//! Compute over EC2: instances and images, every mutating call tagged with the build and
+//! idempotent through client tokens or look-ups by tag.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_ec2::error::{ProvideErrorMetadata as _, SdkError};
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
+    InstanceType, LaunchPermission as Ec2LaunchPermission, LaunchPermissionModifications,
+    RequestLaunchTemplateData, ResourceType, Tag, TagSpecification, VolumeType as Ec2VolumeType,
+};
+
+use super::{sdk_error, AwsPorts};
+use crate::errors::{ErrorKind, StageError};
+use crate::model::build::{BuildId, ImageId, InstanceId};
+use crate::model::pipeline::{Imdsv2, LaunchPermission, ParentFilter, VolumeType};
+use crate::ports::{Compute, ImageState, InstanceState, LaunchSpec, PortResult};
+
+fn tag_spec(kind: ResourceType, tags: &BTreeMap<String, String>) -> TagSpecification {
+    TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(
+            tags.iter()
+                .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                .collect(),
+        ))
+        .build()
+}
+
+fn volume_type(v: VolumeType) -> Ec2VolumeType {
+    match v {
+        VolumeType::Gp2 => Ec2VolumeType::Gp2,
+        VolumeType::Gp3 => Ec2VolumeType::Gp3,
+        VolumeType::Io1 => Ec2VolumeType::Io1,
+        VolumeType::Io2 => Ec2VolumeType::Io2,
+        VolumeType::St1 => Ec2VolumeType::St1,
+        VolumeType::Sc1 => Ec2VolumeType::Sc1,
+        VolumeType::Standard => Ec2VolumeType::Standard,
+    }
+}
+
+fn build_filter(build: &BuildId) -> Filter {
+    Filter::builder()
+        .name("tag:kiln:build-id")
+        .values(build.as_str())
+        .build()
+}
+
+impl Compute for AwsPorts {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId> {
+        Box::pin(async move {
+            use base64::Engine as _;
+            let inf = &spec.infrastructure;
+            let mut req = self
+                .ec2(&spec.region)
+                .run_instances()
+                .image_id(spec.image.as_str())
+                .instance_type(InstanceType::from(spec.instance_type.as_str()))
+                .min_count(1)
+                .max_count(1)
+                .client_token(&spec.client_token)
+                .tag_specifications(tag_spec(ResourceType::Instance, &spec.tags))
+                .tag_specifications(tag_spec(ResourceType::Volume, &spec.tags))
+                .metadata_options(
+                    InstanceMetadataOptionsRequest::builder()
+                        .http_tokens(if inf.imdsv2 == Imdsv2::Required {
+                            HttpTokensState::Required
+                        } else {
+                            HttpTokensState::Optional
+                        })
+                        .http_endpoint(aws_sdk_ec2::types::InstanceMetadataEndpointState::Enabled)
+                        .build(),
+                );
+            if inf.subnet_id.is_some() || !inf.associate_public_ip {
+                let mut nic = InstanceNetworkInterfaceSpecification::builder()
+                    .device_index(0)
+                    .associate_public_ip_address(inf.associate_public_ip);
+                if let Some(subnet) = &inf.subnet_id {
+                    nic = nic.subnet_id(subnet);
+                }
+                for sg in &inf.security_group_ids {
+                    nic = nic.groups(sg);
+                }
+                req = req.network_interfaces(nic.build());
+            }
+            if let Some(profile) = &inf.instance_profile {
+                let p = if profile.starts_with("arn:") {
+                    IamInstanceProfileSpecification::builder().arn(profile)
+                } else {
+                    IamInstanceProfileSpecification::builder().name(profile)
+                };
+                req = req.iam_instance_profile(p.build());
+            }
+            if let Some(key) = &inf.key_pair {
+                req = req.key_name(key);
+            }
+            if let Some(ud) = &spec.user_data {
+                req = req.user_data(base64::engine::general_purpose::STANDARD.encode(ud));
+            }
+            for d in &spec.block_devices {
+                let mut ebs = EbsBlockDevice::builder()
+                    .encrypted(d.encrypted)
+                    .delete_on_termination(d.delete_on_termination);
+                if let Some(size) = d.volume_size {
+                    ebs = ebs.volume_size(size as i32);
+                }
+                if let Some(t) = d.volume_type {
+                    ebs = ebs.volume_type(volume_type(t));
+                }
+                if let Some(i) = d.iops {
+                    ebs = ebs.iops(i as i32);
+                }
+                if let Some(t) = d.throughput {
+                    ebs = ebs.throughput(t as i32);
+                }
+                if let Some(k) = &d.kms_key_id {
+                    ebs = ebs.kms_key_id(k);
+                }
+                req = req.block_device_mappings(
+                    BlockDeviceMapping::builder()
+                        .device_name(&d.device_name)
+                        .ebs(ebs.build())
+                        .build(),
+                );
+            }
+            let out = req.send().await.map_err(|e| sdk_error("RunInstances", e))?;
+            out.instances()
+                .first()
+                .and_then(|i| i.instance_id())
+                .map(|i| InstanceId(i.to_string()))
+                .ok_or_else(|| {
+                    StageError::new(ErrorKind::Internal, "RunInstances returned no instance")
+                })
+        })
+    }
+
+    fn instance_state<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a InstanceId,
+    ) -> PortResult<'a, InstanceState> {
+        Box::pin(async move {
+            let out = self
+                .ec2(region)
+                .describe_instances()
+                .instance_ids(id.as_str())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeInstances", e))?;
+            let state = out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find_map(|i| i.state().and_then(|s| s.name()).cloned());
+            Ok(match state {
+                Some(InstanceStateName::Pending) => InstanceState::Pending,
+                Some(InstanceStateName::Running) => InstanceState::Running,
+                Some(InstanceStateName::Stopping) => InstanceState::Stopping,
+                Some(InstanceStateName::Stopped) => InstanceState::Stopped,
+                Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => {
+                    InstanceState::Terminated
+                }
+                // Right after launch an instance may not be visible yet.
+                _ => {
+                    return Err(StageError::new(
+                        ErrorKind::Retryable,
+                        format!("instance {id} is not visible yet"),
+                    )
+                    .with_code("InvalidInstanceID.NotFound"))
+                }
+            })
+        })
+    }
+
+    fn stop<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            self.ec2(region)
+                .stop_instances()
+                .instance_ids(id.as_str())
+                .send()
+                .await
+                .map_err(|e| sdk_error("StopInstances", e))?;
+            Ok(())
+        })
+    }
+
+    fn terminate<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            match self
+                .ec2(region)
+                .terminate_instances()
+                .instance_ids(id.as_str())
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
+                Err(e) => Err(sdk_error("TerminateInstances", e)),
+            }
+        })
+    }
+
+    fn instances_of<'a>(
+        &'a self,
+        region: &'a str,
+        build: &'a BuildId,
+    ) -> PortResult<'a, Vec<InstanceId>> {
+        Box::pin(async move {
+            let live = Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .build();
+            let out = self
+                .ec2(region)
+                .describe_instances()
+                .filters(build_filter(build))
+                .filters(live)
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeInstances", e))?;
+            Ok(out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter_map(|i| i.instance_id())
+                .map(|i| InstanceId(i.to_string()))
+                .collect())
+        })
+    }
+
+    fn create_image<'a>(
+        &'a self,
+        region: &'a str,
+        instance: &'a InstanceId,
+        name: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> PortResult<'a, ImageId> {
+        Box::pin(async move {
+            let client = self.ec2(region);
+            let description = format!(
+                "kiln build {}",
+                tags.get("kiln:version").cloned().unwrap_or_default()
+            );
+            let request = |snapshot_tags: bool| {
+                let mut r = client
+                    .create_image()
+                    .instance_id(instance.as_str())
+                    .name(name)
+                    .description(&description)
+                    .tag_specifications(tag_spec(ResourceType::Image, tags));
+                if snapshot_tags {
+                    r = r.tag_specifications(tag_spec(ResourceType::Snapshot, tags));
+                }
+                r
+            };
+            let out = match request(true).send().await {
+                Ok(o) => o,
+                // An endpoint that cannot tag snapshots in CreateImage (moto answers 500): create
+                // the image, then tag its snapshots separately.
+                Err(SdkError::ServiceError(e)) if e.raw().status().is_server_error() => {
+                    let out = request(false)
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error("CreateImage", e))?;
+                    if let Some(id) = out.image_id() {
+                        let images = client
+                            .describe_images()
+                            .image_ids(id)
+                            .send()
+                            .await
+                            .map_err(|e| sdk_error("DescribeImages", e))?;
+                        let snapshots: Vec<String> = images
+                            .images()
+                            .iter()
+                            .flat_map(|i| i.block_device_mappings())
+                            .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
+                            .map(str::to_string)
+                            .collect();
+                        if !snapshots.is_empty() {
+                            client
+                                .create_tags()
+                                .set_resources(Some(snapshots))
+                                .set_tags(Some(
+                                    tags.iter()
+                                        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                                        .collect(),
+                                ))
+                                .send()
+                                .await
+                                .map_err(|e| sdk_error("CreateTags", e))?;
+                        }
+                    }
+                    out
+                }
+                Err(e) => return Err(sdk_error("CreateImage", e)),
+            };
+            out.image_id()
+                .map(|i| ImageId(i.to_string()))
+                .ok_or_else(|| {
+                    StageError::new(ErrorKind::Internal, "CreateImage returned no image id")
+                })
+        })
+    }
+
+    fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState> {
+        Box::pin(async move {
+            let out = match self
+                .ec2(region)
+                .describe_images()
+                .image_ids(id.as_str())
+                .send()
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if e.code() == Some("InvalidAMIID.NotFound") => {
+                    return Ok(ImageState::Pending)
+                }
+                Err(e) => return Err(sdk_error("DescribeImages", e)),
+            };
+            Ok(
+                match out
+                    .images()
+                    .first()
+                    .and_then(|i| i.state())
+                    .map(|s| s.as_str().to_string())
+                    .as_deref()
+                {
+                    Some("available") => ImageState::Available,
+                    Some("pending") | None => ImageState::Pending,
+                    Some(other) => ImageState::Failed(format!("image {id} is {other}")),
+                },
+            )
+        })
+    }
+
+    fn images_of<'a>(
+        &'a self,
+        region: &'a str,
+        build: &'a BuildId,
+    ) -> PortResult<'a, Vec<ImageId>> {
+        Box::pin(async move {
+            let out = self
+                .ec2(region)
+                .describe_images()
+                .owners("self")
+                .filters(build_filter(build))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages", e))?;
+            Ok(out
+                .images()
+                .iter()
+                .filter_map(|i| i.image_id())
+                .map(|i| ImageId(i.to_string()))
+                .collect())
+        })
+    }
+
+    fn copy_image<'a>(
+        &'a self,
+        from_region: &'a str,
+        image: &'a ImageId,
+        to_region: &'a str,
+        name: &'a str,
+        client_token: &'a str,
+        tags: &'a BTreeMap<String, String>,
+    ) -> PortResult<'a, ImageId> {
+        Box::pin(async move {
+            let client = self.ec2(to_region);
+            let out = client
+                .copy_image()
+                .source_region(from_region)
+                .source_image_id(image.as_str())
+                .name(name)
+                .client_token(client_token)
+                .send()
+                .await
+                .map_err(|e| sdk_error("CopyImage", e))?;
+            let id = out
+                .image_id()
+                .map(|i| ImageId(i.to_string()))
+                .ok_or_else(|| {
+                    StageError::new(ErrorKind::Internal, "CopyImage returned no image id")
+                })?;
+            // Tag the copy so that clean-up and lifecycle find it by build.
+            client
+                .create_tags()
+                .resources(id.as_str())
+                .set_tags(Some(
+                    tags.iter()
+                        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                        .collect(),
+                ))
+                .send()
+                .await
+                .map_err(|e| sdk_error("CreateTags", e))?;
+            Ok(id)
+        })
+    }
+
+    fn share_image<'a>(
+        &'a self,
+        region: &'a str,
+        image: &'a ImageId,
+        permission: &'a LaunchPermission,
+    ) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            let mut adds = Vec::new();
+            adds.extend(
+                permission
+                    .accounts
+                    .iter()
+                    .map(|a| Ec2LaunchPermission::builder().user_id(a).build()),
+            );
+            adds.extend(
+                permission
+                    .organization_arns
+                    .iter()
+                    .map(|a| Ec2LaunchPermission::builder().organization_arn(a).build()),
+            );
+            adds.extend(permission.organizational_unit_arns.iter().map(|a| {
+                Ec2LaunchPermission::builder()
+                    .organizational_unit_arn(a)
+                    .build()
+            }));
+            if permission.public {
+                adds.push(
+                    Ec2LaunchPermission::builder()
+                        .group(aws_sdk_ec2::types::PermissionGroup::All)
+                        .build(),
+                );
+            }
+            if adds.is_empty() {
+                return Ok(());
+            }
+            self.ec2(region)
+                .modify_image_attribute()
+                .image_id(image.as_str())
+                .launch_permission(
+                    LaunchPermissionModifications::builder()
+                        .set_add(Some(adds))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_error("ModifyImageAttribute", e))?;
+            Ok(())
+        })
+    }
+
+    fn delete_image<'a>(&'a self, region: &'a str, image: &'a ImageId) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            let client = self.ec2(region);
+            let snapshots: Vec<String> = match client
+                .describe_images()
+                .image_ids(image.as_str())
+                .send()
+                .await
+            {
+                Ok(out) => out
+                    .images()
+                    .iter()
+                    .flat_map(|i| i.block_device_mappings())
+                    .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
+                    .map(str::to_string)
+                    .collect(),
+                Err(e) if e.code() == Some("InvalidAMIID.NotFound") => return Ok(()),
+                Err(e) => return Err(sdk_error("DescribeImages", e)),
+            };
+            match client
+                .deregister_image()
+                .image_id(image.as_str())
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
+                    ) => {}
+                Err(e) => return Err(sdk_error("DeregisterImage", e)),
+            }
+            for s in snapshots {
+                match client.delete_snapshot().snapshot_id(&s).send().await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => {}
+                    Err(e) => return Err(sdk_error("DeleteSnapshot", e)),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn latest_image<'a>(
+        &'a self,
+        region: &'a str,
+        filter: &'a ParentFilter,
+    ) -> PortResult<'a, Option<ImageId>> {
+        Box::pin(async move {
+            let mut req = self
+                .ec2(region)
+                .describe_images()
+                .set_owners(Some(filter.owners.clone()))
+                .filters(Filter::builder().name("name").values(&filter.name).build())
+                .filters(Filter::builder().name("state").values("available").build());
+            if let Some(a) = filter.architecture {
+                let arch = match a {
+                    crate::model::pipeline::Architecture::X86_64 => "x86_64",
+                    crate::model::pipeline::Architecture::Arm64 => "arm64",
+                };
+                req = req.filters(Filter::builder().name("architecture").values(arch).build());
+            }
+            let out = req
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages", e))?;
+            Ok(out
+                .images()
+                .iter()
+                .max_by_key(|i| i.creation_date().unwrap_or_default().to_string())
+                .and_then(|i| i.image_id())
+                .map(|i| ImageId(i.to_string())))
+        })
+    }
+
+    fn image_named<'a>(
+        &'a self,
+        region: &'a str,
+        name: &'a str,
+    ) -> PortResult<'a, Option<ImageId>> {
+        Box::pin(async move {
+            let out = self
+                .ec2(region)
+                .describe_images()
+                .owners("self")
+                .filters(Filter::builder().name("name").values(name).build())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages", e))?;
+            Ok(out
+                .images()
+                .first()
+                .and_then(|i| i.image_id())
+                .map(|i| ImageId(i.to_string())))
+        })
+    }
+
+    fn new_launch_template_version<'a>(
+        &'a self,
+        region: &'a str,
+        template: &'a str,
+        image: &'a ImageId,
+        set_default: bool,
+    ) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            let client = self.ec2(region);
+            let out = client
+                .create_launch_template_version()
+                .launch_template_id(template)
+                .source_version("$Latest")
+                .launch_template_data(
+                    RequestLaunchTemplateData::builder()
+                        .image_id(image.as_str())
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_error("CreateLaunchTemplateVersion", e))?;
+            if set_default {
+                let version = out
+                    .launch_template_version()
+                    .and_then(|v| v.version_number())
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "$Latest".into());
+                client
+                    .modify_launch_template()
+                    .launch_template_id(template)
+                    .default_version(version)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("ModifyLaunchTemplate", e))?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,241 @@
+//! The ports over the AWS SDK for Rust: EC2 (compute), SSM Run Command with kiln-agent and S3
+//! (commands), DynamoDB (store), EventBridge (events), SSM Parameter Store (parameters).
+//! Every error keeps the service's error code, classified into the `Kiln.*` kinds.
+
+mod commands;
+mod compute;
+mod store;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::errors::{classify_aws_code, ErrorKind, StageError};
+use crate::ports::{BuildEvent, Events, Parameters, PortResult};
+
+pub use commands::AGENT_KEY;
+
+/// Where the stack keeps its state and artifacts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The DynamoDB table.
+    pub table: String,
+    /// The artifacts bucket (agent binaries, documents, reports, logs).
+    pub bucket: String,
+    /// The EventBridge bus for "Kiln Image State Change" events.
+    pub event_bus: String,
+    /// The region of the table and the bucket.
+    pub region: String,
+}
+
+/// The AWS ports, with one client per region for the regional services.
+pub struct AwsPorts {
+    pub settings: Settings,
+    config: aws_config::SdkConfig,
+    ec2: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+    ssm: Mutex<HashMap<String, aws_sdk_ssm::Client>>,
+    pub(crate) dynamodb: aws_sdk_dynamodb::Client,
+    pub(crate) s3: aws_sdk_s3::Client,
+    events: aws_sdk_eventbridge::Client,
+}
+
+impl std::fmt::Debug for AwsPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsPorts")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsPorts {
+    /// Clients from the environment's AWS configuration (credentials chain, `AWS_ENDPOINT_URL`).
+    pub async fn from_env(settings: Settings) -> AwsPorts {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(settings.region.clone()))
+            .load()
+            .await;
+        AwsPorts::new(settings, config)
+    }
+
+    pub fn new(settings: Settings, config: aws_config::SdkConfig) -> AwsPorts {
+        // Path-style S3 addressing works with custom endpoints (moto) as well as with AWS.
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&config)
+                .force_path_style(true)
+                .build(),
+        );
+        AwsPorts {
+            dynamodb: aws_sdk_dynamodb::Client::new(&config),
+            events: aws_sdk_eventbridge::Client::new(&config),
+            s3,
+            ec2: Mutex::new(HashMap::new()),
+            ssm: Mutex::new(HashMap::new()),
+            settings,
+            config,
+        }
+    }
+
+    /// Creates the table and the bucket if they do not exist (tests, and `kiln run --backend aws`
+    /// without a deployed stack).
+    pub async fn bootstrap(&self) -> Result<(), StageError> {
+        store::create_table(&self.dynamodb, &self.settings.table).await?;
+        match self
+            .s3
+            .create_bucket()
+            .bucket(&self.settings.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(sdk_error("CreateBucket", e)),
+        }
+    }
+
+    /// The EC2 client of a region.
+    pub fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
+        let mut clients = self
+            .ec2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                aws_sdk_ec2::Client::from_conf(
+                    aws_sdk_ec2::config::Builder::from(&self.config)
+                        .region(aws_config::Region::new(region.to_string()))
+                        .build(),
+                )
+            })
+            .clone()
+    }
+
+    /// The SSM client of a region.
+    pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
+        let mut clients = self
+            .ssm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                aws_sdk_ssm::Client::from_conf(
+                    aws_sdk_ssm::config::Builder::from(&self.config)
+                        .region(aws_config::Region::new(region.to_string()))
+                        .build(),
+                )
+            })
+            .clone()
+    }
+
+    pub fn ports(&self) -> crate::ports::Ports<'_> {
+        crate::ports::Ports {
+            compute: self,
+            commands: self,
+            store: self,
+            events: self,
+            parameters: self,
+            clock: &crate::ports::SystemClock,
+        }
+    }
+}
+
+/// An SDK error as a stage error: the operation, the service's message and code, classified.
+pub(crate) fn sdk_error<E, R>(operation: &str, e: SdkError<E, R>) -> StageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let code = e.code().map(str::to_string);
+    let kind = match (&e, code.as_deref()) {
+        (
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_),
+            _,
+        ) => ErrorKind::Retryable,
+        (_, Some(c)) => classify_aws_code(c),
+        _ => ErrorKind::Internal,
+    };
+    let message = format!(
+        "{operation}: {}",
+        e.message()
+            .map(str::to_string)
+            .unwrap_or_else(|| DisplayErrorContext(&e).to_string())
+    );
+    let err = StageError::new(kind, message);
+    match code {
+        Some(c) => err.with_code(c),
+        None => err,
+    }
+}
+
+impl Events for AwsPorts {
+    fn emit<'a>(&'a self, event: &'a BuildEvent) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            let detail = serde_json::to_string(event)
+                .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?;
+            let entry = aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+                .source("kiln")
+                .detail_type("Kiln Image State Change")
+                .detail(detail)
+                .event_bus_name(&self.settings.event_bus)
+                .resources(format!("kiln:build/{}", event.build))
+                .build();
+            let out = self
+                .events
+                .put_events()
+                .entries(entry)
+                .send()
+                .await
+                .map_err(|e| sdk_error("PutEvents", e))?;
+            if out.failed_entry_count() > 0 {
+                let why = out
+                    .entries()
+                    .iter()
+                    .filter_map(|e| e.error_message())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(StageError::new(
+                    ErrorKind::Retryable,
+                    format!("PutEvents: {why}"),
+                ));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Parameters for AwsPorts {
+    fn get<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<String>> {
+        Box::pin(async move {
+            match self.ssm(region).get_parameter().name(name).send().await {
+                Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_string)),
+                Err(e) if e.code() == Some("ParameterNotFound") => Ok(None),
+                Err(e) => Err(sdk_error("GetParameter", e)),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, region: &'a str, name: &'a str, value: &'a str) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            self.ssm(region)
+                .put_parameter()
+                .name(name)
+                .value(value)
+                .r#type(aws_sdk_ssm::types::ParameterType::String)
+                .data_type("aws:ec2:image")
+                .overwrite(true)
+                .send()
+                .await
+                .map_err(|e| sdk_error("PutParameter", e))?;
+            Ok(())
+        })
+    }
+}
