@@ -554,8 +554,19 @@ impl Commands for MemoryCloud {
 impl Store for MemoryCloud {
     fn put_pipeline<'a>(&'a self, record: &'a PipelineRecord) -> PortResult<'a, ()> {
         ok(self.with(|c| {
-            c.pipelines
-                .insert(record.pipeline.name.clone(), record.clone());
+            let p = &record.pipeline;
+            if let Some(existing) = c.pipelines.get(&p.name) {
+                if existing.pipeline.version == p.version && existing != record {
+                    return Err(StageError::new(
+                        ErrorKind::InvalidPipeline,
+                        format!(
+                            "pipeline {} version {} exists with other content; raise `version`",
+                            p.name, p.version
+                        ),
+                    ));
+                }
+            }
+            c.pipelines.insert(p.name.clone(), record.clone());
             Ok(())
         }))
     }

@@ -90,61 +90,105 @@ fn env() -> Env {
     }
 }
 
-#[test]
-fn store_contract_on_dynamodb() {
-    let e = env();
-    let p = e.ports.ports();
+/// The store contract, for any implementation: run on DynamoDB (moto) here and on the
+/// in-memory store below.
+pub async fn store_contract(store: &dyn kiln::ports::Store) {
     let loaded =
         kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
     let record = PipelineRecord::from(&loaded);
-    e.rt.block_on(async {
-        // Pipelines: stored, read back, immutable per version.
-        p.store.put_pipeline(&record).await.expect("put");
-        p.store
-            .put_pipeline(&record)
+    // Pipelines: stored, read back, immutable per version.
+    store.put_pipeline(&record).await.expect("put");
+    store
+        .put_pipeline(&record)
+        .await
+        .expect("same content again is fine");
+    assert_eq!(
+        store.pipeline("al2023-base").await.expect("get"),
+        Some(record.clone())
+    );
+    assert_eq!(store.pipeline("nope").await.expect("get"), None);
+    let mut changed = record.clone();
+    changed.pipeline.description = Some("changed".into());
+    let err = store
+        .put_pipeline(&changed)
+        .await
+        .expect_err("immutable version");
+    assert_eq!(err.error_type(), "Kiln.InvalidPipeline");
+    // Builds: created once, read back, listed, moved forward only.
+    let mut build: kiln::model::build::Build = serde_json::from_value(serde_json::json!({
+        "id": BuildId::new_at(5).0, "pipeline": "al2023-base", "definitionVersion": "2.1.0", "buildNumber": 1,
+        "trigger": {"kind": "manual"}, "status": "PENDING", "homeRegion": "us-east-1", "buildDate": "20260101000000"
+    }))
+    .expect("a build document");
+    store.create_build(&build).await.expect("create");
+    store
+        .create_build(&build)
+        .await
+        .expect("create again with the same content");
+    build.status = BuildStatus::Building;
+    store
+        .save_build(&build, BuildStatus::Pending)
+        .await
+        .expect("forward");
+    let stale = kiln::model::build::Build {
+        status: BuildStatus::Pending,
+        ..build.clone()
+    };
+    assert!(
+        store
+            .save_build(&stale, BuildStatus::Pending)
             .await
-            .expect("same content again is fine");
-        assert_eq!(
-            p.store.pipeline("al2023-base").await.expect("get"),
-            Some(record.clone())
-        );
-        let mut changed = record.clone();
-        changed.pipeline.description = Some("changed".into());
-        let err = p
-            .store
-            .put_pipeline(&changed)
+            .is_err(),
+        "a stale retry cannot move the build backwards"
+    );
+    assert_eq!(
+        store
+            .build("al2023-base", &build.id)
             .await
-            .expect_err("immutable version");
-        assert_eq!(err.error_type(), "Kiln.InvalidPipeline");
-        assert_eq!(p.store.pipeline("nope").await.expect("get"), None);
-        // Locks: one holder; the other is told who holds it; released only by the holder.
-        let (a, b) = (BuildId::new_at(1), BuildId::new_at(2));
-        let now = chrono::Utc::now();
-        p.store
-            .lock("al2023-base", &a, now, 3600)
-            .await
-            .expect("lock");
-        p.store
-            .lock("al2023-base", &a, now, 3600)
-            .await
-            .expect("re-entrant for the holder");
-        let err = p
-            .store
-            .lock("al2023-base", &b, now, 3600)
-            .await
-            .expect_err("held");
-        assert!(err.message.contains(a.as_str()), "{err}");
-        p.store
-            .unlock("al2023-base", &b)
-            .await
-            .expect("not the holder: no-op");
-        assert!(p.store.lock("al2023-base", &b, now, 3600).await.is_err());
-        p.store
-            .lock("al2023-base", &b, now + chrono::Duration::hours(2), 3600)
-            .await
-            .expect("an expired lock is taken over");
-        p.store.unlock("al2023-base", &b).await.expect("unlock");
-    });
+            .expect("get")
+            .map(|b| b.status),
+        Some(BuildStatus::Building)
+    );
+    assert_eq!(store.builds("al2023-base").await.expect("list").len(), 1);
+    // Locks: one holder; the other is told who holds it; released only by the holder.
+    let (a, b) = (BuildId::new_at(1), BuildId::new_at(2));
+    let now = chrono::Utc::now();
+    store
+        .lock("al2023-base", &a, now, 3600)
+        .await
+        .expect("lock");
+    store
+        .lock("al2023-base", &a, now, 3600)
+        .await
+        .expect("re-entrant for the holder");
+    let err = store
+        .lock("al2023-base", &b, now, 3600)
+        .await
+        .expect_err("held");
+    assert_eq!(err.error_type(), "Kiln.Locked");
+    assert!(err.message.contains(a.as_str()), "{err}");
+    store
+        .unlock("al2023-base", &b)
+        .await
+        .expect("not the holder: no-op");
+    assert!(store.lock("al2023-base", &b, now, 3600).await.is_err());
+    store
+        .lock("al2023-base", &b, now + chrono::Duration::hours(2), 3600)
+        .await
+        .expect("an expired lock is taken over");
+    store.unlock("al2023-base", &b).await.expect("unlock");
+}
+
+#[test]
+fn store_contract_on_dynamodb() {
+    let e = env();
+    e.rt.block_on(store_contract(&*e.ports));
+}
+
+#[test]
+fn store_contract_in_memory() {
+    let cloud = kiln::memory::MemoryCloud::new();
+    futures::executor::block_on(store_contract(&cloud));
 }
 
 #[test]
