@@ -58,6 +58,48 @@ fn ports_of<'a>(aws: &'a AwsPorts, commands: &'a MotoCommands<'a>) -> Ports<'a> 
     }
 }
 
+/// Applies the AWS example, adapted to moto (no subnets, security groups, profiles, launch
+/// templates or KMS keys of those ids), and publishes a parent AMI under the example's public
+/// parameter when moto does not provide it.
+async fn apply_example(p: &Ports<'_>) -> PipelineRecord {
+    let loaded =
+        kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
+    let mut record = PipelineRecord::from(&loaded);
+    record.pipeline.infrastructure.subnet_id = None;
+    record.pipeline.infrastructure.security_group_ids.clear();
+    record.pipeline.infrastructure.instance_profile = None;
+    for d in &mut record.pipeline.distribution {
+        d.launch_templates.clear();
+        d.kms_key_id = None;
+    }
+    p.store.put_pipeline(&record).await.expect("apply");
+    if p.parameters
+        .get("us-east-1", PARENT_PARAM)
+        .await
+        .expect("get")
+        .is_none()
+    {
+        let any = p
+            .compute
+            .latest_image(
+                "us-east-1",
+                &ParentFilter {
+                    owners: vec!["amazon".into()],
+                    name: "*".into(),
+                    architecture: None,
+                },
+            )
+            .await
+            .expect("images")
+            .expect("moto has public AMIs");
+        p.parameters
+            .put("us-east-1", PARENT_PARAM, any.as_str())
+            .await
+            .expect("put");
+    }
+    record
+}
+
 struct Env {
     _moto: Moto,
     ports: Arc<AwsPorts>,
@@ -197,43 +239,8 @@ fn a_build_runs_end_to_end_on_moto_and_leaves_only_the_images() {
     let e = env();
     let commands = MotoCommands(&e.ports);
     let p = ports_of(&e.ports, &commands);
-    let loaded =
-        kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
-    let mut record = PipelineRecord::from(&loaded);
-    // moto has no subnets, security groups, profiles or launch templates of these ids.
-    record.pipeline.infrastructure.subnet_id = None;
-    record.pipeline.infrastructure.security_group_ids.clear();
-    record.pipeline.infrastructure.instance_profile = None;
-    for d in &mut record.pipeline.distribution {
-        d.launch_templates.clear();
-        d.kms_key_id = None;
-    }
     e.rt.block_on(async {
-        p.store.put_pipeline(&record).await.expect("apply");
-        if p.parameters
-            .get("us-east-1", PARENT_PARAM)
-            .await
-            .expect("get")
-            .is_none()
-        {
-            let any = p
-                .compute
-                .latest_image(
-                    "us-east-1",
-                    &ParentFilter {
-                        owners: vec!["amazon".into()],
-                        name: "*".into(),
-                        architecture: None,
-                    },
-                )
-                .await
-                .expect("images")
-                .expect("moto has public AMIs");
-            p.parameters
-                .put("us-east-1", PARENT_PARAM, any.as_str())
-                .await
-                .expect("put");
-        }
+        let record = apply_example(&p).await;
         let req = StartRequest {
             pipeline: "al2023-base".into(),
             trigger: Trigger {
@@ -373,38 +380,8 @@ fn cleanup_on_moto_terminates_and_deregisters_everything_of_a_failed_build() {
     let e = env();
     let commands = MotoCommands(&e.ports);
     let p = ports_of(&e.ports, &commands);
-    let loaded =
-        kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
-    let mut record = PipelineRecord::from(&loaded);
-    record.pipeline.infrastructure.subnet_id = None;
-    record.pipeline.infrastructure.security_group_ids.clear();
-    record.pipeline.infrastructure.instance_profile = None;
     e.rt.block_on(async {
-        p.store.put_pipeline(&record).await.expect("apply");
-        if p.parameters
-            .get("us-east-1", PARENT_PARAM)
-            .await
-            .expect("get")
-            .is_none()
-        {
-            let any = p
-                .compute
-                .latest_image(
-                    "us-east-1",
-                    &ParentFilter {
-                        owners: vec!["amazon".into()],
-                        name: "*".into(),
-                        architecture: None,
-                    },
-                )
-                .await
-                .expect("images")
-                .expect("an AMI");
-            p.parameters
-                .put("us-east-1", PARENT_PARAM, any.as_str())
-                .await
-                .expect("put");
-        }
+        apply_example(&p).await;
         let req = StartRequest {
             pipeline: "al2023-base".into(),
             trigger: Trigger {

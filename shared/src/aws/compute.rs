@@ -17,14 +17,16 @@ use crate::model::build::{BuildId, ImageId, InstanceId};
 use crate::model::pipeline::{Imdsv2, LaunchPermission, ParentFilter, VolumeType};
 use crate::ports::{Compute, ImageState, InstanceState, LaunchSpec, PortResult};
 
+fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
 fn tag_spec(kind: ResourceType, tags: &BTreeMap<String, String>) -> TagSpecification {
     TagSpecification::builder()
         .resource_type(kind)
-        .set_tags(Some(
-            tags.iter()
-                .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                .collect(),
-        ))
+        .set_tags(Some(tag_list(tags)))
         .build()
 }
 
@@ -284,11 +286,7 @@ impl Compute for AwsPorts {
                             client
                                 .create_tags()
                                 .set_resources(Some(snapshots))
-                                .set_tags(Some(
-                                    tags.iter()
-                                        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                                        .collect(),
-                                ))
+                                .set_tags(Some(tag_list(tags)))
                                 .send()
                                 .await
                                 .map_err(|e| sdk_error("CreateTags", e))?;
@@ -390,11 +388,7 @@ impl Compute for AwsPorts {
             client
                 .create_tags()
                 .resources(id.as_str())
-                .set_tags(Some(
-                    tags.iter()
-                        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-                        .collect(),
-                ))
+                .set_tags(Some(tag_list(tags)))
                 .send()
                 .await
                 .map_err(|e| sdk_error("CreateTags", e))?;
