@@ -704,3 +704,9 @@ impl Parameters for MemoryCloud {
 pub fn sent_plans(cloud: &MemoryCloud) -> VecDeque<CommandPlan> {
     cloud.with(|c| c.commands.values().map(|cmd| cmd.plan.clone()).collect())
 }
+
+impl PortsProvider for MemoryCloud {
+    fn ports(&self) -> Ports<'_> {
+        MemoryCloud::ports(self)
+    }
+}

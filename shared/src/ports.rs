@@ -292,3 +292,8 @@ impl std::fmt::Debug for Ports<'_> {
         f.write_str("Ports")
     }
 }
+
+/// Something that offers the ports (the AWS clients, the embedded cloud, the in-memory cloud).
+pub trait PortsProvider: Send + Sync {
+    fn ports(&self) -> Ports<'_>;
+}

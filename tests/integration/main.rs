@@ -9,4 +9,5 @@ mod cli;
 mod engine;
 mod examples;
 mod fixtures;
+mod pipeline_asl;
 mod stages;

@@ -239,3 +239,9 @@ impl Parameters for AwsPorts {
         })
     }
 }
+
+impl crate::ports::PortsProvider for AwsPorts {
+    fn ports(&self) -> crate::ports::Ports<'_> {
+        AwsPorts::ports(self)
+    }
+}

@@ -116,8 +116,21 @@ pub async fn check(
     Ok(entry)
 }
 
-/// Marks the stage started (before the Map over regions).
+/// Marks the stage started and lists the target regions (the state machine maps over them).
 pub async fn begin(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageError> {
+    let record = record(ports, &build.pipeline).await?;
+    if build.regions.is_empty() {
+        build.regions = record
+            .pipeline
+            .distribution
+            .iter()
+            .map(|d| RegionImage {
+                region: d.region.clone(),
+                image: None,
+                state: RegionState::Copying,
+            })
+            .collect();
+    }
     stage_started(ports, &mut build, STAGE);
     transition(ports, &mut build, BuildStatus::Distributing).await?;
     Ok(build)

@@ -6,6 +6,7 @@
 pub mod cleanup;
 pub mod customize;
 pub mod distribute;
+pub mod handler;
 pub mod launch_builder;
 pub mod snapshot;
 pub mod test_image;

@@ -1,0 +1,232 @@
+//! One entry point per stage function, shared by the Lambda functions and the embedded engine:
+//! the event `{"op": …, "build": …}` in, the operation's result out, errors with their
+//! `Kiln.*` names. The state machine's Task states name these functions.
+
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+
+use crate::errors::{ErrorKind, StageError};
+use crate::model::build::{Build, RegionImage};
+use crate::ports::Ports;
+
+use super::{cleanup, customize, distribute, launch_builder, snapshot, test_image, StartRequest};
+
+/// The stage functions, named as in `functions/<name>` and the SAM template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Function {
+    LaunchBuilder,
+    Customize,
+    Snapshot,
+    TestImage,
+    Distribute,
+    Cleanup,
+}
+
+impl Function {
+    pub const ALL: [Function; 6] = [
+        Function::LaunchBuilder,
+        Function::Customize,
+        Function::Snapshot,
+        Function::TestImage,
+        Function::Distribute,
+        Function::Cleanup,
+    ];
+
+    /// The function's name: the Lambda package and the `functions/` folder.
+    pub fn name(self) -> &'static str {
+        match self {
+            Function::LaunchBuilder => "launch-builder",
+            Function::Customize => "customize",
+            Function::Snapshot => "snapshot",
+            Function::TestImage => "test-image",
+            Function::Distribute => "distribute",
+            Function::Cleanup => "cleanup",
+        }
+    }
+
+    /// The `${Name}` the state machine uses for the function's ARN (SAM DefinitionSubstitutions).
+    pub fn substitution(self) -> &'static str {
+        match self {
+            Function::LaunchBuilder => "LaunchBuilderFunctionArn",
+            Function::Customize => "CustomizeFunctionArn",
+            Function::Snapshot => "SnapshotFunctionArn",
+            Function::TestImage => "TestImageFunctionArn",
+            Function::Distribute => "DistributeFunctionArn",
+            Function::Cleanup => "CleanupFunctionArn",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Option<Function> {
+        Function::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    #[serde(default)]
+    op: String,
+    #[serde(default)]
+    request: Option<StartRequest>,
+    #[serde(default)]
+    build: Option<Build>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    entry: Option<RegionImage>,
+    #[serde(default)]
+    regions: Option<Vec<RegionImage>>,
+    /// Cleanup: the error the state machine caught (`{"Error", "Cause"}`).
+    #[serde(default)]
+    error: Option<CaughtError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CaughtError {
+    error: String,
+    #[serde(default)]
+    cause: String,
+}
+
+fn bad(why: impl Into<String>) -> StageError {
+    StageError::new(ErrorKind::Internal, why.into())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Json, StageError> {
+    serde_json::to_value(v).map_err(|e| bad(e.to_string()))
+}
+
+/// Runs one invocation of `function`.
+pub async fn handle(
+    ports: &Ports<'_>,
+    function: Function,
+    event: Json,
+) -> Result<Json, StageError> {
+    let e: Event = serde_json::from_value(event)
+        .map_err(|e| bad(format!("invalid {} event: {e}", function.name())))?;
+    let build = || {
+        e.build.clone().ok_or_else(|| {
+            bad(format!(
+                "{} {}: the event has no build",
+                function.name(),
+                e.op
+            ))
+        })
+    };
+    match (function, e.op.as_str()) {
+        (Function::LaunchBuilder, "start") => to_json(
+            &launch_builder::start(
+                ports,
+                e.request
+                    .as_ref()
+                    .ok_or_else(|| bad("launch-builder start: the event has no request"))?,
+            )
+            .await?,
+        ),
+        (Function::LaunchBuilder, "check") => {
+            to_json(&launch_builder::check(ports, build()?).await?)
+        }
+        (Function::Customize, "start") => to_json(&customize::start(ports, build()?).await?),
+        (Function::Customize, "check") => to_json(&customize::check(ports, build()?).await?),
+        (Function::Snapshot, "start") => to_json(&snapshot::start(ports, build()?).await?),
+        (Function::Snapshot, "check") => to_json(&snapshot::check(ports, build()?).await?),
+        (Function::TestImage, "start") => to_json(&test_image::start(ports, build()?).await?),
+        (Function::TestImage, "check") => to_json(&test_image::check(ports, build()?).await?),
+        (Function::Distribute, "begin") => to_json(&distribute::begin(ports, build()?).await?),
+        (Function::Distribute, "start") => to_json(
+            &distribute::start(
+                ports,
+                &build()?,
+                e.region
+                    .as_deref()
+                    .ok_or_else(|| bad("distribute start: no region"))?,
+            )
+            .await?,
+        ),
+        (Function::Distribute, "check") => to_json(
+            &distribute::check(
+                ports,
+                &build()?,
+                e.entry
+                    .clone()
+                    .ok_or_else(|| bad("distribute check: no entry"))?,
+            )
+            .await?,
+        ),
+        (Function::Distribute, "finish") => to_json(
+            &distribute::finish(ports, build()?, e.regions.clone().unwrap_or_default()).await?,
+        ),
+        (Function::Cleanup, _) => {
+            let caught = e.error.as_ref();
+            let (error, cause) = caught
+                .map(|c| (c.error.as_str(), c.cause.as_str()))
+                .unwrap_or(("Kiln.Internal", "unknown failure"));
+            match (&e.build, &e.request) {
+                (Some(b), _) => to_json(&cleanup::run(ports, b.clone(), error, cause).await?),
+                (None, Some(r)) => Ok(cleanup::run_for_request(ports, r, error, cause)
+                    .await?
+                    .map(|b| to_json(&b))
+                    .transpose()?
+                    .unwrap_or_else(|| json!(null))),
+                (None, None) => Ok(json!(null)),
+            }
+        }
+        (f, op) => Err(bad(format!("{} has no operation `{op}`", f.name()))),
+    }
+}
+
+/// The state machine's `${Name}` substitutions for running it in-process: each function gets a
+/// Lambda-shaped ARN (so the history and the bill read as they would in AWS).
+pub fn local_substitutions() -> std::collections::HashMap<String, String> {
+    Function::ALL
+        .iter()
+        .map(|f| {
+            (
+                f.substitution().to_string(),
+                format!(
+                    "arn:aws:lambda:local:000000000000:function:kiln-{}",
+                    f.name()
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Runs the state machine's Task states in-process with the stage code over a set of ports:
+/// the embedded mode, and the tests of the real definition.
+#[cfg(feature = "engine")]
+pub struct StageTasks<P>(pub std::sync::Arc<P>);
+
+#[cfg(feature = "engine")]
+impl<P> std::fmt::Debug for StageTasks<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StageTasks")
+    }
+}
+
+#[cfg(feature = "engine")]
+impl<P: crate::ports::PortsProvider + 'static> crate::engine::Tasks for StageTasks<P> {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        _state: &'a str,
+        input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, crate::engine::StateError>> {
+        Box::pin(async move {
+            let name = resource
+                .rsplit_once(":function:kiln-")
+                .map(|(_, n)| n)
+                .unwrap_or(resource);
+            let function = Function::by_name(name).ok_or_else(|| {
+                crate::engine::StateError::new(
+                    "States.Runtime",
+                    format!("no stage function for resource `{resource}`"),
+                )
+            })?;
+            let ports = self.0.ports();
+            handle(&ports, function, input)
+                .await
+                .map_err(|e| crate::engine::StateError::from_lambda(e.error_type(), &e.to_string()))
+        })
+    }
+}

@@ -1,0 +1,267 @@
+//! infra/statemachine/pipeline.asl.json, the one definition: consistent with the error contract
+//! and the stage functions, and run end to end by kiln's engine with the real stage code over
+//! the in-memory cloud — success in two regions, a skip, a lock, and a failure at every stage.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use kiln::engine::{clock::VirtualClock, definition, substitute, Engine, Status};
+use kiln::errors::ErrorKind;
+use kiln::memory::MemoryCloud;
+use kiln::model::build::BuildStatus;
+use kiln::ports::{CommandStatus, PipelineRecord};
+use kiln::stages::handler::{local_substitutions, Function, StageTasks};
+use serde_json::{json, Value as Json};
+
+use crate::support::repo;
+
+fn definition_json() -> Json {
+    serde_json::from_str(
+        &std::fs::read_to_string(repo().join("infra/statemachine/pipeline.asl.json"))
+            .expect("the definition"),
+    )
+    .expect("JSON")
+}
+
+fn collect(v: &Json, key: &str, out: &mut Vec<Json>) {
+    match v {
+        Json::Object(m) => {
+            for (k, x) in m {
+                if k == key {
+                    out.push(x.clone());
+                }
+                collect(x, key, out);
+            }
+        }
+        Json::Array(a) => a.iter().for_each(|x| collect(x, key, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_error_name_is_in_the_contract_and_every_contract_name_is_handled() {
+    let mut lists = Vec::new();
+    collect(&definition_json(), "ErrorEquals", &mut lists);
+    let named: BTreeSet<String> = lists
+        .iter()
+        .flat_map(|l| l.as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect();
+    let kiln_names: BTreeSet<String> = named
+        .iter()
+        .filter(|n| n.starts_with("Kiln."))
+        .cloned()
+        .collect();
+    let contract: BTreeSet<String> = ErrorKind::ALL
+        .iter()
+        .map(|k| k.error_type().to_string())
+        .collect();
+    assert_eq!(kiln_names, contract, "ASL names vs the ErrorKind enum");
+    for other in named.iter().filter(|n| !n.starts_with("Kiln.")) {
+        assert!(
+            other.starts_with("States.") || other.starts_with("Lambda."),
+            "unexpected error name {other}"
+        );
+    }
+}
+
+#[test]
+fn every_task_names_a_stage_function_and_every_function_is_used() {
+    let mut resources = Vec::new();
+    collect(&definition_json(), "Resource", &mut resources);
+    let used: BTreeSet<String> = resources
+        .iter()
+        .filter_map(|r| r.as_str())
+        .map(|r| r.trim_start_matches("${").trim_end_matches('}').to_string())
+        .collect();
+    let functions: BTreeSet<String> = Function::ALL
+        .iter()
+        .map(|f| f.substitution().to_string())
+        .collect();
+    assert_eq!(used, functions);
+    let (code, stdout, stderr) = crate::support::kiln(&[
+        "sfn",
+        "validate",
+        &repo()
+            .join("infra/statemachine/pipeline.asl.json")
+            .display()
+            .to_string(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+/// A cloud with the AWS example applied and its parent image published.
+fn cloud() -> Arc<MemoryCloud> {
+    let cloud = Arc::new(MemoryCloud::new());
+    let loaded =
+        kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
+    futures::executor::block_on(
+        cloud
+            .ports()
+            .store
+            .put_pipeline(&PipelineRecord::from(&loaded)),
+    )
+    .expect("applied");
+    let parent = cloud.add_image("us-east-1", "al2023-ami-2023.6");
+    futures::executor::block_on(cloud.ports().parameters.put(
+        "us-east-1",
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        parent.as_str(),
+    ))
+    .expect("param");
+    cloud
+}
+
+fn execute(cloud: &Arc<MemoryCloud>, name: &str, input: Json) -> kiln::engine::Outcome {
+    let machine = definition::parse(&substitute(&definition_json(), &local_substitutions()))
+        .expect("valid definition");
+    let engine = Engine::new(
+        Arc::new(StageTasks(cloud.clone())),
+        Arc::new(VirtualClock::default()),
+        true,
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(engine.run(&machine, input, name))
+}
+
+fn input() -> Json {
+    json!({"pipeline": "al2023-base", "trigger": {"kind": "manual"}})
+}
+
+#[test]
+fn the_state_machine_builds_and_distributes_an_image() {
+    // GIVEN images that stay pending and commands that take a while, and no waitSeconds (30 s
+    // by default, in virtual time)
+    let cloud = cloud();
+    cloud.with(|c| {
+        c.faults.image_pending_checks = 3;
+        c.faults.command_in_progress_checks = 2;
+    });
+    // WHEN the execution runs
+    let out = execute(&cloud, "exec-1", input());
+    // THEN it succeeds with the AVAILABLE build, in both regions, and nothing runs
+    assert_eq!(
+        out.status,
+        Status::Succeeded,
+        "{:?} {:?}",
+        out.error,
+        out.cause
+    );
+    let build = out.output.clone().expect("output");
+    assert_eq!(build["status"], "AVAILABLE");
+    assert_eq!(build["regions"].as_array().map(Vec::len), Some(2));
+    assert!(cloud.live_instances().is_empty());
+    // AND the history reads like AWS's, with the counts that make the bill
+    assert!(out
+        .history
+        .iter()
+        .any(|e| e.kind == "LambdaFunctionScheduled"));
+    assert!(
+        out.history.iter().any(|e| e.kind == "WaitStateEntered"),
+        "pending images made it wait"
+    );
+    assert!(
+        out.state_transitions() > 20 && out.task_invocations() > 10,
+        "{} transitions, {} invocations",
+        out.state_transitions(),
+        out.task_invocations()
+    );
+}
+
+#[test]
+fn an_unchanged_pipeline_is_skipped_and_the_execution_succeeds() {
+    let cloud = cloud();
+    assert_eq!(execute(&cloud, "exec-1", input()).status, Status::Succeeded);
+    let launches = cloud.with(|c| c.launches);
+    let out = execute(&cloud, "exec-2", input());
+    assert_eq!(out.status, Status::Succeeded);
+    assert_eq!(out.output.expect("output")["status"], "SKIPPED");
+    assert_eq!(cloud.with(|c| c.launches), launches);
+}
+
+#[test]
+fn a_second_execution_while_one_runs_fails_locked_and_names_the_holder() {
+    let cloud = cloud();
+    let holder = kiln::model::build::BuildId::new_at(1);
+    futures::executor::block_on(cloud.ports().store.lock(
+        "al2023-base",
+        &holder,
+        chrono::Utc::now(),
+        3600,
+    ))
+    .expect("lock");
+    let out = execute(&cloud, "exec-1", input());
+    assert_eq!(out.status, Status::Failed);
+    assert_eq!(out.error.as_deref(), Some("Kiln.Locked"));
+    assert!(out.cause.unwrap_or_default().contains(holder.as_str()));
+    assert!(cloud.with(|c| c.builds.is_empty()), "no build was recorded");
+    assert_eq!(
+        cloud.with(|c| c.locks.get("al2023-base").map(|(b, _)| b.clone())),
+        Some(holder),
+        "the holder keeps its lock"
+    );
+}
+
+#[test]
+fn a_failure_at_every_stage_ends_the_execution_with_its_error_after_cleanup() {
+    for (stage, want) in [
+        ("launch", "Kiln.Capacity"),
+        ("customize", "Kiln.ComponentFailed"),
+        ("snapshot", "Kiln.Internal"),
+        ("test", "Kiln.TestFailed"),
+        ("distribute", "Kiln.Internal"),
+    ] {
+        let cloud = cloud();
+        cloud.with(|c| match stage {
+            "launch" => c
+                .faults
+                .no_capacity
+                .extend(["t3.small", "t3a.small", "m5.large"].map(String::from)),
+            "customize" => {
+                c.faults.command_fails.insert(
+                    "build".into(),
+                    CommandStatus::Failed {
+                        message: "component harden, build/DisableRootLogin: exit code 2".into(),
+                        output_tail: "sed: can't read".into(),
+                    },
+                );
+            }
+            "snapshot" => c.faults.image_fails = true,
+            "test" => {
+                c.faults.command_fails.insert(
+                    "test".into(),
+                    CommandStatus::Failed {
+                        message: "component smoke, test/SshdConfigValid: exit code 255".into(),
+                        output_tail: String::new(),
+                    },
+                );
+            }
+            _ => {
+                c.faults.copy_fails.insert("eu-central-1".into());
+            }
+        });
+        let out = execute(&cloud, "exec-1", input());
+        // THEN the execution fails with the stage's error name and a cause that says what failed
+        assert_eq!(out.status, Status::Failed, "{stage}");
+        assert_eq!(out.error.as_deref(), Some(want), "{stage}: {:?}", out.cause);
+        // AND cleanup ran: FAILED with the reason, nothing running or left, the lock free
+        let builds: Vec<_> = cloud.with(|c| c.builds.values().cloned().collect());
+        assert_eq!(builds.len(), 1, "{stage}");
+        assert_eq!(builds[0].status, BuildStatus::Failed, "{stage}");
+        assert_eq!(
+            builds[0].failure.as_ref().map(|f| f.error.as_str()),
+            Some(want),
+            "{stage}"
+        );
+        assert!(cloud.live_instances().is_empty(), "{stage}");
+        assert!(
+            cloud.build_images().is_empty(),
+            "{stage}: {:?}",
+            cloud.build_images()
+        );
+        assert!(cloud.with(|c| c.locks.is_empty()), "{stage}");
+    }
+}
