@@ -7,16 +7,22 @@ KILN := $(TARGET_DIR)/debug/kiln
 # Python tools the tests use (moto server), in a virtualenv: .venv, or $KILN_VENV.
 VENV := $(abspath $(or $(KILN_VENV),.venv))
 export KILN_MOTO_SERVER := $(VENV)/bin/moto_server
+export KILN_CFN_LINT := $(VENV)/bin/cfn-lint
+export KILN_SAM := $(VENV)/bin/sam
+export KILN_ASL_VALIDATOR := $(VENV)/node/node_modules/.bin/asl-validator
 
 .PHONY: setup run test lint fmt bench build
 
-## setup: install what the build and the tests need (Rust components, cargo-nextest, moto server)
+## setup: install what the build and the tests need (Rust components, cargo-nextest; moto server, cfn-lint, SAM CLI from PyPI; asl-validator from npm)
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is required: install Rust from rustup.rs"; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
-	@test -x $(VENV)/bin/moto_server || { echo "installing moto[server] into $(VENV)"; python3 -m venv $(VENV) && $(VENV)/bin/pip install --quiet 'moto[server]>=5.1,<6'; }
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@test -x $(VENV)/bin/moto_server || { echo "installing moto[server] into $(VENV)"; $(VENV)/bin/pip install --quiet 'moto[server]>=5.1,<6'; }
+	@test -x $(VENV)/bin/cfn-lint -a -x $(VENV)/bin/sam || { echo "installing cfn-lint and aws-sam-cli into $(VENV)"; $(VENV)/bin/pip install --quiet cfn-lint aws-sam-cli; }
+	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
 
 ## build: the CLI and the agent (debug)
 build:
@@ -26,8 +32,10 @@ build:
 run: setup build
 	$(KILN) validate examples/*/pipeline.yaml
 
-## test: every test of the workspace (unit, integration, snapshot, property)
-test: setup build
+## test: every test of the workspace (unit, integration, snapshot, property). Binaries and tests
+## are built in one `--all-targets` pass, so dependencies compile once with one feature set.
+test: setup
+	$(CARGO) build --workspace --all-targets
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## lint: formatting and clippy, warnings are errors

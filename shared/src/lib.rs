@@ -8,6 +8,8 @@ pub mod diag;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod errors;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod memory;
 pub mod model;
 pub mod ports;

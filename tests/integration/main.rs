@@ -9,5 +9,7 @@ mod cli;
 mod engine;
 mod examples;
 mod fixtures;
+mod infra;
+mod lambda;
 mod pipeline_asl;
 mod stages;
