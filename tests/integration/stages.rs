@@ -165,9 +165,17 @@ fn a_build_ends_available_in_every_region_with_nothing_left_running() {
             "the us-east-1 launch template got a version"
         );
         assert!(c.locks.is_empty(), "lock released");
+        let states: Vec<BuildStatus> = c.events.iter().map(|e| e.state).collect();
         assert_eq!(
-            c.events.last().map(|e| e.state),
-            Some(BuildStatus::Available)
+            states,
+            [
+                BuildStatus::Building,
+                BuildStatus::Snapshotting,
+                BuildStatus::Testing,
+                BuildStatus::Distributing,
+                BuildStatus::Available
+            ],
+            "an event for every status change"
         );
         let sent: Vec<Vec<&str>> = c
             .commands

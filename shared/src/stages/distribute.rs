@@ -6,7 +6,7 @@
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{Build, BuildStatus, RegionImage, RegionState};
 use crate::model::pipeline::{render_name, Distribution, NameContext};
-use crate::ports::{build_tags, BuildEvent, ImageState, PipelineRecord, Ports};
+use crate::ports::{build_tags, ImageState, PipelineRecord, Ports};
 
 use super::{record, stage_finished, stage_started, transition};
 
@@ -152,7 +152,6 @@ pub async fn finish(
     stage_finished(ports, &mut build, STAGE);
     transition(ports, &mut build, BuildStatus::Available).await?;
     ports.store.unlock(&build.pipeline, &build.id).await?;
-    ports.events.emit(&BuildEvent::of(&build)).await?;
     build.ready = true;
     Ok(build)
 }

@@ -133,9 +133,7 @@ async fn launch(
 ) -> Result<(), StageError> {
     let p = &record.pipeline;
     stage_started(ports, build, STAGE);
-    let prev = build.status;
-    build.status = BuildStatus::Building;
-    ports.store.save_build(build, prev).await?;
+    super::transition(ports, build, BuildStatus::Building).await?;
     let parent = build
         .parent_image
         .clone()

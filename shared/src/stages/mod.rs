@@ -83,7 +83,12 @@ async fn transition(
         ));
     }
     build.status = next;
-    ports.store.save_build(build, current).await
+    ports.store.save_build(build, current).await?;
+    // Every status change is announced ("Kiln Image State Change").
+    ports
+        .events
+        .emit(&crate::ports::BuildEvent::of(build))
+        .await
 }
 
 async fn record(ports: &Ports<'_>, name: &str) -> Result<PipelineRecord, StageError> {
