@@ -24,12 +24,13 @@ setup:
 	@test -x $(VENV)/bin/cfn-lint -a -x $(VENV)/bin/sam || { echo "installing cfn-lint and aws-sam-cli into $(VENV)"; $(VENV)/bin/pip install --quiet cfn-lint aws-sam-cli; }
 	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
 
-## build: the CLI and the agent (debug)
+## build: every binary of the workspace (debug): kiln, kiln-agent, the Lambda functions
 build:
 	$(CARGO) build --workspace --bins
 
 ## run: the main job embedded. Until the embedded builder lands, it validates every example pipeline.
-run: setup build
+run:
+	$(CARGO) build -p kiln-cli
 	$(KILN) validate examples/*/pipeline.yaml
 
 ## test: every test of the workspace (unit, integration, snapshot, property). Binaries and tests
