@@ -2,7 +2,7 @@
 //! (ClientToken idempotency, pending images, commands that fail or stay in progress, capacity
 //! errors, throttling) and lets the stage tests run in microseconds.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
@@ -698,11 +698,6 @@ impl Parameters for MemoryCloud {
             Ok(())
         }))
     }
-}
-
-/// Commands in flight, for tests that look at what was sent.
-pub fn sent_plans(cloud: &MemoryCloud) -> VecDeque<CommandPlan> {
-    cloud.with(|c| c.commands.values().map(|cmd| cmd.plan.clone()).collect())
 }
 
 impl PortsProvider for MemoryCloud {

@@ -220,82 +220,43 @@ pub fn check(node: &Node, path: &mut Vec<Seg>, out: &mut Collector<'_>) -> Optio
             return None;
         }
     };
-    Checker {
+    let mut checker = Checker {
         doc: &document,
         base: path.clone(),
         out,
-    }
-    .run();
+        typed: Vec::new(),
+    };
+    checker.run();
+    let typed = std::mem::take(&mut checker.typed);
     if out.found.len() != before {
         return None;
     }
+    // What runs sees values as written (`checksum: 0000` stays "0000", `permissions: 0755` stays
+    // octal text, `stringEquals: 007` compares "007"): the checker read each step's `inputs` with
+    // its action's schema and `if` as text; the document schema leaves them untyped.
     let mut document = document;
-    retype(&mut document, node, path);
+    for t in typed {
+        let step = &mut document.phases[t.phase].steps[t.step];
+        match t.field {
+            TypedField::Inputs => step.inputs = Some(t.value),
+            TypedField::If => step.if_ = Some(t.value),
+        }
+    }
     let json = serde_json::to_value(&document).unwrap_or(json);
     Some(Loaded { document, json })
 }
 
-/// Re-reads each step's `inputs` with its action's schema and `if` as text, so that what runs
-/// sees values as written: `checksum: 0000` stays "0000", `permissions: 0755` stays octal text,
-/// `stringEquals: 007` compares "007". (The document schema leaves them untyped.)
-fn retype(document: &mut Document, node: &Node, base: &[Seg]) {
-    let root = node;
-    let lenient = Options {
-        templates_fill_any_scalar: true,
-    };
-    for (pi, phase) in document.phases.iter_mut().enumerate() {
-        for (si, step) in phase.steps.iter_mut().enumerate() {
-            let at = |field: &str| {
-                let mut p = base.to_vec();
-                p.extend([
-                    key("phases"),
-                    Seg::Index(pi),
-                    key("steps"),
-                    Seg::Index(si),
-                    key(field),
-                ]);
-                p
-            };
-            let (inputs_at, if_at) = (at("inputs"), at("if"));
-            let relative = |p: &[Seg]| p[base.len()..].to_vec();
-            if let (Some(n), Some(action)) = (
-                crate::diag::locate_node(root, &relative(&inputs_at)),
-                actions::find(&step.action),
-            ) {
-                if !n.is_null() {
-                    let mut scratch = Collector::new(Path::new(""), root);
-                    step.inputs = Some(match action.form {
-                        InputForm::Comparison => text_json(n),
-                        InputForm::List => match &n.value {
-                            crate::yaml::Value::Seq(items) => Json::Array(
-                                items
-                                    .iter()
-                                    .map(|item| {
-                                        action.input_shape().read_lenient(
-                                            item,
-                                            &mut Vec::new(),
-                                            &mut scratch,
-                                            lenient,
-                                        )
-                                    })
-                                    .collect(),
-                            ),
-                            _ => text_json(n),
-                        },
-                        _ => action.input_shape().read_lenient(
-                            n,
-                            &mut Vec::new(),
-                            &mut scratch,
-                            lenient,
-                        ),
-                    });
-                }
-            }
-            if let Some(n) = crate::diag::locate_node(root, &relative(&if_at)) {
-                step.if_ = Some(text_json(n));
-            }
-        }
-    }
+/// A step field as the checker read it, to replace the untyped one.
+struct Typed {
+    phase: usize,
+    step: usize,
+    field: TypedField,
+    value: Json,
+}
+
+enum TypedField {
+    Inputs,
+    If,
 }
 
 /// A node as JSON with every scalar kept as its text.
@@ -317,6 +278,7 @@ struct Checker<'d, 'c, 'o> {
     doc: &'d Document,
     base: Vec<Seg>,
     out: &'o mut Collector<'c>,
+    typed: Vec<Typed>,
 }
 
 fn is_name(s: &str) -> bool {
@@ -469,7 +431,7 @@ impl Checker<'_, '_, '_> {
                     names.map(str::to_string).collect(),
                 );
             }
-            Some(action) => self.check_inputs(action, step, &sub(&[key("inputs")])),
+            Some(action) => self.check_inputs(action, pi, si, step, &sub(&[key("inputs")])),
         }
         if let Some(t) = step.timeout_seconds {
             if t == 0 || t < -1 {
@@ -520,6 +482,16 @@ impl Checker<'_, '_, '_> {
         }
         if let Some(cond) = &step.if_ {
             self.check_condition(cond, &sub(&[key("if")]));
+            if let Some(n) =
+                crate::diag::locate_node(self.out.root(), &self.path(&sub(&[key("if")])))
+            {
+                self.typed.push(Typed {
+                    phase: pi,
+                    step: si,
+                    field: TypedField::If,
+                    value: text_json(n),
+                });
+            }
         }
         // Variables, wherever a step may use them.
         let mut strings = Vec::new();
@@ -560,38 +532,62 @@ impl Checker<'_, '_, '_> {
         }
     }
 
-    fn check_inputs(&mut self, action: &actions::Action, step: &Step, at: &[Seg]) {
+    /// Checks a step's inputs against its action and keeps them as the action's schema reads them.
+    fn check_inputs(
+        &mut self,
+        action: &actions::Action,
+        pi: usize,
+        si: usize,
+        step: &Step,
+        at: &[Seg],
+    ) {
         let node_path = self.path(at);
-        let node = crate::diag::locate_node(self.out.root(), &node_path);
+        let root = self.out.root();
+        let node = crate::diag::locate_node(root, &node_path);
         let lenient = Options {
             templates_fill_any_scalar: true,
         };
-        match (action.form, &step.inputs, node) {
-            (InputForm::OptionalMap, None | Some(Json::Null), _) => {}
-            (InputForm::Comparison, Some(cond), _) => self.check_condition(cond, at),
-            (_, None | Some(Json::Null), _) => {
-                self.err(at, format!("`{}` needs inputs", action.name))
+        let typed = match (action.form, &step.inputs, node) {
+            (InputForm::OptionalMap, None | Some(Json::Null), _) => None,
+            (InputForm::Comparison, Some(cond), node) => {
+                self.check_condition(cond, at);
+                node.map(text_json)
             }
-            (InputForm::List, Some(Json::Array(_)), Some(node)) => {
+            (_, None | Some(Json::Null), _) => {
+                self.err(at, format!("`{}` needs inputs", action.name));
+                None
+            }
+            (
+                InputForm::List,
+                Some(Json::Array(_)),
+                Some(Node {
+                    value: crate::yaml::Value::Seq(items),
+                    ..
+                }),
+            ) => {
                 let shape = action.input_shape();
-                if let crate::yaml::Value::Seq(items) = &node.value {
-                    for (i, item) in items.iter().enumerate() {
+                let read = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
                         let mut p = node_path.clone();
                         p.push(Seg::Index(i));
-                        shape.read(item, &mut p, self.out, lenient);
-                    }
-                }
+                        shape.read_lenient(item, &mut p, self.out, lenient)
+                    })
+                    .collect();
+                Some(Json::Array(read))
             }
-            (InputForm::List, Some(_), _) => self.err(
-                at,
-                format!(
-                    "inputs of `{}` are a list of operations: start each one with `- `",
-                    action.name
-                ),
-            ),
+            (InputForm::List, Some(_), _) => {
+                self.err(
+                    at,
+                    format!(
+                        "inputs of `{}` are a list of operations: start each one with `- `",
+                        action.name
+                    ),
+                );
+                None
+            }
             (InputForm::Map | InputForm::OptionalMap, Some(Json::Object(map)), Some(node)) => {
-                let shape = action.input_shape();
-                shape.read(node, &mut node_path.clone(), self.out, lenient);
                 if action.name == "ExecutePowerShell"
                     && map.contains_key("commands") == map.contains_key("file")
                 {
@@ -600,11 +596,28 @@ impl Checker<'_, '_, '_> {
                         "ExecutePowerShell takes exactly one of `commands` and `file`",
                     );
                 }
+                Some(action.input_shape().read_lenient(
+                    node,
+                    &mut node_path.clone(),
+                    self.out,
+                    lenient,
+                ))
             }
-            (InputForm::Map | InputForm::OptionalMap, Some(_), _) => self.err(
-                at,
-                format!("inputs of `{}` are a single map, not a list", action.name),
-            ),
+            (InputForm::Map | InputForm::OptionalMap, Some(_), _) => {
+                self.err(
+                    at,
+                    format!("inputs of `{}` are a single map, not a list", action.name),
+                );
+                None
+            }
+        };
+        if let Some(value) = typed {
+            self.typed.push(Typed {
+                phase: pi,
+                step: si,
+                field: TypedField::Inputs,
+                value,
+            });
         }
     }
 

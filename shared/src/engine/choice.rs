@@ -104,11 +104,10 @@ pub fn check(rule: &Json, at: &str, top: bool, report: &mut dyn FnMut(String, St
                 None => report(at.into(), "a comparison needs Variable".into()),
             }
             let value = &obj[*op];
-            if let Some(base) = op
+            if op
                 .strip_suffix("Path")
-                .filter(|b| OPERATORS.iter().any(|(o, _)| o == b))
+                .is_some_and(|b| OPERATORS.iter().any(|(o, _)| *o == b))
             {
-                let _ = base;
                 match value.as_str().map(path::parse) {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => report(format!("{at}/{op}"), e),
