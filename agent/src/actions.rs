@@ -221,6 +221,8 @@ fn execute_bash(i: &schema::ExecuteBash, ctx: &Context<'_>) -> ActionResult {
         Err(e) => ActionResult::fail(format!("cannot start bash: {e}")),
     };
     let _ = std::fs::remove_file(&script);
+    // Leave nothing behind in the work folder (it may end up in an image).
+    let _ = std::fs::remove_dir(&dir);
     result
 }
 

@@ -73,6 +73,42 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// The sandbox side of kiln's embedded instances (started by kiln, not by hand).
+    #[command(hide = true)]
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCommand {
+    /// Keep an instance: namespaces, overlay root, pivot_root, then init as its PID 1.
+    Boot {
+        #[arg(long, value_name = "DIR")]
+        instance_dir: PathBuf,
+        /// Image layers, topmost first.
+        #[arg(long, value_delimiter = ':')]
+        lower: Vec<PathBuf>,
+        #[arg(long)]
+        hostname: String,
+        /// Give the instance no network.
+        #[arg(long)]
+        no_network: bool,
+        #[arg(long, value_name = "DIR")]
+        agent_dir: PathBuf,
+    },
+    /// PID 1 inside an instance.
+    Init,
+    /// Run the agent inside the instance whose init has host PID `pid`.
+    Exec {
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value = "/")]
+        cwd: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Runs the command line; returns the exit code.
@@ -98,6 +134,32 @@ where
         }
     };
     match cli.command {
+        Command::Sandbox { command } => {
+            let result = match command {
+                SandboxCommand::Boot {
+                    instance_dir,
+                    lower,
+                    hostname,
+                    no_network,
+                    agent_dir,
+                } => crate::sandbox::boot(&crate::sandbox::Boot {
+                    instance_dir,
+                    lower,
+                    hostname,
+                    network: !no_network,
+                    agent_dir,
+                }),
+                SandboxCommand::Init => crate::sandbox::init(),
+                SandboxCommand::Exec { pid, cwd, args } => crate::sandbox::exec(pid, &cwd, &args),
+            };
+            match result {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = writeln!(stderr, "kiln-agent sandbox: {e}");
+                    exit::FAILED
+                }
+            }
+        }
         Command::Validate { documents, json } => {
             let results = kiln::report::check_components(&documents);
             match kiln::report::write(&results, json, stdout, stderr) {

@@ -9,3 +9,4 @@ pub mod http;
 pub mod report;
 pub mod runner;
 pub mod s3;
+pub mod sandbox;

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod local_cmds;
+pub mod run;
+
 /// Exit codes: 0 success, 1 the job failed, 2 invalid input or usage.
 pub mod exit {
     pub const OK: i32 = 0;
@@ -23,6 +26,9 @@ pub mod exit {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The embedded cloud's home (default: $KILN_HOME, or ./.kiln).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -50,6 +56,24 @@ pub enum Command {
     Schema {
         #[arg(value_enum)]
         format: SchemaFormat,
+    },
+    /// Build, test and distribute an image: the state machine run by kiln's engine.
+    Run(run::RunArgs),
+    /// The embedded cloud's images.
+    Image {
+        #[command(subcommand)]
+        command: local_cmds::ImageCommand,
+    },
+    /// Builds recorded in the embedded store.
+    Builds {
+        #[command(subcommand)]
+        command: local_cmds::BuildsCommand,
+    },
+    /// Clean up what a crashed run left: sandboxes, half-written images, unused blobs.
+    Gc {
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Run and check Step Functions state machines locally.
     Sfn {
@@ -142,7 +166,12 @@ where
 }
 
 fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::Result<i32> {
+    let home = run::home(cli.home.as_deref());
     match cli.command {
+        Command::Run(args) => run::run(args, cli.home.as_deref(), stdout, stderr),
+        Command::Image { command } => local_cmds::image(command, &home, stdout, stderr),
+        Command::Builds { command } => local_cmds::builds(command, &home, stdout, stderr),
+        Command::Gc { dry_run } => local_cmds::gc(&home, dry_run, stdout, stderr),
         Command::Validate { files, output } => {
             let results = kiln::report::check_pipelines(&files);
             let ok = kiln::report::write(&results, output == Output::Json, stdout, stderr)?;

@@ -10,6 +10,8 @@ pub mod engine;
 pub mod errors;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod memory;
 pub mod model;
 pub mod ports;

@@ -177,6 +177,27 @@ pub enum CommandStatus {
     },
 }
 
+/// The failed component and step a kiln-agent report names, and the tail of its output.
+pub fn report_failure(report: &serde_json::Value) -> Option<(String, String)> {
+    let f = report.get("failure")?;
+    let text = |k: &str| {
+        f.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    Some((
+        format!(
+            "component {}, {}/{}: {}",
+            text("document"),
+            text("phase"),
+            text("step"),
+            text("message")
+        ),
+        text("outputTail"),
+    ))
+}
+
 /// Commands on instances (SSM Run Command with kiln-agent, or the embedded agent).
 pub trait Commands: Send + Sync {
     fn agent_online<'a>(

@@ -54,6 +54,53 @@ impl AwsPorts {
         Ok(())
     }
 
+    /// For runs without a deployed stack: creates the artifacts bucket when missing and uploads
+    /// this machine's kiln-agent (as `agent/kiln-agent-<arch>`) unless the bucket has one.
+    pub async fn prepare_artifacts(&self, agent: &std::path::Path) -> Result<(), StageError> {
+        if self
+            .s3
+            .head_bucket()
+            .bucket(&self.settings.bucket)
+            .send()
+            .await
+            .is_err()
+        {
+            let mut create = self.s3.create_bucket().bucket(&self.settings.bucket);
+            if self.settings.region != "us-east-1" {
+                create = create.create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                            self.settings.region.as_str(),
+                        ))
+                        .build(),
+                );
+            }
+            create
+                .send()
+                .await
+                .map_err(|e| sdk_error("CreateBucket", e))?;
+        }
+        let key = format!("{AGENT_KEY}-{}", std::env::consts::ARCH);
+        let present = self
+            .s3
+            .head_object()
+            .bucket(&self.settings.bucket)
+            .key(&key)
+            .send()
+            .await
+            .is_ok();
+        if !present {
+            let body = std::fs::read(agent).map_err(|e| {
+                StageError::new(
+                    ErrorKind::Internal,
+                    format!("read {}: {e}", agent.display()),
+                )
+            })?;
+            self.put(&key, body).await?;
+        }
+        Ok(())
+    }
+
     async fn get_url(&self, key: &str) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(URL_LIFETIME).map_err(internal)?;
         Ok(self
@@ -160,23 +207,7 @@ impl AwsPorts {
             .ok()?;
         let bytes = out.body.collect().await.ok()?.into_bytes();
         let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        let f = report.get("failure")?;
-        let text = |k: &str| {
-            f.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
-        Some((
-            format!(
-                "component {}, {}/{}: {}",
-                text("document"),
-                text("phase"),
-                text("step"),
-                text("message")
-            ),
-            text("outputTail"),
-        ))
+        crate::ports::report_failure(&report)
     }
 }
 

@@ -125,6 +125,11 @@ impl BuildStatus {
         }
     }
 
+    /// The status named `text` (`AVAILABLE`, …).
+    pub fn parse(text: &str) -> Option<BuildStatus> {
+        serde_json::from_value(serde_json::Value::String(text.to_string())).ok()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             BuildStatus::Pending => "PENDING",

@@ -12,6 +12,12 @@ const STAGE: &str = "customize";
 
 pub async fn start(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageError> {
     build.ready = false;
+    if build.customize_command.is_none() {
+        // A retried invocation whose first attempt sent the command: the store knows it.
+        build.customize_command = super::stored(ports, &build)
+            .await?
+            .and_then(|b| b.customize_command);
+    }
     if build.customize_command.is_some() {
         return Ok(build);
     }

@@ -175,6 +175,10 @@ pub async fn handle(
     }
 }
 
+/// `infra/statemachine/pipeline.asl.json`, the one definition, built into kiln so that the
+/// embedded runs execute exactly what the stack deploys.
+pub const DEFINITION: &str = include_str!("../../../infra/statemachine/pipeline.asl.json");
+
 /// The state machine's `${Name}` substitutions for running it in-process: each function gets a
 /// Lambda-shaped ARN (so the history and the bill read as they would in AWS).
 pub fn local_substitutions() -> std::collections::HashMap<String, String> {

@@ -100,6 +100,11 @@ async fn record(ports: &Ports<'_>, name: &str) -> Result<PipelineRecord, StageEr
     })
 }
 
+/// The build as the store has it (fresher than a retried invocation's input).
+async fn stored(ports: &Ports<'_>, build: &Build) -> Result<Option<Build>, StageError> {
+    ports.store.build(&build.pipeline, &build.id).await
+}
+
 /// Fails a `check` that has waited longer than the pipeline allows for the stage.
 fn check_deadline(
     ports: &Ports<'_>,

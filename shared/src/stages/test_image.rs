@@ -57,6 +57,12 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
         return Ok(build);
     };
     build.ready = false;
+    if build.test_command.is_none() {
+        // A retried invocation whose first attempt sent the command: the store knows it.
+        build.test_command = super::stored(ports, &build)
+            .await?
+            .and_then(|b| b.test_command);
+    }
     match build.test_command.clone() {
         None => {
             if ports.compute.instance_state(&region, &instance.id).await? == InstanceState::Running

@@ -1,0 +1,351 @@
+//! The in-sandbox half of an embedded instance, in the agent binary because it must start as a
+//! fresh single-threaded process (a multithreaded process cannot enter a mount namespace).
+//!
+//! - `boot` (the instance's keeper, started by kiln on the host): new mount, UTS, IPC and PID
+//!   namespaces (and network when asked); the image layers as overlay lower dirs under the
+//!   instance's own upper dir; minimal /dev, /sys; the agent folder read-only at `/.kiln` and the
+//!   instance's command folder at `/.kiln/cmd`; `pivot_root`; then it starts `init` as PID 1 of the
+//!   new PID namespace and waits for it. Every mount lives in the keeper's private mount
+//!   namespace, so nothing is left on the host when the instance ends.
+//! - `init`: PID 1 inside; mounts /proc, says `ready`, reaps orphans until killed.
+//! - `exec`: joins a running instance's namespaces and root, then runs the agent there.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{symlink, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::unistd::{chdir, chroot, fchdir, pivot_root, sethostname};
+
+/// Where the agent folder appears inside a sandbox.
+pub const AGENT_MOUNT: &str = "/.kiln";
+/// The line `init` prints once the instance is up.
+pub const READY: &str = "kiln-agent init: ready";
+/// Files a keeper created only to mount over (kept out of images), one path per line.
+pub const SCAFFOLD_FILE: &str = "scaffold";
+
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What `boot` needs, as kiln passes it.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    /// The instance folder: `upper/`, `work/`, `rootfs/`, `cmd/`, `console.log`, `init.pid`.
+    pub instance_dir: PathBuf,
+    /// Image layers, topmost first.
+    pub lower: Vec<PathBuf>,
+    pub hostname: String,
+    pub network: bool,
+    /// The agent folder: `kiln-agent`, `ld.so`, `lib/`, an empty `cmd/`.
+    pub agent_dir: PathBuf,
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+fn mnt(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(src, target, fstype, flags, data).map_err(|e| {
+        fail(
+            &format!(
+                "mount {} on {}",
+                fstype.or(src).unwrap_or("-"),
+                target.display()
+            ),
+            e,
+        )
+    })
+}
+
+/// Creates `path` (a directory) in the root file system if it is missing, recording it as
+/// scaffolding when the image did not have it.
+fn ensure_dir(root: &Path, rel: &str, scaffold: &mut Vec<String>) -> Result<PathBuf, String> {
+    let p = root.join(rel.trim_start_matches('/'));
+    if fs::symlink_metadata(&p).is_err() {
+        fs::create_dir_all(&p).map_err(|e| fail(&format!("create {rel}"), e))?;
+        scaffold.push(rel.to_string());
+    }
+    Ok(p)
+}
+
+fn ensure_file(root: &Path, rel: &str, scaffold: &mut Vec<String>) -> Result<PathBuf, String> {
+    let p = root.join(rel.trim_start_matches('/'));
+    if fs::symlink_metadata(&p).is_err() {
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(|e| fail(&format!("create {rel}"), e))?;
+        }
+        File::create(&p).map_err(|e| fail(&format!("create {rel}"), e))?;
+        scaffold.push(rel.to_string());
+    }
+    Ok(p)
+}
+
+/// The keeper: sets the instance up, runs `init` as its PID 1 and returns init's exit status.
+pub fn boot(b: &Boot) -> Result<i32, String> {
+    let d = &b.instance_dir;
+    let root = d.join("rootfs");
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID;
+    if !b.network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(|e| {
+        fail(
+            "create namespaces",
+            if e == Errno::EPERM {
+                "not permitted: embedded instances need root (or CAP_SYS_ADMIN)".to_string()
+            } else {
+                e.to_string()
+            },
+        )
+    })?;
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    let lower: Vec<String> = b.lower.iter().map(|p| p.display().to_string()).collect();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        d.join("upper").display(),
+        d.join("work").display()
+    );
+    if options.len() >= 4000 {
+        return Err(format!(
+            "the image has too many layers ({}) for one overlay mount",
+            lower.len()
+        ));
+    }
+    mnt(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&options),
+    )?;
+
+    let mut scaffold = Vec::new();
+    // The agent, read-only, and the instance's command folder under it.
+    let agent_at = ensure_dir(&root, AGENT_MOUNT, &mut scaffold)?;
+    mnt(
+        b.agent_dir.to_str(),
+        &agent_at,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    mnt(
+        None,
+        &agent_at,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    mnt(
+        d.join("cmd").to_str(),
+        &agent_at.join("cmd"),
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+
+    // /dev: a tmpfs with the host's harmless devices bound in.
+    let dev = ensure_dir(&root, "/dev", &mut scaffold)?;
+    mnt(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=65536k"),
+    )?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        File::create(&target).map_err(|e| fail(&format!("create /dev/{name}"), e))?;
+        mnt(
+            Some(&format!("/dev/{name}")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    for (name, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        symlink(to, dev.join(name)).map_err(|e| fail(&format!("link /dev/{name}"), e))?;
+    }
+    for sub in ["pts", "shm"] {
+        fs::create_dir(dev.join(sub)).map_err(|e| fail(&format!("create /dev/{sub}"), e))?;
+    }
+    mnt(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    )?;
+    mnt(
+        Some("shm"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=65536k"),
+    )?;
+
+    // /sys, read-only: its own when the network is the sandbox's, the host's otherwise.
+    let sys = ensure_dir(&root, "/sys", &mut scaffold)?;
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if mnt(Some("sysfs"), &sys, Some("sysfs"), ro, None).is_err() {
+        mnt(
+            Some("/sys"),
+            &sys,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+    }
+    ensure_dir(&root, "/proc", &mut scaffold)?;
+    // Name resolution as the host does it, when the sandbox shares the host's network.
+    if b.network && Path::new("/etc/resolv.conf").exists() {
+        let target = ensure_file(&root, "/etc/resolv.conf", &mut scaffold)?;
+        if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+            mnt(
+                Some("/etc/resolv.conf"),
+                &target,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    let mut record = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join(SCAFFOLD_FILE))
+        .map_err(|e| fail("record scaffolding", e))?;
+    for s in &scaffold {
+        writeln!(record, "{s}").map_err(|e| fail("record scaffolding", e))?;
+    }
+    sethostname(&b.hostname).map_err(|e| fail("set the hostname", e))?;
+
+    // Handles opened on the host before the host disappears.
+    let console = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join("console.log"))
+        .map_err(|e| fail("open the console log", e))?;
+    let mut pid_file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(d.join("init.pid"))
+        .map_err(|e| fail("open init.pid", e))?;
+
+    chdir(&root).map_err(|e| fail("enter the root", e))?;
+    pivot_root(".", ".").map_err(|e| fail("pivot_root", e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the host root", e))?;
+    chdir("/").map_err(|e| fail("chdir /", e))?;
+
+    let mut init = agent_command(&["sandbox", "init"]);
+    init.stdin(Stdio::null())
+        .stdout(console.try_clone().map_err(|e| fail("console", e))?)
+        .stderr(console);
+    let mut child = init.spawn().map_err(|e| fail("start init", e))?;
+    write!(pid_file, "{}", child.id()).map_err(|e| fail("write init.pid", e))?;
+    drop(pid_file);
+    let status = child.wait().map_err(|e| fail("wait for init", e))?;
+    Ok(exit_code(status))
+}
+
+/// The agent as a program inside a sandbox: through the loader it was copied with, so it runs
+/// whatever C library the image has (or none).
+fn agent_command(args: &[&str]) -> Command {
+    let mut c = Command::new(format!("{AGENT_MOUNT}/ld.so"));
+    c.arg("--library-path")
+        .arg(format!("{AGENT_MOUNT}/lib"))
+        .arg(format!("{AGENT_MOUNT}/kiln-agent"))
+        .args(args)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8");
+    c
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// PID 1 of a sandbox: mounts /proc, reports ready, reaps orphans. Ends when killed.
+pub fn init() -> Result<i32, String> {
+    mnt(
+        Some("proc"),
+        Path::new("/proc"),
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    println!("{READY}");
+    let _ = std::io::stdout().flush();
+    loop {
+        match nix::sys::wait::waitpid(None, None) {
+            Err(Errno::ECHILD) => std::thread::sleep(std::time::Duration::from_millis(250)),
+            Err(Errno::EINTR) | Ok(_) => {}
+            Err(e) => return Err(fail("wait", e)),
+        }
+    }
+}
+
+/// Joins the instance whose PID 1 is `pid` (a host PID) and runs the agent there with `args`,
+/// in `cwd`; returns the agent's exit code.
+pub fn exec(pid: u32, cwd: &str, args: &[String]) -> Result<i32, String> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let root = File::open(proc_dir.join("root"))
+        .map_err(|e| fail(&format!("instance init {pid} is not running"), e))?;
+    for (ns, flag) in [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ] {
+        let f = File::open(proc_dir.join("ns").join(ns))
+            .map_err(|e| fail(&format!("open the {ns} namespace"), e))?;
+        setns(&f, flag).map_err(|e| fail(&format!("join the {ns} namespace"), e))?;
+    }
+    fchdir(&root).map_err(|e| fail("enter the root", e))?;
+    chroot(".").map_err(|e| fail("chroot", e))?;
+    chdir("/").map_err(|e| fail("chdir /", e))?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = agent_command(&args);
+    if !cwd.is_empty() {
+        c.current_dir(cwd);
+    }
+    let status = c
+        .status()
+        .map_err(|e| fail("start the agent in the sandbox", e))?;
+    Ok(exit_code(status))
+}

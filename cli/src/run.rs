@@ -1,0 +1,620 @@
+//! `kiln run PIPELINE.yaml`: the state machine (`infra/statemachine/pipeline.asl.json`) executed
+//! by kiln's engine, its Task states calling the stage code in-process over the embedded cloud
+//! (or, with `--backend aws`, over EC2, SSM and S3 with the build state kept locally).
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln::engine::{clock::RealClock, definition, substitute, Engine, Outcome, StateError, Status};
+use kiln::local::LocalCloud;
+use kiln::model::build::{Build, BuildStatus};
+use kiln::model::pipeline::Parent;
+use kiln::ports::{PipelineRecord, Ports, PortsProvider};
+use kiln::stages::handler::{local_substitutions, Function, StageTasks, DEFINITION};
+use serde_json::{json, Value as Json};
+
+use crate::{exit, Output};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// Sandboxed instances and OCI image stores on this machine.
+    #[default]
+    Local,
+    /// EC2, SSM and S3 in your AWS account (AWS_ENDPOINT_URL honoured); state stays local.
+    Aws,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[arg(value_name = "PIPELINE.yaml")]
+    pub pipeline: PathBuf,
+    #[arg(long, value_enum, default_value_t)]
+    pub backend: Backend,
+    /// `--backend aws`: the bucket for the agent, documents, reports and logs (created when
+    /// missing).
+    #[arg(long, value_name = "BUCKET")]
+    pub artifacts_bucket: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// Where the embedded cloud lives: `--home`, `$KILN_HOME`, or `./.kiln`.
+pub fn home(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .unwrap_or_else(kiln::local::default_home)
+}
+
+/// The kiln-agent binary: `$KILN_AGENT`, or the one beside this program.
+pub fn agent_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("KILN_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("kiln-agent")))
+        .filter(|p| p.is_file());
+    beside.ok_or_else(|| {
+        "kiln-agent was not found beside kiln; build it (`cargo build -p kiln-agent`) or set KILN_AGENT"
+            .to_string()
+    })
+}
+
+/// Opens the embedded cloud, refusing clearly what this machine cannot do.
+pub fn open_cloud(home: &Path) -> Result<LocalCloud, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("embedded instances need root: they are mount, PID, UTS and IPC namespaces with an overlay root, which an unprivileged user cannot create here (run kiln as root, e.g. with sudo)".into());
+    }
+    let agent = agent_binary()?;
+    LocalCloud::open(home, &agent).map_err(|e| e.to_string())
+}
+
+/// Both halves of `--backend aws`: the remote compute, commands and parameters, and the local
+/// store, events and clock.
+struct Mixed<R> {
+    remote: R,
+    local: LocalCloud,
+}
+
+/// Providers that keep their state in an embedded cloud.
+trait HasLocal {
+    fn local(&self) -> &LocalCloud;
+}
+
+impl HasLocal for LocalCloud {
+    fn local(&self) -> &LocalCloud {
+        self
+    }
+}
+
+impl<R> HasLocal for Mixed<R> {
+    fn local(&self) -> &LocalCloud {
+        &self.local
+    }
+}
+
+impl<R: PortsProvider> PortsProvider for Mixed<R> {
+    fn ports(&self) -> Ports<'_> {
+        let r = self.remote.ports();
+        Ports {
+            compute: r.compute,
+            commands: r.commands,
+            parameters: r.parameters,
+            store: &self.local.store,
+            events: &self.local,
+            clock: &self.local,
+        }
+    }
+}
+
+/// What the progress display and the summary learn from each task.
+#[derive(Debug, Default)]
+struct Progress {
+    started: Option<Instant>,
+    stages: Vec<(String, Instant, Option<Instant>)>,
+    current: String,
+    output_log: Option<PathBuf>,
+    build: Option<Build>,
+}
+
+fn stage_of(function: Function) -> &'static str {
+    match function {
+        Function::LaunchBuilder => "launch",
+        Function::Customize => "build",
+        Function::Snapshot => "snapshot",
+        Function::TestImage => "test",
+        Function::Distribute => "distribute",
+        Function::Cleanup => "cleanup",
+    }
+}
+
+impl Progress {
+    fn task(&mut self, function: Function) {
+        let stage = stage_of(function);
+        let now = Instant::now();
+        self.started.get_or_insert(now);
+        if self.current != stage {
+            if let Some(last) = self.stages.last_mut() {
+                last.2.get_or_insert(now);
+            }
+            self.stages.push((stage.to_string(), now, None));
+            self.current = stage.to_string();
+        }
+    }
+
+    fn finish(&mut self) {
+        let now = Instant::now();
+        if let Some(last) = self.stages.last_mut() {
+            last.2.get_or_insert(now);
+        }
+    }
+}
+
+/// The stage tasks, long-polling `check` operations for up to a second (20 ms apart) so that the
+/// state machine's Wait states can be 0 seconds without spinning the execution history.
+struct EmbeddedTasks<P> {
+    inner: StageTasks<P>,
+    progress: Arc<Mutex<Progress>>,
+    home: PathBuf,
+}
+
+fn settled(result: &Json) -> bool {
+    if let Some(ready) = result.get("ready").and_then(Json::as_bool) {
+        return ready;
+    }
+    match result.get("state").and_then(Json::as_str) {
+        Some(state) => state == "shared",
+        None => true,
+    }
+}
+
+impl<P: PortsProvider + 'static> kiln::engine::Tasks for EmbeddedTasks<P> {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            let function = resource
+                .rsplit_once(":function:kiln-")
+                .and_then(|(_, n)| Function::by_name(n));
+            if let Some(f) = function {
+                lock(&self.progress).task(f);
+            }
+            let is_check = input.get("op").and_then(Json::as_str) == Some("check");
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut input = input;
+            loop {
+                let out = self.inner.invoke(resource, state, input.clone()).await?;
+                if let Ok(b) = serde_json::from_value::<Build>(out.clone()) {
+                    let mut p = lock(&self.progress);
+                    p.output_log = output_log(&self.home, &b);
+                    p.build = Some(b);
+                }
+                if !is_check || settled(&out) || Instant::now() >= deadline {
+                    return Ok(out);
+                }
+                // The next check sees what this one returned, as the state machine would pass it.
+                let key = if input.get("entry").is_some() { "entry" } else { "build" };
+                input[key] = out;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The output log of the command a build is running (embedded instances only).
+fn output_log(home: &Path, b: &Build) -> Option<PathBuf> {
+    let (instance, command) = match b.status {
+        BuildStatus::Testing => (b.test_instance.as_ref()?, b.test_command.as_ref()?),
+        _ => (b.builder.as_ref()?, b.customize_command.as_ref()?),
+    };
+    Some(
+        home.join("instances")
+            .join(instance.id.as_str())
+            .join("cmd")
+            .join(command.as_str())
+            .join("output.log"),
+    )
+}
+
+fn last_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Runs the pipeline; the exit code.
+pub fn run(args: RunArgs, home_flag: Option<&Path>, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::Result<i32> {
+    // Invalid input: every problem, exit 2, nothing created.
+    let loaded = match kiln::model::load(&args.pipeline) {
+        Ok(l) => l,
+        Err(d) => {
+            let results = [kiln::report::Checked {
+                file: args.pipeline.clone(),
+                outcome: Err(d),
+            }];
+            kiln::report::write(&results, args.output == Output::Json, stdout, stderr)?;
+            return Ok(exit::INVALID);
+        }
+    };
+    let home = home(home_flag);
+    let cloud = match open_cloud(&home) {
+        Ok(c) => c,
+        Err(e) => {
+            writeln!(stderr, "kiln run: {e}")?;
+            return Ok(exit::INVALID);
+        }
+    };
+    let record = PipelineRecord::from(&loaded);
+    let p = &record.pipeline;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if args.backend == Backend::Local {
+        if let Parent::Local(name) = &p.parent {
+            let region = p.home_region();
+            let found = runtime.block_on(kiln::ports::Compute::image_named(&cloud, region, name));
+            if matches!(found, Ok(None)) {
+                if name == "kiln-tiny" {
+                    writeln!(stderr, "creating the base image kiln-tiny in {region} from this machine's programs (offline)")?;
+                    if let Err(e) = cloud.bootstrap_tiny(name, region) {
+                        writeln!(stderr, "kiln run: {e}")?;
+                        return Ok(exit::FAILED);
+                    }
+                } else {
+                    writeln!(stderr, "{}: parent.local: no embedded image `{name}` in {region}; create it with `kiln image import {name} ROOTFS --region {region}` or `kiln image bootstrap {name} --region {region}`", args.pipeline.display())?;
+                    return Ok(exit::INVALID);
+                }
+            }
+        }
+    } else if !matches!(p.parent, Parent::Ami(_) | Parent::SsmParameter(_) | Parent::Filter(_)) {
+        writeln!(stderr, "{}: parent.local names an embedded image; --backend aws needs ami, ssmParameter or filter", args.pipeline.display())?;
+        return Ok(exit::INVALID);
+    }
+    if let Err(e) = runtime.block_on(kiln::ports::Store::put_pipeline(&cloud.store, &record)) {
+        writeln!(stderr, "{}: {e}", args.pipeline.display())?;
+        return Ok(exit::INVALID);
+    }
+    match args.backend {
+        Backend::Local => {
+            execute(Arc::new(cloud), &runtime, &record, &args, stdout, stderr)
+        }
+        Backend::Aws => aws(cloud, &runtime, &record, &args, stdout, stderr),
+    }
+}
+
+#[cfg(feature = "aws")]
+fn aws(
+    cloud: LocalCloud,
+    runtime: &tokio::runtime::Runtime,
+    record: &PipelineRecord,
+    args: &RunArgs,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let region = record.pipeline.home_region().to_string();
+    let bucket = args
+        .artifacts_bucket
+        .clone()
+        .unwrap_or_else(|| format!("kiln-artifacts-{region}"));
+    let settings = kiln::aws::Settings {
+        table: String::new(),
+        bucket,
+        event_bus: String::new(),
+        region,
+    };
+    let remote = runtime.block_on(kiln::aws::AwsPorts::from_env(settings));
+    if let Err(e) = runtime.block_on(remote.prepare_artifacts(&cloud.agent)) {
+        writeln!(stderr, "kiln run --backend aws: {e}")?;
+        return Ok(exit::FAILED);
+    }
+    let mixed = Arc::new(Mixed {
+        remote,
+        local: cloud,
+    });
+    execute(mixed, runtime, record, args, stdout, stderr)
+}
+
+#[cfg(not(feature = "aws"))]
+fn aws(
+    _cloud: LocalCloud,
+    _runtime: &tokio::runtime::Runtime,
+    _record: &PipelineRecord,
+    _args: &RunArgs,
+    _stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    writeln!(stderr, "kiln run: this kiln was built without the AWS backend (cargo feature `aws`)")?;
+    Ok(exit::INVALID)
+}
+
+fn execute<P: PortsProvider + HasLocal + 'static>(
+    provider: Arc<P>,
+    runtime: &tokio::runtime::Runtime,
+    record: &PipelineRecord,
+    args: &RunArgs,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let p = &record.pipeline;
+    let local = provider.local();
+    let definition: Json = serde_json::from_str(DEFINITION)?;
+    let machine = definition::parse(&substitute(&definition, &local_substitutions()))
+        .map_err(|e| anyhow::anyhow!("the built-in state machine is invalid: {e:?}"))?;
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let tasks = Arc::new(EmbeddedTasks {
+        inner: StageTasks(provider.clone()),
+        progress: progress.clone(),
+        home: local.home.clone(),
+    });
+    let engine = Engine::new(tasks, Arc::new(RealClock), false);
+    let request = format!("kiln-run-{}", uuid::Uuid::new_v4().simple());
+    let input = json!({
+        "pipeline": p.name,
+        "trigger": {"kind": "manual", "detail": "kiln run"},
+        "waitSeconds": 0
+    });
+    let interactive = args.output == Output::Text && std::io::stderr().is_terminal();
+    let started = Instant::now();
+    writeln!(
+        stderr,
+        "kiln run {} {} — {} backend, building in {}, distributing to {}",
+        p.name,
+        p.version,
+        match args.backend {
+            Backend::Local => "embedded",
+            Backend::Aws => "aws",
+        },
+        p.home_region(),
+        p.distribution
+            .iter()
+            .map(|d| d.region.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    let claim = local.claim_run(&request)?;
+    let display = Display::start(progress.clone(), interactive);
+    let outcome: Option<Outcome> = runtime.block_on(async {
+        let run = engine.run(&machine, input, &request);
+        tokio::select! {
+            out = run => Some(out),
+            _ = shutdown_signal() => None,
+        }
+    });
+    display.stop();
+    lock(&progress).finish();
+    let _ = std::fs::remove_file(&claim);
+    let outcome = match outcome {
+        Some(o) => o,
+        None => {
+            writeln!(stderr, "interrupted: cleaning up")?;
+            let build = runtime.block_on(cancel(&provider.ports(), &p.name, &request));
+            if let Some(b) = build {
+                writeln!(stderr, "build {} {}", b.id, b.status.as_str())?;
+            }
+            return Ok(130);
+        }
+    };
+    // The build as the store has it now (the execution's output on success, the record after
+    // cleanup on failure).
+    let build = runtime
+        .block_on(kiln::ports::Store::builds(&local.store, &p.name))
+        .ok()
+        .and_then(|all| all.into_iter().find(|b| b.request_id.as_deref() == Some(request.as_str())));
+    let summary = summary(&outcome, build.as_ref(), &lock(&progress), local, started.elapsed());
+    match args.output {
+        Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?,
+        Output::Text => write_summary(stdout, &summary)?,
+    }
+    Ok(match (outcome.status, build.map(|b| b.status)) {
+        (Status::Succeeded, Some(BuildStatus::Available | BuildStatus::Skipped)) => exit::OK,
+        _ => exit::FAILED,
+    })
+}
+
+/// Whether the `kiln run` that started `build` still runs.
+pub fn owner_alive(cloud: &LocalCloud, build: &Build) -> bool {
+    build
+        .request_id
+        .as_deref()
+        .is_some_and(|r| cloud.run_owner_alive(r))
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+/// Cleans up the build an interrupted execution started: instances terminated, partial images
+/// removed, build CANCELLED, lock released.
+async fn cancel(ports: &Ports<'_>, pipeline: &str, request: &str) -> Option<Build> {
+    let build = kiln::ports::Store::builds(ports.store, pipeline)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|b| b.request_id.as_deref() == Some(request))?;
+    let event = json!({
+        "op": "run",
+        "build": build,
+        "error": {"Error": "Kiln.Cancelled", "Cause": "interrupted by the user (kiln run)"}
+    });
+    let out = kiln::stages::handler::handle(ports, Function::Cleanup, event).await;
+    out.ok().and_then(|j| serde_json::from_value(j).ok())
+}
+
+/// The live display: a spinner per stage on a terminal, plain lines otherwise.
+struct Display {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Display {
+    fn start(progress: Arc<Mutex<Progress>>, interactive: bool) -> Display {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let bar = interactive.then(|| {
+                let b = indicatif::ProgressBar::new_spinner();
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {prefix:>10} {elapsed:>4} {wide_msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                b.enable_steady_tick(Duration::from_millis(100));
+                b
+            });
+            let mut shown = 0;
+            loop {
+                let done = flag.load(std::sync::atomic::Ordering::SeqCst);
+                let (stages, current, log) = {
+                    let p = lock(&progress);
+                    (p.stages.clone(), p.current.clone(), p.output_log.clone())
+                };
+                // Finished stages, one line each.
+                while shown + 1 < stages.len() || (done && shown < stages.len()) {
+                    let (name, start, end) = &stages[shown];
+                    let secs = end.unwrap_or_else(Instant::now).duration_since(*start).as_secs_f64();
+                    let line = format!("  ✓ {name:<10} {secs:>6.1}s");
+                    match &bar {
+                        Some(b) => b.println(line),
+                        None => eprintln!("{line}"),
+                    }
+                    shown += 1;
+                }
+                if done {
+                    if let Some(b) = &bar {
+                        b.finish_and_clear();
+                    }
+                    return;
+                }
+                if let Some(b) = &bar {
+                    if b.prefix() != current {
+                        b.reset_elapsed();
+                        b.set_prefix(current.clone());
+                    }
+                    let line = log.as_deref().map(last_line).unwrap_or_default();
+                    b.set_message(line.chars().take(100).collect::<String>());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Display {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The run's result as data (what `--output json` prints).
+fn summary(
+    outcome: &Outcome,
+    build: Option<&Build>,
+    progress: &Progress,
+    local: &LocalCloud,
+    wall: Duration,
+) -> Json {
+    let stages: serde_json::Map<String, Json> = progress
+        .stages
+        .iter()
+        .map(|(name, start, end)| {
+            let secs = end.unwrap_or_else(Instant::now).duration_since(*start).as_secs_f64();
+            (name.clone(), json!((secs * 1000.0).round() / 1000.0))
+        })
+        .collect();
+    let images: BTreeMap<String, String> = build
+        .map(|b| {
+            b.regions
+                .iter()
+                .filter_map(|r| r.image.as_ref().map(|i| (r.region.clone(), i.0.clone())))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Time spent writing images (snapshot and copies), measured by the image writers.
+    let image_io: f64 = build
+        .map(|b| {
+            b.image
+                .iter()
+                .chain(b.regions.iter().filter_map(|r| r.image.as_ref()))
+                .filter_map(|i| local.job(i.as_str()))
+                .map(|j| j.seconds)
+                .sum()
+        })
+        .unwrap_or(0.0);
+    json!({
+        "status": build.map(|b| b.status.as_str()).unwrap_or("FAILED"),
+        "build": build.map(|b| b.id.0.clone()),
+        "pipeline": build.map(|b| b.pipeline.clone()),
+        "version": build.map(Build::version),
+        "images": images,
+        "stages": stages,
+        "seconds": (wall.as_secs_f64() * 1000.0).round() / 1000.0,
+        "imageWriteSeconds": (image_io * 1000.0).round() / 1000.0,
+        "stateTransitions": outcome.state_transitions(),
+        "taskInvocations": outcome.task_invocations(),
+        "error": outcome.error,
+        "cause": outcome.cause,
+        "failure": build.and_then(|b| b.failure.clone()),
+    })
+}
+
+fn write_summary(out: &mut dyn Write, s: &Json) -> std::io::Result<()> {
+    let text = |k: &str| s[k].as_str().unwrap_or("-").to_string();
+    writeln!(out, "{} {} build {} {}", text("pipeline"), text("version"), text("build"), text("status"))?;
+    if let Some(images) = s["images"].as_object() {
+        for (region, id) in images {
+            writeln!(out, "  {region:<16} {}", id.as_str().unwrap_or_default())?;
+        }
+    }
+    if let Some(stages) = s["stages"].as_object() {
+        let parts: Vec<String> = stages
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}s", v.as_f64().unwrap_or(0.0)))
+            .collect();
+        writeln!(out, "  time: {} (total {:.1}s)", parts.join(", "), s["seconds"].as_f64().unwrap_or(0.0))?;
+    }
+    writeln!(
+        out,
+        "  in AWS this build would bill {} state transitions and {} Lambda invocations",
+        s["stateTransitions"], s["taskInvocations"]
+    )?;
+    if s["status"] != "AVAILABLE" && s["status"] != "SKIPPED" {
+        if let Some(f) = s["failure"].as_object() {
+            writeln!(
+                out,
+                "  failed in {}: {}\n{}",
+                f.get("stage").and_then(Json::as_str).unwrap_or("-"),
+                f.get("error").and_then(Json::as_str).unwrap_or("-"),
+                f.get("message").and_then(Json::as_str).unwrap_or("-")
+            )?;
+        } else if let Some(cause) = s["cause"].as_str() {
+            writeln!(out, "  {}: {cause}", s["error"].as_str().unwrap_or("error"))?;
+        }
+    }
+    Ok(())
+}

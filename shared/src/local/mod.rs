@@ -1,0 +1,328 @@
+//! The embedded cloud: every port on one Linux machine, under `$KILN_HOME`.
+//!
+//! - `regions/<region>/`: an OCI image layout per region (images), `parameters.json`,
+//!   `launch-templates.json`;
+//! - `instances/<id>/`: one sandbox per instance (overlay upper dir, command folders, console);
+//! - `layers/sha256/<hex>/`: image layers unpacked once, shared by every instance as overlay
+//!   lower dirs;
+//! - `agent/`: kiln-agent with the loader and C library it was linked against, bind-mounted
+//!   read-only into every sandbox;
+//! - `state.db`: the store (SQLite); `events.jsonl`: the events.
+
+pub mod base;
+mod commands;
+mod compute;
+pub mod layer;
+pub mod oci;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::errors::{ErrorKind, StageError};
+use crate::ports::{BuildEvent, Clock, Events, Parameters, PortResult, Ports, PortsProvider};
+
+pub use compute::{InstanceRecord, Job};
+pub use store::SqliteStore;
+
+/// Something told about every event as it happens (the progress display).
+pub type Observer = Box<dyn Fn(&BuildEvent) + Send + Sync>;
+
+/// The embedded cloud rooted at a kiln home.
+pub struct LocalCloud {
+    pub home: PathBuf,
+    /// The host's kiln-agent: the sandbox keeper, and (copied) the agent inside sandboxes.
+    pub agent: PathBuf,
+    pub store: SqliteStore,
+    observer: Mutex<Option<Observer>>,
+    jobs: Arc<Mutex<BTreeMap<String, Job>>>,
+    commands: Arc<Mutex<BTreeMap<String, commands::Running>>>,
+    files: Mutex<()>,
+}
+
+impl std::fmt::Debug for LocalCloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCloud")
+            .field("home", &self.home)
+            .finish()
+    }
+}
+
+pub(crate) fn io_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> StageError {
+    StageError::new(ErrorKind::Internal, format!("{what}: {e}"))
+}
+
+pub(crate) fn ready<'a, T: Send + 'a>(v: Result<T, StageError>) -> PortResult<'a, T> {
+    Box::pin(async move { v })
+}
+
+/// `$KILN_HOME`, or `./.kiln`.
+pub fn default_home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".kiln"))
+}
+
+impl LocalCloud {
+    /// Opens (creating) the kiln home at `home`, using the kiln-agent binary at `agent`.
+    pub fn open(home: &Path, agent: &Path) -> Result<LocalCloud, StageError> {
+        for sub in ["regions", "instances", "layers/sha256", "layers/tmp", "tokens"] {
+            fs::create_dir_all(home.join(sub))
+                .map_err(|e| io_error(format!("create {}", home.join(sub).display()), e))?;
+        }
+        let home = fs::canonicalize(home).map_err(|e| io_error(home.display(), e))?;
+        let store = SqliteStore::open(&home.join("state.db"))?;
+        let cloud = LocalCloud {
+            agent: agent.to_path_buf(),
+            store,
+            observer: Mutex::new(None),
+            jobs: Arc::default(),
+            commands: Arc::default(),
+            files: Mutex::new(()),
+            home,
+        };
+        Ok(cloud)
+    }
+
+    /// Calls `observer` with every event from now on.
+    pub fn observe(&self, observer: Observer) {
+        *self
+            .observer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(observer);
+    }
+
+    pub fn region_dir(&self, region: &str) -> PathBuf {
+        self.home.join("regions").join(region)
+    }
+
+    pub fn layout(&self, region: &str) -> Result<oci::Layout, StageError> {
+        oci::Layout::open(&self.region_dir(region).join("images"))
+            .map_err(|e| io_error(format!("open the image store of {region}"), e))
+    }
+
+    /// Regions that have an image store.
+    pub fn regions(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.home.join("regions"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    fn lock_files(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn parameters_file(&self, region: &str) -> PathBuf {
+        self.region_dir(region).join("parameters.json")
+    }
+
+    /// All parameters of a region.
+    pub fn parameters(&self, region: &str) -> BTreeMap<String, String> {
+        fs::read(self.parameters_file(region))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Copies kiln-agent, its loader and its libraries into `agent/` (when changed), so that it
+    /// runs in any image, whatever C library the image has.
+    pub fn prepare_agent(&self) -> Result<PathBuf, StageError> {
+        let dir = self.home.join("agent");
+        let meta = fs::metadata(&self.agent).map_err(|e| {
+            io_error(
+                format!(
+                    "kiln-agent at {} (build it with `cargo build -p kiln-agent` or set KILN_AGENT)",
+                    self.agent.display()
+                ),
+                e,
+            )
+        })?;
+        let stamp = format!(
+            "{} {} {:?}",
+            self.agent.display(),
+            meta.len(),
+            meta.modified().ok()
+        );
+        if fs::read_to_string(dir.join("stamp")).ok().as_deref() == Some(stamp.as_str()) {
+            return Ok(dir);
+        }
+        let _guard = self.lock_files();
+        let tmp = self
+            .home
+            .join(format!("agent.tmp-{}", uuid::Uuid::new_v4().simple()));
+        let result = (|| -> Result<(), StageError> {
+            fs::create_dir_all(tmp.join("lib")).map_err(|e| io_error("create agent dir", e))?;
+            fs::create_dir_all(tmp.join("cmd")).map_err(|e| io_error("create agent dir", e))?;
+            fs::copy(&self.agent, tmp.join("kiln-agent"))
+                .map_err(|e| io_error("copy kiln-agent", e))?;
+            let (loader, libs) = base::shared_libraries(&self.agent)?;
+            fs::copy(&loader, tmp.join("ld.so"))
+                .map_err(|e| io_error(format!("copy {}", loader.display()), e))?;
+            for lib in libs {
+                let name = lib.file_name().unwrap_or_default();
+                fs::copy(&lib, tmp.join("lib").join(name))
+                    .map_err(|e| io_error(format!("copy {}", lib.display()), e))?;
+            }
+            fs::write(tmp.join("stamp"), &stamp).map_err(|e| io_error("write stamp", e))?;
+            let _ = layer::remove_any(&dir);
+            fs::rename(&tmp, &dir).map_err(|e| io_error("install agent dir", e))
+        })();
+        if result.is_err() {
+            let _ = layer::remove_any(&tmp);
+        }
+        result.map(|_| dir)
+    }
+}
+
+impl LocalCloud {
+    /// Every instance this home has seen, oldest first.
+    pub fn instances(&self) -> Vec<InstanceRecord> {
+        self.host().all()
+    }
+
+    pub fn terminate_instance(&self, id: &str) -> Result<(), StageError> {
+        self.host().terminate(id)
+    }
+
+    /// Records that this process runs the execution `request` (see `run_owner_alive`).
+    pub fn claim_run(&self, request: &str) -> Result<PathBuf, StageError> {
+        let dir = self.home.join("runs");
+        fs::create_dir_all(&dir).map_err(|e| io_error("create runs", e))?;
+        let path = dir.join(request);
+        fs::write(&path, std::process::id().to_string()).map_err(|e| io_error("claim run", e))?;
+        Ok(path)
+    }
+
+    /// Whether the process that started execution `request` is still alive.
+    pub fn run_owner_alive(&self, request: &str) -> bool {
+        fs::read_to_string(self.home.join("runs").join(request))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    }
+
+    /// Deletes what nothing refers to: blobs and temporary files in every region, unpacked
+    /// layers no image or instance uses, scratch space. Returns (bytes freed, layer dirs removed).
+    pub fn sweep(&self) -> Result<(u64, usize), StageError> {
+        let mut freed = 0;
+        let mut used = std::collections::BTreeSet::new();
+        for region in self.regions() {
+            let layout = self.layout(&region)?;
+            freed += layout
+                .sweep()
+                .map_err(|e| io_error(format!("sweep {region}"), e))?;
+            for image in layout.images().map_err(|e| io_error("images", e))? {
+                for l in layout.layers(&image.manifest).map_err(|e| io_error("layers", e))? {
+                    used.insert(l.digest.trim_start_matches("sha256:").to_string());
+                }
+            }
+        }
+        for r in self.instances() {
+            if r.state != crate::ports::InstanceState::Terminated {
+                for l in &r.lower {
+                    used.insert(l.file_name().unwrap_or_default().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let mut dirs = 0;
+        for e in fs::read_dir(self.home.join("layers/sha256"))
+            .map_err(|e| io_error("layers", e))?
+            .flatten()
+        {
+            if !used.contains(e.file_name().to_string_lossy().as_ref()) {
+                layer::remove_any(&e.path()).map_err(|e| io_error("remove layer", e))?;
+                dirs += 1;
+            }
+        }
+        for dir in ["layers/tmp", "scratch"] {
+            for e in fs::read_dir(self.home.join(dir)).into_iter().flatten().flatten() {
+                layer::remove_any(&e.path()).map_err(|e| io_error("remove leftovers", e))?;
+            }
+        }
+        for e in fs::read_dir(&self.home).map_err(|e| io_error("home", e))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("agent.tmp-") {
+                layer::remove_any(&e.path()).map_err(|e| io_error("remove leftovers", e))?;
+            }
+        }
+        Ok((freed, dirs))
+    }
+}
+
+impl Clock for LocalCloud {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+    }
+}
+
+impl Events for LocalCloud {
+    fn emit<'a>(&'a self, event: &'a BuildEvent) -> PortResult<'a, ()> {
+        let line = serde_json::json!({
+            "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "source": "kiln",
+            "detail-type": "Kiln Image State Change",
+            "detail": event,
+        });
+        let result = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.join("events.jsonl"))
+            .and_then(|mut f| writeln!(f, "{line}"))
+            .map_err(|e| io_error("write events.jsonl", e));
+        if let Some(observer) = self
+            .observer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            observer(event);
+        }
+        ready(result)
+    }
+}
+
+impl Parameters for LocalCloud {
+    fn get<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<String>> {
+        ready(Ok(self.parameters(region).get(name).cloned()))
+    }
+
+    fn put<'a>(&'a self, region: &'a str, name: &'a str, value: &'a str) -> PortResult<'a, ()> {
+        let _guard = self.lock_files();
+        let mut all = self.parameters(region);
+        all.insert(name.to_string(), value.to_string());
+        let result = fs::create_dir_all(self.region_dir(region))
+            .and_then(|_| {
+                oci::write_atomic(
+                    &self.parameters_file(region),
+                    serde_json::to_vec_pretty(&all)
+                        .unwrap_or_default()
+                        .as_slice(),
+                )
+            })
+            .map_err(|e| io_error(format!("write parameters of {region}"), e));
+        ready(result)
+    }
+}
+
+impl PortsProvider for LocalCloud {
+    fn ports(&self) -> Ports<'_> {
+        Ports {
+            compute: self,
+            commands: self,
+            store: &self.store,
+            events: self,
+            parameters: self,
+            clock: self,
+        }
+    }
+}

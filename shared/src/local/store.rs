@@ -1,0 +1,343 @@
+//! The embedded store: SQLite with the records and the conditional transitions of the DynamoDB
+//! store. Status changes are `UPDATE … WHERE status IN (…)`, so a stale retry never moves a build
+//! backwards, and the lock is one row per pipeline with an expiry.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::errors::{ErrorKind, StageError};
+use crate::model::build::{Build, BuildId, BuildStatus};
+use crate::ports::{PipelineRecord, PortResult, Store};
+
+#[derive(Debug)]
+pub struct SqliteStore {
+    db: Mutex<Connection>,
+}
+
+fn internal(e: impl std::fmt::Display) -> StageError {
+    StageError::new(ErrorKind::Internal, format!("embedded store: {e}"))
+}
+
+fn ready<'a, T: Send + 'a>(v: Result<T, StageError>) -> PortResult<'a, T> {
+    Box::pin(async move { v })
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS pipelines (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    record TEXT NOT NULL,
+    applied TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS builds (
+    pipeline TEXT NOT NULL,
+    id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (pipeline, id)
+);
+CREATE INDEX IF NOT EXISTS builds_by_status ON builds (status, id);
+CREATE TABLE IF NOT EXISTS locks (
+    pipeline TEXT PRIMARY KEY,
+    build TEXT NOT NULL,
+    expires INTEGER NOT NULL
+);
+";
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StageError> {
+        let db = Connection::open(path).map_err(internal)?;
+        db.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(internal)?;
+        db.execute_batch("PRAGMA journal_mode = WAL;")
+            .map_err(internal)?;
+        db.execute_batch(SCHEMA).map_err(internal)?;
+        Ok(SqliteStore { db: Mutex::new(db) })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StageError>,
+    ) -> Result<T, StageError> {
+        let mut db = self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut db)
+    }
+
+    /// Builds in any of `statuses`, across pipelines (the janitor, `kiln builds list`).
+    pub fn builds_in(&self, statuses: &[BuildStatus]) -> Result<Vec<Build>, StageError> {
+        self.with(|db| {
+            let mut q = db
+                .prepare("SELECT body FROM builds WHERE status = ?1 ORDER BY id")
+                .map_err(internal)?;
+            let mut out = Vec::new();
+            for s in statuses {
+                let rows = q
+                    .query_map([s.as_str()], |r| r.get::<_, String>(0))
+                    .map_err(internal)?;
+                for body in rows {
+                    out.push(serde_json::from_str(&body.map_err(internal)?).map_err(internal)?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every build, oldest first.
+    pub fn all_builds(&self) -> Result<Vec<Build>, StageError> {
+        self.with(|db| {
+            let mut q = db
+                .prepare("SELECT body FROM builds ORDER BY id")
+                .map_err(internal)?;
+            let rows = q
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(internal)?;
+            rows.map(|b| {
+                serde_json::from_str(&b.map_err(internal)?).map_err(internal)
+            })
+            .collect()
+        })
+    }
+
+    /// Finds a build by id (or a unique prefix of it) in any pipeline.
+    pub fn find_build(&self, id: &str) -> Result<Option<Build>, StageError> {
+        let all = self.all_builds()?;
+        let mut hits = all.into_iter().filter(|b: &Build| b.id.0.starts_with(id));
+        let first = hits.next();
+        if hits.next().is_some() {
+            return Err(StageError::new(
+                ErrorKind::InvalidPipeline,
+                format!("`{id}` names more than one build; give more of the id"),
+            ));
+        }
+        Ok(first)
+    }
+}
+
+fn stale(build: &Build, stored: BuildStatus, expected: BuildStatus) -> StageError {
+    StageError::new(
+        ErrorKind::Internal,
+        format!(
+            "build {} is {}, not {} (a stale update)",
+            build.id,
+            stored.as_str(),
+            expected.as_str()
+        ),
+    )
+    .with_code("ConditionalCheckFailedException")
+}
+
+impl Store for SqliteStore {
+    fn put_pipeline<'a>(&'a self, record: &'a PipelineRecord) -> PortResult<'a, ()> {
+        ready(self.with(|db| {
+            let p = &record.pipeline;
+            let text = serde_json::to_string(record).map_err(internal)?;
+            let existing: Option<String> = db
+                .query_row(
+                    "SELECT record FROM pipelines WHERE name = ?1 AND version = ?2",
+                    params![p.name, p.version],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(internal)?;
+            if let Some(existing) = existing {
+                let existing: PipelineRecord =
+                    serde_json::from_str(&existing).map_err(internal)?;
+                if &existing != record {
+                    return Err(StageError::new(
+                        ErrorKind::InvalidPipeline,
+                        format!(
+                            "pipeline {} version {} exists with other content; raise `version`",
+                            p.name, p.version
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
+            db.execute(
+                "INSERT INTO pipelines (name, version, record, applied) VALUES (?1, ?2, ?3, ?4)",
+                params![p.name, p.version, text, Utc::now().to_rfc3339()],
+            )
+            .map_err(internal)?;
+            Ok(())
+        }))
+    }
+
+    fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>> {
+        ready(self.with(|db| {
+            let text: Option<String> = db
+                .query_row(
+                    "SELECT record FROM pipelines WHERE name = ?1 ORDER BY applied DESC, rowid DESC LIMIT 1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(internal)?;
+            text.map(|t| serde_json::from_str(&t).map_err(internal))
+                .transpose()
+        }))
+    }
+
+    fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()> {
+        ready(self.with(|db| {
+            let body = serde_json::to_string(build).map_err(internal)?;
+            let tx = db.transaction().map_err(internal)?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT body FROM builds WHERE pipeline = ?1 AND id = ?2",
+                    params![build.pipeline, build.id.0],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(internal)?;
+            match existing {
+                Some(e) => {
+                    let e: Build = serde_json::from_str(&e).map_err(internal)?;
+                    if &e != build {
+                        return Err(StageError::new(
+                            ErrorKind::Internal,
+                            format!("build {} exists with other content", build.id),
+                        ));
+                    }
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO builds (pipeline, id, status, body) VALUES (?1, ?2, ?3, ?4)",
+                        params![build.pipeline, build.id.0, build.status.as_str(), body],
+                    )
+                    .map_err(internal)?;
+                }
+            }
+            tx.commit().map_err(internal)
+        }))
+    }
+
+    fn save_build<'a>(&'a self, build: &'a Build, expected: BuildStatus) -> PortResult<'a, ()> {
+        ready(self.with(|db| {
+            let body = serde_json::to_string(build).map_err(internal)?;
+            // The statuses the stored build may be in for this write to apply.
+            let allowed: Vec<&str> = [expected, build.status]
+                .into_iter()
+                .filter(|s| s.can_become(build.status) || *s == build.status)
+                .map(BuildStatus::as_str)
+                .collect();
+            let changed = db
+                .execute(
+                    "UPDATE builds SET status = ?1, body = ?2
+                     WHERE pipeline = ?3 AND id = ?4 AND status IN (?5, ?6)",
+                    params![
+                        build.status.as_str(),
+                        body,
+                        build.pipeline,
+                        build.id.0,
+                        allowed.first().copied().unwrap_or(""),
+                        allowed.get(1).copied().unwrap_or("")
+                    ],
+                )
+                .map_err(internal)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            let stored: Option<String> = db
+                .query_row(
+                    "SELECT status FROM builds WHERE pipeline = ?1 AND id = ?2",
+                    params![build.pipeline, build.id.0],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(internal)?;
+            match stored.and_then(|s| BuildStatus::parse(&s)) {
+                None => Err(StageError::new(
+                    ErrorKind::Internal,
+                    format!("no build {}", build.id),
+                )),
+                Some(s) if s != expected && s != build.status => Err(stale(build, s, expected)),
+                Some(s) => Err(StageError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "build {} cannot move from {} to {}",
+                        build.id,
+                        s.as_str(),
+                        build.status.as_str()
+                    ),
+                )
+                .with_code("ConditionalCheckFailedException")),
+            }
+        }))
+    }
+
+    fn build<'a>(&'a self, pipeline: &'a str, id: &'a BuildId) -> PortResult<'a, Option<Build>> {
+        ready(self.with(|db| {
+            let body: Option<String> = db
+                .query_row(
+                    "SELECT body FROM builds WHERE pipeline = ?1 AND id = ?2",
+                    params![pipeline, id.0],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(internal)?;
+            body.map(|b| serde_json::from_str(&b).map_err(internal))
+                .transpose()
+        }))
+    }
+
+    fn builds<'a>(&'a self, pipeline: &'a str) -> PortResult<'a, Vec<Build>> {
+        ready(self.with(|db| {
+            let mut q = db
+                .prepare("SELECT body FROM builds WHERE pipeline = ?1 ORDER BY id")
+                .map_err(internal)?;
+            let rows = q
+                .query_map([pipeline], |r| r.get::<_, String>(0))
+                .map_err(internal)?;
+            rows.map(|b| serde_json::from_str(&b.map_err(internal)?).map_err(internal))
+                .collect()
+        }))
+    }
+
+    fn lock<'a>(
+        &'a self,
+        pipeline: &'a str,
+        build: &'a BuildId,
+        now: DateTime<Utc>,
+        ttl_seconds: i64,
+    ) -> PortResult<'a, ()> {
+        ready(self.with(|db| {
+            let changed = db
+                .execute(
+                    "INSERT INTO locks (pipeline, build, expires) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (pipeline) DO UPDATE SET build = excluded.build, expires = excluded.expires
+                     WHERE locks.build = excluded.build OR locks.expires <= ?4",
+                    params![pipeline, build.0, now.timestamp() + ttl_seconds, now.timestamp()],
+                )
+                .map_err(internal)?;
+            if changed == 1 {
+                return Ok(());
+            }
+            let holder: String = db
+                .query_row(
+                    "SELECT build FROM locks WHERE pipeline = ?1",
+                    [pipeline],
+                    |r| r.get(0),
+                )
+                .map_err(internal)?;
+            Err(StageError::new(
+                ErrorKind::Locked,
+                format!("pipeline {pipeline} is being built by build {holder}"),
+            ))
+        }))
+    }
+
+    fn unlock<'a>(&'a self, pipeline: &'a str, build: &'a BuildId) -> PortResult<'a, ()> {
+        ready(self.with(|db| {
+            db.execute(
+                "DELETE FROM locks WHERE pipeline = ?1 AND build = ?2",
+                params![pipeline, build.0],
+            )
+            .map_err(internal)?;
+            Ok(())
+        }))
+    }
+}
