@@ -11,6 +11,9 @@ export KILN_CFN_LINT := $(VENV)/bin/cfn-lint
 export KILN_SAM := $(VENV)/bin/sam
 export KILN_ASL_VALIDATOR := $(VENV)/node/node_modules/.bin/asl-validator
 
+# Debian packages are installed as root (sudo when not root).
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+
 .PHONY: setup run test lint fmt bench build
 
 ## setup: install what the build and the tests need (Rust components, cargo-nextest; moto server, cfn-lint, SAM CLI from PyPI; asl-validator from npm)
@@ -23,15 +26,20 @@ setup:
 	@test -x $(VENV)/bin/moto_server || { echo "installing moto[server] into $(VENV)"; $(VENV)/bin/pip install --quiet 'moto[server]>=5.1,<6'; }
 	@test -x $(VENV)/bin/cfn-lint -a -x $(VENV)/bin/sam || { echo "installing cfn-lint and aws-sam-cli into $(VENV)"; $(VENV)/bin/pip install --quiet cfn-lint aws-sam-cli; }
 	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
+	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null || { echo "installing skopeo, umoci, mmdebstrap (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null; }; }
 
 ## build: every binary of the workspace (debug): kiln, kiln-agent, the Lambda functions
 build:
 	$(CARGO) build --workspace --bins
 
-## run: the main job embedded. Until the embedded builder lands, it validates every example pipeline.
+## run: the main job embedded: examples/hello built, tested and distributed to two regions in
+## sandboxes on this machine (root; no network, no AWS account). kiln is built without the AWS
+## SDK here, which keeps the first build short.
 run:
-	$(CARGO) build -p kiln-cli
+	@test "$$(id -u)" = 0 || { echo "make run starts sandboxed instances (namespaces, overlay mounts): run it as root"; exit 2; }
+	$(CARGO) build -p kiln-agent -p kiln-cli --no-default-features
 	$(KILN) validate examples/*/pipeline.yaml
+	$(KILN) run examples/hello/pipeline.yaml
 
 ## test: every test of the workspace (unit, integration, snapshot, property). Binaries and tests
 ## are built in one `--all-targets` pass, so dependencies compile once with one feature set.

@@ -110,7 +110,12 @@ fn find_image(cloud: &LocalCloud, region: &str, key: &str) -> Result<ImageRecord
     images
         .iter()
         .find(|i| i.id == key)
-        .or_else(|| images.iter().filter(|i| i.name == key).max_by(|a, b| a.created.cmp(&b.created)))
+        .or_else(|| {
+            images
+                .iter()
+                .filter(|i| i.name == key)
+                .max_by(|a, b| a.created.cmp(&b.created))
+        })
         .cloned()
         .ok_or_else(|| format!("no image `{key}` in {region}; see `kiln image list`"))
 }
@@ -198,7 +203,11 @@ pub fn image(
             match output {
                 Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?)?,
                 Output::Text => {
-                    writeln!(stdout, "{:<12} {:<22} {:<40} {:>10}  CREATED", "REGION", "ID", "NAME", "SIZE")?;
+                    writeln!(
+                        stdout,
+                        "{:<12} {:<22} {:<40} {:>10}  CREATED",
+                        "REGION", "ID", "NAME", "SIZE"
+                    )?;
                     for r in &rows {
                         writeln!(
                             stdout,
@@ -248,7 +257,13 @@ pub fn image(
                 Err(e) => return usage(stderr, e),
             };
             let bytes = cloud.export(&region, &record.id, &file)?;
-            writeln!(stdout, "{}\t{}\t{}", record.id, file.display(), human(bytes))?;
+            writeln!(
+                stdout,
+                "{}\t{}\t{}",
+                record.id,
+                file.display(),
+                human(bytes)
+            )?;
             Ok(exit::OK)
         }
         ImageCommand::Rm { images, region } => {
@@ -315,7 +330,11 @@ pub fn builds(
             match output {
                 Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&all)?)?,
                 Output::Text => {
-                    writeln!(stdout, "{:<26} {:<20} {:<10} {:<12} {:<20} IMAGES", "BUILD", "PIPELINE", "VERSION", "STATUS", "STARTED")?;
+                    writeln!(
+                        stdout,
+                        "{:<26} {:<20} {:<10} {:<12} {:<20} IMAGES",
+                        "BUILD", "PIPELINE", "VERSION", "STATUS", "STARTED"
+                    )?;
                     for b in &all {
                         let images: Vec<String> = b
                             .regions
@@ -382,13 +401,20 @@ pub struct Collected {
 /// Builds whose `kiln run` process is gone are cleaned up (instances terminated, partial images
 /// removed, CANCELLED, lock released); instances of no running build are terminated; blobs,
 /// unpacked layers and scratch space nothing refers to are deleted.
-pub fn gc(home: &Path, dry_run: bool, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::Result<i32> {
+pub fn gc(
+    home: &Path,
+    dry_run: bool,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
     let cloud = match crate::run::open_cloud(home) {
         Ok(c) => c,
         Err(e) => return usage(stderr, e),
     };
     let mut done = Collected::default();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let active: Vec<Build> = cloud
         .store
         .all_builds()?
@@ -409,7 +435,11 @@ pub fn gc(home: &Path, dry_run: bool, stdout: &mut dyn Write, stderr: &mut dyn W
                 "build": b,
                 "error": {"Error": "Kiln.Cancelled", "Cause": "abandoned: the kiln run that started it is gone (kiln gc)"}
             });
-            if let Err(e) = runtime.block_on(kiln::stages::handler::handle(&ports, kiln::stages::handler::Function::Cleanup, event)) {
+            if let Err(e) = runtime.block_on(kiln::stages::handler::handle(
+                &ports,
+                kiln::stages::handler::Function::Cleanup,
+                event,
+            )) {
                 writeln!(stderr, "cleanup of {}: {e}", b.id)?;
             }
         }

@@ -73,6 +73,7 @@ pub fn open_cloud(home: &Path) -> Result<LocalCloud, String> {
 
 /// Both halves of `--backend aws`: the remote compute, commands and parameters, and the local
 /// store, events and clock.
+#[cfg(feature = "aws")]
 struct Mixed<R> {
     remote: R,
     local: LocalCloud,
@@ -89,12 +90,14 @@ impl HasLocal for LocalCloud {
     }
 }
 
+#[cfg(feature = "aws")]
 impl<R> HasLocal for Mixed<R> {
     fn local(&self) -> &LocalCloud {
         &self.local
     }
 }
 
+#[cfg(feature = "aws")]
 impl<R: PortsProvider> PortsProvider for Mixed<R> {
     fn ports(&self) -> Ports<'_> {
         let r = self.remote.ports();
@@ -198,7 +201,11 @@ impl<P: PortsProvider + 'static> kiln::engine::Tasks for EmbeddedTasks<P> {
                     return Ok(out);
                 }
                 // The next check sees what this one returned, as the state machine would pass it.
-                let key = if input.get("entry").is_some() { "entry" } else { "build" };
+                let key = if input.get("entry").is_some() {
+                    "entry"
+                } else {
+                    "build"
+                };
                 input[key] = out;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -228,12 +235,22 @@ fn output_log(home: &Path, b: &Build) -> Option<PathBuf> {
 fn last_line(path: &Path) -> String {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
         .unwrap_or_default()
 }
 
 /// Runs the pipeline; the exit code.
-pub fn run(args: RunArgs, home_flag: Option<&Path>, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::Result<i32> {
+pub fn run(
+    args: RunArgs,
+    home_flag: Option<&Path>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
     // Invalid input: every problem, exit 2, nothing created.
     let loaded = match kiln::model::load(&args.pipeline) {
         Ok(l) => l,
@@ -276,7 +293,10 @@ pub fn run(args: RunArgs, home_flag: Option<&Path>, stdout: &mut dyn Write, stde
                 }
             }
         }
-    } else if !matches!(p.parent, Parent::Ami(_) | Parent::SsmParameter(_) | Parent::Filter(_)) {
+    } else if !matches!(
+        p.parent,
+        Parent::Ami(_) | Parent::SsmParameter(_) | Parent::Filter(_)
+    ) {
         writeln!(stderr, "{}: parent.local names an embedded image; --backend aws needs ami, ssmParameter or filter", args.pipeline.display())?;
         return Ok(exit::INVALID);
     }
@@ -285,9 +305,7 @@ pub fn run(args: RunArgs, home_flag: Option<&Path>, stdout: &mut dyn Write, stde
         return Ok(exit::INVALID);
     }
     match args.backend {
-        Backend::Local => {
-            execute(Arc::new(cloud), &runtime, &record, &args, stdout, stderr)
-        }
+        Backend::Local => execute(Arc::new(cloud), &runtime, &record, &args, stdout, stderr),
         Backend::Aws => aws(cloud, &runtime, &record, &args, stdout, stderr),
     }
 }
@@ -333,7 +351,10 @@ fn aws(
     _stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    writeln!(stderr, "kiln run: this kiln was built without the AWS backend (cargo feature `aws`)")?;
+    writeln!(
+        stderr,
+        "kiln run: this kiln was built without the AWS backend (cargo feature `aws`)"
+    )?;
     Ok(exit::INVALID)
 }
 
@@ -409,8 +430,17 @@ fn execute<P: PortsProvider + HasLocal + 'static>(
     let build = runtime
         .block_on(kiln::ports::Store::builds(&local.store, &p.name))
         .ok()
-        .and_then(|all| all.into_iter().find(|b| b.request_id.as_deref() == Some(request.as_str())));
-    let summary = summary(&outcome, build.as_ref(), &lock(&progress), local, started.elapsed());
+        .and_then(|all| {
+            all.into_iter()
+                .find(|b| b.request_id.as_deref() == Some(request.as_str()))
+        });
+    let summary = summary(
+        &outcome,
+        build.as_ref(),
+        &lock(&progress),
+        local,
+        started.elapsed(),
+    );
     match args.output {
         Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?,
         Output::Text => write_summary(stdout, &summary)?,
@@ -476,8 +506,10 @@ impl Display {
             let bar = interactive.then(|| {
                 let b = indicatif::ProgressBar::new_spinner();
                 b.set_style(
-                    indicatif::ProgressStyle::with_template("{spinner} {prefix:>10} {elapsed:>4} {wide_msg}")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {prefix:>10} {elapsed:>4} {wide_msg}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
                 );
                 b.enable_steady_tick(Duration::from_millis(100));
                 b
@@ -492,7 +524,10 @@ impl Display {
                 // Finished stages, one line each.
                 while shown + 1 < stages.len() || (done && shown < stages.len()) {
                     let (name, start, end) = &stages[shown];
-                    let secs = end.unwrap_or_else(Instant::now).duration_since(*start).as_secs_f64();
+                    let secs = end
+                        .unwrap_or_else(Instant::now)
+                        .duration_since(*start)
+                        .as_secs_f64();
                     let line = format!("  ✓ {name:<10} {secs:>6.1}s");
                     match &bar {
                         Some(b) => b.println(line),
@@ -543,7 +578,10 @@ fn summary(
         .stages
         .iter()
         .map(|(name, start, end)| {
-            let secs = end.unwrap_or_else(Instant::now).duration_since(*start).as_secs_f64();
+            let secs = end
+                .unwrap_or_else(Instant::now)
+                .duration_since(*start)
+                .as_secs_f64();
             (name.clone(), json!((secs * 1000.0).round() / 1000.0))
         })
         .collect();
@@ -585,7 +623,14 @@ fn summary(
 
 fn write_summary(out: &mut dyn Write, s: &Json) -> std::io::Result<()> {
     let text = |k: &str| s[k].as_str().unwrap_or("-").to_string();
-    writeln!(out, "{} {} build {} {}", text("pipeline"), text("version"), text("build"), text("status"))?;
+    writeln!(
+        out,
+        "{} {} build {} {}",
+        text("pipeline"),
+        text("version"),
+        text("build"),
+        text("status")
+    )?;
     if let Some(images) = s["images"].as_object() {
         for (region, id) in images {
             writeln!(out, "  {region:<16} {}", id.as_str().unwrap_or_default())?;
@@ -596,7 +641,12 @@ fn write_summary(out: &mut dyn Write, s: &Json) -> std::io::Result<()> {
             .iter()
             .map(|(k, v)| format!("{k} {:.1}s", v.as_f64().unwrap_or(0.0)))
             .collect();
-        writeln!(out, "  time: {} (total {:.1}s)", parts.join(", "), s["seconds"].as_f64().unwrap_or(0.0))?;
+        writeln!(
+            out,
+            "  time: {} (total {:.1}s)",
+            parts.join(", "),
+            s["seconds"].as_f64().unwrap_or(0.0)
+        )?;
     }
     writeln!(
         out,

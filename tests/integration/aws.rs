@@ -427,3 +427,10 @@ fn cleanup_on_moto_terminates_and_deregisters_everything_of_a_failed_build() {
         assert_eq!(stored.failure.expect("failure").error, "Kiln.TestFailed");
     });
 }
+
+#[test]
+fn store_contract_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = kiln::local::SqliteStore::open(&dir.path().join("state.db")).expect("open");
+    futures::executor::block_on(store_contract(&store));
+}

@@ -18,11 +18,60 @@ use crate::errors::{ErrorKind, StageError};
 
 /// The programs `kiln-tiny` carries (those found on this machine).
 pub const TINY_PROGRAMS: &[&str] = &[
-    "bash", "sh", "cat", "echo", "ls", "mkdir", "rm", "rmdir", "cp", "mv", "ln", "touch", "chmod",
-    "chown", "test", "[", "grep", "sed", "date", "head", "tail", "wc", "sort", "uniq", "cut", "tr",
-    "env", "id", "uname", "sleep", "true", "false", "printf", "find", "stat", "readlink", "dirname",
-    "basename", "mktemp", "tee", "sha256sum", "md5sum", "hostname", "ps", "kill", "tar", "gzip",
-    "diff", "awk", "xargs", "whoami", "seq", "du", "df",
+    "bash",
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "mkdir",
+    "rm",
+    "rmdir",
+    "cp",
+    "mv",
+    "ln",
+    "touch",
+    "chmod",
+    "chown",
+    "test",
+    "[",
+    "grep",
+    "sed",
+    "date",
+    "head",
+    "tail",
+    "wc",
+    "sort",
+    "uniq",
+    "cut",
+    "tr",
+    "env",
+    "id",
+    "uname",
+    "sleep",
+    "true",
+    "false",
+    "printf",
+    "find",
+    "stat",
+    "readlink",
+    "dirname",
+    "basename",
+    "mktemp",
+    "tee",
+    "sha256sum",
+    "md5sum",
+    "hostname",
+    "ps",
+    "kill",
+    "tar",
+    "gzip",
+    "diff",
+    "awk",
+    "xargs",
+    "whoami",
+    "seq",
+    "du",
+    "df",
 ];
 
 /// The dynamic loader and the libraries `binary` loads, as `ldd` reports them.
@@ -37,10 +86,18 @@ pub fn shared_libraries(binary: &Path) -> Result<(PathBuf, Vec<PathBuf>), StageE
     for line in text.lines() {
         let line = line.trim();
         if let Some((_, rest)) = line.split_once("=> ") {
-            if let Some(path) = rest.split_whitespace().next().filter(|p| p.starts_with('/')) {
+            if let Some(path) = rest
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+            {
                 libs.push(PathBuf::from(path));
             }
-        } else if let Some(path) = line.split_whitespace().next().filter(|p| p.starts_with('/')) {
+        } else if let Some(path) = line
+            .split_whitespace()
+            .next()
+            .filter(|p| p.starts_with('/'))
+        {
             loader = Some(PathBuf::from(path));
         }
     }
@@ -82,10 +139,30 @@ fn copy_into(root: &Path, src: &Path) -> std::io::Result<()> {
 /// programs and their libraries, /etc basics, and a note file the hello example deletes.
 pub fn tiny_rootfs(root: &Path) -> Result<Vec<String>, StageError> {
     let e = |what: &str, err: std::io::Error| io_error(format!("kiln-tiny: {what}"), err);
-    for d in ["usr/bin", "usr/lib", "usr/lib64", "usr/sbin", "etc", "root", "tmp", "var/tmp", "var/lib", "run", "proc", "sys", "dev", "home"] {
+    for d in [
+        "usr/bin",
+        "usr/lib",
+        "usr/lib64",
+        "usr/sbin",
+        "etc",
+        "root",
+        "tmp",
+        "var/tmp",
+        "var/lib",
+        "run",
+        "proc",
+        "sys",
+        "dev",
+        "home",
+    ] {
         fs::create_dir_all(root.join(d)).map_err(|err| e(d, err))?;
     }
-    for (link, to) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+    for (link, to) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
         symlink(to, root.join(link)).map_err(|err| e(link, err))?;
     }
     for d in ["tmp", "var/tmp"] {
@@ -185,7 +262,12 @@ fn unpack_source(source: &Path, into: &Path) -> Result<(), StageError> {
 impl LocalCloud {
     /// Imports a root file system (a folder, or a tar / tar.gz / tar.zst) as image `name` in
     /// `region`: one layer, no parent. Returns the new image.
-    pub fn import(&self, name: &str, source: &Path, region: &str) -> Result<ImageRecord, StageError> {
+    pub fn import(
+        &self,
+        name: &str,
+        source: &Path,
+        region: &str,
+    ) -> Result<ImageRecord, StageError> {
         let meta = fs::metadata(source).map_err(|e| {
             StageError::new(
                 ErrorKind::InvalidPipeline,
@@ -193,11 +275,21 @@ impl LocalCloud {
             )
         })?;
         if meta.is_dir() {
-            return self.import_dir(name, source, region, &format!("kiln image import {}", source.display()));
+            return self.import_dir(
+                name,
+                source,
+                region,
+                &format!("kiln image import {}", source.display()),
+            );
         }
         let tmp = self.scratch()?;
         let result = unpack_source(source, &tmp).and_then(|_| {
-            self.import_dir(name, &tmp, region, &format!("kiln image import {}", source.display()))
+            self.import_dir(
+                name,
+                &tmp,
+                region,
+                &format!("kiln image import {}", source.display()),
+            )
         });
         let _ = layer::remove_any(&tmp);
         result
@@ -222,7 +314,9 @@ impl LocalCloud {
         created_by: &str,
     ) -> Result<ImageRecord, StageError> {
         let layout = self.layout(region)?;
-        let e = |what: &str, err: &dyn std::fmt::Display| io_error(format!("import {name}: {what}"), err);
+        let e = |what: &str, err: &dyn std::fmt::Display| {
+            io_error(format!("import {name}: {what}"), err)
+        };
         let (tmp, file) = layout.temp_file().map_err(|err| e("temp file", &err))?;
         let l = match layer::write(dir, false, &BTreeSet::new(), 3, BufWriter::new(file)) {
             Ok(l) => l,
@@ -238,7 +332,11 @@ impl LocalCloud {
         let config = layout
             .put_json(
                 oci::CONFIG,
-                &oci::config(&[l.diff_id.clone()], &[created_by.to_string()], &created),
+                &oci::config(
+                    std::slice::from_ref(&l.diff_id),
+                    &[created_by.to_string()],
+                    &created,
+                ),
             )
             .map_err(|err| e("config", &err))?;
         let manifest = layout
@@ -275,7 +373,10 @@ impl LocalCloud {
                 name,
                 &tmp,
                 region,
-                &format!("kiln image bootstrap --variant tiny ({} host programs)", programs.len()),
+                &format!(
+                    "kiln image bootstrap --variant tiny ({} host programs)",
+                    programs.len()
+                ),
             )
         });
         let _ = layer::remove_any(&tmp);
@@ -323,10 +424,18 @@ impl LocalCloud {
         let image = layout
             .image(id)
             .map_err(|e| io_error("read images", e))?
-            .ok_or_else(|| StageError::new(ErrorKind::InvalidPipeline, format!("no image {id} in {region}")))?;
+            .ok_or_else(|| {
+                StageError::new(
+                    ErrorKind::InvalidPipeline,
+                    format!("no image {id} in {region}"),
+                )
+            })?;
         let tmp = self.scratch()?;
         let result = (|| {
-            for d in layout.layers(&image.manifest).map_err(|e| io_error("layers", e))? {
+            for d in layout
+                .layers(&image.manifest)
+                .map_err(|e| io_error("layers", e))?
+            {
                 layer::unpack(&layout.blob_path(&d.digest), &tmp, Whiteouts::Apply)
                     .map_err(|e| io_error(format!("apply {}", d.digest), e))?;
             }
@@ -334,10 +443,13 @@ impl LocalCloud {
             let mut b = tar::Builder::new(BufWriter::new(f));
             b.follow_symlinks(false);
             b.mode(tar::HeaderMode::Complete);
-            b.append_dir_all(".", &tmp).map_err(|e| io_error("write tarball", e))?;
+            b.append_dir_all(".", &tmp)
+                .map_err(|e| io_error("write tarball", e))?;
             let w = b.into_inner().map_err(|e| io_error("write tarball", e))?;
             drop(w);
-            fs::metadata(out).map(|m| m.len()).map_err(|e| io_error(out.display(), e))
+            fs::metadata(out)
+                .map(|m| m.len())
+                .map_err(|e| io_error(out.display(), e))
         })();
         let _ = layer::remove_any(&tmp);
         result

@@ -33,7 +33,13 @@ fn set(status: &Mutex<CommandStatus>, value: CommandStatus) {
 }
 
 /// Runs the command to its end (through reboots); the final status.
-fn run_to_end(host: &Host, instance: &str, cid: &str, args: &[String], agent_dir: &Path) -> CommandStatus {
+fn run_to_end(
+    host: &Host,
+    instance: &str,
+    cid: &str,
+    args: &[String],
+    agent_dir: &Path,
+) -> CommandStatus {
     let cmd_dir = host.instance_dir(instance).join("cmd").join(cid);
     let output = cmd_dir.join("output.log");
     let failed = |message: String| CommandStatus::Failed {
@@ -45,7 +51,11 @@ fn run_to_end(host: &Host, instance: &str, cid: &str, args: &[String], agent_dir
         let Some(pid) = host.init_pid(instance) else {
             return failed(format!("instance {instance} is not running"));
         };
-        let log = match fs::OpenOptions::new().create(true).append(true).open(&output) {
+        let log = match fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&output)
+        {
             Ok(f) => f,
             Err(e) => return failed(format!("open {}: {e}", output.display())),
         };

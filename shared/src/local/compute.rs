@@ -168,10 +168,7 @@ impl Host {
         self.save(r)?;
         let exit = dir.join("keeper.exit");
         std::thread::spawn(move || {
-            let code = child
-                .wait()
-                .map(|s| s.code().unwrap_or(-1))
-                .unwrap_or(-1);
+            let code = child.wait().map(|s| s.code().unwrap_or(-1)).unwrap_or(-1);
             let _ = fs::write(exit, code.to_string());
         });
         Ok(())
@@ -642,7 +639,13 @@ impl Compute for LocalCloud {
 
     fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState> {
         ready((|| {
-            if self.layout(region)?.image(id.as_str()).ok().flatten().is_some() {
+            if self
+                .layout(region)?
+                .image(id.as_str())
+                .ok()
+                .flatten()
+                .is_some()
+            {
                 return Ok(ImageState::Available);
             }
             match self.jobs().get(id.as_str()) {
@@ -699,13 +702,8 @@ impl Compute for LocalCloud {
             self.check_name_free(&to, to_region, name)?;
             let id = new_id("ami");
             self.remember_token(client_token, &id)?;
-            let (from2, to2, id2, name2, tags2) = (
-                from,
-                to.clone(),
-                id.clone(),
-                name.to_string(),
-                tags.clone(),
-            );
+            let (from2, to2, id2, name2, tags2) =
+                (from, to.clone(), id.clone(), name.to_string(), tags.clone());
             self.start_job(
                 &id,
                 to_region,
@@ -865,5 +863,23 @@ impl LocalCloud {
             .with_code("InvalidAMIName.Duplicate"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn image_name_patterns_match_like_ec2_filters() {
+        assert!(glob_match(
+            "al2023-ami-*-x86_64",
+            "al2023-ami-2023.6.2-x86_64"
+        ));
+        assert!(glob_match("base-?", "base-1"));
+        assert!(!glob_match("base-?", "base-12"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*b", "a-c"));
+        assert!(glob_match("a*b*c", "a-b-b-c"));
     }
 }

@@ -151,11 +151,7 @@ impl Walk<'_> {
                 let mut wh = empty_header(tar::EntryType::Regular, 0o644);
                 let mut wh_name = std::ffi::OsString::from(WHITEOUT_PREFIX);
                 wh_name.push(&name);
-                b.append_data(
-                    &mut wh,
-                    rel.with_file_name(wh_name),
-                    io::empty(),
-                )?;
+                b.append_data(&mut wh, rel.with_file_name(wh_name), io::empty())?;
                 continue;
             }
             let mut h = tar::Header::new_gnu();
@@ -280,5 +276,121 @@ pub fn remove_any(path: &Path) -> io::Result<()> {
         Ok(_) => fs::remove_file(path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_upper_dir_round_trips_with_whiteouts_opaque_dirs_links_and_exclusions() {
+        // GIVEN a lower layer and an upper dir that deletes a file, replaces a folder, adds a
+        // symlink and a hard link, and holds sandbox scaffolding
+        let t = tempfile::tempdir().unwrap();
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join("etc/old")).unwrap();
+        fs::write(lower.join("etc/gone"), "x").unwrap();
+        fs::write(lower.join("etc/old/a"), "a").unwrap();
+        fs::write(lower.join("etc/kept"), "k").unwrap();
+        let upper = t.path().join("upper");
+        fs::create_dir_all(upper.join("etc/old")).unwrap();
+        fs::create_dir_all(upper.join(".kiln")).unwrap();
+        nix::sys::stat::mknod(
+            &upper.join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .unwrap();
+        xattr::set(upper.join("etc/old"), OPAQUE_XATTRS[0], b"y").unwrap();
+        fs::write(upper.join("etc/old/b"), "b").unwrap();
+        fs::write(upper.join("etc/new"), "new").unwrap();
+        fs::hard_link(upper.join("etc/new"), upper.join("etc/new-link")).unwrap();
+        symlink("new", upper.join("etc/sym")).unwrap();
+        // WHEN both are written as layers and applied in order
+        let mut lower_blob = Vec::new();
+        write(&lower, false, &BTreeSet::new(), 3, &mut lower_blob).unwrap();
+        let mut upper_blob = Vec::new();
+        let layer = write(
+            &upper,
+            true,
+            &BTreeSet::from([".kiln".to_string()]),
+            3,
+            &mut upper_blob,
+        )
+        .unwrap();
+        let flat = t.path().join("flat");
+        for blob in [&lower_blob, &upper_blob] {
+            let d = zstd::stream::read::Decoder::new(blob.as_slice()).unwrap();
+            unpack_tar(d, &flat, Whiteouts::Apply).unwrap();
+        }
+        // THEN the result is what the overlay showed
+        assert_eq!(
+            names(&flat),
+            [
+                "etc",
+                "etc/kept",
+                "etc/new",
+                "etc/new-link",
+                "etc/old",
+                "etc/old/b",
+                "etc/sym"
+            ]
+        );
+        assert_eq!(
+            fs::read_link(flat.join("etc/sym")).unwrap(),
+            Path::new("new")
+        );
+        let (a, b) = (
+            fs::metadata(flat.join("etc/new")).unwrap(),
+            fs::metadata(flat.join("etc/new-link")).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino(), "hard link kept");
+        assert_eq!(layer.size, upper_blob.len() as u64);
+        assert!(layer.digest.starts_with("sha256:") && layer.diff_id != layer.digest);
+        // AND unpacked for an overlay, the whiteouts are overlay whiteouts again
+        let lowerdir = t.path().join("lowerdir");
+        let d = zstd::stream::read::Decoder::new(upper_blob.as_slice()).unwrap();
+        unpack_tar(d, &lowerdir, Whiteouts::Overlay).unwrap();
+        let m = fs::symlink_metadata(lowerdir.join("etc/gone")).unwrap();
+        assert!(m.file_type().is_char_device() && m.rdev() == 0);
+        assert!(is_opaque(&lowerdir.join("etc/old")));
+    }
+
+    #[test]
+    fn a_layer_that_escapes_its_folder_is_refused() {
+        let mut raw = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut raw);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.as_gnu_mut().unwrap().name[..9].copy_from_slice(b"../escape");
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).unwrap();
+            b.finish().unwrap();
+        }
+        let t = tempfile::tempdir().unwrap();
+        let err = unpack_tar(raw.as_slice(), &t.path().join("d"), Whiteouts::Apply).unwrap_err();
+        assert!(err.to_string().contains("leaves the layer"), "{err}");
+        assert!(!t.path().join("escape").exists());
     }
 }

@@ -69,7 +69,13 @@ pub fn default_home() -> PathBuf {
 impl LocalCloud {
     /// Opens (creating) the kiln home at `home`, using the kiln-agent binary at `agent`.
     pub fn open(home: &Path, agent: &Path) -> Result<LocalCloud, StageError> {
-        for sub in ["regions", "instances", "layers/sha256", "layers/tmp", "tokens"] {
+        for sub in [
+            "regions",
+            "instances",
+            "layers/sha256",
+            "layers/tmp",
+            "tokens",
+        ] {
             fs::create_dir_all(home.join(sub))
                 .map_err(|e| io_error(format!("create {}", home.join(sub).display()), e))?;
         }
@@ -223,7 +229,10 @@ impl LocalCloud {
                 .sweep()
                 .map_err(|e| io_error(format!("sweep {region}"), e))?;
             for image in layout.images().map_err(|e| io_error("images", e))? {
-                for l in layout.layers(&image.manifest).map_err(|e| io_error("layers", e))? {
+                for l in layout
+                    .layers(&image.manifest)
+                    .map_err(|e| io_error("layers", e))?
+                {
                     used.insert(l.digest.trim_start_matches("sha256:").to_string());
                 }
             }
@@ -231,7 +240,12 @@ impl LocalCloud {
         for r in self.instances() {
             if r.state != crate::ports::InstanceState::Terminated {
                 for l in &r.lower {
-                    used.insert(l.file_name().unwrap_or_default().to_string_lossy().into_owned());
+                    used.insert(
+                        l.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
                 }
             }
         }
@@ -246,11 +260,18 @@ impl LocalCloud {
             }
         }
         for dir in ["layers/tmp", "scratch"] {
-            for e in fs::read_dir(self.home.join(dir)).into_iter().flatten().flatten() {
+            for e in fs::read_dir(self.home.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 layer::remove_any(&e.path()).map_err(|e| io_error("remove leftovers", e))?;
             }
         }
-        for e in fs::read_dir(&self.home).map_err(|e| io_error("home", e))?.flatten() {
+        for e in fs::read_dir(&self.home)
+            .map_err(|e| io_error("home", e))?
+            .flatten()
+        {
             if e.file_name().to_string_lossy().starts_with("agent.tmp-") {
                 layer::remove_any(&e.path()).map_err(|e| io_error("remove leftovers", e))?;
             }

@@ -78,7 +78,10 @@ impl ImageRecord {
         a.insert(NAME.into(), self.name.clone());
         a.insert(CREATED.into(), self.created.clone());
         a.insert(TAGS.into(), json!(self.tags).to_string());
-        a.insert(PERMISSIONS.into(), json!(self.launch_permissions).to_string());
+        a.insert(
+            PERMISSIONS.into(),
+            json!(self.launch_permissions).to_string(),
+        );
         match &self.build_id {
             Some(b) => a.insert(BUILD.into(), b.clone()),
             None => a.remove(BUILD),

@@ -63,7 +63,10 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StageError>,
     ) -> Result<T, StageError> {
-        let mut db = self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut db = self
+            .db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut db)
     }
 
@@ -95,10 +98,8 @@ impl SqliteStore {
             let rows = q
                 .query_map([], |r| r.get::<_, String>(0))
                 .map_err(internal)?;
-            rows.map(|b| {
-                serde_json::from_str(&b.map_err(internal)?).map_err(internal)
-            })
-            .collect()
+            rows.map(|b| serde_json::from_str(&b.map_err(internal)?).map_err(internal))
+                .collect()
         })
     }
 
@@ -144,8 +145,7 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(internal)?;
             if let Some(existing) = existing {
-                let existing: PipelineRecord =
-                    serde_json::from_str(&existing).map_err(internal)?;
+                let existing: PipelineRecord = serde_json::from_str(&existing).map_err(internal)?;
                 if &existing != record {
                     return Err(StageError::new(
                         ErrorKind::InvalidPipeline,

@@ -30,6 +30,18 @@ pub async fn run_for_request(
     }
 }
 
+/// The message inside a Lambda error cause (`{"errorType", "errorMessage"}`), or the cause.
+fn plain_cause(cause: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(cause)
+        .ok()
+        .and_then(|v| {
+            v.get("errorMessage")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| cause.to_string())
+}
+
 /// Cleans up after `failure` (error type and cause as the state machine caught them).
 pub async fn run(
     ports: &Ports<'_>,
@@ -101,7 +113,7 @@ pub async fn run(
         build.failure = Some(FailureContext {
             stage,
             error: error.to_string(),
-            message: cause.to_string(),
+            message: plain_cause(cause),
         });
         let previous = build.status;
         build.status = if cancelled {

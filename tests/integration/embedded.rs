@@ -1,0 +1,521 @@
+//! The embedded mode end to end, as root: the real `kiln` and `kiln-agent` binaries, real
+//! sandboxes, real OCI layouts read back by skopeo and umoci. Every test checks that nothing is
+//! left: no sandbox process, no mount, no live instance, no partial image, the lock free.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::local::oci::Layout;
+use kiln::local::SqliteStore;
+use kiln::model::build::BuildId;
+use kiln::ports::Store;
+use serde_json::Value as Json;
+
+use crate::support::{built_binary, repo};
+
+/// A kiln home of its own for one test.
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+fn require_root() {
+    assert!(
+        nix_is_root(),
+        "the embedded tests create namespaces and overlay mounts: run them as root"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn data(name: &str) -> PathBuf {
+    repo()
+        .join("tests/data/embedded")
+        .join(name)
+        .join("pipeline.yaml")
+}
+
+impl Home {
+    fn new() -> Home {
+        require_root();
+        Home {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-home-")
+                .tempdir_in(std::env::temp_dir())
+                .expect("temp home"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(built_binary("kiln"));
+        c.arg("--home").arg(self.path()).args(args);
+        c.env_remove("KILN_AGENT").env_remove("KILN_HOME");
+        c
+    }
+
+    fn kiln(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().expect("run kiln");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `kiln run FILE --output json`: the exit code and the summary.
+    fn run(&self, pipeline: &Path) -> (i32, Json, String) {
+        let (code, out, err) =
+            self.kiln(&["run", &pipeline.display().to_string(), "--output", "json"]);
+        let summary = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("summary is not JSON ({e}): {out}\n{err}"));
+        (code, summary, err)
+    }
+
+    fn layout(&self, region: &str) -> Layout {
+        Layout::open(&self.path().join("regions").join(region).join("images")).expect("layout")
+    }
+
+    fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.path().join("state.db")).expect("store")
+    }
+
+    /// Exports `image` of `region` and lists its files.
+    fn files_of(&self, region: &str, image: &str) -> (PathBuf, Vec<String>) {
+        let tar = self.path().join(format!("{image}.tar"));
+        let (code, out, err) = self.kiln(&[
+            "image",
+            "export",
+            image,
+            &tar.display().to_string(),
+            "--region",
+            region,
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let list = Command::new("tar")
+            .arg("-tf")
+            .arg(&tar)
+            .output()
+            .expect("tar");
+        let names = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .map(|l| l.trim_start_matches("./").trim_end_matches('/').to_string())
+            .collect();
+        (tar, names)
+    }
+
+    /// Nothing of this home runs, is mounted or is half-written; the pipeline's lock is free.
+    fn assert_nothing_left(&self, pipeline: &str) {
+        let home = self.path().display().to_string();
+        // No process started for this home (keepers name their instance folder).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let alive: Vec<String> = std::fs::read_dir("/proc")
+                .expect("/proc")
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(&home) && c.contains("sandbox"))
+                .collect();
+            if alive.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sandbox processes left: {alive:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        assert!(
+            !mounts.contains(&home),
+            "mounts left under {home}:\n{mounts}"
+        );
+        for entry in std::fs::read_dir(self.path().join("instances"))
+            .expect("instances")
+            .flatten()
+        {
+            let record: Json = serde_json::from_slice(
+                &std::fs::read(entry.path().join("instance.json")).expect("instance.json"),
+            )
+            .expect("json");
+            assert_eq!(record["state"], "terminated", "{record}");
+            assert!(!entry.path().join("upper").exists(), "upper dir left");
+        }
+        for region in ["us-east-1", "eu-west-1"] {
+            let layout = self.layout(region);
+            let tmp: Vec<_> = std::fs::read_dir(layout.dir.join("tmp"))
+                .expect("tmp")
+                .flatten()
+                .collect();
+            assert!(tmp.is_empty(), "temporary files left in {region}: {tmp:?}");
+        }
+        let probe = BuildId::new_at(1);
+        futures::executor::block_on(self.store().lock(pipeline, &probe, chrono::Utc::now(), 60))
+            .expect("the lock is free");
+    }
+
+    /// Images of `region` that carry a build id.
+    fn built_images(&self, region: &str) -> Vec<String> {
+        self.layout(region)
+            .images()
+            .expect("images")
+            .into_iter()
+            .filter(|i| i.build_id.is_some())
+            .map(|i| i.id)
+            .collect()
+    }
+}
+
+#[test]
+fn hello_builds_tests_and_distributes_an_image_in_two_regions() {
+    // GIVEN a fresh kiln home and the quickstart example
+    let home = Home::new();
+    // WHEN it runs
+    let (code, summary, err) = home.run(&repo().join("examples/hello/pipeline.yaml"));
+    // THEN the build is AVAILABLE with an image in each region
+    assert_eq!(code, 0, "{summary}\n{err}");
+    assert_eq!(summary["status"], "AVAILABLE", "{summary}");
+    let images = summary["images"].as_object().expect("images");
+    assert_eq!(images.len(), 2, "{summary}");
+    assert!(err.contains("creating the base image kiln-tiny"), "{err}");
+    for (region, id) in images {
+        let id = id.as_str().expect("id");
+        assert!(id.starts_with("ami-") && id.len() == 21, "{id}");
+        // AND the image holds what the builder wrote, and not what it deleted or the sandbox
+        // scaffolding
+        let (tar, files) = home.files_of(region, id);
+        assert!(
+            files.iter().any(|f| f == "etc/kiln-release"),
+            "{region}: {files:?}"
+        );
+        assert!(
+            !files.iter().any(|f| f == "etc/kiln-base-note"),
+            "deleted file came back in {region}"
+        );
+        assert!(
+            !files
+                .iter()
+                .any(|f| f.starts_with(".kiln") || f.contains(".kiln-agent")),
+            "{files:?}"
+        );
+        let motd = Command::new("tar")
+            .arg("-xOf")
+            .arg(&tar)
+            .arg("etc/motd")
+            .output()
+            .expect("tar");
+        assert_eq!(String::from_utf8_lossy(&motd.stdout), "Hello from kiln");
+        // AND a real OCI tool reads the layout: two layers, the tiny base and the build
+        let inspect = Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci:{}:{id}", home.layout(region).dir.display()))
+            .output()
+            .expect("skopeo (installed by make setup)");
+        assert!(
+            inspect.status.success(),
+            "{}",
+            String::from_utf8_lossy(&inspect.stderr)
+        );
+        let info: Json = serde_json::from_slice(&inspect.stdout).expect("skopeo JSON");
+        assert_eq!(info["Layers"].as_array().map(Vec::len), Some(2), "{info}");
+        let ls = Command::new("umoci")
+            .args(["ls", "--layout"])
+            .arg(home.layout(region).dir)
+            .output()
+            .expect("umoci (installed by make setup)");
+        assert!(String::from_utf8_lossy(&ls.stdout).contains(id));
+    }
+    // AND the copy is the same image, blob for blob
+    let digest = |region: &str| {
+        home.layout(region)
+            .images()
+            .expect("images")
+            .into_iter()
+            .find(|i| i.build_id.is_some())
+            .expect("built")
+            .manifest
+            .digest
+    };
+    assert_eq!(digest("us-east-1"), digest("eu-west-1"));
+    // AND eu-west-1 is shared as the pipeline says, and the parameters hold the ids
+    let shared = home.layout("eu-west-1").images().expect("images");
+    assert!(shared.iter().any(|i| i
+        .launch_permissions
+        .iter()
+        .any(|p| p.accounts == ["123456789012"])));
+    let params: Json = serde_json::from_slice(
+        &std::fs::read(home.path().join("regions/eu-west-1/parameters.json")).expect("parameters"),
+    )
+    .expect("json");
+    assert_eq!(params["/images/hello/latest"], images["eu-west-1"]);
+    // AND the summary counts what AWS would bill
+    assert!(summary["stateTransitions"].as_u64() > Some(15), "{summary}");
+    home.assert_nothing_left("hello");
+
+    // WHEN it runs again unchanged (startCondition onChange)
+    let (code, again, err) = home.run(&repo().join("examples/hello/pipeline.yaml"));
+    // THEN the build is skipped: exit 0, no instance launched, no new image
+    assert_eq!(code, 0, "{again}\n{err}");
+    assert_eq!(again["status"], "SKIPPED", "{again}");
+    let instances = std::fs::read_dir(home.path().join("instances"))
+        .expect("instances")
+        .count();
+    assert_eq!(
+        instances, 2,
+        "builder and test instance of the first build only"
+    );
+    assert_eq!(home.built_images("us-east-1").len(), 1);
+    // AND the builds are listed
+    let (code, list, _) = home.kiln(&["builds", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        list.contains("AVAILABLE") && list.contains("SKIPPED"),
+        "{list}"
+    );
+}
+
+#[test]
+fn a_failing_build_component_ends_failed_with_the_step_named_and_nothing_left() {
+    let home = Home::new();
+    let (code, summary, err) = home.run(&data("breaks-build"));
+    assert_eq!(code, 1, "{summary}\n{err}");
+    assert_eq!(summary["status"], "FAILED");
+    let failure = &summary["failure"];
+    assert_eq!(failure["error"], "Kiln.ComponentFailed", "{summary}");
+    let message = failure["message"].as_str().expect("message");
+    assert!(
+        message.contains("component breaks, build/Explode"),
+        "{message}"
+    );
+    assert!(
+        message.contains("disk on fire"),
+        "the output tail: {message}"
+    );
+    // The text summary says the same to a person.
+    let (code, text, _) = home.kiln(&["run", &data("breaks-build").display().to_string()]);
+    assert_eq!(code, 1);
+    assert!(
+        text.contains("build/Explode") && text.contains("disk on fire"),
+        "{text}"
+    );
+    assert!(home.built_images("us-east-1").is_empty());
+    home.assert_nothing_left("breaks-build");
+}
+
+#[test]
+fn a_failing_test_removes_the_image_and_names_the_test_step() {
+    let home = Home::new();
+    let (code, summary, err) = home.run(&data("breaks-test"));
+    assert_eq!(code, 1, "{summary}\n{err}");
+    assert_eq!(summary["failure"]["error"], "Kiln.TestFailed", "{summary}");
+    let message = summary["failure"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("expects-2, test/VersionIsTwo"),
+        "{message}"
+    );
+    assert!(
+        summary["stages"].get("snapshot").is_some(),
+        "the image was made before the test"
+    );
+    for region in ["us-east-1", "eu-west-1"] {
+        assert!(
+            home.built_images(region).is_empty(),
+            "partial image left in {region}"
+        );
+    }
+    // Only the parent's blobs remain.
+    let blobs = std::fs::read_dir(home.layout("us-east-1").dir.join("blobs/sha256"))
+        .expect("blobs")
+        .count();
+    assert_eq!(blobs, 3, "kiln-tiny's manifest, config and layer");
+    home.assert_nothing_left("breaks-test");
+}
+
+#[test]
+fn a_component_that_asks_for_a_reboot_resumes_after_it() {
+    let home = Home::new();
+    let (code, summary, err) = home.run(&data("reboot"));
+    assert_eq!(code, 0, "{summary}\n{err}");
+    let id = summary["images"]["us-east-1"].as_str().expect("image");
+    let (_, files) = home.files_of("us-east-1", id);
+    assert!(
+        files.iter().any(|f| f == "var/lib/after-reboot"),
+        "{files:?}"
+    );
+    // The builder booted twice.
+    let builder = std::fs::read_dir(home.path().join("instances"))
+        .expect("instances")
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("instance.json"))
+                .is_ok_and(|t| t.contains("kiln-builder"))
+        })
+        .expect("builder");
+    let output = std::fs::read_dir(builder.path().join("cmd"))
+        .expect("cmd")
+        .flatten()
+        .map(|c| std::fs::read_to_string(c.path().join("output.log")).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        output.contains("rebooting") && output.contains("resumed after reboot"),
+        "{output}"
+    );
+    home.assert_nothing_left("reboot");
+}
+
+fn wait_for_marker(home: &Home) {
+    // The slow step runs once the marker is in some builder's upper dir.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let started = std::fs::read_dir(home.path().join("instances"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().join("upper/tmp/slow-started").exists())
+            })
+            .unwrap_or(false);
+        if started {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow component never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ctrl_c_cleans_up_and_marks_the_build_cancelled() {
+    let home = Home::new();
+    let mut child = home
+        .command(&[
+            "run",
+            &data("slow").display().to_string(),
+            "--output",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln run");
+    wait_for_marker(&home);
+    let started = Instant::now();
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "did not wait for the step"
+    );
+    let builds = futures::executor::block_on(home.store().builds("slow")).expect("builds");
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0].status.as_str(), "CANCELLED");
+    home.assert_nothing_left("slow");
+}
+
+#[test]
+fn gc_cleans_up_after_a_kiln_that_was_killed() {
+    let home = Home::new();
+    let mut child = home
+        .command(&["run", &data("slow").display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kiln run");
+    wait_for_marker(&home);
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    // The sandbox outlives kiln: gc finds it.
+    let (code, out, err) = home.kiln(&["gc"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: Json = serde_json::from_str(&out).expect("gc JSON");
+    assert_eq!(
+        report["buildsCleaned"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    let builds = futures::executor::block_on(home.store().builds("slow")).expect("builds");
+    assert_eq!(builds[0].status.as_str(), "CANCELLED");
+    home.assert_nothing_left("slow");
+}
+
+#[test]
+fn invalid_input_is_refused_with_exit_2_and_nothing_created() {
+    let home = Home::new();
+    let bad = home.path().join("bad.yaml");
+    std::fs::write(&bad, "name: x\nversion: 1.0.0\nparent:\n  local: kiln-tiny\ncomponents: []\ndistribution:\n  - region: mars-north-1\n").expect("write");
+    let (code, out, err) = home.kiln(&["run", &bad.display().to_string()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("bad.yaml:7:"), "file:line:col: {err}");
+    assert!(
+        !home.path().join("state.db").exists(),
+        "nothing was created"
+    );
+    // A parent image that does not exist is named, with the command that creates it.
+    let missing = home.path().join("missing.yaml");
+    std::fs::write(&missing, "name: x\nversion: 1.0.0\nparent:\n  local: my-base\ncomponents:\n  - inline:\n      name: c\n      schemaVersion: 1.0\n      phases:\n        - name: build\n          steps:\n            - name: s\n              action: ExecuteBash\n              inputs:\n                commands: [\"true\"]\ndistribution:\n  - region: us-east-1\n").expect("write");
+    let (code, _, err) = home.kiln(&["run", &missing.display().to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("kiln image import my-base"), "{err}");
+}
+
+#[test]
+fn imported_root_file_systems_become_images_that_run() {
+    let home = Home::new();
+    // A tarball of a folder with a program in it, imported and listed.
+    let (code, out, err) = home.kiln(&["image", "bootstrap", "base", "--variant", "tiny"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let id = out.split('\t').nth(1).expect("id").to_string();
+    let tar = home.path().join("base.tar");
+    let (code, _, err) = home.kiln(&["image", "export", &id, &tar.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = home.kiln(&[
+        "image",
+        "import",
+        "again",
+        &tar.display().to_string(),
+        "--region",
+        "eu-west-1",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, list, _) = home.kiln(&["image", "list", "--output", "json"]);
+    assert_eq!(code, 0);
+    let list: Json = serde_json::from_str(&list).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    let (code, inspect, _) = home.kiln(&["image", "inspect", "again", "--region", "eu-west-1"]);
+    assert_eq!(code, 0);
+    assert!(inspect.contains("tar+zstd"), "{inspect}");
+    // Not a tarball: a clear error, exit 2.
+    let junk = home.path().join("junk.bin");
+    std::fs::write(
+        &junk,
+        b"not a tarball at all, not even close................",
+    )
+    .expect("write");
+    let (code, _, err) = home.kiln(&["image", "import", "junk", &junk.display().to_string()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a root file system tarball"), "{err}");
+    // rm removes the image and the blobs only it used.
+    let (code, _, err) = home.kiln(&["image", "rm", "again", "--region", "eu-west-1"]);
+    assert_eq!(code, 0, "{err}");
+    let blobs = std::fs::read_dir(home.layout("eu-west-1").dir.join("blobs/sha256"))
+        .expect("blobs")
+        .count();
+    assert_eq!(blobs, 0);
+}
