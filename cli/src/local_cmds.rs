@@ -38,6 +38,10 @@ pub enum ImageCommand {
         /// Extra packages (comma-separated).
         #[arg(long, value_delimiter = ',')]
         include: Vec<String>,
+        /// An apt option for mmdebstrap (kept in the image), e.g.
+        /// 'Acquire::Check-Valid-Until "false"' for a snapshot mirror (repeat).
+        #[arg(long = "apt-option", value_name = "OPTION")]
+        apt_options: Vec<String>,
         #[arg(long = "region")]
         regions: Vec<String>,
     },
@@ -157,12 +161,15 @@ pub fn image(
             variant,
             suite,
             include,
+            apt_options,
             regions,
         } => {
             for region in regions_or_default(regions) {
                 let made = match variant {
                     Variant::Tiny => cloud.bootstrap_tiny(&name, &region),
-                    Variant::Debian => cloud.bootstrap_debian(&name, &region, &suite, &include),
+                    Variant::Debian => {
+                        cloud.bootstrap_debian(&name, &region, &suite, &include, &apt_options)
+                    }
                 };
                 match made {
                     Ok(r) => writeln!(stdout, "{region}\t{}\t{}", r.id, r.name)?,

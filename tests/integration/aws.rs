@@ -9,7 +9,7 @@ use kiln::aws::{AwsPorts, Settings};
 use kiln::model::build::{BuildId, BuildStatus, Trigger, TriggerKind};
 use kiln::model::build::{CommandId, InstanceId};
 use kiln::model::pipeline::ParentFilter;
-use kiln::ports::{CommandPlan, CommandStatus, Commands, Compute, PortResult, Ports};
+use kiln::ports::{CommandPlan, CommandStatus, Commands, Compute, PortResult, Ports, Store};
 use kiln::ports::{ImageState, InstanceState, PipelineRecord};
 use kiln::stages::{
     cleanup, customize, distribute, launch_builder, snapshot, test_image, StartRequest,
@@ -107,7 +107,10 @@ struct Env {
 }
 
 fn env() -> Env {
-    let moto = Moto::start();
+    env_on(Moto::start())
+}
+
+fn env_on(moto: Moto) -> Env {
     for (k, v) in moto.env() {
         // Each nextest test runs in its own process, so the environment is this test's alone.
         std::env::set_var(k, v);
@@ -134,7 +137,7 @@ fn env() -> Env {
 
 /// The store contract, for any implementation: run on DynamoDB (moto) here and on the
 /// in-memory store below.
-pub async fn store_contract(store: &dyn kiln::ports::Store) {
+pub async fn store_contract(store: &dyn Store) {
     let loaded =
         kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
     let record = PipelineRecord::from(&loaded);
@@ -433,4 +436,412 @@ fn store_contract_on_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = kiln::local::SqliteStore::open(&dir.path().join("state.db")).expect("open");
     futures::executor::block_on(store_contract(&store));
+}
+
+/// `kiln run --backend aws`: the real kiln binary runs the state machine with the stage code over
+/// EC2, SSM and S3 (a moto server; moto runs no agent, so commands report Success) and keeps the
+/// build in its local store.
+#[test]
+fn kiln_run_backend_aws_builds_shares_and_publishes_in_two_regions_on_moto() {
+    // GIVEN moto (with the SSM inventory moto lacks) and the example's parent parameter published
+    let e = env_on(Moto::start_with_ssm_inventory());
+    let p = e.ports.ports();
+    let parent = e.rt.block_on(async {
+        if let Some(id) = p
+            .parameters
+            .get("us-east-1", PARENT_PARAM)
+            .await
+            .expect("get")
+        {
+            return kiln::model::build::ImageId(id);
+        }
+        let any = p
+            .compute
+            .latest_image(
+                "us-east-1",
+                &ParentFilter {
+                    owners: vec!["amazon".into()],
+                    name: "*".into(),
+                    architecture: None,
+                },
+            )
+            .await
+            .expect("images")
+            .expect("moto has public AMIs");
+        p.parameters
+            .put("us-east-1", PARENT_PARAM, any.as_str())
+            .await
+            .expect("put");
+        any
+    });
+    let home = tempfile::tempdir().expect("home");
+    // WHEN kiln runs the pipeline against it
+    let out = std::process::Command::new(crate::support::built_binary("kiln"))
+        .arg("--home")
+        .arg(home.path())
+        .args([
+            "run",
+            "--backend",
+            "aws",
+            "--artifacts-bucket",
+            "kiln-run-artifacts",
+            "--output",
+            "json",
+        ])
+        .arg(repo().join("tests/data/aws/moto-al2023/pipeline.yaml"))
+        .env_remove("KILN_HOME")
+        .env_remove("KILN_AGENT")
+        .output()
+        .expect("kiln run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // THEN the build is AVAILABLE with an image in each region
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("summary JSON");
+    assert_eq!(summary["status"], "AVAILABLE", "{summary}");
+    let images = summary["images"].as_object().expect("images").clone();
+    assert_eq!(images.len(), 2, "{summary}");
+    e.rt.block_on(async {
+        for (region, id) in &images {
+            let id = kiln::model::build::ImageId(id.as_str().expect("id").to_string());
+            assert_ne!(id, parent);
+            // AND the image exists, is shared with the region's account, and is published
+            assert_eq!(
+                p.compute.image_state(region, &id).await.expect("state"),
+                ImageState::Available
+            );
+            let attr = e
+                .ports
+                .ec2(region)
+                .describe_image_attribute()
+                .image_id(id.as_str())
+                .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+                .send()
+                .await
+                .expect("attribute");
+            let accounts: Vec<String> = attr
+                .launch_permissions()
+                .iter()
+                .filter_map(|l| l.user_id().map(str::to_string))
+                .collect();
+            let want = if region == "us-east-1" {
+                "111122223333"
+            } else {
+                "444455556666"
+            };
+            assert_eq!(accounts, [want], "{region}");
+            assert_eq!(
+                p.parameters
+                    .get(region, "/images/al2023-moto/latest")
+                    .await
+                    .expect("get")
+                    .as_deref(),
+                Some(id.as_str())
+            );
+        }
+        // AND no instance of the build is left, and the build is recorded locally
+        let store = kiln::local::SqliteStore::open(&home.path().join("state.db")).expect("store");
+        let builds = store.builds("al2023-moto").await.expect("builds");
+        assert_eq!(builds.len(), 1);
+        assert_eq!(builds[0].status, BuildStatus::Available);
+        for region in ["us-east-1", "eu-central-1"] {
+            assert!(p
+                .compute
+                .instances_of(region, &builds[0].id)
+                .await
+                .expect("instances")
+                .is_empty());
+        }
+    });
+}
+
+/// Which stage a [`Faulty`] cloud breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Launch,
+    Customize,
+    Snapshot,
+    Test,
+    Distribute,
+}
+
+/// The moto-backed AWS ports with one stage made to fail the way AWS can and moto cannot
+/// (no capacity, a failed command, a failed snapshot, a failed copy): a port-level fake over the
+/// real ports, everything else reaching moto.
+struct Faulty {
+    aws: Arc<AwsPorts>,
+    fault: Fault,
+    phases: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+}
+
+impl Faulty {
+    fn real(&self) -> &dyn Compute {
+        self.aws.ports().compute
+    }
+}
+
+fn failing<'a, T: Send + 'a>(e: kiln::errors::StageError) -> PortResult<'a, T> {
+    Box::pin(async move { Err(e) })
+}
+
+impl Compute for Faulty {
+    fn launch<'a>(&'a self, spec: &'a kiln::ports::LaunchSpec) -> PortResult<'a, InstanceId> {
+        if self.fault == Fault::Launch {
+            return failing(
+                kiln::errors::StageError::new(kiln::errors::ErrorKind::Capacity, "no capacity")
+                    .with_code("InsufficientInstanceCapacity"),
+            );
+        }
+        self.real().launch(spec)
+    }
+    fn instance_state<'a>(
+        &'a self,
+        r: &'a str,
+        id: &'a InstanceId,
+    ) -> PortResult<'a, InstanceState> {
+        self.real().instance_state(r, id)
+    }
+    fn stop<'a>(&'a self, r: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
+        self.real().stop(r, id)
+    }
+    fn terminate<'a>(&'a self, r: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
+        self.real().terminate(r, id)
+    }
+    fn instances_of<'a>(&'a self, r: &'a str, b: &'a BuildId) -> PortResult<'a, Vec<InstanceId>> {
+        self.real().instances_of(r, b)
+    }
+    fn create_image<'a>(
+        &'a self,
+        r: &'a str,
+        i: &'a InstanceId,
+        name: &'a str,
+        tags: &'a std::collections::BTreeMap<String, String>,
+    ) -> PortResult<'a, kiln::model::build::ImageId> {
+        self.real().create_image(r, i, name, tags)
+    }
+    fn image_state<'a>(
+        &'a self,
+        r: &'a str,
+        id: &'a kiln::model::build::ImageId,
+    ) -> PortResult<'a, ImageState> {
+        let real = self.real().image_state(r, id);
+        let broken = match self.fault {
+            Fault::Snapshot => r == "us-east-1",
+            Fault::Distribute => r == "eu-central-1",
+            _ => false,
+        };
+        Box::pin(async move {
+            let state = real.await?;
+            Ok(if broken {
+                ImageState::Failed("injected: snapshot failed".into())
+            } else {
+                state
+            })
+        })
+    }
+    fn images_of<'a>(
+        &'a self,
+        r: &'a str,
+        b: &'a BuildId,
+    ) -> PortResult<'a, Vec<kiln::model::build::ImageId>> {
+        self.real().images_of(r, b)
+    }
+    fn copy_image<'a>(
+        &'a self,
+        from: &'a str,
+        image: &'a kiln::model::build::ImageId,
+        to: &'a str,
+        name: &'a str,
+        token: &'a str,
+        tags: &'a std::collections::BTreeMap<String, String>,
+    ) -> PortResult<'a, kiln::model::build::ImageId> {
+        self.real().copy_image(from, image, to, name, token, tags)
+    }
+    fn share_image<'a>(
+        &'a self,
+        r: &'a str,
+        image: &'a kiln::model::build::ImageId,
+        p: &'a kiln::model::pipeline::LaunchPermission,
+    ) -> PortResult<'a, ()> {
+        self.real().share_image(r, image, p)
+    }
+    fn delete_image<'a>(
+        &'a self,
+        r: &'a str,
+        image: &'a kiln::model::build::ImageId,
+    ) -> PortResult<'a, ()> {
+        self.real().delete_image(r, image)
+    }
+    fn latest_image<'a>(
+        &'a self,
+        r: &'a str,
+        f: &'a ParentFilter,
+    ) -> PortResult<'a, Option<kiln::model::build::ImageId>> {
+        self.real().latest_image(r, f)
+    }
+    fn image_named<'a>(
+        &'a self,
+        r: &'a str,
+        n: &'a str,
+    ) -> PortResult<'a, Option<kiln::model::build::ImageId>> {
+        self.real().image_named(r, n)
+    }
+    fn new_launch_template_version<'a>(
+        &'a self,
+        r: &'a str,
+        t: &'a str,
+        image: &'a kiln::model::build::ImageId,
+        default: bool,
+    ) -> PortResult<'a, ()> {
+        self.real()
+            .new_launch_template_version(r, t, image, default)
+    }
+}
+
+impl Commands for Faulty {
+    fn agent_online<'a>(&'a self, r: &'a str, i: &'a InstanceId) -> PortResult<'a, bool> {
+        Box::pin(async move { Ok(self.aws.instance_state(r, i).await? == InstanceState::Running) })
+    }
+    fn send<'a>(
+        &'a self,
+        r: &'a str,
+        i: &'a InstanceId,
+        plan: &'a CommandPlan,
+    ) -> PortResult<'a, CommandId> {
+        Box::pin(async move {
+            let id = self.aws.send(r, i, plan).await?;
+            let phases = plan.phases.iter().map(|p| p.as_str().to_string()).collect();
+            self.phases
+                .lock()
+                .expect("phases")
+                .insert(id.as_str().to_string(), phases);
+            Ok(id)
+        })
+    }
+    fn status<'a>(
+        &'a self,
+        r: &'a str,
+        i: &'a InstanceId,
+        c: &'a CommandId,
+    ) -> PortResult<'a, CommandStatus> {
+        let phases = self
+            .phases
+            .lock()
+            .expect("phases")
+            .get(c.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let broken = match self.fault {
+            Fault::Customize => phases.iter().any(|p| p == "build"),
+            Fault::Test => phases.iter().any(|p| p == "test"),
+            _ => false,
+        };
+        Box::pin(async move {
+            let real = self.aws.status(r, i, c).await?;
+            Ok(if broken {
+                CommandStatus::Failed {
+                    message: "component injected, build/Step: exit 1".into(),
+                    output_tail: "boom".into(),
+                }
+            } else {
+                real
+            })
+        })
+    }
+}
+
+impl kiln::ports::PortsProvider for Faulty {
+    fn ports(&self) -> Ports<'_> {
+        Ports {
+            compute: self,
+            commands: self,
+            ..self.aws.ports()
+        }
+    }
+}
+
+/// The real definition, run by kiln's engine with the stage code over the AWS ports on moto,
+/// with each stage failing in turn: every run ends FAILED in DynamoDB with the stage named, no
+/// instance running, no image of the build in any region, the lock free.
+#[test]
+fn the_state_machine_on_moto_cleans_up_after_a_failure_at_every_stage() {
+    use kiln::engine::{clock::VirtualClock, definition, substitute, Engine, Status};
+    use kiln::stages::handler::{local_substitutions, StageTasks, DEFINITION};
+    let e = env();
+    let machine = definition::parse(&substitute(
+        &serde_json::from_str(DEFINITION).expect("JSON"),
+        &local_substitutions(),
+    ))
+    .expect("definition");
+    let commands = MotoCommands(&e.ports);
+    e.rt.block_on(apply_example(&ports_of(&e.ports, &commands)));
+    for (n, (fault, stage, error)) in [
+        (Fault::Launch, "launch", "Kiln.Capacity"),
+        (Fault::Customize, "customize", "Kiln.ComponentFailed"),
+        (Fault::Snapshot, "snapshot", "Kiln.Internal"),
+        (Fault::Test, "test", "Kiln.TestFailed"),
+        (Fault::Distribute, "distribute", "Kiln.Internal"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cloud = Arc::new(Faulty {
+            aws: e.ports.clone(),
+            fault,
+            phases: Default::default(),
+        });
+        let engine = Engine::new(
+            Arc::new(StageTasks(cloud.clone())),
+            Arc::new(VirtualClock::default()),
+            true,
+        );
+        let input = serde_json::json!({"pipeline": "al2023-base", "trigger": {"kind": "manual"}, "waitSeconds": 0});
+        let out =
+            e.rt.block_on(engine.run(&machine, input, &format!("exec-{n}")));
+        assert_eq!(out.status, Status::Failed, "{fault:?}");
+        assert_eq!(
+            out.error.as_deref(),
+            Some(error),
+            "{fault:?}: {:?}",
+            out.cause
+        );
+        let p = kiln::ports::PortsProvider::ports(&*cloud);
+        e.rt.block_on(async {
+            let builds = p.store.builds("al2023-base").await.expect("builds");
+            let b = builds
+                .iter()
+                .find(|b| b.request_id.as_deref() == Some(format!("exec-{n}").as_str()))
+                .expect("the build is recorded");
+            assert_eq!(b.status, BuildStatus::Failed, "{fault:?}");
+            assert_eq!(
+                b.failure.as_ref().map(|f| f.stage.as_str()),
+                Some(stage),
+                "{fault:?}"
+            );
+            for region in ["us-east-1", "eu-central-1"] {
+                assert!(
+                    p.compute
+                        .instances_of(region, &b.id)
+                        .await
+                        .expect("instances")
+                        .is_empty(),
+                    "{fault:?}: instance left in {region}"
+                );
+                assert!(
+                    p.compute
+                        .images_of(region, &b.id)
+                        .await
+                        .expect("images")
+                        .is_empty(),
+                    "{fault:?}: image left in {region}"
+                );
+            }
+            let probe = BuildId::new_at(1);
+            p.store
+                .lock("al2023-base", &probe, chrono::Utc::now(), 60)
+                .await
+                .expect("the lock is free");
+            p.store.unlock("al2023-base", &probe).await.expect("unlock");
+        });
+    }
 }

@@ -63,7 +63,7 @@ pub struct Moto {
 }
 
 impl Moto {
-    pub fn start() -> Moto {
+    fn server_binary() -> PathBuf {
         let bin = std::env::var_os("KILN_MOTO_SERVER")
             .map(PathBuf::from)
             .filter(|p| p.is_file())
@@ -73,11 +73,29 @@ impl Moto {
             "moto_server not found at {}: run `make setup` (or set KILN_MOTO_SERVER)",
             bin.display()
         );
+        bin
+    }
+
+    pub fn start() -> Moto {
+        Moto::launch(std::process::Command::new(Moto::server_binary()))
+    }
+
+    /// moto's server plus DescribeInstanceInformation, which moto lacks (running EC2 instances
+    /// answer as managed instances with their agent online): tests/conformance/
+    /// moto_server_ssm_inventory.py, run by the Python of moto's virtualenv.
+    pub fn start_with_ssm_inventory() -> Moto {
+        let python = Moto::server_binary().with_file_name("python");
+        let mut c = std::process::Command::new(python);
+        c.arg(repo().join("tests/conformance/moto_server_ssm_inventory.py"));
+        Moto::launch(c)
+    }
+
+    fn launch(mut command: std::process::Command) -> Moto {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let child = std::process::Command::new(&bin)
+        let child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

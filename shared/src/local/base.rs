@@ -390,12 +390,16 @@ impl LocalCloud {
         region: &str,
         suite: &str,
         include: &[String],
+        apt_options: &[String],
     ) -> Result<ImageRecord, StageError> {
         let tmp = self.scratch()?;
         let mut c = Command::new("mmdebstrap");
         c.args(["--variant=minbase", "--mode=root", "--format=directory"]);
         if !include.is_empty() {
             c.arg(format!("--include={}", include.join(",")));
+        }
+        for o in apt_options {
+            c.arg(format!("--aptopt={o}"));
         }
         c.arg(suite).arg(&tmp);
         let result = match c.status() {
