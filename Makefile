@@ -14,7 +14,15 @@ export KILN_ASL_VALIDATOR := $(VENV)/node/node_modules/.bin/asl-validator
 # Debian packages are installed as root (sudo when not root).
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: setup run test lint fmt bench build
+# The Lambda functions; arm64 when the aarch64 standard library is installed, else x86_64.
+FUNCTIONS := launch-builder customize snapshot test-image distribute cleanup
+HAS_ARM64 := $(filter aarch64-unknown-linux-gnu,$(shell rustup target list --installed 2>/dev/null))
+LAMBDA_ARCH := $(if $(HAS_ARM64),arm64,x86-64)
+SAM_ARCH := $(if $(HAS_ARM64),arm64,x86_64)
+STACK ?= kiln
+TOOLS_PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: setup run test lint fmt bench build package deploy
 
 ## setup: install what the build and the tests need (Rust components, cargo-nextest; moto server, cfn-lint, SAM CLI from PyPI; asl-validator from npm)
 setup:
@@ -25,6 +33,7 @@ setup:
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	@test -x $(VENV)/bin/moto_server || { echo "installing moto[server] into $(VENV)"; $(VENV)/bin/pip install --quiet 'moto[server]>=5.1,<6'; }
 	@test -x $(VENV)/bin/cfn-lint -a -x $(VENV)/bin/sam || { echo "installing cfn-lint and aws-sam-cli into $(VENV)"; $(VENV)/bin/pip install --quiet cfn-lint aws-sam-cli; }
+	@test -x $(VENV)/bin/cargo-lambda || { echo "installing cargo-lambda (PyPI, with zig) into $(VENV)"; $(VENV)/bin/pip install --quiet cargo-lambda; }
 	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
 	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null || { echo "installing skopeo, umoci, mmdebstrap (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null; }; }
 
@@ -56,10 +65,33 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## package: every Lambda function built by cargo-lambda (release; arm64 when the aarch64 standard
+## library is installed, else x86_64) into $(TARGET_DIR)/lambda/<function>/bootstrap, and the
+## release kiln-agent. Uploads nothing.
+package: setup
+	@echo "packaging the Lambda functions for $(SAM_ARCH)$(if $(HAS_ARM64),, (no aarch64 standard library here: \`rustup target add aarch64-unknown-linux-gnu\` for arm64))"
+	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --release --$(LAMBDA_ARCH) $(addprefix -p ,$(FUNCTIONS))
+	$(CARGO) build --release -p kiln-agent
+	@for f in $(FUNCTIONS); do printf "  %-15s %10s bytes\n" $$f $$(stat -c %s $(TARGET_DIR)/lambda/$$f/bootstrap); done
+	@printf "  %-15s %10s bytes\n" kiln-agent $$(stat -c %s $(TARGET_DIR)/release/kiln-agent)
+
+## deploy: sam build + sam deploy --guided (stack $(STACK)), then the agent to the artifacts bucket
+deploy: package
+	$(CARGO) build -p kiln-cli
+	cd infra && PATH="$(TOOLS_PATH)" sam build --parameter-overrides Architecture=$(SAM_ARCH)
+	cd infra && PATH="$(TOOLS_PATH)" sam deploy --guided --stack-name $(STACK) --parameter-overrides Architecture=$(SAM_ARCH)
+	bucket=$$(cd infra && PATH="$(TOOLS_PATH)" sam list stack-outputs --stack-name $(STACK) --output json | python3 -c 'import json,sys; print(next(o["OutputValue"] for o in json.load(sys.stdin) if o["OutputKey"] == "ArtifactsBucketName"))') && \
+	  $(KILN) upload-agent --artifacts-bucket "$$bucket" $(TARGET_DIR)/release/kiln-agent
+
 ## bench: measured ratios against a baseline in the same run
-bench:
+bench: package
 	$(CARGO) bench -p kiln --bench validate
 	$(CARGO) bench -p kiln --features engine --bench engine
 	$(CARGO) bench -p kiln-agent --bench steps
 	$(CARGO) build --release -p kiln-agent
 	@echo "kiln-agent release binary: $$(stat -c %s $(TARGET_DIR)/release/kiln-agent) bytes"
+	$(CARGO) run --release -q -p kiln-tests --bin kiln-cold-start -- $(TARGET_DIR)/lambda
+	@if [ "$$(id -u)" = 0 ]; then \
+	  $(CARGO) build --release -p kiln-cli -p kiln-agent --no-default-features && \
+	  $(CARGO) run --release -q -p kiln-tests --bin kiln-embedded-bench -- $(TARGET_DIR)/release/kiln .; \
+	else echo "embedded bench skipped: it starts sandboxes, run make bench as root"; fi

@@ -1,1 +1,4 @@
-//! kiln-tests holds the integration tests; see `integration/`.
+//! kiln-tests holds the integration tests (`integration/`) and the benchmarks that need the
+//! built binaries (`benches/`); this library has what both use.
+
+pub mod runtime_api;

@@ -69,6 +69,20 @@ pub enum Command {
         #[command(subcommand)]
         command: local_cmds::BuildsCommand,
     },
+    /// Upload kiln-agent to a stack's artifacts bucket (`make deploy` does this).
+    UploadAgent {
+        #[arg(long, value_name = "BUCKET")]
+        artifacts_bucket: String,
+        /// The bucket's region (default: AWS_REGION).
+        #[arg(long)]
+        region: Option<String>,
+        /// The binary's architecture.
+        #[arg(long, default_value = std::env::consts::ARCH, value_parser = ["x86_64", "aarch64"])]
+        arch: String,
+        /// The kiln-agent binary (default: the one beside kiln).
+        #[arg(value_name = "FILE")]
+        agent: Option<PathBuf>,
+    },
     /// Clean up what a crashed run left: sandboxes, half-written images, unused blobs.
     Gc {
         /// Only say what would be removed.
@@ -172,6 +186,12 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
         Command::Image { command } => local_cmds::image(command, &home, stdout, stderr),
         Command::Builds { command } => local_cmds::builds(command, &home, stdout, stderr),
         Command::Gc { dry_run } => local_cmds::gc(&home, dry_run, stdout, stderr),
+        Command::UploadAgent {
+            artifacts_bucket,
+            region,
+            arch,
+            agent,
+        } => run::upload_agent(&artifacts_bucket, region, &arch, agent, stdout, stderr),
         Command::Validate { files, output } => {
             let results = kiln::report::check_pipelines(&files);
             let ok = kiln::report::write(&results, output == Output::Json, stdout, stderr)?;

@@ -593,19 +593,32 @@ fn summary(
                 .collect()
         })
         .unwrap_or_default();
-    // Time spent writing images (snapshot and copies), measured by the image writers.
-    let image_io: f64 = build
+    // Each image writer: the snapshot in the home region, then a copy per other region.
+    let jobs: Vec<Json> = build
         .map(|b| {
-            b.image
+            let snapshot = b.image.iter().map(|i| (b.home_region.clone(), i.clone(), "snapshot"));
+            let copies = b
+                .regions
                 .iter()
-                .chain(b.regions.iter().filter_map(|r| r.image.as_ref()))
-                .filter_map(|i| local.job(i.as_str()))
-                .map(|j| j.seconds)
-                .sum()
+                .filter_map(|r| r.image.clone().map(|i| (r.region.clone(), i, "copy")));
+            let mut seen = std::collections::BTreeSet::new();
+            snapshot
+                .chain(copies)
+                .filter(|(_, image, _)| seen.insert(image.clone()))
+                .filter_map(|(region, image, kind)| {
+                    local.job(image.as_str()).map(|j| {
+                        json!({"region": region, "image": image, "kind": kind,
+                               "seconds": j.seconds, "bytes": j.bytes})
+                    })
+                })
+                .collect()
         })
-        .unwrap_or(0.0);
+        .unwrap_or_default();
+    // Time spent writing images (snapshot and copies), measured by the image writers.
+    let image_io: f64 = jobs.iter().filter_map(|j| j["seconds"].as_f64()).sum();
     json!({
         "status": build.map(|b| b.status.as_str()).unwrap_or("FAILED"),
+        "imageJobs": jobs,
         "build": build.map(|b| b.id.0.clone()),
         "pipeline": build.map(|b| b.pipeline.clone()),
         "version": build.map(Build::version),
@@ -667,4 +680,59 @@ fn write_summary(out: &mut dyn Write, s: &Json) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `kiln upload-agent`.
+#[cfg(feature = "aws")]
+pub fn upload_agent(
+    bucket: &str,
+    region: Option<String>,
+    arch: &str,
+    agent: Option<PathBuf>,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let agent = match agent.map(Ok).unwrap_or_else(agent_binary) {
+        Ok(a) => a,
+        Err(e) => {
+            writeln!(stderr, "kiln upload-agent: {e}")?;
+            return Ok(exit::INVALID);
+        }
+    };
+    let region = region
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".into());
+    let settings = kiln::aws::Settings {
+        table: String::new(),
+        bucket: bucket.to_string(),
+        event_bus: String::new(),
+        region,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ports = runtime.block_on(kiln::aws::AwsPorts::from_env(settings));
+    match runtime.block_on(ports.upload_agent(&agent, arch)) {
+        Ok(key) => {
+            writeln!(stdout, "s3://{bucket}/{key}")?;
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            writeln!(stderr, "kiln upload-agent: {e}")?;
+            Ok(exit::FAILED)
+        }
+    }
+}
+
+#[cfg(not(feature = "aws"))]
+pub fn upload_agent(
+    _bucket: &str,
+    _region: Option<String>,
+    _arch: &str,
+    _agent: Option<PathBuf>,
+    _stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    writeln!(stderr, "kiln upload-agent: this kiln was built without the AWS backend (cargo feature `aws`)")?;
+    Ok(exit::INVALID)
 }

@@ -90,15 +90,27 @@ impl AwsPorts {
             .await
             .is_ok();
         if !present {
-            let body = std::fs::read(agent).map_err(|e| {
-                StageError::new(
-                    ErrorKind::Internal,
-                    format!("read {}: {e}", agent.display()),
-                )
-            })?;
-            self.put(&key, body).await?;
+            self.upload_agent(agent, std::env::consts::ARCH).await?;
         }
         Ok(())
+    }
+
+    /// Uploads a kiln-agent binary as `agent/kiln-agent-<arch>` (x86_64 or aarch64), where the
+    /// customize and test commands fetch it; returns the key.
+    pub async fn upload_agent(
+        &self,
+        agent: &std::path::Path,
+        arch: &str,
+    ) -> Result<String, StageError> {
+        let key = format!("{AGENT_KEY}-{arch}");
+        let body = std::fs::read(agent).map_err(|e| {
+            StageError::new(
+                ErrorKind::InvalidPipeline,
+                format!("read {}: {e}", agent.display()),
+            )
+        })?;
+        self.put(&key, body).await?;
+        Ok(key)
     }
 
     async fn get_url(&self, key: &str) -> Result<String, StageError> {

@@ -1,0 +1,168 @@
+//! The embedded mode's benchmark (`make bench`, as root), measured in one run with the real
+//! `kiln` binary:
+//! - orchestration overhead of `kiln run examples/hello`: wall time minus the time inside
+//!   component steps (the agents' reports) and image writing (snapshot and copies);
+//! - snapshot throughput: kiln's layer writer (`kiln image import DIR`: tar + zstd level 3 +
+//!   digests) against `tar -c | zstd -3` of the same folder;
+//! - the second region's cost (a copy by digest) as a fraction of the first (the snapshot).
+//!
+//! Usage: kiln-embedded-bench KILN REPO
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+const RUNS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn sh(script: &str) {
+    let ok = Command::new("bash")
+        .args(["-c", script])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "`{script}` failed");
+}
+
+fn kiln(bin: &Path, home: &Path, args: &[&str]) -> (Duration, String) {
+    let start = Instant::now();
+    let out = Command::new(bin)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .expect("kiln runs");
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "kiln {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (took, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Seconds the agents spent running the build's components and tests.
+fn step_seconds(home: &Path, build: &str) -> f64 {
+    let mut total = 0.0;
+    for instance in std::fs::read_dir(home.join("instances")).into_iter().flatten().flatten() {
+        let record: Json = std::fs::read(instance.path().join("instance.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if record["tags"]["kiln:build-id"] != build {
+            continue;
+        }
+        for cmd in std::fs::read_dir(instance.path().join("cmd")).into_iter().flatten().flatten() {
+            let report: Json = std::fs::read(cmd.path().join("report.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            total += report["durationSeconds"].as_f64().unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+fn main() {
+    let mut args = std::env::args_os().skip(1).map(PathBuf::from);
+    let (Some(bin), Some(repo)) = (args.next(), args.next()) else {
+        eprintln!("usage: kiln-embedded-bench KILN REPO");
+        std::process::exit(2);
+    };
+    let work = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    let home = work.join("home");
+    std::fs::create_dir_all(&home).expect("work dir");
+    // examples/hello, rebuilt every time (startCondition always).
+    let example = work.join("hello");
+    sh(&format!(
+        "cp -r {}/examples/hello {} && sed -i 's/startCondition: onChange/startCondition: always/' {}/pipeline.yaml",
+        repo.display(),
+        example.display(),
+        example.display()
+    ));
+    let pipeline = example.join("pipeline.yaml").display().to_string();
+    kiln(&bin, &home, &["run", &pipeline, "--output", "json"]); // warm-up: creates kiln-tiny
+    let (mut wall, mut steps, mut io, mut overhead) = (vec![], vec![], vec![], vec![]);
+    let (mut snapshot, mut copy, mut copied) = (vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        let (took, out) = kiln(&bin, &home, &["run", &pipeline, "--output", "json"]);
+        let s: Json = serde_json::from_str(&out).expect("summary");
+        let w = took.as_secs_f64();
+        let st = step_seconds(&home, s["build"].as_str().unwrap_or_default());
+        let i = s["imageWriteSeconds"].as_f64().unwrap_or(0.0);
+        wall.push(w);
+        steps.push(st);
+        io.push(i);
+        overhead.push(w - st - i);
+        for j in s["imageJobs"].as_array().into_iter().flatten() {
+            let secs = j["seconds"].as_f64().unwrap_or(0.0);
+            if j["kind"] == "snapshot" {
+                snapshot.push(secs);
+            } else {
+                copy.push(secs);
+                copied.push(j["bytes"].as_f64().unwrap_or(0.0));
+            }
+        }
+    }
+    println!("embedded examples/hello, median of {RUNS} runs (kiln-tiny already made):");
+    println!(
+        "  wall {:.3} s = component steps {:.3} s + image writing {:.3} s + orchestration {:.3} s ({:.0}% of wall)",
+        median(wall.clone()),
+        median(steps),
+        median(io),
+        median(overhead.clone()),
+        100.0 * median(overhead) / median(wall)
+    );
+    println!(
+        "  second region: copy {:.4} s ({:.0} bytes copied, shared blobs skipped) = {:.2}x the snapshot in the first region ({:.4} s)",
+        median(copy.clone()),
+        median(copied),
+        median(copy) / median(snapshot.clone()),
+        median(snapshot)
+    );
+
+    // Snapshot throughput on a folder of real files.
+    let tree = work.join("tree");
+    sh(&format!(
+        "mkdir -p {t} && cp -a /usr/include {t}/include && cp -a /usr/lib/gcc {t}/gcc",
+        t = tree.display()
+    ));
+    let bytes: u64 = Command::new("du")
+        .args(["-sb"])
+        .arg(&tree)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let tree_s = tree.display().to_string();
+    let out = work.join("baseline.tar.zst");
+    let baseline = format!(
+        "tar -cf - -C {tree_s} . | zstd -3 -q -f -o {}",
+        out.display()
+    );
+    sh(&baseline); // warm the page cache
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for n in 0..3 {
+        let t = Instant::now();
+        sh(&baseline);
+        theirs.push(t.elapsed().as_secs_f64());
+        let (took, _) = kiln(&bin, &home, &["image", "import", &format!("bench-{n}"), &tree_s]);
+        ours.push(took.as_secs_f64());
+    }
+    let (o, t) = (median(ours), median(theirs));
+    let mb = bytes as f64 / 1e6;
+    println!("snapshot throughput, {mb:.0} MB folder (/usr/include + /usr/lib/gcc), median of 3:");
+    println!(
+        "  kiln layer writer {o:.2} s ({:.0} MB/s) vs tar -c | zstd -3 {t:.2} s ({:.0} MB/s): {:.2}x the baseline's time",
+        mb / o,
+        mb / t,
+        o / t
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}

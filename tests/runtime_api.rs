@@ -1,0 +1,92 @@
+//! A minimal AWS Lambda Runtime API: serves one event to a function's `bootstrap` and takes its
+//! answer, timing the cold start (spawn to answer).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+/// What one invocation returned.
+#[derive(Debug)]
+pub struct Invocation {
+    /// The path the function posted to (`…/response` or `…/error`) and the body it posted.
+    pub answer: (String, Json),
+    /// From spawning the process to receiving its answer.
+    pub elapsed: Duration,
+}
+
+/// Spawns `binary` as Lambda function `function`, serves `event` once, returns its answer.
+pub fn invoke_once(
+    binary: &Path,
+    function: &str,
+    event: &Json,
+    env: &[(&str, String)],
+) -> std::io::Result<Invocation> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let start = Instant::now();
+    let mut child = std::process::Command::new(binary)
+        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+        .env("AWS_LAMBDA_FUNCTION_NAME", function)
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let result = serve(&listener, function, event);
+    let elapsed = start.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map(|answer| Invocation { answer, elapsed })
+}
+
+fn serve(listener: &TcpListener, function: &str, event: &Json) -> std::io::Result<(String, Json)> {
+    let body = event.to_string();
+    let mut served = false;
+    for stream in listener.incoming().take(3) {
+        let mut s = stream?;
+        let mut reader = BufReader::new(s.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut payload = vec![0u8; length];
+        reader.read_exact(&mut payload)?;
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        if path.ends_with("/invocation/next") {
+            if served {
+                break;
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: req-1\r\nLambda-Runtime-Deadline-Ms: {}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:{function}\r\nContent-Length: {}\r\n\r\n",
+                chrono::Utc::now().timestamp_millis() + 60_000,
+                body.len()
+            );
+            s.write_all(head.as_bytes())?;
+            s.write_all(body.as_bytes())?;
+            served = true;
+        } else {
+            s.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")?;
+            return Ok((path, serde_json::from_slice(&payload).unwrap_or(Json::Null)));
+        }
+    }
+    Err(std::io::Error::other("the function did not answer"))
+}
