@@ -69,6 +69,18 @@ pub enum Command {
         #[command(subcommand)]
         command: local_cmds::BuildsCommand,
     },
+    /// Deprecate and delete a pipeline's old images in every region, as its `lifecycle` says.
+    Lifecycle {
+        #[arg(value_name = "PIPELINE.yaml")]
+        pipeline: PathBuf,
+        /// Only show what would be deprecated or deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_enum, default_value_t)]
+        backend: run::Backend,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Upload kiln-agent to a stack's artifacts bucket (`make deploy` does this).
     UploadAgent {
         #[arg(long, value_name = "BUCKET")]
@@ -186,6 +198,12 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
         Command::Image { command } => local_cmds::image(command, &home, stdout, stderr),
         Command::Builds { command } => local_cmds::builds(command, &home, stdout, stderr),
         Command::Gc { dry_run } => local_cmds::gc(&home, dry_run, stdout, stderr),
+        Command::Lifecycle {
+            pipeline,
+            dry_run,
+            backend,
+            output,
+        } => run::lifecycle(&pipeline, dry_run, backend, output, &home, stdout, stderr),
         Command::UploadAgent {
             artifacts_bucket,
             region,

@@ -310,6 +310,22 @@ pub fn run(
     }
 }
 
+/// The AWS ports for runs without a stack: an artifacts bucket, no table, no event bus.
+#[cfg(feature = "aws")]
+fn aws_ports(
+    runtime: &tokio::runtime::Runtime,
+    bucket: String,
+    region: String,
+) -> kiln::aws::AwsPorts {
+    let settings = kiln::aws::Settings {
+        table: String::new(),
+        bucket,
+        event_bus: String::new(),
+        region,
+    };
+    runtime.block_on(kiln::aws::AwsPorts::from_env(settings))
+}
+
 #[cfg(feature = "aws")]
 fn aws(
     cloud: LocalCloud,
@@ -324,13 +340,7 @@ fn aws(
         .artifacts_bucket
         .clone()
         .unwrap_or_else(|| format!("kiln-artifacts-{region}"));
-    let settings = kiln::aws::Settings {
-        table: String::new(),
-        bucket,
-        event_bus: String::new(),
-        region,
-    };
-    let remote = runtime.block_on(kiln::aws::AwsPorts::from_env(settings));
+    let remote = aws_ports(runtime, bucket, region);
     if let Err(e) = runtime.block_on(remote.prepare_artifacts(&cloud.agent)) {
         writeln!(stderr, "kiln run --backend aws: {e}")?;
         return Ok(exit::FAILED);
@@ -596,7 +606,10 @@ fn summary(
     // Each image writer: the snapshot in the home region, then a copy per other region.
     let jobs: Vec<Json> = build
         .map(|b| {
-            let snapshot = b.image.iter().map(|i| (b.home_region.clone(), i.clone(), "snapshot"));
+            let snapshot = b
+                .image
+                .iter()
+                .map(|i| (b.home_region.clone(), i.clone(), "snapshot"));
             let copies = b
                 .regions
                 .iter()
@@ -702,16 +715,10 @@ pub fn upload_agent(
     let region = region
         .or_else(|| std::env::var("AWS_REGION").ok())
         .unwrap_or_else(|| "us-east-1".into());
-    let settings = kiln::aws::Settings {
-        table: String::new(),
-        bucket: bucket.to_string(),
-        event_bus: String::new(),
-        region,
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let ports = runtime.block_on(kiln::aws::AwsPorts::from_env(settings));
+    let ports = aws_ports(&runtime, bucket.to_string(), region);
     match runtime.block_on(ports.upload_agent(&agent, arch)) {
         Ok(key) => {
             writeln!(stdout, "s3://{bucket}/{key}")?;
@@ -733,6 +740,122 @@ pub fn upload_agent(
     _stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    writeln!(stderr, "kiln upload-agent: this kiln was built without the AWS backend (cargo feature `aws`)")?;
+    writeln!(
+        stderr,
+        "kiln upload-agent: this kiln was built without the AWS backend (cargo feature `aws`)"
+    )?;
     Ok(exit::INVALID)
+}
+
+/// `kiln lifecycle PIPELINE.yaml`: plan (and unless `dry_run`, apply) the pipeline's lifecycle.
+pub fn lifecycle(
+    file: &Path,
+    dry_run: bool,
+    backend: Backend,
+    output: Output,
+    home: &Path,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let loaded = match kiln::model::load(file) {
+        Ok(l) => l,
+        Err(d) => {
+            let results = [kiln::report::Checked {
+                file: file.to_path_buf(),
+                outcome: Err(d),
+            }];
+            kiln::report::write(&results, output == Output::Json, stdout, stderr)?;
+            return Ok(exit::INVALID);
+        }
+    };
+    let pipeline = &loaded.pipeline;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let agent = agent_binary().unwrap_or_else(|_| PathBuf::from("kiln-agent"));
+    let local = LocalCloud::open(home, &agent)?;
+    let result = match backend {
+        Backend::Local => apply_lifecycle(&runtime, &local, pipeline, dry_run),
+        Backend::Aws => lifecycle_aws(&runtime, &local, pipeline, dry_run),
+    };
+    let plan = match result {
+        Ok(p) => p,
+        Err(e) => {
+            writeln!(stderr, "kiln lifecycle: {e}")?;
+            return Ok(exit::FAILED);
+        }
+    };
+    match output {
+        Output::Json => writeln!(
+            stdout,
+            "{}",
+            serde_json::to_string_pretty(&json!({"dryRun": dry_run, "actions": plan}))?
+        )?,
+        Output::Text => {
+            if plan.is_empty() {
+                writeln!(
+                    stdout,
+                    "nothing to do: every image of {} is within its lifecycle",
+                    pipeline.name
+                )?;
+            }
+            for a in &plan {
+                writeln!(
+                    stdout,
+                    "{:<10} {:<14} {:<22} {:<40} {}",
+                    if dry_run { "would" } else { "did" },
+                    format!("{:?}", a.verdict).to_lowercase(),
+                    a.image,
+                    a.name,
+                    a.reason
+                )?;
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(feature = "aws")]
+fn lifecycle_aws(
+    runtime: &tokio::runtime::Runtime,
+    local: &LocalCloud,
+    pipeline: &kiln::model::pipeline::Pipeline,
+    dry_run: bool,
+) -> Result<Vec<kiln::stages::lifecycle::Action>, kiln::errors::StageError> {
+    let remote = aws_ports(runtime, String::new(), pipeline.home_region().to_string());
+    let mixed = Mixed {
+        remote,
+        local: LocalCloud::open(&local.home, &local.agent)?,
+    };
+    apply_lifecycle(runtime, &mixed, pipeline, dry_run)
+}
+
+/// Plans the lifecycle over `provider`'s ports and, unless `dry_run`, applies it.
+fn apply_lifecycle<P: PortsProvider>(
+    runtime: &tokio::runtime::Runtime,
+    provider: &P,
+    pipeline: &kiln::model::pipeline::Pipeline,
+    dry_run: bool,
+) -> Result<Vec<kiln::stages::lifecycle::Action>, kiln::errors::StageError> {
+    runtime.block_on(async {
+        let ports = provider.ports();
+        let plan = kiln::stages::lifecycle::plan(&ports, pipeline).await?;
+        if !dry_run {
+            kiln::stages::lifecycle::apply(&ports, &plan).await?;
+        }
+        Ok(plan)
+    })
+}
+
+#[cfg(not(feature = "aws"))]
+fn lifecycle_aws(
+    _runtime: &tokio::runtime::Runtime,
+    _local: &LocalCloud,
+    _pipeline: &kiln::model::pipeline::Pipeline,
+    _dry_run: bool,
+) -> Result<Vec<kiln::stages::lifecycle::Action>, kiln::errors::StageError> {
+    Err(kiln::errors::StageError::new(
+        kiln::errors::ErrorKind::InvalidPipeline,
+        "this kiln was built without the AWS backend (cargo feature `aws`)",
+    ))
 }

@@ -31,6 +31,8 @@ pub struct Image {
     pub pending_checks: u32,
     pub shared_with: Vec<LaunchPermission>,
     pub snapshots: Vec<String>,
+    pub created: DateTime<Utc>,
+    pub deprecated: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +122,7 @@ impl MemoryCloud {
 
     /// Registers an available image, e.g. a parent.
     pub fn add_image(&self, region: &str, name: &str) -> ImageId {
+        let now = Clock::now(self);
         self.with(|c| {
             let id = ImageId(c.id("ami"));
             let snapshots = vec![c.id("snap")];
@@ -133,6 +136,8 @@ impl MemoryCloud {
                     pending_checks: 0,
                     shared_with: Vec::new(),
                     snapshots,
+                    created: now,
+                    deprecated: None,
                 },
             );
             id
@@ -292,6 +297,7 @@ impl Compute for MemoryCloud {
         name: &'a str,
         tags: &'a BTreeMap<String, String>,
     ) -> PortResult<'a, ImageId> {
+        let now = Clock::now(self);
         ok(self.with(|c| {
             c.throttled()?;
             if !c
@@ -332,6 +338,8 @@ impl Compute for MemoryCloud {
                     pending_checks: c.faults.image_pending_checks,
                     shared_with: Vec::new(),
                     snapshots,
+                    created: now,
+                    deprecated: None,
                 },
             );
             Ok(id)
@@ -377,6 +385,7 @@ impl Compute for MemoryCloud {
         token: &'a str,
         tags: &'a BTreeMap<String, String>,
     ) -> PortResult<'a, ImageId> {
+        let now = Clock::now(self);
         ok(self.with(|c| {
             if let Some(existing) = c.tokens.get(token) {
                 return Ok(ImageId(existing.clone()));
@@ -405,6 +414,8 @@ impl Compute for MemoryCloud {
                     pending_checks: c.faults.image_pending_checks,
                     shared_with: Vec::new(),
                     snapshots,
+                    created: now,
+                    deprecated: None,
                 },
             );
             Ok(id)
@@ -482,6 +493,48 @@ impl Compute for MemoryCloud {
                 c.launch_templates.push(entry);
             }
             Ok(())
+        }))
+    }
+
+    fn pipeline_images<'a>(
+        &'a self,
+        region: &'a str,
+        pipeline: &'a str,
+    ) -> PortResult<'a, Vec<ImageInfo>> {
+        ok(Ok(self.with(|c| {
+            c.images
+                .iter()
+                .filter(|(_, i)| {
+                    i.region == region
+                        && i.state == ImageState::Available
+                        && i.tags.get("kiln:pipeline").map(String::as_str) == Some(pipeline)
+                })
+                .map(|(id, i)| ImageInfo {
+                    id: id.clone(),
+                    name: i.name.clone(),
+                    created: i.created,
+                    tags: i.tags.clone(),
+                    deprecated: i.deprecated,
+                })
+                .collect()
+        })))
+    }
+
+    fn deprecate_image<'a>(
+        &'a self,
+        _region: &'a str,
+        image: &'a ImageId,
+        at: DateTime<Utc>,
+    ) -> PortResult<'a, ()> {
+        ok(self.with(|c| match c.images.get_mut(image) {
+            Some(i) => {
+                i.deprecated = Some(at);
+                Ok(())
+            }
+            None => Err(
+                StageError::new(ErrorKind::Retryable, format!("no image {image}"))
+                    .with_code("InvalidAMIID.NotFound"),
+            ),
         }))
     }
 }

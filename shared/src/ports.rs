@@ -91,6 +91,16 @@ pub enum ImageState {
     Failed(String),
 }
 
+/// An image kiln made, as lifecycle rules see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    pub id: ImageId,
+    pub name: String,
+    pub created: DateTime<Utc>,
+    pub tags: BTreeMap<String, String>,
+    pub deprecated: Option<DateTime<Utc>>,
+}
+
 /// Instances and images.
 pub trait Compute: Send + Sync {
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId>;
@@ -152,6 +162,19 @@ pub trait Compute: Send + Sync {
         template: &'a str,
         image: &'a ImageId,
         set_default: bool,
+    ) -> PortResult<'a, ()>;
+    /// Available images of `region` tagged `kiln:pipeline` = `pipeline`.
+    fn pipeline_images<'a>(
+        &'a self,
+        region: &'a str,
+        pipeline: &'a str,
+    ) -> PortResult<'a, Vec<ImageInfo>>;
+    /// Deprecates the image from `at` on (EC2 EnableImageDeprecation).
+    fn deprecate_image<'a>(
+        &'a self,
+        region: &'a str,
+        image: &'a ImageId,
+        at: DateTime<Utc>,
     ) -> PortResult<'a, ()>;
 }
 

@@ -50,7 +50,10 @@ fn main() {
             })
             .collect(),
     );
-    println!("baseline: spawn + reap /bin/true: {:.2} ms (median of {RUNS})", baseline.as_secs_f64() * 1e3);
+    println!(
+        "baseline: spawn + reap /bin/true: {:.2} ms (median of {RUNS})",
+        baseline.as_secs_f64() * 1e3
+    );
     let event = serde_json::json!({"op": "benchmark-no-such-operation"});
     let mut missing = false;
     for f in FUNCTIONS {

@@ -50,7 +50,11 @@ fn kiln(bin: &Path, home: &Path, args: &[&str]) -> (Duration, String) {
 /// Seconds the agents spent running the build's components and tests.
 fn step_seconds(home: &Path, build: &str) -> f64 {
     let mut total = 0.0;
-    for instance in std::fs::read_dir(home.join("instances")).into_iter().flatten().flatten() {
+    for instance in std::fs::read_dir(home.join("instances"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let record: Json = std::fs::read(instance.path().join("instance.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -58,7 +62,11 @@ fn step_seconds(home: &Path, build: &str) -> f64 {
         if record["tags"]["kiln:build-id"] != build {
             continue;
         }
-        for cmd in std::fs::read_dir(instance.path().join("cmd")).into_iter().flatten().flatten() {
+        for cmd in std::fs::read_dir(instance.path().join("cmd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let report: Json = std::fs::read(cmd.path().join("report.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
@@ -138,7 +146,13 @@ fn main() {
         .arg(&tree)
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next()?.parse().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0);
     let tree_s = tree.display().to_string();
     let out = work.join("baseline.tar.zst");
@@ -152,7 +166,11 @@ fn main() {
         let t = Instant::now();
         sh(&baseline);
         theirs.push(t.elapsed().as_secs_f64());
-        let (took, _) = kiln(&bin, &home, &["image", "import", &format!("bench-{n}"), &tree_s]);
+        let (took, _) = kiln(
+            &bin,
+            &home,
+            &["image", "import", &format!("bench-{n}"), &tree_s],
+        );
         ours.push(took.as_secs_f64());
     }
     let (o, t) = (median(ours), median(theirs));

@@ -58,6 +58,37 @@ fn ports_of<'a>(aws: &'a AwsPorts, commands: &'a MotoCommands<'a>) -> Ports<'a> 
     }
 }
 
+/// The parent AMI under the example's public parameter: moto's, or one of moto's public AMIs
+/// published there when moto has none.
+async fn parent_image(p: &Ports<'_>) -> kiln::model::build::ImageId {
+    if let Some(id) = p
+        .parameters
+        .get("us-east-1", PARENT_PARAM)
+        .await
+        .expect("get")
+    {
+        return kiln::model::build::ImageId(id);
+    }
+    let any = p
+        .compute
+        .latest_image(
+            "us-east-1",
+            &ParentFilter {
+                owners: vec!["amazon".into()],
+                name: "*".into(),
+                architecture: None,
+            },
+        )
+        .await
+        .expect("images")
+        .expect("moto has public AMIs");
+    p.parameters
+        .put("us-east-1", PARENT_PARAM, any.as_str())
+        .await
+        .expect("put");
+    any
+}
+
 /// Applies the AWS example, adapted to moto (no subnets, security groups, profiles, launch
 /// templates or KMS keys of those ids), and publishes a parent AMI under the example's public
 /// parameter when moto does not provide it.
@@ -73,30 +104,7 @@ async fn apply_example(p: &Ports<'_>) -> PipelineRecord {
         d.kms_key_id = None;
     }
     p.store.put_pipeline(&record).await.expect("apply");
-    if p.parameters
-        .get("us-east-1", PARENT_PARAM)
-        .await
-        .expect("get")
-        .is_none()
-    {
-        let any = p
-            .compute
-            .latest_image(
-                "us-east-1",
-                &ParentFilter {
-                    owners: vec!["amazon".into()],
-                    name: "*".into(),
-                    architecture: None,
-                },
-            )
-            .await
-            .expect("images")
-            .expect("moto has public AMIs");
-        p.parameters
-            .put("us-east-1", PARENT_PARAM, any.as_str())
-            .await
-            .expect("put");
-    }
+    parent_image(p).await;
     record
 }
 
@@ -446,34 +454,7 @@ fn kiln_run_backend_aws_builds_shares_and_publishes_in_two_regions_on_moto() {
     // GIVEN moto (with the SSM inventory moto lacks) and the example's parent parameter published
     let e = env_on(Moto::start_with_ssm_inventory());
     let p = e.ports.ports();
-    let parent = e.rt.block_on(async {
-        if let Some(id) = p
-            .parameters
-            .get("us-east-1", PARENT_PARAM)
-            .await
-            .expect("get")
-        {
-            return kiln::model::build::ImageId(id);
-        }
-        let any = p
-            .compute
-            .latest_image(
-                "us-east-1",
-                &ParentFilter {
-                    owners: vec!["amazon".into()],
-                    name: "*".into(),
-                    architecture: None,
-                },
-            )
-            .await
-            .expect("images")
-            .expect("moto has public AMIs");
-        p.parameters
-            .put("us-east-1", PARENT_PARAM, any.as_str())
-            .await
-            .expect("put");
-        any
-    });
+    let parent = e.rt.block_on(parent_image(&p));
     let home = tempfile::tempdir().expect("home");
     // WHEN kiln runs the pipeline against it
     let out = std::process::Command::new(crate::support::built_binary("kiln"))
@@ -696,6 +677,21 @@ impl Compute for Faulty {
         self.real()
             .new_launch_template_version(r, t, image, default)
     }
+    fn pipeline_images<'a>(
+        &'a self,
+        r: &'a str,
+        p: &'a str,
+    ) -> PortResult<'a, Vec<kiln::ports::ImageInfo>> {
+        self.real().pipeline_images(r, p)
+    }
+    fn deprecate_image<'a>(
+        &'a self,
+        r: &'a str,
+        image: &'a kiln::model::build::ImageId,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> PortResult<'a, ()> {
+        self.real().deprecate_image(r, image, at)
+    }
 }
 
 impl Commands for Faulty {
@@ -844,4 +840,117 @@ fn the_state_machine_on_moto_cleans_up_after_a_failure_at_every_stage() {
             p.store.unlock("al2023-base", &probe).await.expect("unlock");
         });
     }
+}
+
+/// `kiln lifecycle --backend aws` on moto: old images deregistered (snapshots deleted) in every
+/// region the pipeline distributes to, the newest kept, images tagged to be kept left alone.
+#[test]
+fn lifecycle_on_moto_deregisters_old_images_in_every_region_and_keeps_excluded_ones() {
+    let e = env_on(Moto::start_with_ssm_inventory());
+    let p = e.ports.ports();
+    e.rt.block_on(parent_image(&p));
+    let home = tempfile::tempdir().expect("home");
+    // A copy of the test pipeline that builds every time and keeps one image.
+    let file = home.path().join("pipeline.yaml");
+    let text = std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml"))
+        .expect("read")
+        .replace(
+            "../../../../examples/aws-al2023/components/harden.yaml",
+            &repo().join("examples/aws-al2023/components/harden.yaml").display().to_string(),
+        )
+        + "schedule:\n  startCondition: always\nlifecycle:\n  keepLatest: 1\n  excludeTags:\n    keep: \"true\"\n";
+    std::fs::write(&file, text).expect("write");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::built_binary("kiln"))
+            .arg("--home")
+            .arg(home.path())
+            .args(args)
+            .env_remove("KILN_HOME")
+            .output()
+            .expect("kiln");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(&text).expect("JSON")
+    };
+    let f = file.display().to_string();
+    let builds: Vec<serde_json::Value> = (0..3)
+        .map(|_| {
+            kiln(&[
+                "run",
+                &f,
+                "--backend",
+                "aws",
+                "--artifacts-bucket",
+                "kiln-lc",
+                "--output",
+                "json",
+            ])["images"]
+                .clone()
+        })
+        .collect();
+    // The oldest image in eu-central-1 is marked to be kept.
+    let keep = builds[0]["eu-central-1"].as_str().expect("id").to_string();
+    e.rt.block_on(async {
+        e.ports
+            .ec2("eu-central-1")
+            .create_tags()
+            .resources(&keep)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("keep")
+                    .value("true")
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("tag");
+    });
+    let plan = kiln(&["lifecycle", &f, "--backend", "aws", "--output", "json"]);
+    let actions = plan["actions"].as_array().expect("actions");
+    assert_eq!(actions.len(), 3, "{plan}");
+    e.rt.block_on(async {
+        for region in ["us-east-1", "eu-central-1"] {
+            let left: Vec<String> = p
+                .compute
+                .pipeline_images(region, "al2023-moto")
+                .await
+                .expect("images")
+                .into_iter()
+                .map(|i| i.id.0)
+                .collect();
+            let mut want = vec![builds[2][region].as_str().expect("id").to_string()];
+            if region == "eu-central-1" {
+                want.push(keep.clone());
+            }
+            let (mut left, mut want) = (left, want);
+            left.sort();
+            want.sort();
+            assert_eq!(left, want, "{region}");
+        }
+        // The deregistered images' snapshots are gone too.
+        let snapshots = e
+            .ports
+            .ec2("us-east-1")
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:kiln:pipeline")
+                    .values("al2023-moto")
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("snapshots");
+        assert_eq!(
+            snapshots.snapshots().len(),
+            1,
+            "only the kept image's snapshot"
+        );
+    });
 }

@@ -519,3 +519,68 @@ fn imported_root_file_systems_become_images_that_run() {
         .count();
     assert_eq!(blobs, 0);
 }
+
+#[test]
+fn lifecycle_keeps_the_latest_images_in_every_region_and_skips_excluded_ones() {
+    // GIVEN examples/hello rebuilt four times (startCondition always, keepLatest 3)
+    let home = Home::new();
+    let dir = home.path().join("hello");
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("examples/hello"))
+        .arg(&dir)
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+    let file = dir.join("pipeline.yaml");
+    let text = std::fs::read_to_string(&file)
+        .expect("read")
+        .replace("startCondition: onChange", "startCondition: always")
+        .replace(
+            "keepLatest: 3",
+            "keepLatest: 3\n  excludeTags:\n    pinned: \"yes\"",
+        );
+    std::fs::write(&file, text).expect("write");
+    let mut built = Vec::new();
+    for _ in 0..4 {
+        let (code, summary, err) = home.run(&file);
+        assert_eq!(code, 0, "{summary}\n{err}");
+        built.push(summary["images"].clone());
+    }
+    // AND the oldest image in eu-west-1 pinned by a tag
+    let pinned = built[0]["eu-west-1"].as_str().expect("id").to_string();
+    home.layout("eu-west-1")
+        .update(|images| {
+            for i in images.iter_mut().filter(|i| i.id == pinned) {
+                i.tags.insert("pinned".into(), "yes".into());
+            }
+            Ok(())
+        })
+        .expect("tag");
+    // WHEN lifecycle runs dry
+    let f = file.display().to_string();
+    let (code, out, err) = home.kiln(&["lifecycle", &f, "--dry-run", "--output", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let plan: Json = serde_json::from_str(&out).expect("json");
+    let actions = plan["actions"].as_array().expect("actions").clone();
+    // THEN it would delete the oldest build's image in us-east-1 only (eu-west-1's is pinned)
+    assert_eq!(actions.len(), 1, "{plan}");
+    assert_eq!(actions[0]["region"], "us-east-1");
+    assert_eq!(actions[0]["image"], built[0]["us-east-1"]);
+    assert_eq!(actions[0]["verdict"], "delete");
+    assert_eq!(
+        home.built_images("us-east-1").len(),
+        4,
+        "a dry run changes nothing"
+    );
+    // WHEN it runs for real
+    let (code, out, err) = home.kiln(&["lifecycle", &f]);
+    assert_eq!(code, 0, "{out}{err}");
+    // THEN the newest three remain in us-east-1, all four (one pinned) in eu-west-1
+    let left = home.built_images("us-east-1");
+    assert_eq!(left.len(), 3);
+    assert!(!left.contains(&built[0]["us-east-1"].as_str().expect("id").to_string()));
+    assert_eq!(home.built_images("eu-west-1").len(), 4);
+    let (_, again, _) = home.kiln(&["lifecycle", &f, "--dry-run"]);
+    assert!(again.contains("nothing to do"), "{again}");
+}

@@ -582,4 +582,66 @@ impl Compute for AwsPorts {
             Ok(())
         })
     }
+
+    fn pipeline_images<'a>(
+        &'a self,
+        region: &'a str,
+        pipeline: &'a str,
+    ) -> PortResult<'a, Vec<crate::ports::ImageInfo>> {
+        Box::pin(async move {
+            let out = self
+                .ec2(region)
+                .describe_images()
+                .owners("self")
+                .filters(
+                    Filter::builder()
+                        .name("tag:kiln:pipeline")
+                        .values(pipeline)
+                        .build(),
+                )
+                .filters(Filter::builder().name("state").values("available").build())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeImages", e))?;
+            let time = |t: Option<&str>| {
+                t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+            };
+            Ok(out
+                .images()
+                .iter()
+                .filter_map(|i| {
+                    Some(crate::ports::ImageInfo {
+                        id: ImageId(i.image_id()?.to_string()),
+                        name: i.name().unwrap_or_default().to_string(),
+                        created: time(i.creation_date())?,
+                        tags: i
+                            .tags()
+                            .iter()
+                            .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                            .collect(),
+                        deprecated: time(i.deprecation_time()),
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn deprecate_image<'a>(
+        &'a self,
+        region: &'a str,
+        image: &'a ImageId,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            self.ec2(region)
+                .enable_image_deprecation()
+                .image_id(image.as_str())
+                .deprecate_at(aws_sdk_ec2::primitives::DateTime::from_secs(at.timestamp()))
+                .send()
+                .await
+                .map_err(|e| sdk_error("EnableImageDeprecation", e))?;
+            Ok(())
+        })
+    }
 }

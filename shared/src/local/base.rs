@@ -9,10 +9,8 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::json;
-
 use super::layer::{self, Whiteouts};
-use super::oci::{self, ImageRecord};
+use super::oci::ImageRecord;
 use super::{io_error, LocalCloud};
 use crate::errors::{ErrorKind, StageError};
 
@@ -317,42 +315,15 @@ impl LocalCloud {
         let e = |what: &str, err: &dyn std::fmt::Display| {
             io_error(format!("import {name}: {what}"), err)
         };
-        let (tmp, file) = layout.temp_file().map_err(|err| e("temp file", &err))?;
-        let l = match layer::write(dir, false, &BTreeSet::new(), 3, BufWriter::new(file)) {
-            Ok(l) => l,
-            Err(err) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e("write layer", &err));
-            }
-        };
-        layout
-            .commit_blob(&tmp, &l.digest)
-            .map_err(|err| e("store layer", &err))?;
-        let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let config = layout
-            .put_json(
-                oci::CONFIG,
-                &oci::config(
-                    std::slice::from_ref(&l.diff_id),
-                    &[created_by.to_string()],
-                    &created,
-                ),
-            )
-            .map_err(|err| e("config", &err))?;
+        let (layer, l) = layout
+            .put_layer(dir, false, &BTreeSet::new())
+            .map_err(|err| e("write layer", &err))?;
+        let created = super::compute::now_text();
         let manifest = layout
-            .put_json(
-                oci::MANIFEST,
-                &json!({
-                    "schemaVersion": 2,
-                    "mediaType": oci::MANIFEST,
-                    "config": config,
-                    "layers": [{"mediaType": oci::LAYER_ZSTD, "digest": l.digest, "size": l.size}],
-                }),
-            )
+            .put_image(None, &layer, &l.diff_id, created_by, &created)
             .map_err(|err| e("manifest", &err))?;
-        let hex = uuid::Uuid::new_v4().simple().to_string();
         let record = ImageRecord {
-            id: format!("ami-{}", &hex[..17]),
+            id: super::compute::new_id("ami"),
             name: name.to_string(),
             created,
             tags: BTreeMap::from([("kiln:source".to_string(), created_by.to_string())]),

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,12 +55,13 @@ fn not_found(kind: &str, id: &str, code: &str) -> StageError {
     StageError::new(ErrorKind::Retryable, format!("no {kind} {id}")).with_code(code)
 }
 
-fn new_id(prefix: &str) -> String {
+/// An id shaped like EC2's: `ami-`/`i-` and 17 hex digits.
+pub(crate) fn new_id(prefix: &str) -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &hex[..17])
 }
 
-fn now_text() -> String {
+pub(crate) fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
@@ -414,60 +415,19 @@ fn snapshot(
     tags: &BTreeMap<String, String>,
 ) -> Result<(Written, ImageRecord), String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
-    let (tmp, file) = layout.temp_file().map_err(|e| fail("snapshot", &e))?;
-    let written = layer::write(upper, true, exclude, 3, BufWriter::new(file));
-    let new = match written {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(fail("write the layer", &e));
-        }
-    };
-    layout
-        .commit_blob(&tmp, &new.digest)
-        .map_err(|e| fail("store the layer", &e))?;
-    let parent_manifest = layout
-        .read_json(&parent.manifest.digest)
-        .map_err(|e| fail("read the parent manifest", &e))?;
-    let parent_config_digest = parent_manifest["config"]["digest"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let mut config = layout
-        .read_json(&parent_config_digest)
-        .map_err(|e| fail("read the parent config", &e))?;
+    let (layer, new) = layout
+        .put_layer(upper, true, exclude)
+        .map_err(|e| fail("write the layer", &e))?;
     let created = now_text();
-    let mut diff_ids: Vec<String> =
-        serde_json::from_value(config["rootfs"]["diff_ids"].clone()).unwrap_or_default();
-    diff_ids.push(new.diff_id.clone());
-    config["rootfs"]["diff_ids"] = json!(diff_ids);
-    config["created"] = json!(created);
-    if let Some(h) = config["history"].as_array_mut() {
-        h.push(json!({"created": created, "created_by": format!("kiln snapshot {name}")}));
-    }
-    let config = layout
-        .put_json(oci::CONFIG, &config)
-        .map_err(|e| fail("write the config", &e))?;
-    let mut layers = layout
-        .layers(&parent.manifest)
-        .map_err(|e| fail("read the parent layers", &e))?;
-    layers.push(oci::Descriptor {
-        media_type: oci::LAYER_ZSTD.into(),
-        digest: new.digest.clone(),
-        size: new.size,
-        annotations: BTreeMap::new(),
-    });
     let manifest = layout
-        .put_json(
-            oci::MANIFEST,
-            &json!({
-                "schemaVersion": 2,
-                "mediaType": oci::MANIFEST,
-                "config": config,
-                "layers": layers,
-            }),
+        .put_image(
+            Some(&parent.manifest),
+            &layer,
+            &new.diff_id,
+            &format!("kiln snapshot {name}"),
+            &created,
         )
-        .map_err(|e| fail("write the manifest", &e))?;
+        .map_err(|e| fail("write the image", &e))?;
     Ok((
         Written { bytes: new.size },
         ImageRecord {
@@ -785,16 +745,7 @@ impl Compute for LocalCloud {
         region: &'a str,
         filter: &'a ParentFilter,
     ) -> PortResult<'a, Option<ImageId>> {
-        ready((|| {
-            Ok(self
-                .layout(region)?
-                .images()
-                .map_err(|e| io_error("read images", e))?
-                .into_iter()
-                .filter(|i| glob_match(&filter.name, &i.name))
-                .max_by(|a, b| a.created.cmp(&b.created))
-                .map(|i| ImageId(i.id)))
-        })())
+        ready(self.newest(region, |i| glob_match(&filter.name, &i.name)))
     }
 
     fn image_named<'a>(
@@ -802,15 +753,61 @@ impl Compute for LocalCloud {
         region: &'a str,
         name: &'a str,
     ) -> PortResult<'a, Option<ImageId>> {
+        ready(self.newest(region, |i| i.name == name))
+    }
+
+    fn pipeline_images<'a>(
+        &'a self,
+        region: &'a str,
+        pipeline: &'a str,
+    ) -> PortResult<'a, Vec<crate::ports::ImageInfo>> {
+        let time = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc))
+        };
         ready((|| {
             Ok(self
                 .layout(region)?
                 .images()
                 .map_err(|e| io_error("read images", e))?
                 .into_iter()
-                .filter(|i| i.name == name)
-                .max_by(|a, b| a.created.cmp(&b.created))
-                .map(|i| ImageId(i.id)))
+                .filter(|i| i.tags.get("kiln:pipeline").map(String::as_str) == Some(pipeline))
+                .filter_map(|i| {
+                    Some(crate::ports::ImageInfo {
+                        id: ImageId(i.id.clone()),
+                        created: time(&i.created)?,
+                        deprecated: i.deprecated.as_deref().and_then(time),
+                        name: i.name,
+                        tags: i.tags,
+                    })
+                })
+                .collect())
+        })())
+    }
+
+    fn deprecate_image<'a>(
+        &'a self,
+        region: &'a str,
+        image: &'a ImageId,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> PortResult<'a, ()> {
+        ready((|| {
+            let found = self
+                .layout(region)?
+                .update(|images| {
+                    let Some(i) = images.iter_mut().find(|i| i.id == image.as_str()) else {
+                        return Ok(false);
+                    };
+                    i.deprecated = Some(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    Ok(true)
+                })
+                .map_err(|e| io_error("deprecate image", e))?;
+            if found {
+                Ok(())
+            } else {
+                Err(not_found("image", image.as_str(), "InvalidAMIID.NotFound"))
+            }
         })())
     }
 
@@ -846,6 +843,22 @@ impl Compute for LocalCloud {
 }
 
 impl LocalCloud {
+    /// The most recently created image of `region` that `wanted` accepts.
+    fn newest(
+        &self,
+        region: &str,
+        wanted: impl Fn(&ImageRecord) -> bool,
+    ) -> Result<Option<ImageId>, StageError> {
+        Ok(self
+            .layout(region)?
+            .images()
+            .map_err(|e| io_error("read images", e))?
+            .into_iter()
+            .filter(|i| wanted(i))
+            .max_by(|a, b| a.created.cmp(&b.created))
+            .map(|i| ImageId(i.id)))
+    }
+
     fn check_name_free(&self, layout: &Layout, region: &str, name: &str) -> Result<(), StageError> {
         let taken = layout
             .images()

@@ -168,6 +168,74 @@ impl Layout {
         fs::rename(tmp, target)
     }
 
+    /// Writes folder `dir` as one tar+zstd layer blob (see `layer::write`).
+    pub fn put_layer(
+        &self,
+        dir: &Path,
+        overlay: bool,
+        exclude: &BTreeSet<String>,
+    ) -> io::Result<(Descriptor, crate::local::layer::Layer)> {
+        let (tmp, file) = self.temp_file()?;
+        match crate::local::layer::write(dir, overlay, exclude, 3, io::BufWriter::new(file)) {
+            Ok(l) => {
+                self.commit_blob(&tmp, &l.digest)?;
+                let d = Descriptor {
+                    media_type: LAYER_ZSTD.into(),
+                    digest: l.digest.clone(),
+                    size: l.size,
+                    annotations: BTreeMap::new(),
+                };
+                Ok((d, l))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the config and manifest of `layer` stacked on `parent` (a manifest of this
+    /// layout; `None` for a base image): diff_ids and history extended. Returns the manifest.
+    pub fn put_image(
+        &self,
+        parent: Option<&Descriptor>,
+        layer: &Descriptor,
+        diff_id: &str,
+        created_by: &str,
+        created: &str,
+    ) -> io::Result<Descriptor> {
+        let (mut config, mut layers) = match parent {
+            Some(p) => {
+                let m = self.read_json(&p.digest)?;
+                let digest = m["config"]["digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (self.read_json(&digest)?, self.layers(p)?)
+            }
+            None => (config(&[], &[], created), Vec::new()),
+        };
+        let mut diff_ids: Vec<String> =
+            serde_json::from_value(config["rootfs"]["diff_ids"].clone()).unwrap_or_default();
+        diff_ids.push(diff_id.to_string());
+        config["rootfs"]["diff_ids"] = json!(diff_ids);
+        config["created"] = json!(created);
+        if let Some(h) = config["history"].as_array_mut() {
+            h.push(json!({"created": created, "created_by": created_by}));
+        }
+        let config = self.put_json(CONFIG, &config)?;
+        layers.push(layer.clone());
+        self.put_json(
+            MANIFEST,
+            &json!({
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": config,
+                "layers": layers,
+            }),
+        )
+    }
+
     pub fn put_json(&self, media_type: &str, value: &Json) -> io::Result<Descriptor> {
         let bytes = serde_json::to_vec(value).map_err(bad_data)?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));

@@ -8,6 +8,7 @@ pub mod customize;
 pub mod distribute;
 pub mod handler;
 pub mod launch_builder;
+pub mod lifecycle;
 pub mod snapshot;
 pub mod test_image;
 
