@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod local_cmds;
 pub mod run;
+pub mod serve;
 
 /// Exit codes: 0 success, 1 the job failed, 2 invalid input or usage.
 pub mod exit {
@@ -68,6 +69,29 @@ pub enum Command {
     Builds {
         #[command(subcommand)]
         command: local_cmds::BuildsCommand,
+    },
+    /// Apply a pipeline: store its definition (versions are immutable) and enable its schedule
+    /// (run by `kiln serve` on this machine).
+    Apply {
+        #[arg(value_name = "PIPELINE.yaml")]
+        pipeline: PathBuf,
+    },
+    /// Remove a pipeline's schedule (its builds and images stay).
+    Delete {
+        #[arg(value_name = "PIPELINE")]
+        pipeline: String,
+    },
+    /// Run applied pipelines on their schedules, on this machine (root).
+    Serve {
+        /// Run what is due now, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Take this time as now (RFC 3339; with --once, to run a schedule ahead of time).
+        #[arg(long, value_name = "TIME", requires = "once")]
+        now: Option<String>,
+        /// List the schedules and exit.
+        #[arg(long)]
+        list: bool,
     },
     /// Deprecate and delete a pipeline's old images in every region, as its `lifecycle` says.
     Lifecycle {
@@ -198,6 +222,27 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
         Command::Image { command } => local_cmds::image(command, &home, stdout, stderr),
         Command::Builds { command } => local_cmds::builds(command, &home, stdout, stderr),
         Command::Gc { dry_run } => local_cmds::gc(&home, dry_run, stdout, stderr),
+        Command::Apply { pipeline } => {
+            let agent = run::agent_binary().unwrap_or_else(|_| PathBuf::from("kiln-agent"));
+            let cloud = kiln::local::LocalCloud::open(&home, &agent)?;
+            serve::apply(&pipeline, &cloud, stdout, stderr)
+        }
+        Command::Delete { pipeline } => {
+            let agent = run::agent_binary().unwrap_or_else(|_| PathBuf::from("kiln-agent"));
+            let cloud = kiln::local::LocalCloud::open(&home, &agent)?;
+            serve::delete(&pipeline, &cloud, stdout, stderr)
+        }
+        Command::Serve { once, now, list } => {
+            let now = match now.map(|t| chrono::DateTime::parse_from_rfc3339(&t)) {
+                Some(Ok(t)) => Some(t.with_timezone(&chrono::Utc)),
+                Some(Err(e)) => {
+                    writeln!(stderr, "--now: not an RFC 3339 time: {e}")?;
+                    return Ok(exit::INVALID);
+                }
+                None => None,
+            };
+            serve::serve(&home, once, now, list, stdout, stderr)
+        }
         Command::Lifecycle {
             pipeline,
             dry_run,

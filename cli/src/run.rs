@@ -41,6 +41,15 @@ pub struct RunArgs {
     pub output: Output,
 }
 
+/// How one execution runs and reports.
+#[derive(Debug, Clone)]
+pub struct How {
+    pub backend: Backend,
+    pub output: Output,
+    /// The execution input's `trigger`.
+    pub trigger: Json,
+}
+
 /// Where the embedded cloud lives: `--home`, `$KILN_HOME`, or `./.kiln`.
 pub fn home(flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
@@ -80,7 +89,7 @@ struct Mixed<R> {
 }
 
 /// Providers that keep their state in an embedded cloud.
-trait HasLocal {
+pub trait HasLocal {
     fn local(&self) -> &LocalCloud;
 }
 
@@ -105,6 +114,7 @@ impl<R: PortsProvider> PortsProvider for Mixed<R> {
             compute: r.compute,
             commands: r.commands,
             parameters: r.parameters,
+            triggers: &self.local.store,
             store: &self.local.store,
             events: &self.local,
             clock: &self.local,
@@ -276,20 +286,49 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if args.backend == Backend::Local {
+    let label = args.pipeline.display().to_string();
+    if let Some(code) = check_parent(&cloud, &runtime, p, args.backend, &label, stderr)? {
+        return Ok(code);
+    }
+    if let Err(e) = runtime.block_on(kiln::ports::Store::put_pipeline(&cloud.store, &record)) {
+        writeln!(stderr, "{}: {e}", args.pipeline.display())?;
+        return Ok(exit::INVALID);
+    }
+    let how = How {
+        backend: args.backend,
+        output: args.output,
+        trigger: json!({"kind": "manual", "detail": "kiln run"}),
+    };
+    match args.backend {
+        Backend::Local => execute(Arc::new(cloud), &runtime, &record, &how, stdout, stderr),
+        Backend::Aws => aws(cloud, &runtime, &record, &args, &how, stdout, stderr),
+    }
+}
+
+/// Makes sure the parent image can be found: creates `kiln-tiny` on first use, names the
+/// command that makes any other missing embedded parent. `Some(exit code)` to stop.
+pub fn check_parent(
+    cloud: &LocalCloud,
+    runtime: &tokio::runtime::Runtime,
+    p: &kiln::model::pipeline::Pipeline,
+    backend: Backend,
+    label: &str,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<Option<i32>> {
+    if backend == Backend::Local {
         if let Parent::Local(name) = &p.parent {
             let region = p.home_region();
-            let found = runtime.block_on(kiln::ports::Compute::image_named(&cloud, region, name));
+            let found = runtime.block_on(kiln::ports::Compute::image_named(cloud, region, name));
             if matches!(found, Ok(None)) {
                 if name == "kiln-tiny" {
                     writeln!(stderr, "creating the base image kiln-tiny in {region} from this machine's programs (offline)")?;
                     if let Err(e) = cloud.bootstrap_tiny(name, region) {
                         writeln!(stderr, "kiln run: {e}")?;
-                        return Ok(exit::FAILED);
+                        return Ok(Some(exit::FAILED));
                     }
                 } else {
-                    writeln!(stderr, "{}: parent.local: no embedded image `{name}` in {region}; create it with `kiln image import {name} ROOTFS --region {region}` or `kiln image bootstrap {name} --region {region}`", args.pipeline.display())?;
-                    return Ok(exit::INVALID);
+                    writeln!(stderr, "{label}: parent.local: no embedded image `{name}` in {region}; create it with `kiln image import {name} ROOTFS --region {region}` or `kiln image bootstrap {name} --region {region}`")?;
+                    return Ok(Some(exit::INVALID));
                 }
             }
         }
@@ -297,17 +336,10 @@ pub fn run(
         p.parent,
         Parent::Ami(_) | Parent::SsmParameter(_) | Parent::Filter(_)
     ) {
-        writeln!(stderr, "{}: parent.local names an embedded image; --backend aws needs ami, ssmParameter or filter", args.pipeline.display())?;
-        return Ok(exit::INVALID);
+        writeln!(stderr, "{label}: parent.local names an embedded image; --backend aws needs ami, ssmParameter or filter")?;
+        return Ok(Some(exit::INVALID));
     }
-    if let Err(e) = runtime.block_on(kiln::ports::Store::put_pipeline(&cloud.store, &record)) {
-        writeln!(stderr, "{}: {e}", args.pipeline.display())?;
-        return Ok(exit::INVALID);
-    }
-    match args.backend {
-        Backend::Local => execute(Arc::new(cloud), &runtime, &record, &args, stdout, stderr),
-        Backend::Aws => aws(cloud, &runtime, &record, &args, stdout, stderr),
-    }
+    Ok(None)
 }
 
 /// The AWS ports for runs without a stack: an artifacts bucket, no table, no event bus.
@@ -332,6 +364,7 @@ fn aws(
     runtime: &tokio::runtime::Runtime,
     record: &PipelineRecord,
     args: &RunArgs,
+    how: &How,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -349,7 +382,7 @@ fn aws(
         remote,
         local: cloud,
     });
-    execute(mixed, runtime, record, args, stdout, stderr)
+    execute(mixed, runtime, record, how, stdout, stderr)
 }
 
 #[cfg(not(feature = "aws"))]
@@ -358,6 +391,7 @@ fn aws(
     _runtime: &tokio::runtime::Runtime,
     _record: &PipelineRecord,
     _args: &RunArgs,
+    _how: &How,
     _stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -368,11 +402,11 @@ fn aws(
     Ok(exit::INVALID)
 }
 
-fn execute<P: PortsProvider + HasLocal + 'static>(
+pub fn execute<P: PortsProvider + HasLocal + 'static>(
     provider: Arc<P>,
     runtime: &tokio::runtime::Runtime,
     record: &PipelineRecord,
-    args: &RunArgs,
+    args: &How,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -391,7 +425,7 @@ fn execute<P: PortsProvider + HasLocal + 'static>(
     let request = format!("kiln-run-{}", uuid::Uuid::new_v4().simple());
     let input = json!({
         "pipeline": p.name,
-        "trigger": {"kind": "manual", "detail": "kiln run"},
+        "trigger": args.trigger,
         "waitSeconds": 0
     });
     let interactive = args.output == Output::Text && std::io::stderr().is_terminal();

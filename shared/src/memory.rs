@@ -74,6 +74,8 @@ pub struct Cloud {
     pub locks: BTreeMap<String, (BuildId, DateTime<Utc>)>,
     pub events: Vec<BuildEvent>,
     pub launch_templates: Vec<(String, String, ImageId, bool)>,
+    /// Pipelines whose schedule runs, and why a disabled one was disabled.
+    pub schedules: BTreeMap<String, Option<String>>,
     pub launches: u32,
     pub faults: Faults,
     next: u64,
@@ -151,6 +153,7 @@ impl MemoryCloud {
             store: self,
             events: self,
             parameters: self,
+            triggers: self,
             clock: self,
         }
     }
@@ -175,6 +178,18 @@ impl MemoryCloud {
                 .map(|(id, i)| (i.region.clone(), id.clone()))
                 .collect()
         })
+    }
+}
+
+impl Triggers for MemoryCloud {
+    fn disable<'a>(&'a self, pipeline: &'a str, reason: &'a str) -> PortResult<'a, bool> {
+        ok(Ok(self.with(|c| match c.schedules.get_mut(pipeline) {
+            Some(state @ None) => {
+                *state = Some(reason.to_string());
+                true
+            }
+            _ => false,
+        })))
     }
 }
 

@@ -275,6 +275,9 @@ pub struct BuildEvent {
     pub images: BTreeMap<String, ImageId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// Anything else the event announces (a schedule disabled by the failure policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl BuildEvent {
@@ -293,6 +296,7 @@ impl BuildEvent {
                 .failure
                 .as_ref()
                 .map(|f| format!("{}: {}", f.error, f.message)),
+            note: None,
         }
     }
 }
@@ -305,6 +309,14 @@ pub trait Events: Send + Sync {
 pub trait Parameters: Send + Sync {
     fn get<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<String>>;
     fn put<'a>(&'a self, region: &'a str, name: &'a str, value: &'a str) -> PortResult<'a, ()>;
+}
+
+/// What starts pipelines on their own: schedules and event rules (EventBridge Scheduler and
+/// rules in AWS, the embedded store's schedules for `kiln serve`).
+pub trait Triggers: Send + Sync {
+    /// Disables the pipeline's schedule and event rules, recording `reason`; false when the
+    /// pipeline has none enabled.
+    fn disable<'a>(&'a self, pipeline: &'a str, reason: &'a str) -> PortResult<'a, bool>;
 }
 
 pub trait Clock: Send + Sync {
@@ -328,6 +340,7 @@ pub struct Ports<'a> {
     pub store: &'a dyn Store,
     pub events: &'a dyn Events,
     pub parameters: &'a dyn Parameters,
+    pub triggers: &'a dyn Triggers,
     pub clock: &'a dyn Clock,
 }
 

@@ -584,3 +584,108 @@ fn lifecycle_keeps_the_latest_images_in_every_region_and_skips_excluded_ones() {
     let (_, again, _) = home.kiln(&["lifecycle", &f, "--dry-run"]);
     assert!(again.contains("nothing to do"), "{again}");
 }
+
+#[test]
+fn serve_runs_applied_pipelines_on_their_schedule_and_disables_a_failing_one() {
+    let home = Home::new();
+    // GIVEN hello applied with a weekly schedule in Berlin time
+    let dir = home.path().join("hello");
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("examples/hello"))
+        .arg(&dir)
+        .status()
+        .expect("cp")
+        .success());
+    let file = dir.join("pipeline.yaml");
+    let text = std::fs::read_to_string(&file).expect("read").replace(
+        "schedule:\n  startCondition: onChange",
+        "schedule:\n  cron: cron(0 4 ? * SUN *)\n  timezone: Europe/Berlin\n  startCondition: onChange",
+    );
+    std::fs::write(&file, text).expect("write");
+    let (code, out, err) = home.kiln(&["apply", &file.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("cron(0 4 ? * SUN *) in Europe/Berlin, next run"),
+        "{out}"
+    );
+    let schedules = |home: &Home| -> Json {
+        let (code, out, _) = home.kiln(&["serve", "--list"]);
+        assert_eq!(code, 0);
+        serde_json::from_str(&out).expect("json")
+    };
+    let next = schedules(&home)[0]["nextRun"]
+        .as_str()
+        .expect("next run")
+        .to_string();
+    let at = chrono::DateTime::parse_from_rfc3339(&next).expect("rfc3339");
+    assert_eq!(
+        at.with_timezone(&chrono_tz::Europe::Berlin)
+            .format("%a %H:%M")
+            .to_string(),
+        "Sun 04:00"
+    );
+    // WHEN serve looks before it is due, nothing runs
+    let (code, _, err) = home.kiln(&["serve", "--once"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(home.built_images("us-east-1").is_empty());
+    // WHEN it is due
+    let (code, out, err) = home.kiln(&["serve", "--once", "--now", &next]);
+    assert_eq!(code, 0, "{out}{err}");
+    // THEN the build ran, triggered by the schedule, and the next run is a week later
+    let builds = futures::executor::block_on(home.store().builds("hello")).expect("builds");
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0].status.as_str(), "AVAILABLE");
+    assert_eq!(format!("{:?}", builds[0].trigger.kind), "Schedule");
+    let later = schedules(&home)[0]["nextRun"]
+        .as_str()
+        .expect("next")
+        .to_string();
+    let later = chrono::DateTime::parse_from_rfc3339(&later).expect("rfc3339");
+    assert_eq!((later - at).num_days(), 7);
+
+    // GIVEN a failing pipeline that may fail once before its schedule is disabled
+    let broken = home.path().join("broken");
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("tests/data/embedded/breaks-build"))
+        .arg(&broken)
+        .status()
+        .expect("cp")
+        .success());
+    let file = broken.join("pipeline.yaml");
+    let text = std::fs::read_to_string(&file).expect("read")
+        + "schedule:\n  cron: cron(0/15 * * * ? *)\n  disableAfterFailures: 1\n";
+    std::fs::write(&file, text).expect("write");
+    let (code, out, err) = home.kiln(&["apply", &file.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = |home: &Home| {
+        schedules(home)
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["pipeline"] == "breaks-build")
+            .cloned()
+            .expect("row")
+    };
+    let next = row(&home)["nextRun"].as_str().expect("next").to_string();
+    // WHEN it runs and fails
+    let (code, _, _) = home.kiln(&["serve", "--once", "--now", &next]);
+    assert_eq!(code, 1);
+    // THEN its schedule is disabled, with the reason; the event says so
+    let r = row(&home);
+    assert_eq!(r["enabled"], false, "{r}");
+    assert!(
+        r["disabledReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 consecutive failed builds"),
+        "{r}"
+    );
+    let events = std::fs::read_to_string(home.path().join("events.jsonl")).expect("events");
+    assert!(
+        events.contains("schedule disabled after 1 consecutive failed builds"),
+        "{events}"
+    );
+    home.assert_nothing_left("breaks-build");
+}

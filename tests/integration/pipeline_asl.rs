@@ -265,3 +265,104 @@ fn a_failure_at_every_stage_ends_the_execution_with_its_error_after_cleanup() {
         assert!(cloud.with(|c| c.locks.is_empty()), "{stage}");
     }
 }
+
+#[test]
+fn two_starts_at_once_make_one_build_and_the_second_names_the_holder() {
+    // GIVEN two executions started together, commands that take a while, real 1 s waits (so
+    // that the executions interleave)
+    let cloud = cloud();
+    cloud.with(|c| c.faults.command_in_progress_checks = 1);
+    let machine = definition::parse(&substitute(&definition_json(), &local_substitutions()))
+        .expect("valid definition");
+    let engine = Engine::new(
+        Arc::new(StageTasks(cloud.clone())),
+        Arc::new(kiln::engine::clock::RealClock),
+        false,
+    );
+    let mut input = input();
+    input["waitSeconds"] = json!(1);
+    let (a, b) = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            futures::join!(
+                engine.run(&machine, input.clone(), "exec-a"),
+                engine.run(&machine, input.clone(), "exec-b")
+            )
+        });
+    // THEN one succeeds, the other fails Kiln.Locked naming the first's build, and one build exists
+    let (won, lost) = if a.status == Status::Succeeded {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(won.status, Status::Succeeded, "{:?}", won.cause);
+    assert_eq!(
+        lost.error.as_deref(),
+        Some("Kiln.Locked"),
+        "{:?}",
+        lost.cause
+    );
+    let builds = cloud.with(|c| c.builds.values().cloned().collect::<Vec<_>>());
+    assert_eq!(builds.len(), 1);
+    assert!(lost
+        .cause
+        .unwrap_or_default()
+        .contains(builds[0].id.as_str()));
+}
+
+#[test]
+fn the_schedule_is_disabled_after_the_configured_number_of_failed_builds() {
+    // GIVEN the example (disableAfterFailures: 3) with its schedule enabled, and a failing component
+    let cloud = cloud();
+    cloud.with(|c| {
+        c.schedules.insert("al2023-base".into(), None);
+        c.faults.command_fails.insert(
+            "build".into(),
+            CommandStatus::Failed {
+                message: "component harden, build/DisableRootLogin: exit code 2".into(),
+                output_tail: String::new(),
+            },
+        );
+    });
+    // WHEN it fails twice, the schedule stays; the third failure disables it and says so
+    for n in 1..=3 {
+        let out = execute(&cloud, &format!("exec-{n}"), input());
+        assert_eq!(out.error.as_deref(), Some("Kiln.ComponentFailed"));
+        let disabled = cloud.with(|c| c.schedules["al2023-base"].clone());
+        assert_eq!(
+            disabled.is_some(),
+            n == 3,
+            "after {n} failures: {disabled:?}"
+        );
+    }
+    let note = cloud.with(|c| c.events.iter().rev().find_map(|e| e.note.clone()));
+    assert_eq!(
+        note.as_deref(),
+        Some("schedule disabled after 3 consecutive failed builds (disableAfterFailures: 3)")
+    );
+    // AND a success in between resets the count
+    cloud.with(|c| {
+        c.schedules.insert("al2023-base".into(), None);
+        c.faults.command_fails.clear();
+    });
+    assert_eq!(
+        execute(&cloud, "exec-ok", input()).status,
+        Status::Succeeded
+    );
+    cloud.with(|c| {
+        c.faults.command_fails.insert(
+            "build".into(),
+            CommandStatus::Failed {
+                message: "again".into(),
+                output_tail: String::new(),
+            },
+        );
+    });
+    execute(&cloud, "exec-4", input());
+    assert!(
+        cloud.with(|c| c.schedules["al2023-base"].is_none()),
+        "one failure after a success"
+    );
+}

@@ -143,6 +143,7 @@ impl AwsPorts {
             store: self,
             events: self,
             parameters: self,
+            triggers: self,
             clock: &crate::ports::SystemClock,
         }
     }
@@ -173,6 +174,37 @@ where
     match code {
         Some(c) => err.with_code(c),
         None => err,
+    }
+}
+
+/// The failure policy's switch: the pipeline's EventBridge rules (`kiln-<pipeline>-*`, created by
+/// `kiln apply`) are disabled.
+impl crate::ports::Triggers for AwsPorts {
+    fn disable<'a>(&'a self, pipeline: &'a str, _reason: &'a str) -> PortResult<'a, bool> {
+        Box::pin(async move {
+            let rules = self
+                .events
+                .list_rules()
+                .name_prefix(format!("kiln-{pipeline}-"))
+                .event_bus_name(&self.settings.event_bus)
+                .send()
+                .await
+                .map_err(|e| sdk_error("ListRules", e))?;
+            let mut any = false;
+            for rule in rules.rules() {
+                if let Some(name) = rule.name() {
+                    self.events
+                        .disable_rule()
+                        .name(name)
+                        .event_bus_name(&self.settings.event_bus)
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error("DisableRule", e))?;
+                    any = true;
+                }
+            }
+            Ok(any)
+        })
     }
 }
 

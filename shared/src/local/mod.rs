@@ -343,6 +343,7 @@ impl PortsProvider for LocalCloud {
             store: &self.store,
             events: self,
             parameters: self,
+            triggers: &self.store,
             clock: self,
         }
     }

@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS builds (
     PRIMARY KEY (pipeline, id)
 );
 CREATE INDEX IF NOT EXISTS builds_by_status ON builds (status, id);
+CREATE TABLE IF NOT EXISTS schedules (
+    pipeline TEXT PRIMARY KEY,
+    cron TEXT NOT NULL,
+    timezone TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    disabled_reason TEXT,
+    next_run TEXT
+);
 CREATE TABLE IF NOT EXISTS locks (
     pipeline TEXT PRIMARY KEY,
     build TEXT NOT NULL,
@@ -115,6 +123,92 @@ impl SqliteStore {
             ));
         }
         Ok(first)
+    }
+}
+
+/// A pipeline's schedule as `kiln apply` recorded it for `kiln serve`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleRow {
+    pub pipeline: String,
+    pub cron: String,
+    pub timezone: String,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    /// RFC 3339, in UTC.
+    pub next_run: Option<String>,
+}
+
+impl SqliteStore {
+    /// Creates or replaces (and enables) a pipeline's schedule.
+    pub fn put_schedule(&self, row: &ScheduleRow) -> Result<(), StageError> {
+        self.with(|db| {
+            db.execute(
+                "INSERT INTO schedules (pipeline, cron, timezone, enabled, disabled_reason, next_run)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (pipeline) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+                   enabled = excluded.enabled, disabled_reason = excluded.disabled_reason, next_run = excluded.next_run",
+                params![row.pipeline, row.cron, row.timezone, row.enabled, row.disabled_reason, row.next_run],
+            )
+            .map_err(internal)?;
+            Ok(())
+        })
+    }
+
+    pub fn schedules(&self) -> Result<Vec<ScheduleRow>, StageError> {
+        self.with(|db| {
+            let mut q = db
+                .prepare("SELECT pipeline, cron, timezone, enabled, disabled_reason, next_run FROM schedules ORDER BY pipeline")
+                .map_err(internal)?;
+            let rows = q
+                .query_map([], |r| {
+                    Ok(ScheduleRow {
+                        pipeline: r.get(0)?,
+                        cron: r.get(1)?,
+                        timezone: r.get(2)?,
+                        enabled: r.get(3)?,
+                        disabled_reason: r.get(4)?,
+                        next_run: r.get(5)?,
+                    })
+                })
+                .map_err(internal)?;
+            rows.map(|r| r.map_err(internal)).collect()
+        })
+    }
+
+    pub fn set_next_run(&self, pipeline: &str, next: Option<&str>) -> Result<(), StageError> {
+        self.with(|db| {
+            db.execute(
+                "UPDATE schedules SET next_run = ?2 WHERE pipeline = ?1",
+                params![pipeline, next],
+            )
+            .map_err(internal)?;
+            Ok(())
+        })
+    }
+
+    /// Removes a pipeline's schedule; false when it had none.
+    pub fn delete_schedule(&self, pipeline: &str) -> Result<bool, StageError> {
+        self.with(|db| {
+            Ok(db
+                .execute("DELETE FROM schedules WHERE pipeline = ?1", [pipeline])
+                .map_err(internal)?
+                > 0)
+        })
+    }
+}
+
+impl crate::ports::Triggers for SqliteStore {
+    fn disable<'a>(&'a self, pipeline: &'a str, reason: &'a str) -> PortResult<'a, bool> {
+        ready(self.with(|db| {
+            Ok(db
+                .execute(
+                    "UPDATE schedules SET enabled = 0, disabled_reason = ?2 WHERE pipeline = ?1 AND enabled = 1",
+                    params![pipeline, reason],
+                )
+                .map_err(internal)?
+                > 0)
+        }))
     }
 }
 

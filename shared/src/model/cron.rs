@@ -80,6 +80,38 @@ const SPECS: [Spec; 6] = [
     },
 ];
 
+impl Term {
+    /// Whether `v` (a plain value of the field) matches a range term; the calendar terms are
+    /// matched by [`Cron::day_matches`].
+    fn matches(&self, v: u32) -> bool {
+        match *self {
+            Term::Range { from, to, step } => v >= from && v <= to && (v - from) % step.max(1) == 0,
+            _ => false,
+        }
+    }
+}
+
+impl Field {
+    fn matches(&self, v: u32) -> bool {
+        match self {
+            Field::Any => true,
+            Field::Terms(terms) => terms.iter().any(|t| t.matches(v)),
+        }
+    }
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    use chrono::NaiveDate;
+    let next = if month == 12 {
+        NaiveDate::from_ymd_opt(year + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(year, month + 1, 1)
+    };
+    next.and_then(|n| n.pred_opt())
+        .map(|d| chrono::Datelike::day(&d))
+        .unwrap_or(28)
+}
+
 impl fmt::Display for Cron {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "cron({})", self.text)
@@ -87,6 +119,80 @@ impl fmt::Display for Cron {
 }
 
 impl Cron {
+    /// Whether the calendar day matches the year, month, day-of-month and day-of-week fields.
+    pub fn day_matches(&self, day: chrono::NaiveDate) -> bool {
+        use chrono::Datelike;
+        let [_, _, dom, month, dow, year] = &self.fields;
+        if !year.matches(day.year() as u32) || !month.matches(day.month()) {
+            return false;
+        }
+        let last = days_in_month(day.year(), day.month());
+        let weekday = day.weekday().num_days_from_sunday() + 1;
+        let dom_ok = match dom {
+            Field::Any => true,
+            Field::Terms(terms) => terms.iter().any(|t| match *t {
+                Term::Last(_) => day.day() == last,
+                Term::NearestWeekday(n) => {
+                    // The weekday nearest day n, within the month.
+                    let n = n.min(last);
+                    let Some(target) = day.with_day(n) else {
+                        return false;
+                    };
+                    let wd = target.weekday().num_days_from_sunday();
+                    let nearest = match wd {
+                        6 if n == 1 => n + 2,
+                        6 => n - 1,
+                        0 if n == last => n - 2,
+                        0 => n + 1,
+                        _ => n,
+                    };
+                    day.day() == nearest
+                }
+                _ => t.matches(day.day()),
+            }),
+        };
+        let dow_ok = match dow {
+            Field::Any => true,
+            Field::Terms(terms) => terms.iter().any(|t| match *t {
+                Term::Last(Some(d)) => weekday == d && day.day() + 7 > last,
+                Term::Last(None) => weekday == 7,
+                Term::Nth { weekday: d, nth } => weekday == d && (day.day() - 1) / 7 + 1 == nth,
+                _ => t.matches(weekday),
+            }),
+        };
+        dom_ok && dow_ok
+    }
+
+    /// The first time after `after` the expression fires, read in `after`'s time zone (local
+    /// times that do not exist in a DST gap are skipped; ambiguous ones fire at the first).
+    pub fn next_after<Tz: chrono::TimeZone>(
+        &self,
+        after: &chrono::DateTime<Tz>,
+    ) -> Option<chrono::DateTime<Tz>> {
+        let tz = after.timezone();
+        let start = after.naive_local().date();
+        let [minutes, hours, ..] = &self.fields;
+        for offset in 0..(366 * 5) {
+            let day = start + chrono::Duration::days(offset);
+            if !self.day_matches(day) {
+                continue;
+            }
+            for h in (0..24).filter(|h| hours.matches(*h)) {
+                for m in (0..60).filter(|m| minutes.matches(*m)) {
+                    let Some(naive) = day.and_hms_opt(h, m, 0) else {
+                        continue;
+                    };
+                    if let Some(t) = tz.from_local_datetime(&naive).earliest() {
+                        if t > *after {
+                            return Some(t);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// Parses `cron(…)` or the bare six fields. The error says which field is wrong and why.
     pub fn parse(input: &str) -> Result<Cron, String> {
         let trimmed = input.trim();
@@ -277,5 +383,70 @@ mod tests {
             let err = Cron::parse(input).expect_err(input);
             assert!(err.contains(want), "{input}: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod next_tests {
+    use super::Cron;
+    use chrono::TimeZone;
+
+    fn next(expr: &str, tz: chrono_tz::Tz, after: (i32, u32, u32, u32, u32)) -> String {
+        let (y, mo, d, h, mi) = after;
+        let t = tz
+            .with_ymd_and_hms(y, mo, d, h, mi, 0)
+            .single()
+            .expect("time");
+        Cron::parse(expr)
+            .expect("valid")
+            .next_after(&t)
+            .expect("fires")
+            .to_rfc3339()
+    }
+
+    #[test]
+    fn next_fire_times_follow_the_fields_and_the_time_zone() {
+        use chrono_tz::{America::New_York, Europe::Berlin, UTC};
+        // Mondays at 03:00 in New York: Monday 2026-11-30, EST (-05:00).
+        assert_eq!(
+            next("cron(0 3 ? * MON *)", New_York, (2026, 11, 27, 9, 0)),
+            "2026-11-30T03:00:00-05:00"
+        );
+        // Sundays 04:00 in Berlin, across the DST change of 2027-03-28 (CET -> CEST).
+        assert_eq!(
+            next("cron(0 4 ? * SUN *)", Berlin, (2027, 3, 27, 12, 0)),
+            "2027-03-28T04:00:00+02:00"
+        );
+        // Every 15 minutes.
+        assert_eq!(
+            next("cron(0/15 * * * ? *)", UTC, (2026, 1, 1, 10, 7)),
+            "2026-01-01T10:15:00+00:00"
+        );
+        // The last day of the month, the last Friday, the second Tuesday, the weekday nearest the 15th.
+        assert_eq!(
+            next("cron(0 0 L * ? *)", UTC, (2027, 2, 3, 0, 0)),
+            "2027-02-28T00:00:00+00:00"
+        );
+        assert_eq!(
+            next("cron(0 0 ? * 6L *)", UTC, (2026, 11, 1, 0, 0)),
+            "2026-11-27T00:00:00+00:00"
+        );
+        assert_eq!(
+            next("cron(0 0 ? * 3#2 *)", UTC, (2026, 12, 1, 0, 0)),
+            "2026-12-08T00:00:00+00:00"
+        );
+        assert_eq!(
+            next("cron(0 0 15W * ? *)", UTC, (2026, 8, 1, 0, 0)),
+            "2026-08-14T00:00:00+00:00"
+        );
+        // A year that has passed never fires.
+        let t = UTC
+            .with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
+            .single()
+            .expect("time");
+        assert!(Cron::parse("cron(0 0 1 1 ? 2029)")
+            .expect("valid")
+            .next_after(&t)
+            .is_none());
     }
 }

@@ -30,6 +30,37 @@ pub async fn run_for_request(
     }
 }
 
+/// After `disableAfterFailures` consecutive failed builds, the pipeline's schedule and event
+/// rules are disabled; returns what the event should say.
+async fn failure_policy(
+    ports: &Ports<'_>,
+    build: &Build,
+    record: Option<&crate::ports::PipelineRecord>,
+) -> Result<Option<String>, StageError> {
+    let Some(limit) = record
+        .and_then(|r| r.pipeline.schedule.as_ref())
+        .and_then(|s| s.disable_after_failures)
+    else {
+        return Ok(None);
+    };
+    let mut builds = ports.store.builds(&build.pipeline).await?;
+    builds.sort_by(|a, b| b.id.0.cmp(&a.id.0));
+    let streak = builds
+        .iter()
+        .filter(|b| b.status != BuildStatus::Skipped && b.status.is_final())
+        .take_while(|b| b.status == BuildStatus::Failed)
+        .count();
+    if streak < limit as usize {
+        return Ok(None);
+    }
+    let reason = format!("{streak} consecutive failed builds (disableAfterFailures: {limit})");
+    Ok(ports
+        .triggers
+        .disable(&build.pipeline, &reason)
+        .await?
+        .then(|| format!("schedule disabled after {reason}")))
+}
+
 /// The message inside a Lambda error cause (`{"errorType", "errorMessage"}`), or the cause.
 fn plain_cause(cause: &str) -> String {
     serde_json::from_str::<serde_json::Value>(cause)
@@ -122,7 +153,11 @@ pub async fn run(
             BuildStatus::Failed
         };
         ports.store.save_build(&build, previous).await?;
-        ports.events.emit(&BuildEvent::of(&build)).await?;
+        let mut event = BuildEvent::of(&build);
+        if !cancelled {
+            event.note = failure_policy(ports, &build, record.as_ref()).await?;
+        }
+        ports.events.emit(&event).await?;
     }
     ports.store.unlock(&build.pipeline, &build.id).await?;
     build.ready = true;
