@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub mod local_cmds;
 pub mod run;
 pub mod serve;
+#[cfg(feature = "aws")]
+pub mod stack;
 
 /// Exit codes: 0 success, 1 the job failed, 2 invalid input or usage.
 pub mod exit {
@@ -75,11 +77,41 @@ pub enum Command {
     Apply {
         #[arg(value_name = "PIPELINE.yaml")]
         pipeline: PathBuf,
+        /// Apply to a deployed stack: the table, the bucket, an EventBridge Scheduler schedule
+        /// in the pipeline's time zone, a rule for parent-image changes.
+        #[arg(long, value_name = "NAME")]
+        stack: Option<String>,
     },
-    /// Remove a pipeline's schedule (its builds and images stay).
+    /// Remove a pipeline's schedule and rules (its builds and images stay).
     Delete {
         #[arg(value_name = "PIPELINE")]
         pipeline: String,
+        #[arg(long, value_name = "NAME")]
+        stack: Option<String>,
+    },
+    /// Start a build of an applied pipeline in a deployed stack now.
+    Start {
+        #[arg(value_name = "PIPELINE")]
+        pipeline: String,
+        #[arg(long, value_name = "NAME")]
+        stack: String,
+        /// Wait for the execution to end; exit 0 when it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a build of a deployed stack (id or unique prefix).
+    Status {
+        #[arg(value_name = "BUILD")]
+        build: String,
+        #[arg(long, value_name = "NAME")]
+        stack: String,
+    },
+    /// Stop a build of a deployed stack: its execution stops, cleanup runs, it ends CANCELLED.
+    Cancel {
+        #[arg(value_name = "BUILD")]
+        build: String,
+        #[arg(long, value_name = "NAME")]
+        stack: String,
     },
     /// Run applied pipelines on their schedules, on this machine (root).
     Serve {
@@ -220,18 +252,60 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
     match cli.command {
         Command::Run(args) => run::run(args, cli.home.as_deref(), stdout, stderr),
         Command::Image { command } => local_cmds::image(command, &home, stdout, stderr),
+        #[cfg(feature = "aws")]
+        Command::Builds {
+            command:
+                local_cmds::BuildsCommand::List {
+                    pipeline,
+                    output,
+                    stack: Some(stack),
+                },
+        } => stack::builds(&stack, pipeline.as_deref(), output, stdout, stderr),
+        #[cfg(not(feature = "aws"))]
+        Command::Apply { stack: Some(_), .. }
+        | Command::Delete { stack: Some(_), .. }
+        | Command::Start { .. }
+        | Command::Status { .. }
+        | Command::Cancel { .. }
+        | Command::Builds {
+            command: local_cmds::BuildsCommand::List { stack: Some(_), .. },
+        } => {
+            writeln!(
+                stderr,
+                "--stack: this kiln was built without the AWS backend (cargo feature `aws`)"
+            )?;
+            Ok(exit::INVALID)
+        }
         Command::Builds { command } => local_cmds::builds(command, &home, stdout, stderr),
         Command::Gc { dry_run } => local_cmds::gc(&home, dry_run, stdout, stderr),
-        Command::Apply { pipeline } => {
-            let agent = run::agent_binary().unwrap_or_else(|_| PathBuf::from("kiln-agent"));
-            let cloud = kiln::local::LocalCloud::open(&home, &agent)?;
-            serve::apply(&pipeline, &cloud, stdout, stderr)
-        }
-        Command::Delete { pipeline } => {
-            let agent = run::agent_binary().unwrap_or_else(|_| PathBuf::from("kiln-agent"));
-            let cloud = kiln::local::LocalCloud::open(&home, &agent)?;
-            serve::delete(&pipeline, &cloud, stdout, stderr)
-        }
+        #[cfg(feature = "aws")]
+        Command::Apply {
+            pipeline,
+            stack: Some(stack),
+        } => stack::apply(&pipeline, &stack, stdout, stderr),
+        Command::Apply {
+            pipeline,
+            stack: None,
+        } => serve::apply(&pipeline, &open_local(&home)?, stdout, stderr),
+        #[cfg(feature = "aws")]
+        Command::Delete {
+            pipeline,
+            stack: Some(stack),
+        } => stack::delete(&pipeline, &stack, stdout, stderr),
+        Command::Delete {
+            pipeline,
+            stack: None,
+        } => serve::delete(&pipeline, &open_local(&home)?, stdout, stderr),
+        #[cfg(feature = "aws")]
+        Command::Start {
+            pipeline,
+            stack,
+            wait,
+        } => stack::start(&pipeline, &stack, wait, stdout, stderr),
+        #[cfg(feature = "aws")]
+        Command::Status { build, stack } => stack::status(&build, &stack, stdout, stderr),
+        #[cfg(feature = "aws")]
+        Command::Cancel { build, stack } => stack::cancel(&build, &stack, stdout, stderr),
         Command::Serve { once, now, list } => {
             let now = match now.map(|t| chrono::DateTime::parse_from_rfc3339(&t)) {
                 Some(Ok(t)) => Some(t.with_timezone(&chrono::Utc)),
@@ -278,6 +352,11 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
             Ok(exit::OK)
         }
     }
+}
+
+fn open_local(home: &std::path::Path) -> anyhow::Result<kiln::local::LocalCloud> {
+    let agent = run::agent_binary().unwrap_or_else(|_| PathBuf::from("kiln-agent"));
+    Ok(kiln::local::LocalCloud::open(home, &agent)?)
 }
 
 /// Reads a definition file; problems are usage errors (exit 2).

@@ -93,6 +93,9 @@ pub enum BuildsCommand {
         pipeline: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        /// The builds of a deployed stack (its DynamoDB table) instead of this machine's.
+        #[arg(long, value_name = "NAME")]
+        stack: Option<String>,
     },
     /// Show one build document (id or unique prefix).
     Show { build: String },
@@ -327,40 +330,18 @@ pub fn builds(
             .ok_or_else(|| format!("no build `{id}`; see `kiln builds list`"))
     };
     match command {
-        BuildsCommand::List { pipeline, output } => {
+        BuildsCommand::List {
+            pipeline,
+            output,
+            stack: _,
+        } => {
             let all: Vec<Build> = cloud
                 .store
                 .all_builds()?
                 .into_iter()
                 .filter(|b| pipeline.as_ref().is_none_or(|p| &b.pipeline == p))
                 .collect();
-            match output {
-                Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&all)?)?,
-                Output::Text => {
-                    writeln!(
-                        stdout,
-                        "{:<26} {:<20} {:<10} {:<12} {:<20} IMAGES",
-                        "BUILD", "PIPELINE", "VERSION", "STATUS", "STARTED"
-                    )?;
-                    for b in &all {
-                        let images: Vec<String> = b
-                            .regions
-                            .iter()
-                            .filter_map(|r| r.image.as_ref().map(|i| format!("{}={i}", r.region)))
-                            .collect();
-                        writeln!(
-                            stdout,
-                            "{:<26} {:<20} {:<10} {:<12} {:<20} {}",
-                            b.id,
-                            b.pipeline,
-                            b.version(),
-                            b.status.as_str(),
-                            b.build_date,
-                            images.join(" ")
-                        )?;
-                    }
-                }
-            }
+            write_builds(&all, output, stdout)?;
             Ok(exit::OK)
         }
         BuildsCommand::Show { build } => match find(&build) {
@@ -393,6 +374,38 @@ pub fn builds(
             Ok(exit::OK)
         }
     }
+}
+
+/// Builds as a table (or JSON).
+pub fn write_builds(all: &[Build], output: Output, stdout: &mut dyn Write) -> anyhow::Result<()> {
+    match output {
+        Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&all)?)?,
+        Output::Text => {
+            writeln!(
+                stdout,
+                "{:<26} {:<20} {:<10} {:<12} {:<20} IMAGES",
+                "BUILD", "PIPELINE", "VERSION", "STATUS", "STARTED"
+            )?;
+            for b in all {
+                let images: Vec<String> = b
+                    .regions
+                    .iter()
+                    .filter_map(|r| r.image.as_ref().map(|i| format!("{}={i}", r.region)))
+                    .collect();
+                writeln!(
+                    stdout,
+                    "{:<26} {:<20} {:<10} {:<12} {:<20} {}",
+                    b.id,
+                    b.pipeline,
+                    b.version(),
+                    b.status.as_str(),
+                    b.build_date,
+                    images.join(" ")
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What `kiln gc` found and removed.

@@ -15,6 +15,8 @@ pub mod env {
     pub const BUCKET: &str = "KILN_ARTIFACTS_BUCKET";
     pub const EVENT_BUS: &str = "KILN_EVENT_BUS";
     pub const REGION: &str = "AWS_REGION";
+    /// The trigger function: the state machine it starts.
+    pub const STATE_MACHINE: &str = "KILN_STATE_MACHINE_ARN";
 }
 
 /// The functions' configuration, read once.
@@ -52,14 +54,54 @@ impl From<LambdaError> for Diagnostic {
     }
 }
 
-/// Runs `function` as a Lambda function until the runtime stops it.
-pub async fn run(function: Function) -> Result<(), lambda_runtime::Error> {
+fn init_logs() {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_current_span(false)
         .without_time()
         .init();
+}
+
+/// Runs the trigger function: parent-image events in, deduplicated StartExecution calls out.
+pub async fn run_trigger() -> Result<(), lambda_runtime::Error> {
+    init_logs();
+    let config = Config::from_env()?;
+    let state_machine = std::env::var(env::STATE_MACHINE)
+        .map_err(|_| format!("the environment variable {} is not set", env::STATE_MACHINE))?;
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(config.settings.region.clone()))
+        .load()
+        .await;
+    let s = config.settings;
+    let control = crate::aws::control::Control::new(
+        crate::aws::control::Stack {
+            name: String::new(),
+            region: s.region,
+            table: s.table,
+            bucket: s.bucket,
+            state_machine_arn: state_machine,
+            scheduler_role_arn: None,
+            trigger_function_arn: None,
+            event_bus: s.event_bus,
+        },
+        &aws,
+    );
+    let control = &control;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Json>| async move {
+        let result = crate::aws::control::trigger(control, &event.payload).await;
+        match &result {
+            Ok(out) => tracing::info!(result = %out, "trigger"),
+            Err(e) => tracing::error!(error_type = e.error_type(), error = %e, "trigger failed"),
+        }
+        result.map_err(LambdaError)
+    }))
+    .await
+}
+
+/// Runs `function` as a Lambda function until the runtime stops it.
+pub async fn run(function: Function) -> Result<(), lambda_runtime::Error> {
+    init_logs();
     let config = Config::from_env()?;
     let ports = AwsPorts::from_env(config.settings).await;
     let ports = &ports;

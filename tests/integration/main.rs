@@ -6,6 +6,7 @@ mod agent;
 mod aws;
 mod bad_input;
 mod cli;
+mod control;
 mod embedded;
 mod engine;
 mod examples;

@@ -42,7 +42,7 @@ fn quoted(url: &str) -> Result<String, StageError> {
 }
 
 impl AwsPorts {
-    async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), StageError> {
+    pub(crate) async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), StageError> {
         self.s3
             .put_object()
             .bucket(&self.settings.bucket)

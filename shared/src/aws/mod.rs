@@ -4,6 +4,8 @@
 
 mod commands;
 mod compute;
+#[cfg(feature = "control")]
+pub mod control;
 mod store;
 
 use std::collections::HashMap;
@@ -191,6 +193,12 @@ impl crate::ports::Triggers for AwsPorts {
                 .await
                 .map_err(|e| sdk_error("ListRules", e))?;
             let mut any = false;
+            #[cfg(feature = "control")]
+            {
+                any |= self
+                    .disable_schedule(&control::schedule_name(pipeline))
+                    .await?;
+            }
             for rule in rules.rules() {
                 if let Some(name) = rule.name() {
                     self.events
@@ -205,6 +213,33 @@ impl crate::ports::Triggers for AwsPorts {
             }
             Ok(any)
         })
+    }
+}
+
+#[cfg(feature = "control")]
+impl AwsPorts {
+    /// Disables an EventBridge Scheduler schedule, keeping its definition; false when missing.
+    async fn disable_schedule(&self, name: &str) -> Result<bool, StageError> {
+        let scheduler = aws_sdk_scheduler::Client::new(&self.config);
+        let Ok(s) = scheduler.get_schedule().name(name).send().await else {
+            return Ok(false);
+        };
+        let mut update = scheduler
+            .update_schedule()
+            .name(name)
+            .set_schedule_expression(s.schedule_expression().map(str::to_string))
+            .set_schedule_expression_timezone(s.schedule_expression_timezone().map(str::to_string))
+            .set_flexible_time_window(s.flexible_time_window().cloned())
+            .set_target(s.target().cloned())
+            .state(aws_sdk_scheduler::types::ScheduleState::Disabled);
+        if let Some(g) = s.group_name() {
+            update = update.group_name(g);
+        }
+        update
+            .send()
+            .await
+            .map_err(|e| sdk_error("UpdateSchedule", e))?;
+        Ok(true)
     }
 }
 

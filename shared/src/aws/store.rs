@@ -356,3 +356,32 @@ impl Store for AwsPorts {
         })
     }
 }
+
+impl AwsPorts {
+    /// Every build in the table, oldest first (`kiln builds list --stack`); a scan, for the CLI.
+    pub async fn all_builds(&self) -> Result<Vec<Build>, StageError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .dynamodb
+                .scan()
+                .table_name(&self.settings.table)
+                .filter_expression("begins_with(sk, :b)")
+                .expression_attribute_values(":b", s("BUILD#"))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("Scan", e))?;
+            for item in page.items() {
+                out.push(parse_build(item)?);
+            }
+            match page.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a: &Build, b: &Build| a.id.0.cmp(&b.id.0));
+        Ok(out)
+    }
+}

@@ -76,7 +76,12 @@ pub fn write(
     out: impl Write,
 ) -> io::Result<Layer> {
     let compressed = Hashing::new(out);
-    let encoder = zstd::stream::write::Encoder::new(compressed, level)?;
+    let mut encoder = zstd::stream::write::Encoder::new(compressed, level)?;
+    // Compression in worker threads while this one walks, reads and hashes (as `tar | zstd`
+    // runs two processes); the output does not depend on the number of workers.
+    let workers =
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    encoder.multithread(workers as u32)?;
     let raw = Hashing::new(encoder);
     let mut builder = tar::Builder::new(raw);
     builder.mode(tar::HeaderMode::Complete);

@@ -1,0 +1,278 @@
+//! A deployed stack's control plane on a moto server: `kiln apply --stack` (schedule in the
+//! pipeline's time zone, parent-image rule, components uploaded), the trigger function's
+//! deduplication, `kiln start`, `kiln status`, `kiln builds list --stack`, `kiln cancel` (the
+//! execution stops, cleanup runs, the build ends CANCELLED), `kiln delete --stack`.
+//!
+//! moto cannot deploy the SAM template, so the test makes a stack with the same outputs: the
+//! table and bucket kiln's test bootstrap creates, a state machine from the real definition.
+
+use std::process::Command;
+
+use kiln::aws::control::{trigger, Control};
+use kiln::aws::{AwsPorts, Settings};
+use kiln::model::build::{BuildStatus, Trigger, TriggerKind};
+use kiln::stages::StartRequest;
+use serde_json::{json, Value as Json};
+
+use crate::support::{built_binary, repo, Moto};
+
+const PARAM: &str = "/images/base/latest";
+
+fn kiln(moto: &Moto, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(built_binary("kiln"))
+        .args(args)
+        .envs(moto.env())
+        .env("AWS_MAX_ATTEMPTS", "2")
+        .env_remove("KILN_HOME")
+        .output()
+        .expect("kiln");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
+    // GIVEN moto with kiln's table and bucket, a state machine from the real definition and a
+    // stack whose outputs name them
+    let moto = Moto::start_with_ssm_inventory();
+    for (k, v) in moto.env() {
+        std::env::set_var(k, v);
+    }
+    std::env::set_var("AWS_MAX_ATTEMPTS", "2");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let config = rt.block_on(
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .load(),
+    );
+    let ports = AwsPorts::new(
+        Settings {
+            table: "kiln".into(),
+            bucket: "kiln-artifacts".into(),
+            event_bus: "default".into(),
+            region: "us-east-1".into(),
+        },
+        config.clone(),
+    );
+    rt.block_on(ports.bootstrap()).expect("table and bucket");
+    let sfn = aws_sdk_sfn::Client::new(&config);
+    let definition = kiln::engine::substitute(
+        &serde_json::from_str(kiln::stages::handler::DEFINITION).expect("json"),
+        &kiln::stages::handler::local_substitutions(),
+    );
+    let machine = rt
+        .block_on(
+            sfn.create_state_machine()
+                .name("kiln-pipeline")
+                .definition(definition.to_string())
+                .role_arn("arn:aws:iam::123456789012:role/kiln-states")
+                .send(),
+        )
+        .expect("state machine");
+    let machine_arn = machine.state_machine_arn().to_string();
+    let template = json!({
+        "Resources": {"Marker": {"Type": "AWS::S3::Bucket"}},
+        "Outputs": {
+            "TableName": {"Value": "kiln"},
+            "ArtifactsBucketName": {"Value": "kiln-artifacts"},
+            "StateMachineArn": {"Value": machine_arn},
+            "SchedulerRoleArn": {"Value": "arn:aws:iam::123456789012:role/kiln-scheduler"},
+            "TriggerFunctionArn": {"Value": "arn:aws:lambda:us-east-1:123456789012:function:kiln-trigger"},
+            "EventBusName": {"Value": "default"}
+        }
+    });
+    rt.block_on(
+        aws_sdk_cloudformation::Client::new(&config)
+            .create_stack()
+            .stack_name("kiln")
+            .template_body(template.to_string())
+            .send(),
+    )
+    .expect("stack");
+    // AND a parent published in the account's own parameter, and a pipeline built on it
+    let parent = rt.block_on(async {
+        let p = ports.ports();
+        let any = p
+            .compute
+            .latest_image(
+                "us-east-1",
+                &kiln::model::pipeline::ParentFilter {
+                    owners: vec!["amazon".into()],
+                    name: "*".into(),
+                    architecture: None,
+                },
+            )
+            .await
+            .expect("images")
+            .expect("a public AMI");
+        p.parameters
+            .put("us-east-1", PARAM, any.as_str())
+            .await
+            .expect("put");
+        any
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("pipeline.yaml");
+    let text = std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml"))
+        .expect("read")
+        .replace(
+            "ssmParameter: /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+            &format!("ssmParameter: {PARAM}"),
+        )
+        .replace(
+            "../../../../examples/aws-al2023/components/harden.yaml",
+            &repo().join("examples/aws-al2023/components/harden.yaml").display().to_string(),
+        )
+        + "schedule:\n  cron: cron(0 3 ? * MON *)\n  timezone: America/New_York\n  disableAfterFailures: 2\n";
+    std::fs::write(&file, text).expect("write");
+
+    // WHEN it is applied to the stack
+    let (code, out, err) = kiln(
+        &moto,
+        &["apply", &file.display().to_string(), "--stack", "kiln"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let applied: Json = serde_json::from_str(&out).expect("json");
+    // THEN the schedule starts the state machine at 03:00 New York time with the pipeline's input
+    let scheduler = aws_sdk_scheduler::Client::new(&config);
+    let schedule = rt
+        .block_on(scheduler.get_schedule().name("kiln-al2023-moto").send())
+        .expect("schedule");
+    assert_eq!(schedule.schedule_expression(), Some("cron(0 3 ? * MON *)"));
+    assert_eq!(
+        schedule.schedule_expression_timezone(),
+        Some("America/New_York")
+    );
+    let target = schedule.target().expect("target");
+    assert_eq!(target.arn(), machine_arn);
+    let input: Json = serde_json::from_str(target.input().unwrap_or("{}")).expect("input");
+    assert_eq!(input["pipeline"], "al2023-moto");
+    assert_eq!(input["trigger"]["kind"], "schedule");
+    // AND a rule sends changes of the parent parameter to the trigger function
+    let events = aws_sdk_eventbridge::Client::new(&config);
+    let rule = rt
+        .block_on(
+            events
+                .describe_rule()
+                .name("kiln-al2023-moto-parent")
+                .send(),
+        )
+        .expect("rule");
+    let pattern: Json =
+        serde_json::from_str(rule.event_pattern().unwrap_or("{}")).expect("pattern");
+    assert_eq!(pattern["detail"]["name"], json!([PARAM]));
+    assert_eq!(pattern["detail-type"], json!(["Parameter Store Change"]));
+    let targets = rt
+        .block_on(
+            events
+                .list_targets_by_rule()
+                .rule("kiln-al2023-moto-parent")
+                .send(),
+        )
+        .expect("targets");
+    assert!(targets.targets()[0]
+        .arn()
+        .ends_with("function:kiln-trigger"));
+    assert_eq!(applied["components"].as_array().map(Vec::len), Some(2));
+
+    // WHEN the parameter changes and the event reaches the trigger function, twice
+    let control = rt.block_on(Control::connect("kiln")).expect("control");
+    let event = json!({"pipeline": "al2023-moto", "event": {
+        "source": "aws.ssm", "detail-type": "Parameter Store Change",
+        "detail": {"name": PARAM, "operation": "Update", "type": "String"}}});
+    let first = rt.block_on(trigger(&control, &event)).expect("trigger");
+    let again = rt.block_on(trigger(&control, &event)).expect("trigger");
+    // THEN one execution started; the repeat was recognised
+    assert_eq!(first["started"], true, "{first}");
+    assert_eq!(again["deduplicated"], true, "{again}");
+    assert_eq!(first["executionArn"], again["executionArn"]);
+    let executions = rt
+        .block_on(sfn.list_executions().state_machine_arn(&machine_arn).send())
+        .expect("executions");
+    assert_eq!(executions.executions().len(), 1);
+
+    // WHEN a build is started by hand, and its builder launched (as the LaunchBuilder function
+    // would: moto does not run the state machine's tasks)
+    let (code, out, err) = kiln(&moto, &["start", "al2023-moto", "--stack", "kiln"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let execution = out.trim().rsplit(':').next().expect("name").to_string();
+    let build = rt
+        .block_on(kiln::stages::launch_builder::start(
+            &ports.ports(),
+            &StartRequest {
+                pipeline: "al2023-moto".into(),
+                trigger: Trigger {
+                    kind: TriggerKind::Manual,
+                    detail: None,
+                },
+                request_id: Some(execution.clone()),
+            },
+        ))
+        .expect("launch");
+    assert_eq!(build.parent_image.as_ref(), Some(&parent));
+    // AND it is listed and shown
+    let (code, out, _) = kiln(
+        &moto,
+        &["builds", "list", "--stack", "kiln", "--output", "json"],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains(build.id.as_str()), "{out}");
+    // WHEN it is cancelled
+    let (code, out, err) = kiln(&moto, &["cancel", &build.id.0[..20], "--stack", "kiln"]);
+    // THEN the execution is aborted, cleanup ran, and the build is CANCELLED with its lock free
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("CANCELLED"), "{out}");
+    let status = rt
+        .block_on(
+            sfn.describe_execution()
+                .execution_arn(control.stack.execution_arn(&execution))
+                .send(),
+        )
+        .expect("execution");
+    assert_eq!(status.status().as_str(), "ABORTED");
+    rt.block_on(async {
+        let p = ports.ports();
+        let stored = p
+            .store
+            .build("al2023-moto", &build.id)
+            .await
+            .expect("get")
+            .expect("build");
+        assert_eq!(stored.status, BuildStatus::Cancelled);
+        assert!(p
+            .compute
+            .instances_of("us-east-1", &build.id)
+            .await
+            .expect("instances")
+            .is_empty());
+        let probe = kiln::model::build::BuildId::new_at(1);
+        p.store
+            .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
+            .await
+            .expect("lock free");
+    });
+    let (code, out, _) = kiln(&moto, &["status", build.id.as_str(), "--stack", "kiln"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("CANCELLED"), "{out}");
+    // WHEN the pipeline is deleted from the stack, its schedule and rule go
+    let (code, out, err) = kiln(&moto, &["delete", "al2023-moto", "--stack", "kiln"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(rt
+        .block_on(scheduler.get_schedule().name("kiln-al2023-moto").send())
+        .is_err());
+    assert!(rt
+        .block_on(
+            events
+                .describe_rule()
+                .name("kiln-al2023-moto-parent")
+                .send()
+        )
+        .is_err());
+    // AND a stack that does not exist is a clear usage error
+    let (code, _, err) = kiln(&moto, &["start", "al2023-moto", "--stack", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("stack `nope`"), "{err}");
+}
