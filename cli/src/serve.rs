@@ -105,6 +105,45 @@ pub fn delete(
     }
 }
 
+/// Applies every applied pipeline's lifecycle; false when one failed (said on stderr).
+fn run_lifecycles(
+    cloud: &LocalCloud,
+    runtime: &tokio::runtime::Runtime,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<bool> {
+    let mut ok = true;
+    for name in cloud.store.pipeline_names()? {
+        let Some(record) = runtime.block_on(cloud.store.pipeline(&name))? else {
+            continue;
+        };
+        if record.pipeline.lifecycle.is_none() {
+            continue;
+        }
+        let ports = kiln::ports::PortsProvider::ports(cloud);
+        let result = runtime.block_on(async {
+            let plan = kiln::stages::lifecycle::plan(&ports, &record.pipeline).await?;
+            kiln::stages::lifecycle::apply(&ports, &plan).await?;
+            Ok::<_, kiln::errors::StageError>(plan)
+        });
+        match result {
+            Ok(plan) => {
+                for a in plan {
+                    writeln!(
+                        stderr,
+                        "lifecycle {name}: {:?} {} in {} ({})",
+                        a.verdict, a.image, a.region, a.reason
+                    )?;
+                }
+            }
+            Err(e) => {
+                ok = false;
+                writeln!(stderr, "lifecycle {name}: {e}")?;
+            }
+        }
+    }
+    Ok(ok)
+}
+
 /// `kiln serve`: runs every enabled schedule when it is due, one build at a time, until stopped
 /// (or, with `once`, the schedules due at `now` and then exits).
 pub fn serve(
@@ -134,8 +173,14 @@ pub fn serve(
         .enable_all()
         .build()?;
     let mut failed = false;
+    let mut lifecycle_day = None;
     loop {
         let at = now.unwrap_or_else(Utc::now);
+        // Once a day: every applied pipeline's lifecycle.
+        if lifecycle_day != Some(at.date_naive()) {
+            lifecycle_day = Some(at.date_naive());
+            failed |= !run_lifecycles(&cloud, &runtime, stderr)?;
+        }
         for row in cloud.store.schedules()? {
             let due = row.enabled
                 && row

@@ -5,13 +5,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-const FUNCTIONS: [&str; 6] = [
+const FUNCTIONS: [&str; 7] = [
     "launch-builder",
     "customize",
     "snapshot",
     "test-image",
     "distribute",
     "cleanup",
+    "trigger",
 ];
 const RUNS: usize = 15;
 
@@ -40,6 +41,10 @@ fn main() {
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
         ("KILN_TABLE", "kiln".into()),
         ("KILN_ARTIFACTS_BUCKET", "kiln-artifacts".into()),
+        (
+            "KILN_STATE_MACHINE_ARN",
+            "arn:aws:states:us-east-1:123456789012:stateMachine:kiln-pipeline".into(),
+        ),
     ];
     let baseline = median(
         (0..RUNS)

@@ -40,6 +40,18 @@ pub struct Action {
     pub reason: String,
 }
 
+fn version_key(image: &ImageInfo) -> Vec<u64> {
+    image
+        .tags
+        .get("kiln:version")
+        .map(|v| {
+            v.split(['.', '/'])
+                .map(|n| n.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
@@ -59,7 +71,14 @@ pub fn decide(
     let Some(rules) = &pipeline.lifecycle else {
         return Vec::new();
     };
-    images.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| b.id.cmp(&a.id)));
+    // Newest first; images made within the same second (EC2 dates have seconds) by their
+    // `kiln:version` (`x.y.z/n`, numerically).
+    images.sort_by(|a, b| {
+        b.created
+            .cmp(&a.created)
+            .then_with(|| version_key(b).cmp(&version_key(a)))
+            .then_with(|| b.id.cmp(&a.id))
+    });
     let keep = rules.keep_latest.map(|n| n as usize).unwrap_or(1).max(1);
     let mut out = Vec::new();
     let mut rank = 0usize;
@@ -229,6 +248,27 @@ mod tests {
         assert_eq!(
             verdicts(&decide(&p, "us-east-1", images, now)),
             [("p-2".into(), Verdict::Delete)]
+        );
+    }
+
+    #[test]
+    fn images_of_the_same_second_are_ordered_by_build_number() {
+        let now = Utc::now();
+        let p = pipeline("  keepLatest: 1\n");
+        let images: Vec<ImageInfo> = [10, 9, 11]
+            .into_iter()
+            .map(|n| {
+                let mut i = image(n, 0, now);
+                i.tags.insert("kiln:version".into(), format!("1.0.0/{n}"));
+                i
+            })
+            .collect();
+        assert_eq!(
+            verdicts(&decide(&p, "us-east-1", images, now)),
+            [
+                ("p-10".into(), Verdict::Delete),
+                ("p-9".into(), Verdict::Delete)
+            ]
         );
     }
 
