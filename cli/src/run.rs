@@ -254,6 +254,27 @@ fn last_line(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Loads and checks a pipeline file; on problems, reports them all (as JSON with `json`) and
+/// returns None: the caller exits 2.
+pub fn load_or_report(
+    file: &Path,
+    json: bool,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<Option<kiln::model::LoadedPipeline>> {
+    match kiln::model::load(file) {
+        Ok(l) => Ok(Some(l)),
+        Err(d) => {
+            let results = [kiln::report::Checked {
+                file: file.to_path_buf(),
+                outcome: Err(d),
+            }];
+            kiln::report::write(&results, json, stdout, stderr)?;
+            Ok(None)
+        }
+    }
+}
+
 /// Runs the pipeline; the exit code.
 pub fn run(
     args: RunArgs,
@@ -262,16 +283,9 @@ pub fn run(
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
     // Invalid input: every problem, exit 2, nothing created.
-    let loaded = match kiln::model::load(&args.pipeline) {
-        Ok(l) => l,
-        Err(d) => {
-            let results = [kiln::report::Checked {
-                file: args.pipeline.clone(),
-                outcome: Err(d),
-            }];
-            kiln::report::write(&results, args.output == Output::Json, stdout, stderr)?;
-            return Ok(exit::INVALID);
-        }
+    let Some(loaded) = load_or_report(&args.pipeline, args.output == Output::Json, stdout, stderr)?
+    else {
+        return Ok(exit::INVALID);
     };
     let home = home(home_flag);
     let cloud = match open_cloud(&home) {
@@ -791,16 +805,8 @@ pub fn lifecycle(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let loaded = match kiln::model::load(file) {
-        Ok(l) => l,
-        Err(d) => {
-            let results = [kiln::report::Checked {
-                file: file.to_path_buf(),
-                outcome: Err(d),
-            }];
-            kiln::report::write(&results, output == Output::Json, stdout, stderr)?;
-            return Ok(exit::INVALID);
-        }
+    let Some(loaded) = load_or_report(file, output == Output::Json, stdout, stderr)? else {
+        return Ok(exit::INVALID);
     };
     let pipeline = &loaded.pipeline;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -34,16 +34,8 @@ pub fn apply(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let loaded = match kiln::model::load(file) {
-        Ok(l) => l,
-        Err(d) => {
-            let results = [kiln::report::Checked {
-                file: file.to_path_buf(),
-                outcome: Err(d),
-            }];
-            kiln::report::write(&results, false, stdout, stderr)?;
-            return Ok(exit::INVALID);
-        }
+    let Some(loaded) = crate::run::load_or_report(file, false, stdout, stderr)? else {
+        return Ok(exit::INVALID);
     };
     let record = PipelineRecord::from(&loaded);
     let p = &record.pipeline;

@@ -18,16 +18,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn connect(
-    runtime: &tokio::runtime::Runtime,
+/// Connects to the stack and runs `f` with it; a stack that cannot be read is a usage error.
+fn with_control(
     stack: &str,
     stderr: &mut dyn Write,
-) -> anyhow::Result<Option<Control>> {
-    match runtime.block_on(Control::connect(stack)) {
-        Ok(c) => Ok(Some(c)),
+    f: impl FnOnce(&tokio::runtime::Runtime, Control, &mut dyn Write) -> anyhow::Result<i32>,
+) -> anyhow::Result<i32> {
+    let rt = runtime()?;
+    match rt.block_on(Control::connect(stack)) {
+        Ok(c) => f(&rt, c, stderr),
         Err(e) => {
             writeln!(stderr, "--stack {stack}: {e}")?;
-            Ok(None)
+            Ok(exit::INVALID)
         }
     }
 }
@@ -39,35 +41,25 @@ pub fn apply(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let loaded = match kiln::model::load(file) {
-        Ok(l) => l,
-        Err(d) => {
-            let results = [kiln::report::Checked {
-                file: file.to_path_buf(),
-                outcome: Err(d),
-            }];
-            kiln::report::write(&results, false, stdout, stderr)?;
-            return Ok(exit::INVALID);
-        }
-    };
-    let rt = runtime()?;
-    let Some(control) = connect(&rt, stack, stderr)? else {
+    let Some(loaded) = crate::run::load_or_report(file, false, stdout, stderr)? else {
         return Ok(exit::INVALID);
     };
-    match rt.block_on(control.apply(&PipelineRecord::from(&loaded))) {
-        Ok(applied) => {
-            writeln!(stdout, "{}", serde_json::to_string_pretty(&applied)?)?;
-            Ok(exit::OK)
+    with_control(stack, stderr, |rt, control, stderr| {
+        match rt.block_on(control.apply(&PipelineRecord::from(&loaded))) {
+            Ok(applied) => {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&applied)?)?;
+                Ok(exit::OK)
+            }
+            Err(e) if e.kind == kiln::errors::ErrorKind::InvalidPipeline => {
+                writeln!(stderr, "{}: {e}", file.display())?;
+                Ok(exit::INVALID)
+            }
+            Err(e) => {
+                writeln!(stderr, "kiln apply: {e}")?;
+                Ok(exit::FAILED)
+            }
         }
-        Err(e) if e.kind == kiln::errors::ErrorKind::InvalidPipeline => {
-            writeln!(stderr, "{}: {e}", file.display())?;
-            Ok(exit::INVALID)
-        }
-        Err(e) => {
-            writeln!(stderr, "kiln apply: {e}")?;
-            Ok(exit::FAILED)
-        }
-    }
+    })
 }
 
 /// `kiln delete PIPELINE --stack NAME`.
@@ -77,20 +69,18 @@ pub fn delete(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let rt = runtime()?;
-    let Some(control) = connect(&rt, stack, stderr)? else {
-        return Ok(exit::INVALID);
-    };
-    match rt.block_on(control.delete(pipeline)) {
-        Ok(()) => {
-            writeln!(stdout, "deleted the schedule and rules of {pipeline}")?;
-            Ok(exit::OK)
+    with_control(stack, stderr, |rt, control, stderr| {
+        match rt.block_on(control.delete(pipeline)) {
+            Ok(()) => {
+                writeln!(stdout, "deleted the schedule and rules of {pipeline}")?;
+                Ok(exit::OK)
+            }
+            Err(e) => {
+                writeln!(stderr, "kiln delete: {e}")?;
+                Ok(exit::FAILED)
+            }
         }
-        Err(e) => {
-            writeln!(stderr, "kiln delete: {e}")?;
-            Ok(exit::FAILED)
-        }
-    }
+    })
 }
 
 /// `kiln start PIPELINE --stack NAME [--wait]`.
@@ -101,50 +91,48 @@ pub fn start(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let rt = runtime()?;
-    let Some(control) = connect(&rt, stack, stderr)? else {
-        return Ok(exit::INVALID);
-    };
-    if rt
-        .block_on(kiln::ports::Store::pipeline(&control.ports, pipeline))?
-        .is_none()
-    {
-        writeln!(
-            stderr,
-            "pipeline `{pipeline}` is not applied to stack {stack}; run `kiln apply PIPELINE.yaml --stack {stack}`"
-        )?;
-        return Ok(exit::INVALID);
-    }
-    let user = std::env::var("USER").unwrap_or_else(|_| "kiln start".into());
-    let name = format!("{pipeline}-manual-{}", uuid::Uuid::new_v4().simple());
-    let name: String = name.chars().take(80).collect();
-    let input = start_input(pipeline, "manual", &format!("kiln start by {user}"));
-    let (arn, _) = match rt.block_on(control.start(&name, &input)) {
-        Ok(r) => r,
-        Err(e) => {
-            writeln!(stderr, "kiln start: {e}")?;
-            return Ok(exit::FAILED);
+    with_control(stack, stderr, |rt, control, stderr| {
+        if rt
+            .block_on(kiln::ports::Store::pipeline(&control.ports, pipeline))?
+            .is_none()
+        {
+            writeln!(
+                stderr,
+                "pipeline `{pipeline}` is not applied to stack {stack}; run `kiln apply PIPELINE.yaml --stack {stack}`"
+            )?;
+            return Ok(exit::INVALID);
         }
-    };
-    writeln!(stdout, "{arn}")?;
-    if !wait {
-        return Ok(exit::OK);
-    }
-    loop {
-        let (status, output) = rt.block_on(control.execution(&arn))?;
-        if status != "RUNNING" {
-            writeln!(stdout, "{status}")?;
-            if let Some(o) = output {
-                writeln!(stdout, "{o}")?;
+        let user = std::env::var("USER").unwrap_or_else(|_| "kiln start".into());
+        let name = format!("{pipeline}-manual-{}", uuid::Uuid::new_v4().simple());
+        let name: String = name.chars().take(80).collect();
+        let input = start_input(pipeline, "manual", &format!("kiln start by {user}"));
+        let (arn, _) = match rt.block_on(control.start(&name, &input)) {
+            Ok(r) => r,
+            Err(e) => {
+                writeln!(stderr, "kiln start: {e}")?;
+                return Ok(exit::FAILED);
             }
-            return Ok(if status == "SUCCEEDED" {
-                exit::OK
-            } else {
-                exit::FAILED
-            });
+        };
+        writeln!(stdout, "{arn}")?;
+        if !wait {
+            return Ok(exit::OK);
         }
-        std::thread::sleep(Duration::from_secs(5));
-    }
+        loop {
+            let (status, output) = rt.block_on(control.execution(&arn))?;
+            if status != "RUNNING" {
+                writeln!(stdout, "{status}")?;
+                if let Some(o) = output {
+                    writeln!(stdout, "{o}")?;
+                }
+                return Ok(if status == "SUCCEEDED" {
+                    exit::OK
+                } else {
+                    exit::FAILED
+                });
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    })
 }
 
 /// `kiln status BUILD --stack NAME`.
@@ -154,20 +142,18 @@ pub fn status(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let rt = runtime()?;
-    let Some(control) = connect(&rt, stack, stderr)? else {
-        return Ok(exit::INVALID);
-    };
-    match rt.block_on(control.find_build(build)) {
-        Ok(b) => {
-            writeln!(stdout, "{}", serde_json::to_string_pretty(&b)?)?;
-            Ok(exit::OK)
+    with_control(stack, stderr, |rt, control, stderr| {
+        match rt.block_on(control.find_build(build)) {
+            Ok(b) => {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&b)?)?;
+                Ok(exit::OK)
+            }
+            Err(e) => {
+                writeln!(stderr, "{e}")?;
+                Ok(exit::INVALID)
+            }
         }
-        Err(e) => {
-            writeln!(stderr, "{e}")?;
-            Ok(exit::INVALID)
-        }
-    }
+    })
 }
 
 /// `kiln builds list --stack NAME`.
@@ -178,17 +164,15 @@ pub fn builds(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let rt = runtime()?;
-    let Some(control) = connect(&rt, stack, stderr)? else {
-        return Ok(exit::INVALID);
-    };
-    let all: Vec<Build> = rt
-        .block_on(control.ports.all_builds())?
-        .into_iter()
-        .filter(|b| pipeline.is_none_or(|p| b.pipeline == p))
-        .collect();
-    crate::local_cmds::write_builds(&all, output, stdout)?;
-    Ok(exit::OK)
+    with_control(stack, stderr, |rt, control, _stderr| {
+        let all: Vec<Build> = rt
+            .block_on(control.ports.all_builds())?
+            .into_iter()
+            .filter(|b| pipeline.is_none_or(|p| b.pipeline == p))
+            .collect();
+        crate::local_cmds::write_builds(&all, output, stdout)?;
+        Ok(exit::OK)
+    })
 }
 
 /// `kiln cancel BUILD --stack NAME`.
@@ -198,27 +182,25 @@ pub fn cancel(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
-    let rt = runtime()?;
-    let Some(control) = connect(&rt, stack, stderr)? else {
-        return Ok(exit::INVALID);
-    };
-    let who = std::env::var("USER").unwrap_or_else(|_| "kiln cancel".into());
-    let result = rt.block_on(async {
-        let b = control.find_build(build).await?;
-        control.cancel(&b, &who).await
-    });
-    match result {
-        Ok(b) => {
-            writeln!(stdout, "build {} {}", b.id, b.status.as_str())?;
-            Ok(exit::OK)
+    with_control(stack, stderr, |rt, control, stderr| {
+        let who = std::env::var("USER").unwrap_or_else(|_| "kiln cancel".into());
+        let result = rt.block_on(async {
+            let b = control.find_build(build).await?;
+            control.cancel(&b, &who).await
+        });
+        match result {
+            Ok(b) => {
+                writeln!(stdout, "build {} {}", b.id, b.status.as_str())?;
+                Ok(exit::OK)
+            }
+            Err(e) if e.kind == kiln::errors::ErrorKind::InvalidPipeline => {
+                writeln!(stderr, "kiln cancel: {e}")?;
+                Ok(exit::INVALID)
+            }
+            Err(e) => {
+                writeln!(stderr, "kiln cancel: {e}")?;
+                Ok(exit::FAILED)
+            }
         }
-        Err(e) if e.kind == kiln::errors::ErrorKind::InvalidPipeline => {
-            writeln!(stderr, "kiln cancel: {e}")?;
-            Ok(exit::INVALID)
-        }
-        Err(e) => {
-            writeln!(stderr, "kiln cancel: {e}")?;
-            Ok(exit::FAILED)
-        }
-    }
+    })
 }
