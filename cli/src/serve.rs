@@ -103,37 +103,23 @@ fn run_lifecycles(
     runtime: &tokio::runtime::Runtime,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<bool> {
-    let mut ok = true;
-    for name in cloud.store.pipeline_names()? {
-        let Some(record) = runtime.block_on(cloud.store.pipeline(&name))? else {
-            continue;
-        };
-        if record.pipeline.lifecycle.is_none() {
-            continue;
-        }
-        let ports = kiln::ports::PortsProvider::ports(cloud);
-        let result = runtime.block_on(async {
-            let plan = kiln::stages::lifecycle::plan(&ports, &record.pipeline).await?;
-            kiln::stages::lifecycle::apply(&ports, &plan).await?;
-            Ok::<_, kiln::errors::StageError>(plan)
-        });
-        match result {
-            Ok(plan) => {
-                for a in plan {
-                    writeln!(
-                        stderr,
-                        "lifecycle {name}: {:?} {} in {} ({})",
-                        a.verdict, a.image, a.region, a.reason
-                    )?;
-                }
-            }
-            Err(e) => {
-                ok = false;
-                writeln!(stderr, "lifecycle {name}: {e}")?;
-            }
-        }
+    let ports = kiln::ports::PortsProvider::ports(cloud);
+    let report = runtime.block_on(kiln::stages::lifecycle::run_all(&ports))?;
+    for a in report["actions"].as_array().into_iter().flatten() {
+        writeln!(
+            stderr,
+            "lifecycle: {} {} in {} ({})",
+            a["verdict"].as_str().unwrap_or_default(),
+            a["image"].as_str().unwrap_or_default(),
+            a["region"].as_str().unwrap_or_default(),
+            a["reason"].as_str().unwrap_or_default()
+        )?;
     }
-    Ok(ok)
+    let failed = report["failed"].as_array().cloned().unwrap_or_default();
+    for f in &failed {
+        writeln!(stderr, "lifecycle {}: {}", f["pipeline"], f["error"])?;
+    }
+    Ok(failed.is_empty())
 }
 
 /// `kiln serve`: runs every enabled schedule when it is due, one build at a time, until stopped

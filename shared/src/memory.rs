@@ -639,6 +639,10 @@ impl Store for MemoryCloud {
         }))
     }
 
+    fn pipeline_names(&self) -> PortResult<'_, Vec<String>> {
+        ok(Ok(self.with(|c| c.pipelines.keys().cloned().collect())))
+    }
+
     fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>> {
         ok(Ok(self.with(|c| c.pipelines.get(name).cloned())))
     }

@@ -246,6 +246,8 @@ pub trait Commands: Send + Sync {
 pub trait Store: Send + Sync {
     fn put_pipeline<'a>(&'a self, record: &'a PipelineRecord) -> PortResult<'a, ()>;
     fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>>;
+    /// The names of every applied pipeline (the daily lifecycle run).
+    fn pipeline_names(&self) -> PortResult<'_, Vec<String>>;
     /// Creates the build record; creating the same id twice with the same content succeeds.
     fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()>;
     /// Saves `build` if the stored one is in `expected` (or may move to the new status from it).

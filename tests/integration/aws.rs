@@ -842,8 +842,9 @@ fn the_state_machine_on_moto_cleans_up_after_a_failure_at_every_stage() {
     }
 }
 
-/// `kiln lifecycle --backend aws` on moto: old images deregistered (snapshots deleted) in every
-/// region the pipeline distributes to, the newest kept, images tagged to be kept left alone.
+/// Lifecycle on moto (`kiln lifecycle --backend aws --dry-run`, then the stack's daily run): old
+/// images deregistered (snapshots deleted) in every region the pipeline distributes to, the
+/// newest kept, images tagged to be kept left alone.
 #[test]
 fn lifecycle_on_moto_deregisters_old_images_in_every_region_and_keeps_excluded_ones() {
     let e = env_on(Moto::start_with_ssm_inventory());
@@ -910,9 +911,46 @@ fn lifecycle_on_moto_deregisters_old_images_in_every_region_and_keeps_excluded_o
             .await
             .expect("tag");
     });
-    let plan = kiln(&["lifecycle", &f, "--backend", "aws", "--output", "json"]);
+    // `kiln lifecycle --dry-run` says what would go and changes nothing
+    let plan = kiln(&[
+        "lifecycle",
+        &f,
+        "--backend",
+        "aws",
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
     let actions = plan["actions"].as_array().expect("actions");
     assert_eq!(actions.len(), 3, "{plan}");
+    let count = |region: &'static str| {
+        e.rt.block_on(p.compute.pipeline_images(region, "al2023-moto"))
+            .expect("images")
+            .len()
+    };
+    assert_eq!((count("us-east-1"), count("eu-central-1")), (3, 3));
+    // The daily run of the stack (the cleanup function's `lifecycle` operation) applies it,
+    // for the pipelines applied to the table.
+    let loaded = kiln::model::load(&file).expect("valid");
+    let report = e.rt.block_on(async {
+        p.store
+            .put_pipeline(&PipelineRecord::from(&loaded))
+            .await
+            .expect("apply");
+        kiln::stages::handler::handle(
+            &p,
+            kiln::stages::handler::Function::Cleanup,
+            serde_json::json!({"op": "lifecycle"}),
+        )
+        .await
+        .expect("daily run")
+    });
+    assert_eq!(
+        report["actions"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    assert_eq!(report["failed"], serde_json::json!([]));
     e.rt.block_on(async {
         for region in ["us-east-1", "eu-central-1"] {
             let left: Vec<String> = p

@@ -167,6 +167,37 @@ impl Store for AwsPorts {
         })
     }
 
+    fn pipeline_names(&self) -> PortResult<'_, Vec<String>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let mut start: Option<Item> = None;
+            loop {
+                let page = self
+                    .dynamodb
+                    .scan()
+                    .table_name(&self.settings.table)
+                    .filter_expression("sk = :latest")
+                    .expression_attribute_values(":latest", s("DEF#LATEST"))
+                    .projection_expression("pk")
+                    .set_exclusive_start_key(start.take())
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("Scan", e))?;
+                for item in page.items() {
+                    if let Some(AttributeValue::S(pk)) = item.get("pk") {
+                        out.push(pk.trim_start_matches("PIPELINE#").to_string());
+                    }
+                }
+                match page.last_evaluated_key() {
+                    Some(k) if !k.is_empty() => start = Some(k.clone()),
+                    _ => break,
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+    }
+
     fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>> {
         Box::pin(async move {
             let pk = format!("PIPELINE#{name}");

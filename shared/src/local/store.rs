@@ -187,19 +187,6 @@ impl SqliteStore {
         })
     }
 
-    /// The names of every applied pipeline.
-    pub fn pipeline_names(&self) -> Result<Vec<String>, StageError> {
-        self.with(|db| {
-            let mut q = db
-                .prepare("SELECT DISTINCT name FROM pipelines ORDER BY name")
-                .map_err(internal)?;
-            let rows = q
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(internal)?;
-            rows.map(|r| r.map_err(internal)).collect()
-        })
-    }
-
     /// Removes a pipeline's schedule; false when it had none.
     pub fn delete_schedule(&self, pipeline: &str) -> Result<bool, StageError> {
         self.with(|db| {
@@ -270,6 +257,18 @@ impl Store for SqliteStore {
             )
             .map_err(internal)?;
             Ok(())
+        }))
+    }
+
+    fn pipeline_names(&self) -> PortResult<'_, Vec<String>> {
+        ready(self.with(|db| {
+            let mut q = db
+                .prepare("SELECT DISTINCT name FROM pipelines ORDER BY name")
+                .map_err(internal)?;
+            let rows = q
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(internal)?;
+            rows.map(|r| r.map_err(internal)).collect()
         }))
     }
 

@@ -156,6 +156,8 @@ pub async fn handle(
         (Function::Distribute, "finish") => to_json(
             &distribute::finish(ports, build()?, e.regions.clone().unwrap_or_default()).await?,
         ),
+        // The daily lifecycle run (the stack's schedule invokes the cleanup function with it).
+        (Function::Cleanup, "lifecycle") => super::lifecycle::run_all(ports).await,
         (Function::Cleanup, _) => {
             let caught = e.error.as_ref();
             let (error, cause) = caught

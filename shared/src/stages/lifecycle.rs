@@ -170,6 +170,32 @@ pub async fn apply(ports: &Ports<'_>, actions: &[Action]) -> Result<(), StageErr
     Ok(())
 }
 
+/// The daily run: every applied pipeline's lifecycle, applied. One pipeline's failure does not
+/// stop the others; it is reported with the rest.
+pub async fn run_all(ports: &Ports<'_>) -> Result<serde_json::Value, StageError> {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for name in ports.store.pipeline_names().await? {
+        let Some(record) = ports.store.pipeline(&name).await? else {
+            continue;
+        };
+        if record.pipeline.lifecycle.is_none() {
+            continue;
+        }
+        let result = async {
+            let actions = plan(ports, &record.pipeline).await?;
+            apply(ports, &actions).await?;
+            Ok::<_, StageError>(actions)
+        }
+        .await;
+        match result {
+            Ok(actions) => done.extend(actions),
+            Err(e) => failed.push(serde_json::json!({"pipeline": name, "error": e.to_string()})),
+        }
+    }
+    Ok(serde_json::json!({"actions": done, "failed": failed}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
