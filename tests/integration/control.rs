@@ -194,6 +194,66 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
         .expect("executions");
     assert_eq!(executions.executions().len(), 1);
 
+    // GIVEN a second pipeline on the Amazon Linux public parameter (no events for it)
+    let follow = std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml"))
+        .expect("read")
+        .replace("name: al2023-moto", "name: al2023-follow")
+        .replace(
+            "../../../../examples/aws-al2023/components/harden.yaml",
+            &repo()
+                .join("examples/aws-al2023/components/harden.yaml")
+                .display()
+                .to_string(),
+        );
+    let follow_file = dir.path().join("follow.yaml");
+    std::fs::write(&follow_file, follow).expect("write");
+    let (code, out, err) = kiln(
+        &moto,
+        &[
+            "apply",
+            &follow_file.display().to_string(),
+            "--stack",
+            "kiln",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // THEN it gets an hourly check instead of a rule
+    let check = rt
+        .block_on(
+            scheduler
+                .get_schedule()
+                .name("kiln-al2023-follow-parent-check")
+                .send(),
+        )
+        .expect("hourly check");
+    assert_eq!(check.schedule_expression(), Some("rate(1 hour)"));
+    assert!(rt
+        .block_on(
+            events
+                .describe_rule()
+                .name("kiln-al2023-follow-parent")
+                .send()
+        )
+        .is_err());
+    // WHEN an Amazon Linux AMI update notification arrives (SNS), twice
+    let sns = json!({"Records": [{"EventSource": "aws:sns", "Sns": {
+        "TopicArn": "arn:aws:sns:us-east-1:137112412989:amazon-linux-2023-ami-updates",
+        "Subject": "Amazon Linux 2023 AMI Update", "Message": "{}"}}]});
+    let first = rt.block_on(trigger(&control, &sns)).expect("trigger");
+    let again = rt.block_on(trigger(&control, &sns)).expect("trigger");
+    // THEN only the Amazon Linux pipeline is started, once
+    assert_eq!(
+        first["pipelines"].as_array().map(Vec::len),
+        Some(1),
+        "{first}"
+    );
+    assert_eq!(first["pipelines"][0]["started"], true, "{first}");
+    assert_eq!(again["pipelines"][0]["deduplicated"], true, "{again}");
+    let executions = rt
+        .block_on(sfn.list_executions().state_machine_arn(&machine_arn).send())
+        .expect("executions");
+    assert_eq!(executions.executions().len(), 2);
+
     // WHEN a build is started by hand, and its builder launched (as the LaunchBuilder function
     // would: moto does not run the state machine's tasks)
     let (code, out, err) = kiln(&moto, &["start", "al2023-moto", "--stack", "kiln"]);

@@ -488,10 +488,43 @@ impl Control {
     }
 }
 
-/// The trigger function: a parent-image event (`{"pipeline", "event"}` from the rule `kiln
-/// apply` made) becomes one StartExecution, named after the pipeline and the fingerprint the new
-/// parent gives, so the same change never starts two builds.
+/// Amazon Linux publishes its AMI updates to SNS topics; a notification from one (subscribed by
+/// the stack) is news for every pipeline whose parent is an Amazon Linux public parameter.
+pub const AMAZON_LINUX_PARAMETERS: &str = "/aws/service/ami-amazon-linux-latest/";
+
+/// The trigger function: a parent-image event becomes StartExecution calls, each named after
+/// the pipeline and the fingerprint the new parent gives, so the same change never starts two
+/// builds. Events: `{"pipeline", "event"}` from the rule `kiln apply` made, or an SNS
+/// notification (`{"Records": [{"Sns": …}]}`) from an Amazon Linux AMI update topic, which
+/// concerns every applied pipeline built on an Amazon Linux public parameter.
 pub async fn trigger(control: &Control, event: &Json) -> Result<Json, StageError> {
+    let Some(records) = event["Records"].as_array() else {
+        return trigger_pipeline(control, event).await;
+    };
+    let subject = records
+        .iter()
+        .filter_map(|r| {
+            r["Sns"]["Subject"]
+                .as_str()
+                .or(r["Sns"]["TopicArn"].as_str())
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut results = Vec::new();
+    for name in control.ports.pipeline_names().await? {
+        let Some(record) = control.ports.pipeline(&name).await? else {
+            continue;
+        };
+        if matches!(&record.pipeline.parent, Parent::SsmParameter(p) if p.starts_with(AMAZON_LINUX_PARAMETERS))
+        {
+            let event = json!({"pipeline": name, "event": {"detail": {"name": format!("Amazon Linux update ({subject})")}}});
+            results.push(trigger_pipeline(control, &event).await?);
+        }
+    }
+    Ok(json!({"pipelines": results}))
+}
+
+async fn trigger_pipeline(control: &Control, event: &Json) -> Result<Json, StageError> {
     let ports = &control.ports;
     let pipeline = event["pipeline"]
         .as_str()
@@ -506,8 +539,8 @@ pub async fn trigger(control: &Control, event: &Json) -> Result<Json, StageError
     let fp = crate::model::fingerprint::of_record(&record, parent.as_str());
     let detail = event["event"]["detail"]["name"]
         .as_str()
-        .map(|n| format!("{n} is {parent}"))
-        .unwrap_or_else(|| format!("parent is {parent}"));
+        .map(|n| format!("{n}: parent {parent}"))
+        .unwrap_or_else(|| format!("parent {parent}"));
     let digest: String = fp
         .as_str()
         .chars()
