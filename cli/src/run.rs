@@ -165,7 +165,7 @@ impl Progress {
     }
 }
 
-/// The stage tasks, long-polling `check` operations for up to a second (20 ms apart) so that the
+/// The stage tasks, long-polling `check` operations for up to a second (10 ms apart) so that the
 /// state machine's Wait states can be 0 seconds without spinning the execution history.
 struct EmbeddedTasks<P> {
     inner: StageTasks<P>,
@@ -217,7 +217,7 @@ impl<P: PortsProvider + 'static> kiln::engine::Tasks for EmbeddedTasks<P> {
                     "build"
                 };
                 input[key] = out;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
     }
@@ -552,14 +552,14 @@ async fn cancel(ports: &Ports<'_>, pipeline: &str, request: &str) -> Option<Buil
 
 /// The live display: a spinner per stage on a terminal, plain lines otherwise.
 struct Display {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::mpsc::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Display {
     fn start(progress: Arc<Mutex<Progress>>, interactive: bool) -> Display {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        // Stopping wakes the thread at once (a build's wall time should not wait for a tick).
+        let (stop, wake) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let bar = interactive.then(|| {
                 let b = indicatif::ProgressBar::new_spinner();
@@ -573,8 +573,8 @@ impl Display {
                 b
             });
             let mut shown = 0;
+            let mut done = false;
             loop {
-                let done = flag.load(std::sync::atomic::Ordering::SeqCst);
                 let (stages, current, log) = {
                     let p = lock(&progress);
                     (p.stages.clone(), p.current.clone(), p.output_log.clone())
@@ -607,7 +607,10 @@ impl Display {
                     let line = log.as_deref().map(last_line).unwrap_or_default();
                     b.set_message(line.chars().take(100).collect::<String>());
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                done = !matches!(
+                    wake.recv_timeout(Duration::from_millis(100)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
             }
         });
         Display {
@@ -617,7 +620,7 @@ impl Display {
     }
 
     fn stop(mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.stop.send(());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -207,7 +207,7 @@ impl Host {
                     format!("instance {id} did not start within {limit:?}"),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
     }
