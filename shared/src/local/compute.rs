@@ -220,29 +220,26 @@ impl Host {
     /// Kills the instance's processes (all of them: init is PID 1 of their namespace) and
     /// waits for the keeper to end, which takes its mounts with it.
     pub fn halt(&self, r: &InstanceRecord) {
-        let dir = self.instance_dir(&r.id);
-        if let Some(pid) = self.init_pid(&r.id) {
+        let kill = |pid: u32| {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        };
+        if let Some(pid) = self.init_pid(&r.id) {
+            kill(pid);
         }
+        let exited = self.instance_dir(&r.id).join("keeper.exit");
         let start = Instant::now();
-        while let Some(k) = r.keeper_pid.filter(|p| is_sandbox_process(*p)) {
-            if dir.join("keeper.exit").exists() || start.elapsed() > Duration::from_secs(5) {
-                // A keeper whose init never started (or is stuck): end it too.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(k as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                if start.elapsed() > Duration::from_secs(10) {
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            if dir.join("keeper.exit").exists() {
+        while let Some(keeper) = r.keeper_pid.filter(|p| is_sandbox_process(*p)) {
+            if exited.exists() || start.elapsed() > Duration::from_secs(10) {
                 break;
             }
+            if start.elapsed() > Duration::from_secs(5) {
+                // A keeper whose init never started (or will not die): end it too.
+                kill(keeper);
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
