@@ -156,6 +156,11 @@ pub async fn store_contract(store: &dyn Store) {
         .await
         .expect("same content again is fine");
     assert_eq!(
+        store.pipeline_names().await.expect("names"),
+        ["al2023-base"],
+        "listed once, whatever its versions"
+    );
+    assert_eq!(
         store.pipeline("al2023-base").await.expect("get"),
         Some(record.clone())
     );

@@ -169,30 +169,17 @@ impl Store for AwsPorts {
 
     fn pipeline_names(&self) -> PortResult<'_, Vec<String>> {
         Box::pin(async move {
-            let mut out = Vec::new();
-            let mut start: Option<Item> = None;
-            loop {
-                let page = self
-                    .dynamodb
-                    .scan()
-                    .table_name(&self.settings.table)
-                    .filter_expression("sk = :latest")
-                    .expression_attribute_values(":latest", s("DEF#LATEST"))
-                    .projection_expression("pk")
-                    .set_exclusive_start_key(start.take())
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error("Scan", e))?;
-                for item in page.items() {
-                    if let Some(AttributeValue::S(pk)) = item.get("pk") {
-                        out.push(pk.trim_start_matches("PIPELINE#").to_string());
+            let mut out: Vec<String> = self
+                .scan("sk = :v", "DEF#LATEST")
+                .await?
+                .iter()
+                .filter_map(|item| match item.get("pk") {
+                    Some(AttributeValue::S(pk)) => {
+                        Some(pk.trim_start_matches("PIPELINE#").to_string())
                     }
-                }
-                match page.last_evaluated_key() {
-                    Some(k) if !k.is_empty() => start = Some(k.clone()),
-                    _ => break,
-                }
-            }
+                    _ => None,
+                })
+                .collect();
             out.sort();
             Ok(out)
         })
@@ -389,8 +376,9 @@ impl Store for AwsPorts {
 }
 
 impl AwsPorts {
-    /// Every build in the table, oldest first (`kiln builds list --stack`); a scan, for the CLI.
-    pub async fn all_builds(&self) -> Result<Vec<Build>, StageError> {
+    /// Every item matching `filter` (with `:v` bound to `value`), all pages of a scan: for the
+    /// CLI and the daily lifecycle run, never on a build's path.
+    async fn scan(&self, filter: &str, value: &str) -> Result<Vec<Item>, StageError> {
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -398,21 +386,30 @@ impl AwsPorts {
                 .dynamodb
                 .scan()
                 .table_name(&self.settings.table)
-                .filter_expression("begins_with(sk, :b)")
-                .expression_attribute_values(":b", s("BUILD#"))
+                .filter_expression(filter)
+                .expression_attribute_values(":v", s(value))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| sdk_error("Scan", e))?;
-            for item in page.items() {
-                out.push(parse_build(item)?);
-            }
+            out.extend(page.items().iter().cloned());
             match page.last_evaluated_key() {
                 Some(k) if !k.is_empty() => start = Some(k.clone()),
                 _ => break,
             }
         }
-        out.sort_by(|a: &Build, b: &Build| a.id.0.cmp(&b.id.0));
+        Ok(out)
+    }
+
+    /// Every build in the table, oldest first (`kiln builds list --stack`).
+    pub async fn all_builds(&self) -> Result<Vec<Build>, StageError> {
+        let mut out = self
+            .scan("begins_with(sk, :v)", "BUILD#")
+            .await?
+            .iter()
+            .map(parse_build)
+            .collect::<Result<Vec<Build>, _>>()?;
+        out.sort_by(|a, b| a.id.0.cmp(&b.id.0));
         Ok(out)
     }
 }
