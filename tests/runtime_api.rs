@@ -38,18 +38,52 @@ pub fn invoke_once(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let result = serve(&listener, function, event);
+    let result = serve(&listener, &mut child, function, event);
     let elapsed = start.elapsed();
     let _ = child.kill();
     let _ = child.wait();
     result.map(|answer| Invocation { answer, elapsed })
 }
 
-fn serve(listener: &TcpListener, function: &str, event: &Json) -> std::io::Result<(String, Json)> {
+/// The next connection, or an error when the function exits first or 30 s pass.
+fn accept(
+    listener: &TcpListener,
+    child: &mut std::process::Child,
+) -> std::io::Result<std::net::TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.try_wait()? {
+                    return Err(std::io::Error::other(format!(
+                        "the function exited ({status}) without answering"
+                    )));
+                }
+                if Instant::now() > deadline {
+                    return Err(std::io::Error::other("the function did not call in 30 s"));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve(
+    listener: &TcpListener,
+    child: &mut std::process::Child,
+    function: &str,
+    event: &Json,
+) -> std::io::Result<(String, Json)> {
     let body = event.to_string();
     let mut served = false;
-    for stream in listener.incoming().take(3) {
-        let mut s = stream?;
+    for _ in 0..3 {
+        let mut s = accept(listener, child)?;
         let mut reader = BufReader::new(s.try_clone()?);
         let mut request_line = String::new();
         reader.read_line(&mut request_line)?;

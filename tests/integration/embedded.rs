@@ -261,6 +261,16 @@ fn hello_builds_tests_and_distributes_an_image_in_two_regions() {
     )
     .expect("json");
     assert_eq!(params["/images/hello/latest"], images["eu-west-1"]);
+    // AND each instance ran exactly one command (checks never send twice)
+    for entry in std::fs::read_dir(home.path().join("instances"))
+        .expect("instances")
+        .flatten()
+    {
+        let commands = std::fs::read_dir(entry.path().join("cmd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(commands, 1, "{}", entry.path().display());
+    }
     // AND the summary counts what AWS would bill
     assert!(summary["stateTransitions"].as_u64() > Some(15), "{summary}");
     home.assert_nothing_left("hello");
