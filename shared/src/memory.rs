@@ -98,6 +98,35 @@ impl Cloud {
         format!("{prefix}-{:017x}", self.next)
     }
 
+    /// Registers a new image (with one snapshot) and returns its id.
+    fn new_image(
+        &mut self,
+        region: &str,
+        name: &str,
+        tags: &BTreeMap<String, String>,
+        state: ImageState,
+        pending_checks: u32,
+        created: DateTime<Utc>,
+    ) -> ImageId {
+        let id = ImageId(self.id("ami"));
+        let snapshots = vec![self.id("snap")];
+        self.images.insert(
+            id.clone(),
+            Image {
+                region: region.into(),
+                name: name.into(),
+                tags: tags.clone(),
+                state,
+                pending_checks,
+                shared_with: Vec::new(),
+                snapshots,
+                created,
+                deprecated: None,
+            },
+        );
+        id
+    }
+
     fn throttled(&mut self) -> Result<(), StageError> {
         if self.faults.throttle_next > 0 {
             self.faults.throttle_next -= 1;
@@ -126,23 +155,14 @@ impl MemoryCloud {
     pub fn add_image(&self, region: &str, name: &str) -> ImageId {
         let now = Clock::now(self);
         self.with(|c| {
-            let id = ImageId(c.id("ami"));
-            let snapshots = vec![c.id("snap")];
-            c.images.insert(
-                id.clone(),
-                Image {
-                    region: region.into(),
-                    name: name.into(),
-                    tags: BTreeMap::new(),
-                    state: ImageState::Available,
-                    pending_checks: 0,
-                    shared_with: Vec::new(),
-                    snapshots,
-                    created: now,
-                    deprecated: None,
-                },
-            );
-            id
+            c.new_image(
+                region,
+                name,
+                &BTreeMap::new(),
+                ImageState::Available,
+                0,
+                now,
+            )
         })
     }
 
@@ -336,28 +356,13 @@ impl Compute for MemoryCloud {
                 )
                 .with_code("InvalidAMIName.Duplicate"));
             }
-            let id = ImageId(c.id("ami"));
             let state = if c.faults.image_fails {
                 ImageState::Failed("snapshot failed".into())
             } else {
                 ImageState::Available
             };
-            let snapshots = vec![c.id("snap")];
-            c.images.insert(
-                id.clone(),
-                Image {
-                    region: region.into(),
-                    name: name.into(),
-                    tags: tags.clone(),
-                    state,
-                    pending_checks: c.faults.image_pending_checks,
-                    shared_with: Vec::new(),
-                    snapshots,
-                    created: now,
-                    deprecated: None,
-                },
-            );
-            Ok(id)
+            let pending = c.faults.image_pending_checks;
+            Ok(c.new_image(region, name, tags, state, pending, now))
         }))
     }
 
@@ -411,28 +416,14 @@ impl Compute for MemoryCloud {
                         .with_code("InvalidAMIID.NotFound"),
                 );
             }
-            let id = ImageId(c.id("ami"));
-            c.tokens.insert(token.into(), id.0.clone());
             let state = if c.faults.copy_fails.contains(to) {
                 ImageState::Failed("copy failed".into())
             } else {
                 ImageState::Available
             };
-            let snapshots = vec![c.id("snap")];
-            c.images.insert(
-                id.clone(),
-                Image {
-                    region: to.into(),
-                    name: name.into(),
-                    tags: tags.clone(),
-                    state,
-                    pending_checks: c.faults.image_pending_checks,
-                    shared_with: Vec::new(),
-                    snapshots,
-                    created: now,
-                    deprecated: None,
-                },
-            );
+            let pending = c.faults.image_pending_checks;
+            let id = c.new_image(to, name, tags, state, pending, now);
+            c.tokens.insert(token.into(), id.0.clone());
             Ok(id)
         }))
     }

@@ -436,15 +436,9 @@ impl Control {
 
     /// A build by id (or unique prefix), in any pipeline.
     pub async fn find_build(&self, id: &str) -> Result<Build, StageError> {
-        let all = self.ports.all_builds().await?;
-        let mut hits = all.into_iter().filter(|b| b.id.0.starts_with(id));
-        let first = hits
-            .next()
-            .ok_or_else(|| invalid(format!("no build `{id}` in stack {}", self.stack.name)))?;
-        if hits.next().is_some() {
-            return Err(invalid(format!("`{id}` names more than one build")));
-        }
-        Ok(first)
+        crate::model::build::find_by_prefix(self.ports.all_builds().await?, id)
+            .map_err(invalid)?
+            .ok_or_else(|| invalid(format!("no build `{id}` in stack {}", self.stack.name)))
     }
 
     /// Stops the build's execution and runs its cleanup (instances terminated, partial images

@@ -41,6 +41,8 @@ pub struct LocalCloud {
     jobs: Arc<Mutex<BTreeMap<String, Job>>>,
     commands: Arc<Mutex<BTreeMap<String, commands::Running>>>,
     files: Mutex<()>,
+    /// The agent folder, once prepared by this process.
+    agent_dir: std::sync::OnceLock<PathBuf>,
 }
 
 impl std::fmt::Debug for LocalCloud {
@@ -88,6 +90,7 @@ impl LocalCloud {
             jobs: Arc::default(),
             commands: Arc::default(),
             files: Mutex::new(()),
+            agent_dir: std::sync::OnceLock::new(),
             home,
         };
         Ok(cloud)
@@ -142,8 +145,16 @@ impl LocalCloud {
     }
 
     /// Copies kiln-agent, its loader and its libraries into `agent/` (when changed), so that it
-    /// runs in any image, whatever C library the image has.
+    /// runs in any image, whatever C library the image has. Checked once per process.
     pub fn prepare_agent(&self) -> Result<PathBuf, StageError> {
+        if let Some(dir) = self.agent_dir.get() {
+            return Ok(dir.clone());
+        }
+        let dir = self.install_agent()?;
+        Ok(self.agent_dir.get_or_init(|| dir).clone())
+    }
+
+    fn install_agent(&self) -> Result<PathBuf, StageError> {
         let dir = self.home.join("agent");
         let meta = fs::metadata(&self.agent).map_err(|e| {
             io_error(

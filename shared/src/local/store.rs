@@ -113,16 +113,8 @@ impl SqliteStore {
 
     /// Finds a build by id (or a unique prefix of it) in any pipeline.
     pub fn find_build(&self, id: &str) -> Result<Option<Build>, StageError> {
-        let all = self.all_builds()?;
-        let mut hits = all.into_iter().filter(|b: &Build| b.id.0.starts_with(id));
-        let first = hits.next();
-        if hits.next().is_some() {
-            return Err(StageError::new(
-                ErrorKind::InvalidPipeline,
-                format!("`{id}` names more than one build; give more of the id"),
-            ));
-        }
-        Ok(first)
+        crate::model::build::find_by_prefix(self.all_builds()?, id)
+            .map_err(|e| StageError::new(ErrorKind::InvalidPipeline, e))
     }
 }
 

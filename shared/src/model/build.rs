@@ -246,6 +246,22 @@ impl Build {
     }
 }
 
+/// The one build whose id starts with `prefix` (users give ids shortened); `Err` naming the
+/// problem when several match.
+pub fn find_by_prefix(
+    builds: impl IntoIterator<Item = Build>,
+    prefix: &str,
+) -> Result<Option<Build>, String> {
+    let mut hits = builds.into_iter().filter(|b| b.id.0.starts_with(prefix));
+    let first = hits.next();
+    if hits.next().is_some() {
+        return Err(format!(
+            "`{prefix}` names more than one build; give more of the id"
+        ));
+    }
+    Ok(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
