@@ -1,0 +1,533 @@
+"""moto's server as the deployment rehearsal uses it: every request signed with an assumed role's
+credentials is authorized as AWS would authorize it before moto sees it.
+
+moto enforces no IAM. Here each HTTP request is turned into the IAM requests AWS evaluates for it
+(action, resource ARNs, and the condition keys AWS sets: aws:RequestTag/*, aws:TagKeys,
+aws:ResourceTag/*, ec2:ResourceTag/*, ssm:resourceTag/*, ec2:CreateAction, iam:PassedToService,
+aws:RequestedRegion…), each evaluated against the role's policies as moto holds them (the stack's
+deployed roles) by @cloud-copilot/iam-simulate (tests/rehearsal/authorize.cjs). A denied request
+gets AWS's AccessDenied answer and moto never runs it. Every decision is appended as one JSON line
+to $KILN_AUTHZ_LOG; a request this module cannot map is recorded as `Unmapped` and denied, so a
+new call cannot slip through unchecked.
+
+Requests signed with any other key (the test's own administrator) pass unchecked, as an account
+administrator's would.
+
+Also DescribeInstanceInformation, which moto lacks (tests/conformance/moto_server_ssm_inventory.py).
+
+Run as `python moto_server.py -H 127.0.0.1 -p PORT` with KILN_AUTHZ_LOG, KILN_AUTHZ_NODE (node)
+and KILN_AUTHZ_MODULES (a node_modules folder holding @cloud-copilot/iam-simulate).
+"""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "conformance"))
+
+import moto_server_ssm_inventory  # noqa: E402,F401  (patches moto's SSM responses)
+from moto.ec2.models import ec2_backends  # noqa: E402
+from moto.iam.models import iam_backends  # noqa: E402
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication  # noqa: E402
+from moto.s3.models import s3_backends  # noqa: E402
+from moto.sts.models import sts_backends  # noqa: E402
+
+ACCOUNT = "123456789012"
+PARTITION = "aws"
+
+
+class Evaluator:
+    """One node process running authorize.cjs; one question at a time."""
+
+    def __init__(self):
+        env = dict(os.environ)
+        env["NODE_PATH"] = os.environ.get("KILN_AUTHZ_MODULES", "")
+        self.proc = subprocess.Popen(
+            [os.environ.get("KILN_AUTHZ_NODE", "node"), os.path.join(HERE, "authorize.cjs")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=os.path.dirname(os.environ.get("KILN_AUTHZ_MODULES", HERE)),
+            text=True,
+        )
+        self.lock = threading.Lock()
+
+    def decide(self, question):
+        with self.lock:
+            self.proc.stdin.write(json.dumps(question) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            return {"result": "Error", "why": "the evaluator exited"}
+        return json.loads(line)
+
+
+EVALUATOR = None
+LOG_LOCK = threading.Lock()
+
+
+def record(entry):
+    path = os.environ.get("KILN_AUTHZ_LOG")
+    if not path:
+        return
+    with LOG_LOCK, open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+# --- who is asking -------------------------------------------------------------------------------
+
+CREDENTIAL = re.compile(r"Credential=([^/]+)/\d+/([^/]+)/([^/]+)/aws4_request")
+
+
+def signer(environ, query):
+    """(access key, region, service) of the request's SigV4 signature, header or presigned."""
+    m = CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+    if m:
+        return m.group(1), m.group(2), m.group(3)
+    cred = query.get("X-Amz-Credential")
+    if cred:
+        parts = cred.split("/")
+        if len(parts) >= 4:
+            return parts[0], parts[2], parts[3]
+    return None, None, None
+
+
+def assumed_role(access_key):
+    for account in list(sts_backends.keys()):
+        backend = sts_backends[account]["global"]
+        for role in backend.assumed_roles:
+            if role.access_key_id == access_key:
+                return role
+    return None
+
+
+def role_policies(role_arn):
+    iam = iam_backends[ACCOUNT][PARTITION]
+    role = iam.get_role_by_arn(role_arn)
+    out = [
+        {"name": f"inline:{name}", "policy": json.loads(doc) if isinstance(doc, str) else doc}
+        for name, doc in role.policies.items()
+    ]
+    for arn, policy in role.managed_policies.items():
+        version = next(v for v in policy.versions if v.is_default)
+        doc = version.document
+        out.append({"name": arn, "policy": json.loads(doc) if isinstance(doc, str) else doc})
+    return role.name, out
+
+
+# --- what the request asks for ---------------------------------------------------------------------
+
+
+def ec2_tags(region, resource_id):
+    try:
+        return dict(ec2_backends[ACCOUNT][region].tags.get(resource_id, {}))
+    except KeyError:
+        return {}
+
+
+def ec2_arn(region, resource_id):
+    kind = {
+        "i": "instance",
+        "ami": "image",
+        "snap": "snapshot",
+        "vol": "volume",
+        "lt": "launch-template",
+        "subnet": "subnet",
+        "sg": "security-group",
+        "eni": "network-interface",
+    }.get(resource_id.split("-", 1)[0], "unknown")
+    if kind in ("image", "snapshot"):
+        return f"arn:{PARTITION}:ec2:{region}::{kind}/{resource_id}"
+    return f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:{kind}/{resource_id}"
+
+
+def resource_tag_keys(tags, prefixes=("aws:ResourceTag", "ec2:ResourceTag")):
+    ctx = {}
+    for k, v in tags.items():
+        for p in prefixes:
+            ctx[f"{p}/{k}"] = v
+    return ctx
+
+
+def request_tag_keys(tags):
+    if not tags:
+        return {}
+    ctx = {f"aws:RequestTag/{k}": v for k, v in tags.items()}
+    ctx["aws:TagKeys"] = sorted(tags)
+    return ctx
+
+
+def indexed(params, prefix):
+    """EC2 query lists: Prefix.1, Prefix.2 … → values."""
+    out = []
+    i = 1
+    while f"{prefix}.{i}" in params:
+        out.append(params[f"{prefix}.{i}"])
+        i += 1
+    return out
+
+
+def tag_specifications(params):
+    """TagSpecification.N.ResourceType / .Tag.M.Key|Value → {resource type: {key: value}}."""
+    specs = {}
+    i = 1
+    while f"TagSpecification.{i}.ResourceType" in params:
+        kind = params[f"TagSpecification.{i}.ResourceType"]
+        tags = {}
+        j = 1
+        while f"TagSpecification.{i}.Tag.{j}.Key" in params:
+            tags[params[f"TagSpecification.{i}.Tag.{j}.Key"]] = params.get(
+                f"TagSpecification.{i}.Tag.{j}.Value", ""
+            )
+            j += 1
+        specs[kind] = tags
+        i += 1
+    return specs
+
+
+def new_resources_with_tags(action, region, specs, kinds, create_action):
+    """The resources a create call makes (ARN with `*`), each with its request tags, and the
+    ec2:CreateTags that tagging them at creation is authorized as."""
+    out = []
+    for kind in kinds:
+        account = "" if kind in ("image", "snapshot") else ACCOUNT
+        arn = f"arn:{PARTITION}:ec2:{region}:{account}:{kind}/*"
+        tags = specs.get(kind, {})
+        out.append((action, arn, request_tag_keys(tags)))
+        if tags:
+            ctx = request_tag_keys(tags)
+            ctx["ec2:CreateAction"] = create_action
+            out.append(("ec2:CreateTags", arn, ctx))
+    return out
+
+
+def instance_profile_role(name_or_arn):
+    iam = iam_backends[ACCOUNT][PARTITION]
+    name = name_or_arn.rsplit("/", 1)[-1]
+    for profile in iam.instance_profiles.values():
+        if profile.name == name:
+            return [r.arn for r in profile.roles]
+    return []
+
+
+def map_ec2(region, params):
+    op = params.get("Action", "")
+    action = f"ec2:{op}"
+    if op.startswith("Describe"):
+        return [(action, "*", {})]
+    specs = tag_specifications(params)
+    if op == "RunInstances":
+        out = new_resources_with_tags(
+            action, region, specs, ["instance", "volume", "network-interface"], "RunInstances"
+        )
+        image = params.get("ImageId", "")
+        out.append((action, ec2_arn(region, image), resource_tag_keys(ec2_tags(region, image))))
+        subnet = params.get("SubnetId") or "subnet-default"
+        out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:subnet/{subnet}", {}))
+        groups = indexed(params, "SecurityGroupId") or ["sg-default"]
+        for g in groups:
+            out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:security-group/{g}", {}))
+        profile = params.get("IamInstanceProfile.Name") or params.get("IamInstanceProfile.Arn")
+        if profile:
+            for role in instance_profile_role(profile):
+                out.append(("iam:PassRole", role, {"iam:PassedToService": "ec2.amazonaws.com"}))
+        return out
+    if op == "CreateImage":
+        instance = params.get("InstanceId", "")
+        out = [
+            (action, ec2_arn(region, instance), resource_tag_keys(ec2_tags(region, instance)))
+        ]
+        out += new_resources_with_tags(action, region, specs, ["image", "snapshot"], "CreateImage")
+        return out
+    if op == "CopyImage":
+        source_region = params.get("SourceRegion", region)
+        source = params.get("SourceImageId", "")
+        out = new_resources_with_tags(action, region, specs, ["image", "snapshot"], "CopyImage")
+        ctx = request_tag_keys(specs.get("image", {}))
+        ctx.update(resource_tag_keys(ec2_tags(source_region, source)))
+        out.append((action, ec2_arn(source_region, source), ctx))
+        return out
+    if op in ("CreateTags", "DeleteTags"):
+        tags = {}
+        j = 1
+        while f"Tag.{j}.Key" in params:
+            tags[params[f"Tag.{j}.Key"]] = params.get(f"Tag.{j}.Value", "")
+            j += 1
+        out = []
+        for rid in indexed(params, "ResourceId"):
+            ctx = request_tag_keys(tags)
+            ctx.update(resource_tag_keys(ec2_tags(region, rid)))
+            out.append((action, ec2_arn(region, rid), ctx))
+        return out
+    ids = {
+        "TerminateInstances": lambda: indexed(params, "InstanceId"),
+        "StopInstances": lambda: indexed(params, "InstanceId"),
+        "StartInstances": lambda: indexed(params, "InstanceId"),
+        "RebootInstances": lambda: indexed(params, "InstanceId"),
+        "DeregisterImage": lambda: [params.get("ImageId", "")],
+        "EnableImageDeprecation": lambda: [params.get("ImageId", "")],
+        "DisableImageDeprecation": lambda: [params.get("ImageId", "")],
+        "ModifyImageAttribute": lambda: [params.get("ImageId", "")],
+        "DeleteSnapshot": lambda: [params.get("SnapshotId", "")],
+        "CreateLaunchTemplateVersion": lambda: [params.get("LaunchTemplateId", "")],
+        "ModifyLaunchTemplate": lambda: [params.get("LaunchTemplateId", "")],
+    }.get(op)
+    if ids is None:
+        return None
+    return [
+        (action, ec2_arn(region, rid), resource_tag_keys(ec2_tags(region, rid))) for rid in ids()
+    ]
+
+
+def map_json(service, region, target, body):
+    op = target.rsplit(".", 1)[-1]
+    try:
+        p = json.loads(body or b"{}")
+    except ValueError:
+        p = {}
+    if service == "dynamodb":
+        table = p.get("TableName")
+        if op == "TransactWriteItems":
+            out = []
+            for item in p.get("TransactItems", []):
+                for kind, spec in item.items():
+                    act = {
+                        "Put": "PutItem",
+                        "Update": "UpdateItem",
+                        "Delete": "DeleteItem",
+                        "ConditionCheck": "ConditionCheckItem",
+                    }[kind]
+                    arn = f"arn:{PARTITION}:dynamodb:{region}:{ACCOUNT}:table/{spec['TableName']}"
+                    out.append((f"dynamodb:{act}", arn, {}))
+            return out
+        if not table:
+            return None
+        arn = f"arn:{PARTITION}:dynamodb:{region}:{ACCOUNT}:table/{table}"
+        if p.get("IndexName"):
+            arn += f"/index/{p['IndexName']}"
+        return [(f"dynamodb:{op}", arn, {})]
+    if service == "ssm":
+        action = f"ssm:{op}"
+        if op in ("GetParameter", "PutParameter", "DeleteParameter", "GetParameterHistory"):
+            name = p.get("Name", "").lstrip("/")
+            owner = "" if name.startswith("aws/service/") else ACCOUNT
+            ctx = {"ssm:Overwrite": str(bool(p.get("Overwrite"))).lower()} if op == "PutParameter" else {}
+            return [(action, f"arn:{PARTITION}:ssm:{region}:{owner}:parameter/{name}", ctx)]
+        if op == "GetParameters":
+            return [
+                (action, f"arn:{PARTITION}:ssm:{region}:{ACCOUNT}:parameter/{n.lstrip('/')}", {})
+                for n in p.get("Names", [])
+            ]
+        if op == "SendCommand":
+            doc = p.get("DocumentName", "")
+            owner = "" if doc.startswith("AWS-") else ACCOUNT
+            out = [(action, f"arn:{PARTITION}:ssm:{region}:{owner}:document/{doc}", {})]
+            for i in p.get("InstanceIds", []):
+                tags = ec2_tags(region, i)
+                out.append(
+                    (
+                        action,
+                        ec2_arn(region, i),
+                        resource_tag_keys(tags, ("aws:ResourceTag", "ssm:resourceTag")),
+                    )
+                )
+            if p.get("Targets"):
+                out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:instance/*", {}))
+            return out
+        if op in ("GetCommandInvocation", "ListCommands", "ListCommandInvocations", "DescribeInstanceInformation"):
+            return [(action, "*", {})]
+        return None
+    if service == "events":
+        action = f"events:{op}"
+        if op == "PutEvents":
+            out = []
+            for e in p.get("Entries", []):
+                bus = e.get("EventBusName") or "default"
+                arn = bus if bus.startswith("arn:") else f"arn:{PARTITION}:events:{region}:{ACCOUNT}:event-bus/{bus}"
+                ctx = {"events:source": e.get("Source", ""), "events:detail-type": e.get("DetailType", "")}
+                out.append((action, arn, ctx))
+            return out
+        if op == "ListRules":
+            return [(action, "*", {})]
+        if op in ("DisableRule", "EnableRule", "DescribeRule", "DeleteRule", "PutRule", "PutTargets", "RemoveTargets", "ListTargetsByRule"):
+            name = p.get("Name") or p.get("Rule", "")
+            return [(action, f"arn:{PARTITION}:events:{region}:{ACCOUNT}:rule/{name}", {})]
+        return None
+    if service == "states":
+        action = f"states:{op}"
+        arn = p.get("stateMachineArn") or p.get("executionArn")
+        return [(action, arn, {})] if arn else None
+    return None
+
+
+def map_s3(method, path, query):
+    parts = path.lstrip("/").split("/", 1)
+    bucket = parts[0]
+    key = urllib.parse.unquote(parts[1]) if len(parts) > 1 else ""
+    if not bucket:
+        return [("s3:ListAllMyBuckets", "*", {})]
+    if key:
+        action = {"GET": "s3:GetObject", "HEAD": "s3:GetObject", "PUT": "s3:PutObject", "DELETE": "s3:DeleteObject"}.get(method)
+        return [(action, f"arn:{PARTITION}:s3:::{bucket}/{key}", {})] if action else None
+    if method in ("GET", "HEAD") and not set(query) - {"list-type", "prefix", "continuation-token", "max-keys", "delimiter", "x-id"}:
+        return [("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}", {})]
+    if method == "PUT" and not query:
+        return [("s3:CreateBucket", f"arn:{PARTITION}:s3:::{bucket}", {})]
+    return None
+
+
+def map_scheduler(region, method, path, query, body):
+    m = re.match(r"^/schedules/([^/]+)$", path)
+    if not m:
+        return None
+    name = urllib.parse.unquote(m.group(1))
+    try:
+        p = json.loads(body or b"{}")
+    except ValueError:
+        p = {}
+    group = query.get("groupName") or p.get("GroupName") or "default"
+    arn = f"arn:{PARTITION}:scheduler:{region}:{ACCOUNT}:schedule/{group}/{name}"
+    op = {"GET": "GetSchedule", "PUT": "UpdateSchedule", "POST": "CreateSchedule", "DELETE": "DeleteSchedule"}.get(method)
+    out = [(f"scheduler:{op}", arn, {})]
+    role = (p.get("Target") or {}).get("RoleArn")
+    if role and op in ("UpdateSchedule", "CreateSchedule"):
+        out.append(("iam:PassRole", role, {"iam:PassedToService": "scheduler.amazonaws.com"}))
+    return out
+
+
+def map_request(service, region, environ, body, query):
+    method = environ.get("REQUEST_METHOD", "GET")
+    path = environ.get("PATH_INFO", "/")
+    target = environ.get("HTTP_X_AMZ_TARGET", "")
+    if target:
+        return map_json(service, region, target, body)
+    if service == "s3":
+        return map_s3(method, path, query)
+    if service == "scheduler":
+        return map_scheduler(region, method, path, query, body)
+    params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+    params.update(query)
+    if service == "sts" and params.get("Action") == "GetCallerIdentity":
+        return []
+    if service == "ec2":
+        return map_ec2(region, params)
+    return None
+
+
+def bucket_policy(resource):
+    if not resource.startswith("arn:aws:s3:::"):
+        return None
+    bucket = resource[len("arn:aws:s3:::"):].split("/", 1)[0]
+    try:
+        b = s3_backends[ACCOUNT][PARTITION].buckets.get(bucket)
+    except KeyError:
+        return None
+    if b is None or not b.policy:
+        return None
+    return json.loads(b.policy)
+
+
+# --- the answer -----------------------------------------------------------------------------------
+
+
+def denied(start_response, service, environ, message):
+    target = environ.get("HTTP_X_AMZ_TARGET", "")
+    if target or service in ("scheduler",):
+        body = json.dumps({"__type": "AccessDeniedException", "message": message, "Message": message})
+        headers = [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", "AccessDeniedException")]
+    elif service == "s3":
+        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>{message}</Message></Error>"
+        headers = [("Content-Type", "application/xml")]
+    elif service == "ec2":
+        body = (
+            "<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>UnauthorizedOperation</Code>"
+            f"<Message>{message}</Message></Error></Errors><RequestID>kiln-rehearsal</RequestID></Response>"
+        )
+        headers = [("Content-Type", "text/xml")]
+    else:
+        body = (
+            "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
+            f"<Message>{message}</Message></Error></ErrorResponse>"
+        )
+        headers = [("Content-Type", "text/xml")]
+    data = body.encode()
+    start_response("403 Forbidden", headers + [("Content-Length", str(len(data)))])
+    return [data]
+
+
+ORIGINAL_CALL = DomainDispatcherApplication.__call__
+
+
+def authorized_call(self, environ, start_response):
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    query = {k: v[0] for k, v in urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).items()}
+    key, region, service = signer(environ, query)
+    role = assumed_role(key) if key else None
+    if role is None:
+        return ORIGINAL_CALL(self, environ, start_response)
+    function, policies = role_policies(role.role_arn)
+    principal = f"arn:{PARTITION}:sts::{ACCOUNT}:assumed-role/{function}/{role.session_name}"
+    asks = map_request(service, region, environ, body, query)
+    operation = environ.get("HTTP_X_AMZ_TARGET") or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
+    if service == "ec2":
+        params = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+        operation = (params.get("Action") or [operation])[0]
+    if asks is None:
+        record({"role": function, "service": service, "operation": operation, "result": "Unmapped"})
+        return denied(start_response, service, environ, f"kiln rehearsal: {service} {operation} is not mapped to IAM")
+    for action, resource, context in asks:
+        ctx = {
+            "aws:RequestedRegion": region,
+            "aws:PrincipalArn": role.role_arn,
+            "aws:PrincipalAccount": ACCOUNT,
+            "aws:SecureTransport": "true",
+        }
+        ctx.update(context)
+        decision = EVALUATOR.decide(
+            {
+                "principal": principal,
+                "action": action,
+                "resource": resource,
+                "accountId": ACCOUNT,
+                "context": ctx,
+                "identityPolicies": policies,
+                "resourcePolicy": bucket_policy(resource),
+            }
+        )
+        entry = {
+            "role": function,
+            "service": service,
+            "operation": operation,
+            "action": action,
+            "resource": resource,
+            "context": context,
+            "result": decision["result"],
+        }
+        if decision.get("why"):
+            entry["why"] = decision["why"]
+        record(entry)
+        if decision["result"] != "Allowed":
+            return denied(
+                start_response,
+                service,
+                environ,
+                f"User: {principal} is not authorized to perform: {action} on resource: {resource} ({decision['result']})",
+            )
+    return ORIGINAL_CALL(self, environ, start_response)
+
+
+DomainDispatcherApplication.__call__ = authorized_call
+
+if __name__ == "__main__":
+    EVALUATOR = Evaluator()
+    from moto.server import main
+
+    main()
