@@ -10,6 +10,10 @@ export KILN_MOTO_SERVER := $(VENV)/bin/moto_server
 export KILN_CFN_LINT := $(VENV)/bin/cfn-lint
 export KILN_SAM := $(VENV)/bin/sam
 export KILN_ASL_VALIDATOR := $(VENV)/node/node_modules/.bin/asl-validator
+export KILN_NODE_MODULES := $(VENV)/node/node_modules
+export KILN_PYTHON := $(VENV)/bin/python
+# The template CloudFormation runs: infra/template.yaml through aws-sam-translator (infra/expand.py).
+EXPANDED := $(TARGET_DIR)/infra/template.expanded.json
 
 # Debian packages are installed as root (sudo when not root).
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
@@ -35,6 +39,8 @@ setup:
 	@test -x $(VENV)/bin/cfn-lint -a -x $(VENV)/bin/sam || { echo "installing cfn-lint and aws-sam-cli into $(VENV)"; $(VENV)/bin/pip install --quiet cfn-lint aws-sam-cli; }
 	@test -x $(VENV)/bin/cargo-lambda || { echo "installing cargo-lambda (PyPI, with zig) into $(VENV)"; $(VENV)/bin/pip install --quiet cargo-lambda; }
 	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
+	@test -d $(KILN_NODE_MODULES)/@cloud-copilot/iam-simulate || { echo "installing @cloud-copilot/iam-simulate (npm, the rehearsal's IAM policy evaluator) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node @cloud-copilot/iam-simulate@0.1.173 >/dev/null; }
+	@test -x $(VENV)/bin/checkov -a -x $(VENV)/bin/parliament || { echo "installing checkov and parliament into $(VENV)"; $(VENV)/bin/pip install --quiet checkov parliament; }
 	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null || { echo "installing skopeo, umoci, mmdebstrap (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null; }; }
 
 ## build: every binary of the workspace (debug): kiln, kiln-agent, the Lambda functions
@@ -56,10 +62,17 @@ test: setup
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-## lint: formatting and clippy, warnings are errors
-lint:
+## lint: formatting and clippy, warnings are errors; the stack as CloudFormation sees it: the
+## template expanded by aws-sam-translator, then cfn-lint, checkov and parliament on the result
+## (zero findings; waivers with their reasons in infra/checkov.yaml and infra/parliament.yaml)
+lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/python infra/expand.py infra/template.yaml -o $(EXPANDED)
+	$(KILN_CFN_LINT) $(EXPANDED)
+	$(VENV)/bin/checkov --config-file infra/checkov.yaml --framework cloudformation -f $(EXPANDED)
+	rm -rf $(TARGET_DIR)/infra/policies && $(VENV)/bin/python infra/policies.py $(EXPANDED) $(TARGET_DIR)/infra/policies
+	$(VENV)/bin/parliament --config infra/parliament.yaml --directory $(TARGET_DIR)/infra/policies --include_policy_extension json
 
 ## fmt: format the code
 fmt:

@@ -457,7 +457,7 @@ fn store_contract_on_sqlite() {
 #[test]
 fn kiln_run_backend_aws_builds_shares_and_publishes_in_two_regions_on_moto() {
     // GIVEN moto (with the SSM inventory moto lacks) and the example's parent parameter published
-    let e = env_on(Moto::start_with_ssm_inventory());
+    let e = env_on(Moto::start());
     let p = e.ports.ports();
     let parent = e.rt.block_on(parent_image(&p));
     let home = tempfile::tempdir().expect("home");
@@ -852,7 +852,7 @@ fn the_state_machine_on_moto_cleans_up_after_a_failure_at_every_stage() {
 /// newest kept, images tagged to be kept left alone.
 #[test]
 fn lifecycle_on_moto_deregisters_old_images_in_every_region_and_keeps_excluded_ones() {
-    let e = env_on(Moto::start_with_ssm_inventory());
+    let e = env_on(Moto::start());
     let p = e.ports.ports();
     e.rt.block_on(parent_image(&p));
     let home = tempfile::tempdir().expect("home");

@@ -37,7 +37,7 @@ fn kiln(moto: &Moto, args: &[&str]) -> (i32, String, String) {
 fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     // GIVEN moto with kiln's table and bucket, a state machine from the real definition and a
     // stack whose outputs name them
-    let moto = Moto::start_with_ssm_inventory();
+    let moto = Moto::start();
     for (k, v) in moto.env() {
         std::env::set_var(k, v);
     }

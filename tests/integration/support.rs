@@ -76,17 +76,33 @@ impl Moto {
         bin
     }
 
+    /// moto's server with the gaps kiln needs filled (tests/conformance/moto_gaps.py:
+    /// DescribeInstanceInformation, tags at creation on CreateImage/CopyImage), run by the Python
+    /// of moto's virtualenv.
     pub fn start() -> Moto {
-        Moto::launch(std::process::Command::new(Moto::server_binary()))
-    }
-
-    /// moto's server plus DescribeInstanceInformation, which moto lacks (running EC2 instances
-    /// answer as managed instances with their agent online): tests/conformance/
-    /// moto_server_ssm_inventory.py, run by the Python of moto's virtualenv.
-    pub fn start_with_ssm_inventory() -> Moto {
         let python = Moto::server_binary().with_file_name("python");
         let mut c = std::process::Command::new(python);
-        c.arg(repo().join("tests/conformance/moto_server_ssm_inventory.py"));
+        c.arg(repo().join("tests/conformance/moto_gaps.py"));
+        Moto::launch(c)
+    }
+
+    /// The deployment rehearsal's moto: every request signed by an assumed role is authorized
+    /// against that role's policies by an IAM policy evaluator before moto runs it
+    /// (tests/rehearsal/moto_server.py); each decision is appended to `log` as a JSON line.
+    pub fn start_authorizing(log: &Path) -> Moto {
+        let python = Moto::server_binary().with_file_name("python");
+        let modules = std::env::var_os("KILN_NODE_MODULES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join(".venv/node/node_modules"));
+        assert!(
+            modules.join("@cloud-copilot/iam-simulate").is_dir(),
+            "@cloud-copilot/iam-simulate not found in {}: run `make setup` (or set KILN_NODE_MODULES)",
+            modules.display()
+        );
+        let mut c = std::process::Command::new(python);
+        c.arg(repo().join("tests/rehearsal/moto_server.py"))
+            .env("KILN_AUTHZ_LOG", log)
+            .env("KILN_AUTHZ_MODULES", modules);
         Moto::launch(c)
     }
 

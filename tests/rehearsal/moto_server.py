@@ -13,7 +13,7 @@ new call cannot slip through unchecked.
 Requests signed with any other key (the test's own administrator) pass unchecked, as an account
 administrator's would.
 
-Also DescribeInstanceInformation, which moto lacks (tests/conformance/moto_server_ssm_inventory.py).
+Also DescribeInstanceInformation, which moto lacks (tests/conformance/moto_gaps.py).
 
 Run as `python moto_server.py -H 127.0.0.1 -p PORT` with KILN_AUTHZ_LOG, KILN_AUTHZ_NODE (node)
 and KILN_AUTHZ_MODULES (a node_modules folder holding @cloud-copilot/iam-simulate).
@@ -31,7 +31,7 @@ import urllib.parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "conformance"))
 
-import moto_server_ssm_inventory  # noqa: E402,F401  (patches moto's SSM responses)
+import moto_gaps  # noqa: E402,F401  (patches moto's SSM responses)
 from moto.ec2.models import ec2_backends  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication  # noqa: E402
