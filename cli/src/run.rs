@@ -368,6 +368,7 @@ fn aws_ports(
         bucket,
         event_bus: String::new(),
         region,
+        stack: None,
     };
     runtime.block_on(kiln::aws::AwsPorts::from_env(settings))
 }

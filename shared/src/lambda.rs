@@ -15,6 +15,8 @@ pub mod env {
     pub const BUCKET: &str = "KILN_ARTIFACTS_BUCKET";
     pub const EVENT_BUS: &str = "KILN_EVENT_BUS";
     pub const REGION: &str = "AWS_REGION";
+    /// The stack's name: the value of the `kiln:stack` tag on what the functions create.
+    pub const STACK: &str = "KILN_STACK";
     /// The trigger function: the state machine it starts.
     pub const STATE_MACHINE: &str = "KILN_STATE_MACHINE_ARN";
 }
@@ -36,6 +38,7 @@ impl Config {
                 bucket: var(env::BUCKET)?,
                 event_bus: std::env::var(env::EVENT_BUS).unwrap_or_else(|_| "default".into()),
                 region: var(env::REGION)?,
+                stack: std::env::var(env::STACK).ok().filter(|s| !s.is_empty()),
             },
         })
     }

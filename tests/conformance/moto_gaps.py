@@ -11,6 +11,10 @@ NotImplementedError, a 500) and CopyImage's `TagSpecification` for `image` and `
 drops them). AWS applies them to the new image and its snapshots in the same call, which is what
 lets a policy allow ec2:CreateTags only with `ec2:CreateAction`.
 
+3. CloudFormation's `DefinitionSubstitutions` on AWS::StepFunctions::StateMachine (moto stores
+the definition with its `${Name}`s unreplaced): each `${Name}` replaced by its resolved value, as
+CloudFormation does before creating the state machine.
+
 Everything else is moto, unchanged. Every moto-backed test runs this server; run as
 `python moto_gaps.py -H 127.0.0.1 -p PORT`.
 """
@@ -22,6 +26,7 @@ from moto.ec2.exceptions import InvalidTaggableResourceType
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.amis import AmiBackend
 from moto.ec2.responses.amis import AmisResponse
+from moto.stepfunctions.models import StateMachine
 from moto.ssm.responses import SimpleSystemManagerResponse
 
 
@@ -109,6 +114,23 @@ def copy_image_response(self):
 
 
 AmisResponse.copy_image = copy_image_response
+
+
+
+_create_state_machine = StateMachine.create_from_cloudformation_json.__func__
+
+
+def create_state_machine_from_cloudformation(cls, resource_name, cloudformation_json, account_id, region_name, **kwargs):
+    properties = cloudformation_json["Properties"]
+    definition = properties.get("DefinitionString", "")
+    for name, value in (properties.get("DefinitionSubstitutions") or {}).items():
+        definition = definition.replace("${" + name + "}", str(value))
+    properties["DefinitionString"] = definition
+    return _create_state_machine(cls, resource_name, cloudformation_json, account_id, region_name, **kwargs)
+
+
+StateMachine.create_from_cloudformation_json = classmethod(create_state_machine_from_cloudformation)
+
 
 if __name__ == "__main__":
     from moto.server import main

@@ -133,6 +133,7 @@ fn env_on(moto: Moto) -> Env {
         bucket: "kiln-artifacts".into(),
         event_bus: "default".into(),
         region: "us-east-1".into(),
+        stack: None,
     };
     let ports = Arc::new(rt.block_on(AwsPorts::from_env(settings)));
     rt.block_on(ports.bootstrap()).expect("table and bucket");

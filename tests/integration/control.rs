@@ -54,6 +54,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
             bucket: "kiln-artifacts".into(),
             event_bus: "default".into(),
             region: "us-east-1".into(),
+            stack: None,
         },
         config.clone(),
     );

@@ -34,6 +34,7 @@ fn a_stage_function_reports_kiln_error_types_to_the_lambda_runtime() {
         bucket: "kiln-artifacts".into(),
         event_bus: "default".into(),
         region: "us-east-1".into(),
+        stack: None,
     };
     rt.block_on(async {
         kiln::aws::AwsPorts::from_env(settings)

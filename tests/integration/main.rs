@@ -14,4 +14,5 @@ mod fixtures;
 mod infra;
 mod lambda;
 mod pipeline_asl;
+mod rehearsal;
 mod stages;

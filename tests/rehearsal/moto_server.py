@@ -35,7 +35,7 @@ import moto_gaps  # noqa: E402,F401  (patches moto's SSM responses)
 from moto.ec2.models import ec2_backends  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication  # noqa: E402
-from moto.s3.models import s3_backends  # noqa: E402
+from moto.s3.models import FakeBucket, s3_backends  # noqa: E402
 from moto.sts.models import sts_backends  # noqa: E402
 
 ACCOUNT = "123456789012"
@@ -316,7 +316,10 @@ def map_json(service, region, target, body):
         action = f"ssm:{op}"
         if op in ("GetParameter", "PutParameter", "DeleteParameter", "GetParameterHistory"):
             name = p.get("Name", "").lstrip("/")
-            owner = "" if name.startswith("aws/service/") else ACCOUNT
+            # AWS writes public parameters' ARNs without an account; the evaluator's ARN check
+            # requires one, so they are evaluated as the caller's (policies match either way
+            # only with `*` in the account field, which is what the stack grants).
+            owner = ACCOUNT
             ctx = {"ssm:Overwrite": str(bool(p.get("Overwrite"))).lower()} if op == "PutParameter" else {}
             return [(action, f"arn:{PARTITION}:ssm:{region}:{owner}:parameter/{name}", ctx)]
         if op == "GetParameters":
@@ -326,7 +329,9 @@ def map_json(service, region, target, body):
             ]
         if op == "SendCommand":
             doc = p.get("DocumentName", "")
-            owner = "" if doc.startswith("AWS-") else ACCOUNT
+            # Amazon's documents (AWS-*) have no account in AWS's ARNs; as for public
+            # parameters, the evaluator needs one.
+            owner = ACCOUNT
             out = [(action, f"arn:{PARTITION}:ssm:{region}:{owner}:document/{doc}", {})]
             for i in p.get("InstanceIds", []):
                 tags = ec2_tags(region, i)
@@ -465,6 +470,9 @@ ORIGINAL_CALL = DomainDispatcherApplication.__call__
 
 
 def authorized_call(self, environ, start_response):
+    # Every AWS SDK request is TLS in AWS; moto sees plain HTTP on loopback. The bucket policy's
+    # TLS-only deny (aws:SecureTransport), which moto evaluates, must see what AWS would.
+    environ["wsgi.url_scheme"] = "https"
     length = int(environ.get("CONTENT_LENGTH") or 0)
     body = environ["wsgi.input"].read(length) if length else b""
     environ["wsgi.input"] = io.BytesIO(body)
@@ -525,6 +533,18 @@ def authorized_call(self, environ, start_response):
 
 
 DomainDispatcherApplication.__call__ = authorized_call
+
+
+def _bucket_policy_left_to_the_evaluator(self, action, resource):
+    # moto's own bucket-policy check ignores Condition blocks, so the stack's TLS-only Deny
+    # (Condition aws:SecureTransport false) would deny every request. Here bucket policies are
+    # evaluated, conditions included, by iam-simulate as the resource policy of each S3 request.
+    from moto.iam.access_control import PermissionResult
+
+    return PermissionResult.NEUTRAL
+
+
+FakeBucket.get_permission = _bucket_policy_left_to_the_evaluator
 
 if __name__ == "__main__":
     EVALUATOR = Evaluator()

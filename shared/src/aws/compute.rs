@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use aws_sdk_ec2::error::{ProvideErrorMetadata as _, SdkError};
+use aws_sdk_ec2::error::ProvideErrorMetadata as _;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
@@ -49,11 +49,23 @@ fn build_filter(build: &BuildId) -> Filter {
         .build()
 }
 
+impl AwsPorts {
+    /// A build's tags plus this stack's `kiln:stack` tag (when the ports run in a stack).
+    fn stack_tags(&self, tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut all = tags.clone();
+        if let Some(stack) = &self.settings.stack {
+            all.insert(super::STACK_TAG.to_string(), stack.clone());
+        }
+        all
+    }
+}
+
 impl Compute for AwsPorts {
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId> {
         Box::pin(async move {
             use base64::Engine as _;
             let inf = &spec.infrastructure;
+            let tags = &self.stack_tags(&spec.tags);
             let mut req = self
                 .ec2(&spec.region)
                 .run_instances()
@@ -62,8 +74,8 @@ impl Compute for AwsPorts {
                 .min_count(1)
                 .max_count(1)
                 .client_token(&spec.client_token)
-                .tag_specifications(tag_spec(ResourceType::Instance, &spec.tags))
-                .tag_specifications(tag_spec(ResourceType::Volume, &spec.tags))
+                .tag_specifications(tag_spec(ResourceType::Instance, tags))
+                .tag_specifications(tag_spec(ResourceType::Volume, tags))
                 .metadata_options(
                     InstanceMetadataOptionsRequest::builder()
                         .http_tokens(if inf.imdsv2 == Imdsv2::Required {
@@ -247,55 +259,20 @@ impl Compute for AwsPorts {
                 "kiln build {}",
                 tags.get("kiln:version").cloned().unwrap_or_default()
             );
-            let request = |snapshot_tags: bool| {
-                let mut r = client
-                    .create_image()
-                    .instance_id(instance.as_str())
-                    .name(name)
-                    .description(&description)
-                    .tag_specifications(tag_spec(ResourceType::Image, tags));
-                if snapshot_tags {
-                    r = r.tag_specifications(tag_spec(ResourceType::Snapshot, tags));
-                }
-                r
-            };
-            let out = match request(true).send().await {
-                Ok(o) => o,
-                // An endpoint that cannot tag snapshots in CreateImage (moto answers 500): create
-                // the image, then tag its snapshots separately.
-                Err(SdkError::ServiceError(e)) if e.raw().status().is_server_error() => {
-                    let out = request(false)
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error("CreateImage", e))?;
-                    if let Some(id) = out.image_id() {
-                        let images = client
-                            .describe_images()
-                            .image_ids(id)
-                            .send()
-                            .await
-                            .map_err(|e| sdk_error("DescribeImages", e))?;
-                        let snapshots: Vec<String> = images
-                            .images()
-                            .iter()
-                            .flat_map(|i| i.block_device_mappings())
-                            .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
-                            .map(str::to_string)
-                            .collect();
-                        if !snapshots.is_empty() {
-                            client
-                                .create_tags()
-                                .set_resources(Some(snapshots))
-                                .set_tags(Some(tag_list(tags)))
-                                .send()
-                                .await
-                                .map_err(|e| sdk_error("CreateTags", e))?;
-                        }
-                    }
-                    out
-                }
-                Err(e) => return Err(sdk_error("CreateImage", e)),
-            };
+            let tags = &self.stack_tags(tags);
+            let request = client
+                .create_image()
+                .instance_id(instance.as_str())
+                .name(name)
+                .description(&description)
+                .tag_specifications(tag_spec(ResourceType::Image, tags))
+                .tag_specifications(tag_spec(ResourceType::Snapshot, tags));
+            // Image and snapshots tagged in the same call: the stack's policy allows CreateTags
+            // only with `ec2:CreateAction` CreateImage.
+            let out = request
+                .send()
+                .await
+                .map_err(|e| sdk_error("CreateImage", e))?;
             out.image_id()
                 .map(|i| ImageId(i.to_string()))
                 .ok_or_else(|| {
@@ -369,12 +346,18 @@ impl Compute for AwsPorts {
     ) -> PortResult<'a, ImageId> {
         Box::pin(async move {
             let client = self.ec2(to_region);
+            // The copy and its snapshots are tagged in the same call, so that clean-up and
+            // lifecycle find them by build, and the stack's policy allows CreateTags only with
+            // `ec2:CreateAction` CopyImage.
+            let tags = &self.stack_tags(tags);
             let out = client
                 .copy_image()
                 .source_region(from_region)
                 .source_image_id(image.as_str())
                 .name(name)
                 .client_token(client_token)
+                .tag_specifications(tag_spec(ResourceType::Image, tags))
+                .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
                 .send()
                 .await
                 .map_err(|e| sdk_error("CopyImage", e))?;
@@ -384,14 +367,6 @@ impl Compute for AwsPorts {
                 .ok_or_else(|| {
                     StageError::new(ErrorKind::Internal, "CopyImage returned no image id")
                 })?;
-            // Tag the copy so that clean-up and lifecycle find it by build.
-            client
-                .create_tags()
-                .resources(id.as_str())
-                .set_tags(Some(tag_list(tags)))
-                .send()
-                .await
-                .map_err(|e| sdk_error("CreateTags", e))?;
             Ok(id)
         })
     }

@@ -96,6 +96,7 @@ impl Stack {
             bucket: self.bucket.clone(),
             event_bus: self.event_bus.clone(),
             region: self.region.clone(),
+            stack: (!self.name.is_empty()).then(|| self.name.clone()),
         }
     }
 

@@ -29,7 +29,14 @@ pub struct Settings {
     pub event_bus: String,
     /// The region of the table and the bucket.
     pub region: String,
+    /// The stack these ports run in (`KILN_STACK`): every instance, volume, image and snapshot
+    /// they create carries the tag `kiln:stack` with this value, set at creation — the tag the
+    /// stack's IAM policies require before any mutating EC2 call. `None` outside a stack.
+    pub stack: Option<String>,
 }
+
+/// The tag that marks a resource as created by a stack (see [`Settings::stack`]).
+pub const STACK_TAG: &str = "kiln:stack";
 
 /// The AWS ports, with one client per region for the regional services.
 pub struct AwsPorts {

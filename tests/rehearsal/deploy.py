@@ -1,0 +1,145 @@
+"""Deploys the expanded template into moto's CloudFormation, as `sam deploy` would into AWS.
+
+1. Each function's code: target/<profile>/<binary> zipped as `bootstrap`, uploaded to a code
+   bucket in moto's S3 (the expanded template's CodeUri points there).
+2. create_stack with the expanded template; the stack must reach CREATE_COMPLETE.
+3. What moto's CloudFormation cannot create, made through its own API from the template's values:
+   the artifacts bucket policy (AWS::S3::BucketPolicy) and the cleanup function's daily schedule
+   (AWS::Scheduler::Schedule, from SAM's ScheduleV2 event).
+4. For each function: its deployed configuration (environment, role) read back from Lambda, and
+   credentials of its own role (sts:AssumeRole), which the test hands to the function's bootstrap.
+
+Prints one JSON document: stack outputs, the deployed definition, and the functions by ARN.
+Usage: deploy.py EXPANDED.json BIN_DIR STACK   (AWS_ENDPOINT_URL and credentials from the env)
+"""
+
+import io
+import json
+import sys
+import zipfile
+
+import boto3
+
+CODE_BUCKET = "kiln-code"
+
+
+def client(name):
+    return boto3.client(name, region_name="us-east-1")
+
+
+def resolve(value, physical, stack):
+    """Ref / Fn::GetAtt …Arn / Fn::Sub of this stack's resources, with their physical ids."""
+    pseudo = {"AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
+              "AWS::Partition": "aws", "AWS::StackName": stack}
+
+    def arn(name):
+        kind, pid = physical[name]
+        if kind == "AWS::S3::Bucket":
+            return f"arn:aws:s3:::{pid}"
+        return pid
+
+    def go(v):
+        if isinstance(v, list):
+            return [go(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if list(v) == ["Ref"]:
+            return pseudo.get(v["Ref"]) or physical[v["Ref"]][1]
+        if list(v) == ["Fn::GetAtt"]:
+            return arn(v["Fn::GetAtt"][0])
+        if list(v) == ["Fn::Sub"]:
+            text = v["Fn::Sub"]
+            for k, p in pseudo.items():
+                text = text.replace("${" + k + "}", p)
+            for name in physical:
+                text = text.replace("${" + name + ".Arn}", arn(name)).replace("${" + name + "}", physical[name][1])
+            return text
+        return {k: go(x) for k, x in v.items()}
+
+    return go(value)
+
+
+def main(expanded_path, bin_dir, stack):
+    template = json.load(open(expanded_path, encoding="utf-8"))
+    s3 = client("s3")
+    s3.create_bucket(Bucket=CODE_BUCKET)
+    binaries = {}
+    for name, r in template["Resources"].items():
+        if r["Type"] == "AWS::Lambda::Function":
+            key = r["Properties"]["Code"]["S3Key"]
+            binary = key.rsplit("/", 1)[-1][: -len(".zip")]
+            binaries[name] = binary
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+                info = zipfile.ZipInfo("bootstrap")
+                info.external_attr = 0o755 << 16
+                with open(f"{bin_dir}/{binary}", "rb") as f:
+                    z.writestr(info, f.read())
+            s3.put_object(Bucket=CODE_BUCKET, Key=key, Body=buf.getvalue())
+
+    cfn = client("cloudformation")
+    cfn.create_stack(
+        StackName=stack,
+        TemplateBody=json.dumps(template),
+        Capabilities=["CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"],
+        Parameters=[{"ParameterKey": "Architecture", "ParameterValue": "x86_64"}],
+    )
+    described = cfn.describe_stacks(StackName=stack)["Stacks"][0]
+    if described["StackStatus"] != "CREATE_COMPLETE":
+        print(f"stack {stack}: {described['StackStatus']} {described.get('StackStatusReason')}", file=sys.stderr)
+        return 1
+    physical = {
+        r["LogicalResourceId"]: (r["ResourceType"], r.get("PhysicalResourceId", ""))
+        for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]
+    }
+    made_by_api = []
+    for name, r in template["Resources"].items():
+        if r["Type"] == "AWS::S3::BucketPolicy":
+            props = resolve(r["Properties"], physical, stack)
+            s3.put_bucket_policy(Bucket=props["Bucket"], Policy=json.dumps(props["PolicyDocument"]))
+            made_by_api.append(name)
+        elif r["Type"] == "AWS::Scheduler::Schedule":
+            props = resolve(r["Properties"], physical, stack)
+            target = props["Target"]
+            client("scheduler").create_schedule(
+                Name=props.get("Name") or f"{stack}-{name}",
+                ScheduleExpression=props["ScheduleExpression"],
+                FlexibleTimeWindow=props.get("FlexibleTimeWindow", {"Mode": "OFF"}),
+                Target={k: v for k, v in target.items() if k in ("Arn", "RoleArn", "Input")},
+                State=props.get("State", "ENABLED"),
+            )
+            made_by_api.append(name)
+        elif r["Type"].startswith("AWS::") and name not in physical and "Condition" not in r:
+            print(f"moto's CloudFormation did not create {name} ({r['Type']})", file=sys.stderr)
+            return 1
+
+    lam, sts = client("lambda"), client("sts")
+    functions = {}
+    for name, binary in binaries.items():
+        cfg = lam.get_function_configuration(FunctionName=physical[name][1])
+        creds = sts.assume_role(RoleArn=cfg["Role"], RoleSessionName=binary)["Credentials"]
+        functions[cfg["FunctionArn"]] = {
+            "logicalId": name,
+            "functionName": cfg["FunctionName"],
+            "binary": binary,
+            "role": cfg["Role"],
+            "environment": cfg.get("Environment", {}).get("Variables", {}),
+            "credentials": {
+                "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+                "AWS_SESSION_TOKEN": creds["SessionToken"],
+            },
+        }
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", [])}
+    definition = client("stepfunctions").describe_state_machine(
+        stateMachineArn=outputs["StateMachineArn"]
+    )["definition"]
+    json.dump(
+        {"outputs": outputs, "definition": definition, "functions": functions, "madeByApi": made_by_api},
+        sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))
