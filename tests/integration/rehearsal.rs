@@ -58,16 +58,17 @@ fn expand(dir: &Path) -> PathBuf {
 
 /// A function as deployed: its bootstrap, environment and role credentials.
 #[derive(Debug, Clone)]
-struct Deployed {
+pub(crate) struct Deployed {
     function_name: String,
     binary: String,
     env: Vec<(String, String)>,
 }
 
 /// The deployed stack on an authorizing moto server.
-struct Rehearsal {
-    moto: Moto,
+pub(crate) struct Rehearsal {
+    pub moto: Moto,
     log: PathBuf,
+    faults: PathBuf,
     _dir: tempfile::TempDir,
     outputs: BTreeMap<String, String>,
     definition: Json,
@@ -79,7 +80,8 @@ impl Rehearsal {
     fn deploy() -> Rehearsal {
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("authz.jsonl");
-        let moto = Moto::start_authorizing(&log);
+        let faults = dir.path().join("faults.json");
+        let moto = Moto::start_authorizing(&log, &faults);
         let expanded = expand(dir.path());
         let bin_dir = built_binary("launch-builder")
             .parent()
@@ -105,7 +107,6 @@ impl Rehearsal {
                 ("AWS_REGION".into(), "us-east-1".into()),
                 ("AWS_ENDPOINT_URL".into(), moto.endpoint()),
                 ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-                ("AWS_MAX_ATTEMPTS".into(), "1".into()),
             ]);
             functions.insert(
                 arn.clone(),
@@ -134,6 +135,7 @@ impl Rehearsal {
         Rehearsal {
             moto,
             log,
+            faults,
             _dir: dir,
             outputs,
             definition,
@@ -155,6 +157,90 @@ impl Rehearsal {
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The faults moto injects from now on (tests/rehearsal/moto_server.py).
+    fn inject(&self, faults: Json) {
+        std::fs::write(&self.faults, faults.to_string()).expect("faults");
+    }
+
+    /// The deployed function whose logical id is `logical` (e.g. "TriggerFunction").
+    pub fn function(&self, logical: &str) -> Deployed {
+        self.functions
+            .values()
+            .find(|f| f.function_name.contains(&format!("-{logical}-")))
+            .cloned()
+            .unwrap_or_else(|| panic!("no deployed {logical}"))
+    }
+
+    /// Invokes a deployed function once, as Lambda would: (response or error body, ok?).
+    pub fn invoke(&self, logical: &str, event: Json) -> (bool, Json) {
+        let f = self.function(logical);
+        let env: Vec<(&str, String)> = f.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let (path, body) =
+            kiln_tests::runtime_api::invoke_once(&built_binary(&f.binary), &f.function_name, &event, &env)
+                .expect("the function answered")
+                .answer;
+        (path.ends_with("/response"), body)
+    }
+
+    /// Applies a pipeline file's text (component paths made absolute) to the stack, as its
+    /// administrator would.
+    pub fn apply(&self, text: &str) {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("pipeline.yaml");
+        let text = text.replace(
+            "../../../../examples/aws-al2023/components/harden.yaml",
+            &repo()
+                .join("examples/aws-al2023/components/harden.yaml")
+                .display()
+                .to_string(),
+        );
+        std::fs::write(&file, text).expect("write");
+        let (code, out, err) = self.kiln(&["apply", &file.display().to_string(), "--stack", STACK]);
+        assert_eq!(code, 0, "kiln apply: {out}{err}");
+    }
+
+    /// One execution of the deployed definition, each Task the function's bootstrap.
+    pub fn execute(&self, rt: &tokio::runtime::Runtime, pipeline: &str, name: &str) -> kiln::engine::Outcome {
+        let machine = definition::parse(&self.definition).expect("the deployed definition parses");
+        let engine = Engine::new(
+            Arc::new(Bootstraps(self.functions.clone())),
+            Arc::new(VirtualClock::default()),
+            true,
+        );
+        rt.block_on(engine.run(
+            &machine,
+            json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0}),
+            name,
+        ))
+    }
+
+    /// The account's administrator's AWS configuration, for raw Describe* calls.
+    pub fn admin(&self, rt: &tokio::runtime::Runtime) -> aws_config::SdkConfig {
+        rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(self.moto.endpoint())
+                .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                    "testing", "testing", None, None, "test",
+                ))
+                .load(),
+        )
+    }
+
+    /// kiln's store in the deployed table, read as the administrator.
+    pub fn store_ports(&self, rt: &tokio::runtime::Runtime) -> kiln::aws::AwsPorts {
+        kiln::aws::AwsPorts::new(
+            kiln::aws::Settings {
+                table: self.outputs["TableName"].clone(),
+                bucket: self.outputs["ArtifactsBucketName"].clone(),
+                event_bus: "default".into(),
+                region: "us-east-1".into(),
+                stack: Some(STACK.into()),
+            },
+            self.admin(rt),
         )
     }
 
@@ -212,11 +298,55 @@ impl Tasks for Bootstraps {
     }
 }
 
+const REGIONS: [&str; 2] = ["us-east-1", "eu-central-1"];
+
+/// What the account holds, by raw Describe* calls in every region (no tag filter): instances not
+/// terminated, images and snapshots the account owns.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Inventory {
+    live_instances: BTreeSet<String>,
+    images: BTreeSet<String>,
+    snapshots: BTreeSet<String>,
+}
+
+fn inventory(rt: &tokio::runtime::Runtime, config: &aws_config::SdkConfig) -> Inventory {
+    let mut inv = Inventory::default();
+    for region in REGIONS {
+        let ec2 = aws_sdk_ec2::Client::from_conf(
+            aws_sdk_ec2::config::Builder::from(config)
+                .region(aws_sdk_ec2::config::Region::new(region))
+                .build(),
+        );
+        rt.block_on(async {
+            let instances = ec2.describe_instances().send().await.expect("DescribeInstances");
+            for i in instances.reservations().iter().flat_map(|r| r.instances()) {
+                if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
+                    inv.live_instances.insert(format!("{region}/{}", i.instance_id().unwrap_or_default()));
+                }
+            }
+            let images = ec2.describe_images().owners("self").send().await.expect("DescribeImages");
+            for i in images.images() {
+                inv.images.insert(format!("{region}/{}", i.image_id().unwrap_or_default()));
+            }
+            let snapshots = ec2
+                .describe_snapshots()
+                .owner_ids("self")
+                .send()
+                .await
+                .expect("DescribeSnapshots");
+            for s in snapshots.snapshots() {
+                inv.snapshots.insert(format!("{region}/{}", s.snapshot_id().unwrap_or_default()));
+            }
+        });
+    }
+    inv
+}
+
 /// The denied or unmapped requests, one line each: function, action, resource.
 fn denials(decisions: &[Json]) -> Vec<String> {
     decisions
         .iter()
-        .filter(|d| d["result"] != "Allowed")
+        .filter(|d| d.get("fault").is_none() && d["result"] != "Allowed")
         .map(|d| {
             format!(
                 "{} {}: {} on {} ({}) {}",
@@ -235,7 +365,7 @@ fn denials(decisions: &[Json]) -> Vec<String> {
 /// request in `decisions` used.
 fn granted_but_unused(expanded: &Json, decisions: &[Json]) -> BTreeMap<String, Vec<String>> {
     let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for d in decisions {
+    for d in decisions.iter().filter(|d| d.get("action").is_some()) {
         let role = d["role"].as_str().unwrap_or_default();
         // Physical role names are <stack>-<LogicalId>-<suffix>.
         let logical = role.split('-').nth(1).unwrap_or(role).to_string();
@@ -290,8 +420,33 @@ fn the_expanded_template_has_no_cfn_lint_errors() {
     run_ok(cmd);
 }
 
-/// The regression the rehearsal was made for: a stack tag forged by nobody, a `kiln:build-id`
-/// tag on someone else's instance, cannot make a function terminate it.
+fn moto_pipeline() -> String {
+    std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml")).expect("read")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Requests per role (by logical id), and the check that none was denied.
+fn assert_all_allowed(r: &Rehearsal) -> (usize, BTreeMap<String, usize>) {
+    let decisions = r.decisions();
+    let denied = denials(&decisions);
+    assert!(denied.is_empty(), "denied by the deployed roles:\n{}", denied.join("\n"));
+    let mut by_role = BTreeMap::new();
+    for d in decisions.iter().filter(|d| d.get("action").is_some()) {
+        let role = d["role"].as_str().unwrap_or_default();
+        *by_role
+            .entry(role.split('-').nth(1).unwrap_or(role).to_string())
+            .or_insert(0) += 1;
+    }
+    (decisions.iter().filter(|d| d.get("action").is_some()).count(), by_role)
+}
+
 #[test]
 fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
     // GIVEN the stack deployed into moto's CloudFormation, every function's role in force
@@ -302,112 +457,54 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         "the resources moto's CloudFormation cannot create (listed in the README)"
     );
     assert_eq!(r.functions.len(), 7, "{:?}", r.functions.keys());
+    assert!(r.outputs["StateMachineArn"].ends_with(":stateMachine:kiln-pipeline"));
     // AND the pipeline applied to it by its administrator
-    let dir = tempfile::tempdir().expect("dir");
-    let file = dir.path().join("pipeline.yaml");
-    let text = std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml"))
-        .expect("read")
-        .replace(
-            "../../../../examples/aws-al2023/components/harden.yaml",
-            &repo()
-                .join("examples/aws-al2023/components/harden.yaml")
-                .display()
-                .to_string(),
-        );
-    std::fs::write(&file, text).expect("write");
-    let (code, out, err) = r.kiln(&["apply", &file.display().to_string(), "--stack", STACK]);
-    assert_eq!(code, 0, "{out}{err}");
+    r.apply(&moto_pipeline());
+    let rt = runtime();
 
     // WHEN a build runs the deployed definition, each Task a real bootstrap under its own role
-    let machine = definition::parse(&r.definition).expect("the deployed definition parses");
-    let engine = Engine::new(
-        Arc::new(Bootstraps(r.functions.clone())),
-        Arc::new(VirtualClock::default()),
-        true,
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let outcome = rt.block_on(engine.run(
-        &machine,
-        json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0}),
-        "rehearsal-1",
-    ));
+    let outcome = r.execute(&rt, "al2023-moto", "rehearsal-1");
 
     // THEN no request was denied, and the build is AVAILABLE in both regions
-    let decisions = r.decisions();
-    let denied = denials(&decisions);
-    assert!(
-        denied.is_empty(),
-        "denied by the deployed roles:\n{}",
-        denied.join("\n")
-    );
-    assert_eq!(
-        outcome.status,
-        Status::Succeeded,
-        "{:?} {:?}",
-        outcome.error,
-        outcome.cause
-    );
+    let (evaluated, by_role) = assert_all_allowed(&r);
+    assert_eq!(outcome.status, Status::Succeeded, "{:?} {:?}", outcome.error, outcome.cause);
     let output = outcome.output.expect("output");
     assert_eq!(output["status"], "AVAILABLE", "{output}");
-    let regions: BTreeSet<&str> = output["regions"]
+    let regions: BTreeMap<&str, &str> = output["regions"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|e| e["region"].as_str())
+        .filter_map(|e| Some((e["region"].as_str()?, e["image"].as_str()?)))
         .collect();
-    assert_eq!(
-        regions,
-        BTreeSet::from(["eu-central-1", "us-east-1"]),
-        "{output}"
-    );
-    // AND nothing of the build runs, counted by raw DescribeInstances in every region
-    let config = rt.block_on(
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(r.moto.endpoint())
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                "testing", "testing", None, None, "test",
-            ))
-            .load(),
-    );
-    for region in ["us-east-1", "eu-central-1"] {
+    assert_eq!(regions.keys().copied().collect::<Vec<_>>(), ["eu-central-1", "us-east-1"], "{output}");
+    // AND nothing of the build runs, and each region holds its image with snapshots, all tagged
+    // by the stack, counted by raw Describe* calls
+    let admin = r.admin(&rt);
+    let inv = inventory(&rt, &admin);
+    assert!(inv.live_instances.is_empty(), "instances left: {:?}", inv.live_instances);
+    for (region, image) in &regions {
+        assert!(inv.images.contains(&format!("{region}/{image}")), "{region}: {inv:?}");
         let ec2 = aws_sdk_ec2::Client::from_conf(
-            aws_sdk_ec2::config::Builder::from(&config)
-                .region(aws_sdk_ec2::config::Region::new(region))
+            aws_sdk_ec2::config::Builder::from(&admin)
+                .region(aws_sdk_ec2::config::Region::new(region.to_string()))
                 .build(),
         );
-        let live: Vec<String> = rt
-            .block_on(ec2.describe_instances().send())
-            .expect("DescribeInstances")
-            .reservations()
-            .iter()
-            .flat_map(|res| res.instances())
-            .filter(|i| {
-                i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated")
-            })
-            .filter_map(|i| i.instance_id().map(str::to_string))
-            .collect();
-        assert!(live.is_empty(), "{region}: instances left {live:?}");
+        let snaps = rt
+            .block_on(
+                ec2.describe_snapshots()
+                    .owner_ids("self")
+                    .filters(
+                        aws_sdk_ec2::types::Filter::builder()
+                            .name("tag:kiln:stack")
+                            .values(STACK)
+                            .build(),
+                    )
+                    .send(),
+            )
+            .expect("DescribeSnapshots");
+        assert!(!snaps.snapshots().is_empty(), "{region}: no snapshot tagged by the stack");
     }
-    assert!(r.outputs["StateMachineArn"].ends_with(":stateMachine:kiln-pipeline"));
-    // AND every function made requests, each one evaluated
-    let by_role: BTreeMap<String, usize> = decisions.iter().fold(BTreeMap::new(), |mut m, d| {
-        *m.entry(
-            d["role"]
-                .as_str()
-                .unwrap_or_default()
-                .split('-')
-                .nth(1)
-                .unwrap_or_default()
-                .to_string(),
-        )
-        .or_default() += 1;
-        m
-    });
+    // AND every stage function made requests, each one evaluated
     for f in [
         "LaunchBuilderFunctionRole",
         "CustomizeFunctionRole",
@@ -418,15 +515,101 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         assert!(by_role.get(f).copied().unwrap_or(0) > 0, "{f}: {by_role:?}");
     }
     // AND the report of what is granted and never used
-    let expanded: Json = serde_json::from_str(
-        &std::fs::read_to_string(expand(dir.path())).expect("expanded"),
-    )
-    .expect("json");
-    let unused = granted_but_unused(&expanded, &decisions);
+    let dir = tempfile::tempdir().expect("dir");
+    let expanded: Json =
+        serde_json::from_str(&std::fs::read_to_string(expand(dir.path())).expect("expanded"))
+            .expect("json");
+    let unused = granted_but_unused(&expanded, &r.decisions());
     eprintln!(
-        "rehearsal: {} requests evaluated, {} denied; by role {by_role:?}\ngranted but unused: {}",
-        decisions.len(),
-        denied.len(),
+        "rehearsal: {evaluated} requests evaluated, 0 denied; by role {by_role:?}\ngranted but unused: {}",
         serde_json::to_string_pretty(&unused).unwrap_or_default()
     );
+}
+
+/// A fault at each stage, injected at moto for what moto cannot produce (capacity, a failed
+/// command) or as an AWS error answer: each build ends FAILED naming the stage, leaves nothing
+/// (raw DescribeInstances / DescribeImages / DescribeSnapshots in every region, unchanged from
+/// before the build), and frees the lock — with every request of the clean-up authorized too.
+#[test]
+fn a_failure_at_every_stage_of_the_deployed_stack_leaves_nothing_and_frees_the_lock() {
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    let ports = r.store_ports(&rt);
+    for (n, (stage, error, fault)) in [
+        (
+            "launch",
+            "Kiln.Capacity",
+            json!({"role": "LaunchBuilderFunctionRole", "operation": "RunInstances",
+                   "error": {"status": 500, "code": "InsufficientInstanceCapacity",
+                             "message": "We currently do not have sufficient t3.small capacity"}}),
+        ),
+        (
+            "customize",
+            "Kiln.ComponentFailed",
+            json!({"role": "CustomizeFunctionRole", "operation": "AmazonSSM.GetCommandInvocation",
+                   "commandStatus": "Failed"}),
+        ),
+        (
+            "snapshot",
+            "Kiln.Internal",
+            json!({"role": "SnapshotFunctionRole", "operation": "CreateImage",
+                   "error": {"status": 400, "code": "InvalidParameterValue",
+                             "message": "injected: CreateImage refused"}}),
+        ),
+        (
+            "test",
+            "Kiln.TestFailed",
+            json!({"role": "TestImageFunctionRole", "operation": "AmazonSSM.GetCommandInvocation",
+                   "commandStatus": "Failed"}),
+        ),
+        (
+            "distribute",
+            "Kiln.Internal",
+            json!({"role": "DistributeFunctionRole", "operation": "CopyImage", "region": "eu-central-1",
+                   "error": {"status": 400, "code": "InvalidRequest",
+                             "message": "injected: CopyImage refused"}}),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // GIVEN what the account holds before the build, and the fault
+        let before = inventory(&rt, &admin);
+        r.inject(json!([fault]));
+        // WHEN a build runs
+        let name = format!("fault-{n}");
+        let outcome = r.execute(&rt, "al2023-moto", &name);
+        r.inject(json!([]));
+        // THEN it failed with the stage's error, every request authorized
+        assert_eq!(outcome.status, Status::Failed, "{stage}");
+        assert_eq!(outcome.error.as_deref(), Some(error), "{stage}: {:?}", outcome.cause);
+        assert_all_allowed(&r);
+        // AND the build is FAILED with the stage named
+        let builds = rt
+            .block_on(ports.ports().store.builds("al2023-moto"))
+            .expect("builds");
+        let b = builds
+            .iter()
+            .find(|b| b.request_id.as_deref() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("{stage}: the build is recorded"));
+        assert_eq!(b.status, kiln::model::build::BuildStatus::Failed, "{stage}");
+        assert_eq!(b.failure.as_ref().map(|f| f.stage.as_str()), Some(stage), "{stage}");
+        // AND nothing is left in any region: no instance running, no new image or snapshot
+        let after = inventory(&rt, &admin);
+        assert!(after.live_instances.is_empty(), "{stage}: {:?}", after.live_instances);
+        assert_eq!(after.images, before.images, "{stage}: images left");
+        assert_eq!(after.snapshots, before.snapshots, "{stage}: snapshots left");
+        // AND the lock is free
+        let probe = kiln::model::build::BuildId::new_at(1);
+        rt.block_on(async {
+            let p = ports.ports();
+            p.store
+                .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
+                .await
+                .unwrap_or_else(|e| panic!("{stage}: the lock is held: {e}"));
+            p.store.unlock("al2023-moto", &probe).await.expect("unlock");
+        });
+    }
 }

@@ -89,7 +89,8 @@ impl Moto {
     /// The deployment rehearsal's moto: every request signed by an assumed role is authorized
     /// against that role's policies by an IAM policy evaluator before moto runs it
     /// (tests/rehearsal/moto_server.py); each decision is appended to `log` as a JSON line.
-    pub fn start_authorizing(log: &Path) -> Moto {
+    /// `faults` names the JSON file of injected faults (read on every request; may not exist).
+    pub fn start_authorizing(log: &Path, faults: &Path) -> Moto {
         let python = Moto::server_binary().with_file_name("python");
         let modules = std::env::var_os("KILN_NODE_MODULES")
             .map(PathBuf::from)
@@ -102,6 +103,7 @@ impl Moto {
         let mut c = std::process::Command::new(python);
         c.arg(repo().join("tests/rehearsal/moto_server.py"))
             .env("KILN_AUTHZ_LOG", log)
+            .env("KILN_FAULTS", faults)
             .env("KILN_AUTHZ_MODULES", modules);
         Moto::launch(c)
     }

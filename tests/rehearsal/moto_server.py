@@ -13,6 +13,16 @@ new call cannot slip through unchecked.
 Requests signed with any other key (the test's own administrator) pass unchecked, as an account
 administrator's would.
 
+Faults (port-level, for what moto cannot show: capacity, a failed command, a failed API call):
+$KILN_FAULTS names a JSON file holding a list of faults, read on every request; a fault applies to
+an authorized request whose role name contains `role` and whose operation is `operation`
+(optionally `region`):
+  {"role": "...", "operation": "RunInstances", "error": {"status": 500, "code": "...", "message": "..."}}
+      answers that AWS error instead of running the request;
+  {"role": "...", "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}
+      runs it and reports the command Failed (exit code 1), as SSM does when a script fails.
+Each applied fault is recorded in the log as {"fault": ...}.
+
 Also DescribeInstanceInformation, which moto lacks (tests/conformance/moto_gaps.py).
 
 Run as `python moto_server.py -H 127.0.0.1 -p PORT` with KILN_AUTHZ_LOG, KILN_AUTHZ_NODE (node)
@@ -442,27 +452,77 @@ def bucket_policy(resource):
 
 
 def denied(start_response, service, environ, message):
+    code = "UnauthorizedOperation" if service == "ec2" else "AccessDeniedException" if (
+        environ.get("HTTP_X_AMZ_TARGET") or service == "scheduler") else "AccessDenied"
+    return error_answer(start_response, service, environ, 403, code, message)
+
+
+def error_answer(start_response, service, environ, status, code, message):
+    """An AWS error answer in the protocol of `service`."""
     target = environ.get("HTTP_X_AMZ_TARGET", "")
     if target or service in ("scheduler",):
-        body = json.dumps({"__type": "AccessDeniedException", "message": message, "Message": message})
-        headers = [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", "AccessDeniedException")]
+        body = json.dumps({"__type": code, "message": message, "Message": message})
+        headers = [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", code)]
     elif service == "s3":
-        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>{message}</Message></Error>"
+        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
         headers = [("Content-Type", "application/xml")]
     elif service == "ec2":
         body = (
-            "<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>UnauthorizedOperation</Code>"
+            f"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>{code}</Code>"
             f"<Message>{message}</Message></Error></Errors><RequestID>kiln-rehearsal</RequestID></Response>"
         )
         headers = [("Content-Type", "text/xml")]
     else:
         body = (
-            "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
+            f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>"
             f"<Message>{message}</Message></Error></ErrorResponse>"
         )
         headers = [("Content-Type", "text/xml")]
     data = body.encode()
-    start_response("403 Forbidden", headers + [("Content-Length", str(len(data)))])
+    start_response(f"{status} Error", headers + [("Content-Length", str(len(data)))])
+    return [data]
+
+
+def fault_for(role_name, operation, region):
+    path = os.environ.get("KILN_FAULTS")
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        faults = json.load(f)
+    for fault in faults:
+        if (
+            fault.get("role", "") in role_name
+            and fault.get("operation") == operation
+            and fault.get("region", region) == region
+        ):
+            return fault
+    return None
+
+
+def failed_command(app, environ, start_response):
+    """Runs GetCommandInvocation and reports the command Failed."""
+    captured = {}
+
+    def keep(status, headers, exc_info=None):
+        captured["status"], captured["headers"] = status, headers
+
+    body = b"".join(ORIGINAL_CALL(app, environ, keep))
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        start_response(captured["status"], captured["headers"])
+        return [body]
+    answer.update(
+        {
+            "Status": "Failed",
+            "StatusDetails": "Failed",
+            "ResponseCode": 1,
+            "StandardErrorContent": "kiln rehearsal: injected failure",
+        }
+    )
+    data = json.dumps(answer).encode()
+    headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
+    start_response(captured["status"], headers + [("Content-Length", str(len(data)))])
     return [data]
 
 
@@ -529,6 +589,14 @@ def authorized_call(self, environ, start_response):
                 environ,
                 f"User: {principal} is not authorized to perform: {action} on resource: {resource} ({decision['result']})",
             )
+    fault = fault_for(function, operation, region)
+    if fault is not None:
+        record({"role": function, "operation": operation, "region": region, "fault": fault})
+        if "error" in fault:
+            e = fault["error"]
+            return error_answer(start_response, service, environ, e.get("status", 400), e["code"], e.get("message", "injected"))
+        if fault.get("commandStatus") == "Failed":
+            return failed_command(self, environ, start_response)
     return ORIGINAL_CALL(self, environ, start_response)
 
 
