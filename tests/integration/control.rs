@@ -3,17 +3,18 @@
 //! deduplication, `kiln start`, `kiln status`, `kiln builds list --stack`, `kiln cancel` (the
 //! execution stops, cleanup runs, the build ends CANCELLED), `kiln delete --stack`.
 //!
-//! moto cannot deploy the SAM template, so the test makes a stack with the same outputs: the
-//! table and bucket kiln's test bootstrap creates, a state machine from the real definition.
+//! All of it against the stack deployed by the rehearsal (tests/integration/rehearsal.rs): the
+//! expanded template in moto's CloudFormation, the trigger and launch-builder functions run as
+//! their real bootstraps under their own roles, every request they make authorized by the IAM
+//! policy evaluator. The CLI runs as the account's administrator.
 
 use std::process::Command;
 
-use kiln::aws::control::{trigger, Control};
-use kiln::aws::{AwsPorts, Settings};
-use kiln::model::build::{BuildStatus, Trigger, TriggerKind};
-use kiln::stages::StartRequest;
+use kiln::aws::control::Control;
+use kiln::model::build::{Build, BuildStatus};
 use serde_json::{json, Value as Json};
 
+use crate::rehearsal::Rehearsal;
 use crate::support::{built_binary, repo, Moto};
 
 const PARAM: &str = "/images/base/latest";
@@ -35,64 +36,18 @@ fn kiln(moto: &Moto, args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
-    // GIVEN moto with kiln's table and bucket, a state machine from the real definition and a
-    // stack whose outputs name them
-    let moto = Moto::start();
+    // GIVEN the deployed stack
+    let r = Rehearsal::deploy();
+    let moto = &r.moto;
     for (k, v) in moto.env() {
         std::env::set_var(k, v);
     }
     std::env::set_var("AWS_MAX_ATTEMPTS", "2");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let config = rt.block_on(
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .load(),
-    );
-    let ports = AwsPorts::new(
-        Settings {
-            table: "kiln".into(),
-            bucket: "kiln-artifacts".into(),
-            event_bus: "default".into(),
-            region: "us-east-1".into(),
-            stack: None,
-        },
-        config.clone(),
-    );
-    rt.block_on(ports.bootstrap()).expect("table and bucket");
+    let config = r.admin(&rt);
+    let ports = r.store_ports(&rt);
     let sfn = aws_sdk_sfn::Client::new(&config);
-    let definition = kiln::engine::substitute(
-        &serde_json::from_str(kiln::stages::handler::DEFINITION).expect("json"),
-        &kiln::stages::handler::local_substitutions(),
-    );
-    let machine = rt
-        .block_on(
-            sfn.create_state_machine()
-                .name("kiln-pipeline")
-                .definition(definition.to_string())
-                .role_arn("arn:aws:iam::123456789012:role/kiln-states")
-                .send(),
-        )
-        .expect("state machine");
-    let machine_arn = machine.state_machine_arn().to_string();
-    let template = json!({
-        "Resources": {"Marker": {"Type": "AWS::S3::Bucket"}},
-        "Outputs": {
-            "TableName": {"Value": "kiln"},
-            "ArtifactsBucketName": {"Value": "kiln-artifacts"},
-            "StateMachineArn": {"Value": machine_arn},
-            "SchedulerRoleArn": {"Value": "arn:aws:iam::123456789012:role/kiln-scheduler"},
-            "TriggerFunctionArn": {"Value": "arn:aws:lambda:us-east-1:123456789012:function:kiln-trigger"},
-            "EventBusName": {"Value": "default"}
-        }
-    });
-    rt.block_on(
-        aws_sdk_cloudformation::Client::new(&config)
-            .create_stack()
-            .stack_name("kiln")
-            .template_body(template.to_string())
-            .send(),
-    )
-    .expect("stack");
+    let machine_arn = r.outputs["StateMachineArn"].clone();
     // AND a parent published in the account's own parameter, and a pipeline built on it
     let parent = rt.block_on(async {
         let p = ports.ports();
@@ -132,7 +87,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
 
     // WHEN it is applied to the stack
     let (code, out, err) = kiln(
-        &moto,
+        moto,
         &["apply", &file.display().to_string(), "--stack", "kiln"],
     );
     assert_eq!(code, 0, "{out}{err}");
@@ -174,9 +129,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
                 .send(),
         )
         .expect("targets");
-    assert!(targets.targets()[0]
-        .arn()
-        .ends_with("function:kiln-trigger"));
+    assert_eq!(targets.targets()[0].arn(), r.outputs["TriggerFunctionArn"]);
     assert_eq!(applied["components"].as_array().map(Vec::len), Some(2));
 
     // WHEN the parameter changes and the event reaches the trigger function, twice
@@ -184,8 +137,9 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     let event = json!({"pipeline": "al2023-moto", "event": {
         "source": "aws.ssm", "detail-type": "Parameter Store Change",
         "detail": {"name": PARAM, "operation": "Update", "type": "String"}}});
-    let first = rt.block_on(trigger(&control, &event)).expect("trigger");
-    let again = rt.block_on(trigger(&control, &event)).expect("trigger");
+    let first = trigger(&r, &event);
+    let again = trigger(&r, &event);
+    r.assert_all_allowed();
     // THEN one execution started; the repeat was recognised
     assert_eq!(first["started"], true, "{first}");
     assert_eq!(again["deduplicated"], true, "{again}");
@@ -209,7 +163,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     let follow_file = dir.path().join("follow.yaml");
     std::fs::write(&follow_file, follow).expect("write");
     let (code, out, err) = kiln(
-        &moto,
+        moto,
         &[
             "apply",
             &follow_file.display().to_string(),
@@ -240,8 +194,8 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     let sns = json!({"Records": [{"EventSource": "aws:sns", "Sns": {
         "TopicArn": "arn:aws:sns:us-east-1:137112412989:amazon-linux-2023-ami-updates",
         "Subject": "Amazon Linux 2023 AMI Update", "Message": "{}"}}]});
-    let first = rt.block_on(trigger(&control, &sns)).expect("trigger");
-    let again = rt.block_on(trigger(&control, &sns)).expect("trigger");
+    let first = trigger(&r, &sns);
+    let again = trigger(&r, &sns);
     // THEN only the Amazon Linux pipeline is started, once
     assert_eq!(
         first["pipelines"].as_array().map(Vec::len),
@@ -255,34 +209,28 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
         .expect("executions");
     assert_eq!(executions.executions().len(), 2);
 
-    // WHEN a build is started by hand, and its builder launched (as the LaunchBuilder function
-    // would: moto does not run the state machine's tasks)
-    let (code, out, err) = kiln(&moto, &["start", "al2023-moto", "--stack", "kiln"]);
+    // WHEN a build is started by hand, and its builder launched by the LaunchBuilder function
+    // (moto does not run the state machine's tasks)
+    let (code, out, err) = kiln(moto, &["start", "al2023-moto", "--stack", "kiln"]);
     assert_eq!(code, 0, "{out}{err}");
     let execution = out.trim().rsplit(':').next().expect("name").to_string();
-    let build = rt
-        .block_on(kiln::stages::launch_builder::start(
-            &ports.ports(),
-            &StartRequest {
-                pipeline: "al2023-moto".into(),
-                trigger: Trigger {
-                    kind: TriggerKind::Manual,
-                    detail: None,
-                },
-                request_id: Some(execution.clone()),
-            },
-        ))
-        .expect("launch");
+    let (ok, launched) = r.invoke(
+        "LaunchBuilderFunction",
+        json!({"op": "start", "request": {"pipeline": "al2023-moto",
+               "trigger": {"kind": "manual"}, "requestId": execution}}),
+    );
+    assert!(ok, "{launched}");
+    let build: Build = serde_json::from_value(launched).expect("a build");
     assert_eq!(build.parent_image.as_ref(), Some(&parent));
     // AND it is listed and shown
     let (code, out, _) = kiln(
-        &moto,
+        moto,
         &["builds", "list", "--stack", "kiln", "--output", "json"],
     );
     assert_eq!(code, 0);
     assert!(out.contains(build.id.as_str()), "{out}");
     // WHEN it is cancelled
-    let (code, out, err) = kiln(&moto, &["cancel", &build.id.0[..20], "--stack", "kiln"]);
+    let (code, out, err) = kiln(moto, &["cancel", &build.id.0[..20], "--stack", "kiln"]);
     // THEN the execution is aborted, cleanup ran, and the build is CANCELLED with its lock free
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("CANCELLED"), "{out}");
@@ -303,23 +251,37 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
             .expect("get")
             .expect("build");
         assert_eq!(stored.status, BuildStatus::Cancelled);
-        assert!(p
-            .compute
-            .instances_of("us-east-1", &build.id)
+        // (raw DescribeInstances: the builder is terminated)
+        let builder = build
+            .builder
+            .as_ref()
+            .expect("builder")
+            .id
+            .as_str()
+            .to_string();
+        let state = aws_sdk_ec2::Client::new(&config)
+            .describe_instances()
+            .instance_ids(&builder)
+            .send()
             .await
-            .expect("instances")
-            .is_empty());
+            .expect("DescribeInstances")
+            .reservations()[0]
+            .instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string());
+        assert_eq!(state.as_deref(), Some("terminated"));
         let probe = kiln::model::build::BuildId::new_at(1);
         p.store
             .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
             .await
             .expect("lock free");
     });
-    let (code, out, _) = kiln(&moto, &["status", build.id.as_str(), "--stack", "kiln"]);
+    let (code, out, _) = kiln(moto, &["status", build.id.as_str(), "--stack", "kiln"]);
     assert_eq!(code, 0);
     assert!(out.contains("CANCELLED"), "{out}");
     // WHEN the pipeline is deleted from the stack, its schedule and rule go
-    let (code, out, err) = kiln(&moto, &["delete", "al2023-moto", "--stack", "kiln"]);
+    let (code, out, err) = kiln(moto, &["delete", "al2023-moto", "--stack", "kiln"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(rt
         .block_on(scheduler.get_schedule().name("kiln-al2023-moto").send())
@@ -333,7 +295,16 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
         )
         .is_err());
     // AND a stack that does not exist is a clear usage error
-    let (code, _, err) = kiln(&moto, &["start", "al2023-moto", "--stack", "nope"]);
+    let (code, _, err) = kiln(moto, &["start", "al2023-moto", "--stack", "nope"]);
     assert_eq!(code, 2);
     assert!(err.contains("stack `nope`"), "{err}");
+    // AND every request the functions made was authorized by their deployed roles
+    r.assert_all_allowed();
+}
+
+/// Invokes the deployed trigger function's bootstrap with an event, as EventBridge or SNS would.
+fn trigger(r: &Rehearsal, event: &Json) -> Json {
+    let (ok, body) = r.invoke("TriggerFunction", event.clone());
+    assert!(ok, "the trigger function failed: {body}");
+    body
 }

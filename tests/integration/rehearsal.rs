@@ -70,14 +70,14 @@ pub(crate) struct Rehearsal {
     log: PathBuf,
     faults: PathBuf,
     _dir: tempfile::TempDir,
-    outputs: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, String>,
     definition: Json,
     functions: HashMap<String, Deployed>,
     made_by_api: Vec<String>,
 }
 
 impl Rehearsal {
-    fn deploy() -> Rehearsal {
+    pub fn deploy() -> Rehearsal {
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("authz.jsonl");
         let faults = dir.path().join("faults.json");
@@ -178,10 +178,14 @@ impl Rehearsal {
     pub fn invoke(&self, logical: &str, event: Json) -> (bool, Json) {
         let f = self.function(logical);
         let env: Vec<(&str, String)> = f.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let (path, body) =
-            kiln_tests::runtime_api::invoke_once(&built_binary(&f.binary), &f.function_name, &event, &env)
-                .expect("the function answered")
-                .answer;
+        let (path, body) = kiln_tests::runtime_api::invoke_once(
+            &built_binary(&f.binary),
+            &f.function_name,
+            &event,
+            &env,
+        )
+        .expect("the function answered")
+        .answer;
         (path.ends_with("/response"), body)
     }
 
@@ -203,7 +207,12 @@ impl Rehearsal {
     }
 
     /// One execution of the deployed definition, each Task the function's bootstrap.
-    pub fn execute(&self, rt: &tokio::runtime::Runtime, pipeline: &str, name: &str) -> kiln::engine::Outcome {
+    pub fn execute(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        pipeline: &str,
+        name: &str,
+    ) -> kiln::engine::Outcome {
         let machine = definition::parse(&self.definition).expect("the deployed definition parses");
         let engine = Engine::new(
             Arc::new(Bootstraps(self.functions.clone())),
@@ -318,15 +327,26 @@ fn inventory(rt: &tokio::runtime::Runtime, config: &aws_config::SdkConfig) -> In
                 .build(),
         );
         rt.block_on(async {
-            let instances = ec2.describe_instances().send().await.expect("DescribeInstances");
+            let instances = ec2
+                .describe_instances()
+                .send()
+                .await
+                .expect("DescribeInstances");
             for i in instances.reservations().iter().flat_map(|r| r.instances()) {
                 if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
-                    inv.live_instances.insert(format!("{region}/{}", i.instance_id().unwrap_or_default()));
+                    inv.live_instances
+                        .insert(format!("{region}/{}", i.instance_id().unwrap_or_default()));
                 }
             }
-            let images = ec2.describe_images().owners("self").send().await.expect("DescribeImages");
+            let images = ec2
+                .describe_images()
+                .owners("self")
+                .send()
+                .await
+                .expect("DescribeImages");
             for i in images.images() {
-                inv.images.insert(format!("{region}/{}", i.image_id().unwrap_or_default()));
+                inv.images
+                    .insert(format!("{region}/{}", i.image_id().unwrap_or_default()));
             }
             let snapshots = ec2
                 .describe_snapshots()
@@ -335,7 +355,8 @@ fn inventory(rt: &tokio::runtime::Runtime, config: &aws_config::SdkConfig) -> In
                 .await
                 .expect("DescribeSnapshots");
             for s in snapshots.snapshots() {
-                inv.snapshots.insert(format!("{region}/{}", s.snapshot_id().unwrap_or_default()));
+                inv.snapshots
+                    .insert(format!("{region}/{}", s.snapshot_id().unwrap_or_default()));
             }
         });
     }
@@ -389,17 +410,16 @@ fn granted_but_unused(expanded: &Json, decisions: &[Json]) -> BTreeMap<String, V
                     Json::String(a) => {
                         granted.insert(a.clone());
                     }
-                    Json::Array(a) => granted.extend(a.iter().filter_map(|x| x.as_str().map(String::from))),
+                    Json::Array(a) => {
+                        granted.extend(a.iter().filter_map(|x| x.as_str().map(String::from)))
+                    }
                     _ => {}
                 }
             }
         }
         let empty = BTreeSet::new();
         let used = used.get(name.as_str()).unwrap_or(&empty);
-        let unused: Vec<String> = granted
-            .into_iter()
-            .filter(|g| !used.contains(g))
-            .collect();
+        let unused: Vec<String> = granted.into_iter().filter(|g| !used.contains(g)).collect();
         out.insert(name.clone(), unused);
     }
     out
@@ -432,19 +452,31 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// Requests per role (by logical id), and the check that none was denied.
-fn assert_all_allowed(r: &Rehearsal) -> (usize, BTreeMap<String, usize>) {
-    let decisions = r.decisions();
-    let denied = denials(&decisions);
-    assert!(denied.is_empty(), "denied by the deployed roles:\n{}", denied.join("\n"));
-    let mut by_role = BTreeMap::new();
-    for d in decisions.iter().filter(|d| d.get("action").is_some()) {
-        let role = d["role"].as_str().unwrap_or_default();
-        *by_role
-            .entry(role.split('-').nth(1).unwrap_or(role).to_string())
-            .or_insert(0) += 1;
+impl Rehearsal {
+    /// Requests per role (by logical id), and the check that none was denied.
+    pub fn assert_all_allowed(&self) -> (usize, BTreeMap<String, usize>) {
+        let decisions = self.decisions();
+        let denied = denials(&decisions);
+        assert!(
+            denied.is_empty(),
+            "denied by the deployed roles:\n{}",
+            denied.join("\n")
+        );
+        let mut by_role = BTreeMap::new();
+        for d in decisions.iter().filter(|d| d.get("action").is_some()) {
+            let role = d["role"].as_str().unwrap_or_default();
+            *by_role
+                .entry(role.split('-').nth(1).unwrap_or(role).to_string())
+                .or_insert(0) += 1;
+        }
+        (
+            decisions
+                .iter()
+                .filter(|d| d.get("action").is_some())
+                .count(),
+            by_role,
+        )
     }
-    (decisions.iter().filter(|d| d.get("action").is_some()).count(), by_role)
 }
 
 #[test]
@@ -466,8 +498,14 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
     let outcome = r.execute(&rt, "al2023-moto", "rehearsal-1");
 
     // THEN no request was denied, and the build is AVAILABLE in both regions
-    let (evaluated, by_role) = assert_all_allowed(&r);
-    assert_eq!(outcome.status, Status::Succeeded, "{:?} {:?}", outcome.error, outcome.cause);
+    let (evaluated, by_role) = r.assert_all_allowed();
+    assert_eq!(
+        outcome.status,
+        Status::Succeeded,
+        "{:?} {:?}",
+        outcome.error,
+        outcome.cause
+    );
     let output = outcome.output.expect("output");
     assert_eq!(output["status"], "AVAILABLE", "{output}");
     let regions: BTreeMap<&str, &str> = output["regions"]
@@ -476,14 +514,25 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         .flatten()
         .filter_map(|e| Some((e["region"].as_str()?, e["image"].as_str()?)))
         .collect();
-    assert_eq!(regions.keys().copied().collect::<Vec<_>>(), ["eu-central-1", "us-east-1"], "{output}");
+    assert_eq!(
+        regions.keys().copied().collect::<Vec<_>>(),
+        ["eu-central-1", "us-east-1"],
+        "{output}"
+    );
     // AND nothing of the build runs, and each region holds its image with snapshots, all tagged
     // by the stack, counted by raw Describe* calls
     let admin = r.admin(&rt);
     let inv = inventory(&rt, &admin);
-    assert!(inv.live_instances.is_empty(), "instances left: {:?}", inv.live_instances);
+    assert!(
+        inv.live_instances.is_empty(),
+        "instances left: {:?}",
+        inv.live_instances
+    );
     for (region, image) in &regions {
-        assert!(inv.images.contains(&format!("{region}/{image}")), "{region}: {inv:?}");
+        assert!(
+            inv.images.contains(&format!("{region}/{image}")),
+            "{region}: {inv:?}"
+        );
         let ec2 = aws_sdk_ec2::Client::from_conf(
             aws_sdk_ec2::config::Builder::from(&admin)
                 .region(aws_sdk_ec2::config::Region::new(region.to_string()))
@@ -502,7 +551,10 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
                     .send(),
             )
             .expect("DescribeSnapshots");
-        assert!(!snaps.snapshots().is_empty(), "{region}: no snapshot tagged by the stack");
+        assert!(
+            !snaps.snapshots().is_empty(),
+            "{region}: no snapshot tagged by the stack"
+        );
     }
     // AND every stage function made requests, each one evaluated
     for f in [
@@ -585,7 +637,7 @@ fn a_failure_at_every_stage_of_the_deployed_stack_leaves_nothing_and_frees_the_l
         // THEN it failed with the stage's error, every request authorized
         assert_eq!(outcome.status, Status::Failed, "{stage}");
         assert_eq!(outcome.error.as_deref(), Some(error), "{stage}: {:?}", outcome.cause);
-        assert_all_allowed(&r);
+        r.assert_all_allowed();
         // AND the build is FAILED with the stage named
         let builds = rt
             .block_on(ports.ports().store.builds("al2023-moto"))
