@@ -665,3 +665,178 @@ fn a_failure_at_every_stage_of_the_deployed_stack_leaves_nothing_and_frees_the_l
         });
     }
 }
+
+/// A public AMI published as the account's own parent parameter `name` (by the administrator).
+fn publish_parent(r: &Rehearsal, rt: &tokio::runtime::Runtime, name: &str) -> String {
+    let ports = r.store_ports(rt);
+    rt.block_on(async {
+        let p = ports.ports();
+        let any = p
+            .compute
+            .latest_image(
+                "us-east-1",
+                &kiln::model::pipeline::ParentFilter {
+                    owners: vec!["amazon".into()],
+                    name: "*".into(),
+                    architecture: None,
+                },
+            )
+            .await
+            .expect("images")
+            .expect("a public AMI");
+        p.parameters
+            .put("us-east-1", name, any.as_str())
+            .await
+            .expect("put");
+        any.0
+    })
+}
+
+/// The stack's daily lifecycle run: the cleanup function's bootstrap invoked with the input of
+/// the deployed schedule, under its own role. Old images go in every region with their
+/// snapshots; the newest and the image tagged to be kept stay (raw DescribeImages and
+/// DescribeSnapshots).
+#[test]
+fn the_daily_lifecycle_run_of_the_deployed_stack_removes_old_images_in_every_region() {
+    // GIVEN a pipeline that keeps one image, built three times through the deployed stack
+    let r = Rehearsal::deploy();
+    let rt = runtime();
+    // (moto's own public images come with snapshots in the account: counted before, left out)
+    let before = inventory(&rt, &r.admin(&rt));
+    r.apply(
+        &(moto_pipeline()
+            + "schedule:\n  startCondition: always\nlifecycle:\n  keepLatest: 1\n  excludeTags:\n    keep: \"true\"\n"),
+    );
+    let images: Vec<BTreeMap<String, String>> = (0..3)
+        .map(|n| {
+            let out = r.execute(&rt, "al2023-moto", &format!("lc-{n}"));
+            assert_eq!(
+                out.status,
+                Status::Succeeded,
+                "{:?} {:?}",
+                out.error,
+                out.cause
+            );
+            out.output.expect("output")["regions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    (
+                        e["region"].as_str().unwrap_or_default().to_string(),
+                        e["image"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    // AND the oldest image in eu-central-1 tagged by its owner to be kept
+    let admin = r.admin(&rt);
+    let eu = aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::from(&admin)
+            .region(aws_sdk_ec2::config::Region::new("eu-central-1"))
+            .build(),
+    );
+    let keep = images[0]["eu-central-1"].clone();
+    rt.block_on(
+        eu.create_tags()
+            .resources(&keep)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("keep")
+                    .value("true")
+                    .build(),
+            )
+            .send(),
+    )
+    .expect("tag");
+    // WHEN the daily schedule fires: its target is the cleanup function, with its input
+    let schedule = rt
+        .block_on(
+            aws_sdk_scheduler::Client::new(&admin)
+                .get_schedule()
+                .name(format!("{STACK}-daily-lifecycle"))
+                .send(),
+        )
+        .expect("the daily schedule");
+    let target = schedule.target().expect("target");
+    assert_eq!(schedule.schedule_expression(), Some("rate(1 day)"));
+    assert!(
+        target.arn().contains("-CleanupFunction-"),
+        "{}",
+        target.arn()
+    );
+    let input: Json = serde_json::from_str(target.input().unwrap_or("{}")).expect("input");
+    let (ok, report) = r.invoke("CleanupFunction", input);
+    // THEN it removed the two old images in us-east-1 and the middle one in eu-central-1
+    assert!(ok, "{report}");
+    assert_eq!(report["failed"], json!([]), "{report}");
+    r.assert_all_allowed();
+    let inv = inventory(&rt, &admin);
+    let want: BTreeSet<String> = [
+        format!("us-east-1/{}", images[2]["us-east-1"]),
+        format!("eu-central-1/{}", images[2]["eu-central-1"]),
+        format!("eu-central-1/{keep}"),
+    ]
+    .into_iter()
+    .collect();
+    let new_images: BTreeSet<String> = inv.images.difference(&before.images).cloned().collect();
+    assert_eq!(new_images, want, "{report}");
+    // AND their snapshots: one per image left, the others deleted
+    let new_snapshots: Vec<&String> = inv.snapshots.difference(&before.snapshots).collect();
+    assert_eq!(new_snapshots.len(), 3, "{new_snapshots:?}");
+}
+
+/// The failure policy on the deployed stack: after the failures it allows, the cleanup function
+/// disables the pipeline's real schedule (EventBridge Scheduler) and parent-change rule.
+#[test]
+fn the_failure_policy_disables_the_deployed_schedule_and_rule() {
+    // GIVEN a pipeline on the account's own parent parameter, scheduled, disabled after 1 failure
+    let r = Rehearsal::deploy();
+    let rt = runtime();
+    let param = "/images/base/latest";
+    publish_parent(&r, &rt, param);
+    r.apply(
+        &(moto_pipeline().replace(
+            "ssmParameter: /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+            &format!("ssmParameter: {param}"),
+        ) + "schedule:\n  cron: cron(0 3 ? * MON *)\n  disableAfterFailures: 1\n"),
+    );
+    let admin = r.admin(&rt);
+    let scheduler = aws_sdk_scheduler::Client::new(&admin);
+    let events = aws_sdk_eventbridge::Client::new(&admin);
+    let state = |rt: &tokio::runtime::Runtime| {
+        let s = rt
+            .block_on(scheduler.get_schedule().name("kiln-al2023-moto").send())
+            .expect("schedule");
+        let rule = rt
+            .block_on(
+                events
+                    .describe_rule()
+                    .name("kiln-al2023-moto-parent")
+                    .send(),
+            )
+            .expect("rule");
+        (
+            s.state().map(|x| x.as_str().to_string()),
+            rule.state().map(|x| x.as_str().to_string()),
+        )
+    };
+    assert_eq!(state(&rt), (Some("ENABLED".into()), Some("ENABLED".into())));
+    // WHEN a build fails (its component's command fails)
+    r.inject(json!([{"role": "CustomizeFunctionRole",
+                     "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}]));
+    let out = r.execute(&rt, "al2023-moto", "policy-1");
+    assert_eq!(
+        out.error.as_deref(),
+        Some("Kiln.ComponentFailed"),
+        "{:?}",
+        out.cause
+    );
+    // THEN the schedule and the rule are disabled, every request authorized
+    r.assert_all_allowed();
+    assert_eq!(
+        state(&rt),
+        (Some("DISABLED".into()), Some("DISABLED".into()))
+    );
+}
