@@ -263,6 +263,22 @@ impl Rehearsal {
     }
 }
 
+/// The authorization log outlives the test in `target/tmp/rehearsal/` (one file per run), so
+/// what each scenario used can be read afterwards (the granted-but-unused report across all).
+impl Drop for Rehearsal {
+    fn drop(&mut self) {
+        let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rehearsal");
+        if std::fs::create_dir_all(&keep).is_ok() {
+            let name = format!(
+                "{}-{}.jsonl",
+                std::thread::current().name().unwrap_or("test").replace("::", "-"),
+                std::process::id()
+            );
+            let _ = std::fs::copy(&self.log, keep.join(name));
+        }
+    }
+}
+
 /// Task states as Lambda runs them: the function's bootstrap, one invocation each, over the
 /// Runtime API, with the deployed environment and the function's role credentials.
 struct Bootstraps(HashMap<String, Deployed>);
