@@ -271,7 +271,10 @@ impl Drop for Rehearsal {
         if std::fs::create_dir_all(&keep).is_ok() {
             let name = format!(
                 "{}-{}.jsonl",
-                std::thread::current().name().unwrap_or("test").replace("::", "-"),
+                std::thread::current()
+                    .name()
+                    .unwrap_or("test")
+                    .replace("::", "-"),
                 std::process::id()
             );
             let _ = std::fs::copy(&self.log, keep.join(name));
@@ -324,6 +327,21 @@ impl Tasks for Bootstraps {
 }
 
 const REGIONS: [&str; 2] = ["us-east-1", "eu-central-1"];
+
+/// The shell text of every command SSM holds (ListCommands as the administrator).
+async fn aws_sdk_ssm_list(config: &aws_config::SdkConfig) -> Vec<String> {
+    let ssm = aws_sdk_ssm::Client::new(config);
+    let out = ssm.list_commands().send().await.expect("ListCommands");
+    out.commands()
+        .iter()
+        .map(|c| {
+            c.parameters()
+                .and_then(|p| p.get("commands"))
+                .map(|v| v.join("\n"))
+                .unwrap_or_default()
+        })
+        .collect()
+}
 
 /// What the account holds, by raw Describe* calls in every region (no tag filter): instances not
 /// terminated, images and snapshots the account owns.
@@ -570,6 +588,66 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         assert!(
             !snaps.snapshots().is_empty(),
             "{region}: no snapshot tagged by the stack"
+        );
+    }
+    // AND each region's image is shared with that region's account and published in its
+    // parameter
+    let store = r.store_ports(&rt);
+    for (region, image, account) in [
+        ("us-east-1", regions["us-east-1"], "111122223333"),
+        ("eu-central-1", regions["eu-central-1"], "444455556666"),
+    ] {
+        let ec2 = aws_sdk_ec2::Client::from_conf(
+            aws_sdk_ec2::config::Builder::from(&admin)
+                .region(aws_sdk_ec2::config::Region::new(region))
+                .build(),
+        );
+        let shared = rt
+            .block_on(
+                ec2.describe_image_attribute()
+                    .image_id(image)
+                    .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+                    .send(),
+            )
+            .expect("DescribeImageAttribute");
+        let accounts: Vec<&str> = shared
+            .launch_permissions()
+            .iter()
+            .filter_map(|l| l.user_id())
+            .collect();
+        assert_eq!(accounts, [account], "{region}");
+        let published = rt
+            .block_on(
+                store
+                    .ports()
+                    .parameters
+                    .get(region, "/images/al2023-moto/latest"),
+            )
+            .expect("GetParameter");
+        assert_eq!(published.as_deref(), Some(image), "{region}");
+    }
+    // AND the commands sent to the instances carry no pipeline value in their shell text
+    let decisions = r.decisions();
+    let sent = decisions
+        .iter()
+        .filter(|d| {
+            d["action"] == "ssm:SendCommand"
+                && d["resource"]
+                    .as_str()
+                    .is_some_and(|x| x.contains(":instance/"))
+        })
+        .count();
+    assert_eq!(sent, 2, "one customize and one test command");
+    let commands = rt
+        .block_on(aws_sdk_ssm_list(&admin))
+        .into_iter()
+        .collect::<Vec<_>>();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    for text in &commands {
+        assert!(text.contains("--parameters-file params.json"), "{text}");
+        assert!(
+            !text.contains("SshPort") && !text.contains("/tmp"),
+            "values reach the agent as files:\n{text}"
         );
     }
     // AND every stage function made requests, each one evaluated
