@@ -1,10 +1,12 @@
 //! The AWS stack as the tools that deploy it see it: cfn-lint and `sam validate --lint` on the
-//! template, asl-validator on the definition, and the template wired to the definition and to
-//! the functions that exist.
+//! template; cfn-lint, checkov and parliament on the template CloudFormation runs (expanded by
+//! aws-sam-translator, `infra/expand.py`); asl-validator on the definition; and the template wired
+//! to the definition and to the functions that exist.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::rehearsal::{expand, python};
 use crate::support::repo;
 
 fn tool(var: &str, fallback: &str) -> PathBuf {
@@ -34,6 +36,60 @@ fn cfn_lint_passes_on_the_template() {
     let mut cmd = Command::new(tool("KILN_CFN_LINT", ".venv/bin/cfn-lint"));
     cmd.arg(repo().join("infra/template.yaml"));
     run_ok(cmd);
+}
+
+#[test]
+fn cfn_lint_passes_on_the_expanded_template() {
+    // GIVEN the template as CloudFormation expands it (aws-sam-translator, definition inlined)
+    let dir = tempfile::tempdir().expect("dir");
+    let expanded = expand(dir.path());
+    // WHEN cfn-lint reads it (its cycle rule skips AWS::Serverless::* in the SAM file)
+    let mut cmd = Command::new(tool("KILN_CFN_LINT", ".venv/bin/cfn-lint"));
+    cmd.arg(&expanded);
+    // THEN it reports nothing: no dependency cycle, no bad property
+    run_ok(cmd);
+}
+
+#[test]
+fn checkov_finds_nothing_in_the_expanded_template() {
+    // GIVEN the expanded template WHEN checkov reads it with the waivers of infra/checkov.yaml
+    let dir = tempfile::tempdir().expect("dir");
+    let expanded = expand(dir.path());
+    let mut cmd = Command::new(python().with_file_name("checkov"));
+    cmd.arg("--config-file")
+        .arg(repo().join("infra/checkov.yaml"))
+        .args(["--framework", "cloudformation", "-f"])
+        .arg(&expanded);
+    // THEN it fails no check
+    run_ok(cmd);
+}
+
+#[test]
+fn parliament_finds_nothing_in_the_stack_policies() {
+    // GIVEN every role policy of the expanded template, as plain policy documents
+    let dir = tempfile::tempdir().expect("dir");
+    let expanded = expand(dir.path());
+    let policies = dir.path().join("policies");
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("infra/policies.py"))
+        .arg(&expanded)
+        .arg(&policies);
+    run_ok(cmd);
+    assert!(
+        std::fs::read_dir(&policies).expect("policies").count() >= 10,
+        "every role's policies"
+    );
+    // WHEN parliament reads them with the waivers of infra/parliament.yaml
+    let mut cmd = Command::new(python().with_file_name("parliament"));
+    cmd.arg("--config")
+        .arg(repo().join("infra/parliament.yaml"))
+        .arg("--directory")
+        .arg(&policies)
+        .args(["--include_policy_extension", "json"]);
+    // THEN it reports nothing (it exits 1 on any finding, and prints it)
+    let out = cmd.output().expect("parliament");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
 }
 
 #[test]
