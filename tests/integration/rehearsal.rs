@@ -919,3 +919,102 @@ fn the_failure_policy_disables_the_deployed_schedule_and_rule() {
         (Some("DISABLED".into()), Some("DISABLED".into()))
     );
 }
+
+/// Hostile: an instance and an image someone else tagged with a real build's id (but not by
+/// this stack) are neither found nor touched by the clean-up of that build; the build's own
+/// builder is terminated, the build ends FAILED, the lock is free, and nothing was denied.
+#[test]
+fn a_forged_build_tag_cannot_make_the_stack_touch_someone_elses_resources() {
+    // GIVEN a build whose builder the deployed LaunchBuilder function launched
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    let (ok, launched) = r.invoke(
+        "LaunchBuilderFunction",
+        json!({"op": "start", "request": {"pipeline": "al2023-moto",
+               "trigger": {"kind": "manual"}, "requestId": "forged-1"}}),
+    );
+    assert!(ok, "{launched}");
+    let build_id = launched["id"].as_str().expect("id").to_string();
+    let builder = launched["builder"]["id"]
+        .as_str()
+        .expect("builder")
+        .to_string();
+    // AND someone else's instance and image carrying that build's id, pipeline and version
+    let admin = r.admin(&rt);
+    let ec2 = aws_sdk_ec2::Client::new(&admin);
+    let tags = |kind: aws_sdk_ec2::types::ResourceType| {
+        let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+        aws_sdk_ec2::types::TagSpecification::builder()
+            .resource_type(kind)
+            .tags(tag("kiln:build-id", &build_id))
+            .tags(tag("kiln:pipeline", "al2023-moto"))
+            .tags(tag("kiln:version", "2.1.0/1"))
+            .build()
+    };
+    let parent = launched["parentImage"]
+        .as_str()
+        .expect("parent")
+        .to_string();
+    let forged = rt
+        .block_on(
+            ec2.run_instances()
+                .image_id(&parent)
+                .min_count(1)
+                .max_count(1)
+                .tag_specifications(tags(aws_sdk_ec2::types::ResourceType::Instance))
+                .send(),
+        )
+        .expect("RunInstances")
+        .instances()[0]
+        .instance_id()
+        .expect("id")
+        .to_string();
+    let forged_image = rt
+        .block_on(
+            ec2.create_image()
+                .instance_id(&forged)
+                .name("not-kiln")
+                .tag_specifications(tags(aws_sdk_ec2::types::ResourceType::Image))
+                .send(),
+        )
+        .expect("CreateImage")
+        .image_id()
+        .expect("id")
+        .to_string();
+    // WHEN the build fails and the deployed Cleanup function runs with the state machine's input
+    let (ok, done) = r.invoke(
+        "CleanupFunction",
+        json!({"build": launched, "error": {"Error": "Kiln.Internal", "Cause": "injected"}}),
+    );
+    // THEN the clean-up succeeded without a single denied request
+    assert!(ok, "{done}");
+    r.assert_all_allowed();
+    assert_eq!(done["status"], "FAILED", "{done}");
+    // AND the build's builder is terminated, the forged instance and image are untouched
+    let state = |id: &str| {
+        rt.block_on(ec2.describe_instances().instance_ids(id).send())
+            .expect("DescribeInstances")
+            .reservations()[0]
+            .instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+    };
+    assert_eq!(state(&builder).as_deref(), Some("terminated"));
+    assert_eq!(state(&forged).as_deref(), Some("running"));
+    let images = rt
+        .block_on(ec2.describe_images().image_ids(&forged_image).send())
+        .expect("DescribeImages");
+    assert_eq!(images.images().len(), 1, "the forged image is still there");
+    // AND the lock is free
+    let ports = r.store_ports(&rt);
+    let probe = kiln::model::build::BuildId::new_at(1);
+    rt.block_on(async {
+        let p = ports.ports();
+        p.store
+            .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
+            .await
+            .expect("the lock is free");
+    });
+}

@@ -58,6 +58,21 @@ impl AwsPorts {
         }
         all
     }
+
+    /// `filters`, and in a stack the filter that makes look-ups see only what this stack created
+    /// (`kiln:stack`): a resource someone else tagged with a build id is neither found nor
+    /// touched.
+    fn in_stack(&self, mut filters: Vec<Filter>) -> Option<Vec<Filter>> {
+        if let Some(stack) = &self.settings.stack {
+            filters.push(
+                Filter::builder()
+                    .name(format!("tag:{}", super::STACK_TAG))
+                    .values(stack)
+                    .build(),
+            );
+        }
+        Some(filters)
+    }
 }
 
 impl Compute for AwsPorts {
@@ -231,8 +246,7 @@ impl Compute for AwsPorts {
             let out = self
                 .ec2(region)
                 .describe_instances()
-                .filters(build_filter(build))
-                .filters(live)
+                .set_filters(self.in_stack(vec![build_filter(build), live]))
                 .send()
                 .await
                 .map_err(|e| sdk_error("DescribeInstances", e))?;
@@ -322,7 +336,7 @@ impl Compute for AwsPorts {
                 .ec2(region)
                 .describe_images()
                 .owners("self")
-                .filters(build_filter(build))
+                .set_filters(self.in_stack(vec![build_filter(build)]))
                 .send()
                 .await
                 .map_err(|e| sdk_error("DescribeImages", e))?;
@@ -568,13 +582,13 @@ impl Compute for AwsPorts {
                 .ec2(region)
                 .describe_images()
                 .owners("self")
-                .filters(
+                .set_filters(self.in_stack(vec![
                     Filter::builder()
                         .name("tag:kiln:pipeline")
                         .values(pipeline)
                         .build(),
-                )
-                .filters(Filter::builder().name("state").values("available").build())
+                    Filter::builder().name("state").values("available").build(),
+                ]))
                 .send()
                 .await
                 .map_err(|e| sdk_error("DescribeImages", e))?;
