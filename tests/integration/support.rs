@@ -10,12 +10,12 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// The AWSTOE fixture corpus: `../shared/fixtures/awstoe` beside the repository, or
-/// `$KILN_FIXTURES`.
+/// The AWSTOE fixture corpus (documents written by others, with their sources and licences in
+/// its README and MANIFEST.tsv): `tests/data/awstoe`, or `$KILN_FIXTURES`.
 pub fn awstoe_fixtures() -> PathBuf {
     std::env::var_os("KILN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/fixtures/awstoe"))
+        .unwrap_or_else(|| repo().join("tests/data/awstoe"))
 }
 
 /// Runs the `kiln` command line in-process; returns (exit code, stdout, stderr).
