@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 fn corpus() -> Vec<(PathBuf, String)> {
     let dir = std::env::var_os("KILN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/awstoe")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/awstoe"));
     let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
