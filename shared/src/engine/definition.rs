@@ -7,6 +7,15 @@ use serde_json::Value as Json;
 
 use super::path;
 
+/// The Error or Cause of a Fail state: the text itself, or `ErrorPath`/`CausePath` — a
+/// reference path or an intrinsic function (`States.Format('… {}', $.x)`), both valid in AWS.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailText {
+    Text(String),
+    Path(path::Path),
+    Intrinsic(String),
+}
+
 /// A problem in a definition.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
@@ -81,8 +90,8 @@ pub enum Kind {
     },
     Succeed,
     Fail {
-        error: Option<Result<String, path::Path>>,
-        cause: Option<Result<String, path::Path>>,
+        error: Option<FailText>,
+        cause: Option<FailText>,
     },
     Parallel {
         branches: Vec<Machine>,
@@ -161,6 +170,8 @@ impl State {
 pub struct Machine {
     pub start_at: String,
     pub states: BTreeMap<String, State>,
+    /// The execution's TimeoutSeconds (top level only): past it, the execution is TIMED_OUT.
+    pub timeout_seconds: Option<f64>,
 }
 
 const COMMON: &[&str] = &["Type", "Comment"];
@@ -539,7 +550,11 @@ impl Checker {
                 );
             }
         }
-        Some(Machine { start_at, states })
+        Some(Machine {
+            start_at,
+            states,
+            timeout_seconds: None,
+        })
     }
 
     fn state(&mut self, name: &str, v: &Json, at: &str, names: &BTreeSet<String>) -> Option<State> {
@@ -686,21 +701,26 @@ impl Checker {
             }
             "Succeed" => Kind::Succeed,
             "Fail" => {
-                let text_or_path =
-                    |this: &mut Self, k: &str| -> Option<Result<String, path::Path>> {
-                        match (obj.get(k), obj.get(&format!("{k}Path"))) {
-                            (Some(Json::String(s)), None) => Some(Ok(s.clone())),
-                            (None, Some(Json::String(p))) => path::parse(p)
-                                .map_err(|e| this.add(&format!("{at}/{k}Path"), e))
-                                .ok()
-                                .map(Err),
-                            (None, None) => None,
-                            _ => {
-                                this.add(at, format!("{k} and {k}Path are exclusive strings"));
-                                None
+                let text_or_path = |this: &mut Self, k: &str| -> Option<FailText> {
+                    match (obj.get(k), obj.get(&format!("{k}Path"))) {
+                        (Some(Json::String(s)), None) => Some(FailText::Text(s.clone())),
+                        (None, Some(Json::String(p))) if super::intrinsic::is_call(p) => {
+                            if let Err(e) = super::intrinsic::check(p) {
+                                this.add(&format!("{at}/{k}Path"), e);
                             }
+                            Some(FailText::Intrinsic(p.clone()))
                         }
-                    };
+                        (None, Some(Json::String(p))) => path::parse(p)
+                            .map_err(|e| this.add(&format!("{at}/{k}Path"), e))
+                            .ok()
+                            .map(FailText::Path),
+                        (None, None) => None,
+                        _ => {
+                            this.add(at, format!("{k} and {k}Path are exclusive strings"));
+                            None
+                        }
+                    }
+                };
                 Kind::Fail {
                     error: text_or_path(self, "Error"),
                     cause: text_or_path(self, "Cause"),
@@ -852,8 +872,24 @@ pub fn parse(definition: &Json) -> Result<Machine, Vec<Problem>> {
             }
         }
     }
+    let timeout_seconds = match definition.get("TimeoutSeconds") {
+        None => None,
+        Some(t) => match t.as_u64().filter(|t| *t > 0) {
+            Some(t) => Some(t as f64),
+            None => {
+                c.add(
+                    "/TimeoutSeconds",
+                    "TimeoutSeconds must be a positive integer",
+                );
+                None
+            }
+        },
+    };
     match m {
-        Some(m) if c.problems.is_empty() => Ok(m),
+        Some(m) if c.problems.is_empty() => Ok(Machine {
+            timeout_seconds,
+            ..m
+        }),
         _ => Err(c.problems),
     }
 }

@@ -7,6 +7,13 @@ use serde::{Deserialize, Serialize};
 pub struct StateError {
     pub error: String,
     pub cause: String,
+    /// A Fail state without Error (or Cause): AWS records none — null, not "".
+    #[serde(skip)]
+    pub unset: (bool, bool),
+    /// Ends the execution whatever the states' Retry and Catch say (the execution's own
+    /// TimeoutSeconds).
+    #[serde(skip)]
+    pub terminal: bool,
 }
 
 impl StateError {
@@ -14,7 +21,40 @@ impl StateError {
         StateError {
             error: error.into(),
             cause: cause.into(),
+            unset: (false, false),
+            terminal: false,
         }
+    }
+
+    /// The execution ran past its TimeoutSeconds: TIMED_OUT, caught by nothing.
+    pub fn execution_timed_out(seconds: f64) -> Self {
+        StateError {
+            terminal: true,
+            ..StateError::new(
+                "States.Timeout",
+                format!("The execution exceeded its TimeoutSeconds of {seconds} seconds"),
+            )
+        }
+    }
+
+    /// What a Fail state raises: its Error and Cause, either of which may be absent.
+    pub fn fail_state(error: Option<String>, cause: Option<String>) -> Self {
+        StateError {
+            unset: (error.is_none(), cause.is_none()),
+            error: error.unwrap_or_default(),
+            cause: cause.unwrap_or_default(),
+            terminal: false,
+        }
+    }
+
+    /// The error name as an execution reports it (None when a Fail state gave none).
+    pub fn reported_error(&self) -> Option<String> {
+        (!self.unset.0).then(|| self.error.clone())
+    }
+
+    /// The cause as an execution reports it (None when a Fail state gave none).
+    pub fn reported_cause(&self) -> Option<String> {
+        (!self.unset.1).then(|| self.cause.clone())
     }
 
     /// The error a Lambda function's failure becomes: `errorType` is the Error, the error
@@ -26,11 +66,14 @@ impl StateError {
 
     /// Whether a Retry or Catch with `names` handles this error.
     pub fn matches(&self, names: &[String], in_task: bool) -> bool {
-        if self.error == "States.Runtime" {
+        if self.error == "States.Runtime" || self.terminal {
             return false;
         }
         names.iter().any(|n| match n.as_str() {
-            "States.ALL" => self.error != "States.DataLimitExceeded",
+            // AWS documents that States.ALL does not catch States.DataLimitExceeded; its
+            // recorded executions show a Task's oversized result caught by States.ALL, so the
+            // exception holds for the other states only.
+            "States.ALL" => self.error != "States.DataLimitExceeded" || in_task,
             "States.TaskFailed" => {
                 in_task
                     && self.error != "States.Timeout"

@@ -147,9 +147,7 @@ impl Parser<'_> {
     }
 }
 
-/// Evaluates an intrinsic call against the state input and the context object. Errors are
-/// States.IntrinsicFailure causes.
-pub fn evaluate(text: &str, input: &Json, context: &Json) -> Result<Json, String> {
+fn parse(text: &str) -> Result<Arg, String> {
     let mut p = Parser {
         chars: text.trim().chars().collect(),
         pos: 0,
@@ -160,7 +158,18 @@ pub fn evaluate(text: &str, input: &Json, context: &Json) -> Result<Json, String
     if p.pos != p.chars.len() {
         return Err(p.err("unexpected text after the call"));
     }
-    eval(&call, input, context)
+    Ok(call)
+}
+
+/// Checks an intrinsic call's syntax (for the definition checker).
+pub fn check(text: &str) -> Result<(), String> {
+    parse(text).map(|_| ())
+}
+
+/// Evaluates an intrinsic call against the state input and the context object. Errors are
+/// States.IntrinsicFailure causes.
+pub fn evaluate(text: &str, input: &Json, context: &Json) -> Result<Json, String> {
+    eval(&parse(text)?, input, context)
 }
 
 fn eval(arg: &Arg, input: &Json, context: &Json) -> Result<Json, String> {
@@ -199,11 +208,29 @@ fn as_int(name: &str, v: &Json) -> Result<i64, String> {
         .ok_or_else(|| format!("{name}: expected an integer, got {v}"))
 }
 
+/// An argument of `States.Format` as Step Functions renders it: strings as they are, arrays as
+/// `[a, b]`, objects as `{key=value, key=value}` (its Java `toString`), other values as JSON.
 fn text_of(v: &Json) -> String {
     match v {
         Json::String(s) => s.clone(),
+        Json::Array(a) => format!("[{}]", a.iter().map(text_of).collect::<Vec<_>>().join(", ")),
+        Json::Object(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", text_of(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         other => other.to_string(),
     }
+}
+
+/// A `States.MathAdd` operand: Step Functions rounds a non-integer half up (`floor(x + 0.5)`:
+/// 1.5 → 2, 2.5 → 3, −1.5 → −1, −2.5 → −2), as its recorded executions show.
+fn rounded(name: &str, v: &Json) -> Result<i64, String> {
+    v.as_i64()
+        .or_else(|| v.as_f64().map(|f| (f + 0.5).floor() as i64))
+        .ok_or_else(|| format!("{name}: expected a number, got {v}"))
 }
 
 fn random_u64() -> u64 {
@@ -236,8 +263,15 @@ fn call(name: &str, v: &[Json]) -> Result<Json, String> {
             }
             json!(out)
         }
-        "States.StringToJson" => serde_json::from_str(as_str(name, &want(name, v, 1)?[0])?)
-            .map_err(|e| format!("States.StringToJson: {e}"))?,
+        "States.StringToJson" => {
+            let text = as_str(name, &want(name, v, 1)?[0])?;
+            // An empty or blank string is null in Step Functions, not an error.
+            if text.trim().is_empty() {
+                Json::Null
+            } else {
+                serde_json::from_str(text).map_err(|e| format!("States.StringToJson: {e}"))?
+            }
+        }
         "States.JsonToString" => {
             json!(serde_json::to_string(&want(name, v, 1)?[0]).map_err(|e| e.to_string())?)
         }
@@ -372,7 +406,7 @@ fn call(name: &str, v: &[Json]) -> Result<Json, String> {
         }
         "States.MathAdd" => {
             let v = want(name, v, 2)?;
-            json!(as_int(name, &v[0])? + as_int(name, &v[1])?)
+            json!(rounded(name, &v[0])? + rounded(name, &v[1])?)
         }
         "States.StringSplit" => {
             let v = want(name, v, 2)?;

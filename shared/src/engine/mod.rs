@@ -58,6 +58,8 @@ pub struct Event {
 pub enum Status {
     Succeeded,
     Failed,
+    /// The execution ran past the definition's TimeoutSeconds.
+    TimedOut,
 }
 
 /// How an execution ended.
@@ -69,15 +71,21 @@ pub struct Outcome {
     pub cause: Option<String>,
     #[serde(skip)]
     pub history: Vec<Event>,
+    /// Retry attempts made (each is billed as a state transition).
+    #[serde(skip)]
+    pub retries: usize,
 }
 
 impl Outcome {
-    /// State transitions, as AWS bills them (one per state entered).
+    /// State transitions, as AWS bills them: one per state entered and one per retry attempt
+    /// (AWS pricing: "Step Functions counts a state transition each time a step of your
+    /// workflow is executed", retries included).
     pub fn state_transitions(&self) -> usize {
         self.history
             .iter()
             .filter(|e| e.kind.ends_with("StateEntered"))
             .count()
+            + self.retries
     }
 
     /// Task invocations (Lambda invocations for Lambda resources).
@@ -112,6 +120,9 @@ struct Run<'e> {
     next_id: AtomicU64,
     overflow: AtomicBool,
     context: Json,
+    retries: AtomicU64,
+    /// The execution's end by its TimeoutSeconds, and those seconds.
+    deadline: Option<(chrono::DateTime<chrono::Utc>, f64)>,
 }
 
 enum Step {
@@ -155,6 +166,13 @@ impl Engine {
             next_id: AtomicU64::new(1),
             overflow: AtomicBool::new(false),
             context,
+            retries: AtomicU64::new(0),
+            deadline: machine.timeout_seconds.map(|t| {
+                (
+                    self.clock.now() + chrono::Duration::milliseconds((t * 1000.0) as i64),
+                    t,
+                )
+            }),
         };
         run.event("ExecutionStarted", None, json!({"input": input}));
         let result = if serde_json::to_vec(&input).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES
@@ -164,7 +182,21 @@ impl Engine {
                 "the execution input is larger than 256 KiB",
             ))
         } else {
-            run.machine(machine, input, None).await
+            match run.deadline {
+                // In real time the execution is also cut off while a state is still running.
+                Some((_, secs)) if !self.virtual_time => {
+                    match tokio::time::timeout(
+                        Duration::from_secs_f64(secs),
+                        run.machine(machine, input, None),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(StateError::execution_timed_out(secs)),
+                    }
+                }
+                _ => run.machine(machine, input, None).await,
+            }
         };
         let outcome = match result {
             Ok(output) => {
@@ -175,24 +207,42 @@ impl Engine {
                     error: None,
                     cause: None,
                     history: Vec::new(),
+                    retries: 0,
+                }
+            }
+            Err(e) if e.terminal && e.error == "States.Timeout" => {
+                run.event(
+                    "ExecutionTimedOut",
+                    None,
+                    json!({"error": e.error, "cause": e.cause}),
+                );
+                Outcome {
+                    status: Status::TimedOut,
+                    output: None,
+                    error: Some(e.error),
+                    cause: Some(e.cause),
+                    history: Vec::new(),
+                    retries: 0,
                 }
             }
             Err(e) => {
                 run.event(
                     "ExecutionFailed",
                     None,
-                    json!({"error": e.error, "cause": e.cause}),
+                    json!({"error": e.reported_error(), "cause": e.reported_cause()}),
                 );
                 Outcome {
                     status: Status::Failed,
                     output: None,
-                    error: Some(e.error),
-                    cause: Some(e.cause),
+                    error: e.reported_error(),
+                    cause: e.reported_cause(),
                     history: Vec::new(),
+                    retries: 0,
                 }
             }
         };
         Outcome {
+            retries: run.retries.load(Ordering::Relaxed) as usize,
             history: run
                 .history
                 .into_inner()
@@ -203,14 +253,15 @@ impl Engine {
 }
 
 impl Run<'_> {
-    fn event(&self, kind: &str, state: Option<&str>, details: Json) {
+    /// Records an event; returns its id (0 when the history is full).
+    fn event(&self, kind: &str, state: Option<&str>, details: Json) -> u64 {
         let mut h = self
             .history
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if h.len() >= self.engine.max_events {
             self.overflow.store(true, Ordering::Relaxed);
-            return;
+            return 0;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         h.push(Event {
@@ -224,6 +275,17 @@ impl Run<'_> {
             state: state.map(str::to_string),
             details,
         });
+        id
+    }
+
+    /// The execution's TimeoutSeconds, checked between states and after waits.
+    fn check_deadline(&self) -> Result<(), StateError> {
+        match self.deadline {
+            Some((at, secs)) if self.engine.clock.now() > at => {
+                Err(StateError::execution_timed_out(secs))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn check_overflow(&self) -> Result<(), StateError> {
@@ -246,6 +308,7 @@ impl Run<'_> {
             let mut current = m.start_at.clone();
             let mut input = input;
             loop {
+                self.check_deadline()?;
                 let state = m
                     .states
                     .get(&current)
@@ -295,7 +358,7 @@ impl Run<'_> {
         item: Option<&Json>,
     ) -> Result<Step, StateError> {
         let ty = state.type_name();
-        self.event(
+        let entered = self.event(
             &format!("{ty}StateEntered"),
             Some(&state.name),
             json!({"input": raw}),
@@ -305,7 +368,11 @@ impl Run<'_> {
         let mut retries = 0u32;
         let result = loop {
             let ctx = self.context_for(state, retries, item);
-            match self.attempt(state, &raw, &ctx).await {
+            match self
+                .attempt(state, &raw, &ctx)
+                .await
+                .map_err(|e| in_aws_words(e, &state.name, entered))
+            {
                 Ok(v) => break Ok(v),
                 Err(e) => {
                     self.check_overflow()?;
@@ -327,10 +394,12 @@ impl Run<'_> {
                             }
                             counts[i] += 1;
                             retries += 1;
+                            self.retries.fetch_add(1, Ordering::Relaxed);
                             self.engine
                                 .clock
                                 .sleep(Duration::from_secs_f64(delay.max(0.0)))
                                 .await;
+                            self.check_deadline()?;
                             continue;
                         }
                     }
@@ -486,6 +555,24 @@ impl Run<'_> {
                     None => call.await,
                 };
                 match outcome {
+                    Ok(result)
+                        if serde_json::to_vec(&result).map(|b| b.len()).unwrap_or(0)
+                            > MAX_PAYLOAD_BYTES =>
+                    {
+                        let e = StateError::new(
+                            "States.DataLimitExceeded",
+                            format!(
+                                "The state/task '{}' returned a result with a size exceeding the maximum number of bytes service limit.",
+                                state.name
+                            ),
+                        );
+                        self.event(
+                            failed,
+                            Some(&state.name),
+                            json!({"error": e.error, "cause": e.cause}),
+                        );
+                        Err(e)
+                    }
                     Ok(result) => {
                         self.event(succeeded, Some(&state.name), json!({"output": result}));
                         finish(result)
@@ -534,6 +621,12 @@ impl Run<'_> {
                 let wait = match (seconds, timestamp) {
                     (Some(s), _) => {
                         let s = self.number(s, &effective, ctx)?;
+                        // SecondsPath must hold an integer: AWS fails 1.5 with States.Runtime.
+                        if s.fract() != 0.0 {
+                            return Err(runtime(format!(
+                                "The SecondsPath parameter does not reference a valid integer value: {s}"
+                            )));
+                        }
                         if s < 0.0 {
                             return Err(runtime("Wait seconds must not be negative"));
                         }
@@ -548,14 +641,37 @@ impl Run<'_> {
                                 .map(str::to_string)
                                 .ok_or_else(|| runtime("TimestampPath does not hold a string"))?,
                         };
-                        let at = chrono::DateTime::parse_from_rfc3339(&text).map_err(|_| {
-                            runtime(format!("`{text}` is not an RFC 3339 timestamp"))
-                        })?;
+                        // ISO 8601 with the `T` separator: AWS fails "2026-01-01 00:00:00Z"
+                        // (chrono alone accepts the space).
+                        let at = chrono::DateTime::parse_from_rfc3339(&text)
+                            .ok()
+                            .filter(|_| text.as_bytes().get(10) == Some(&b'T'))
+                            .ok_or_else(|| {
+                                runtime(format!(
+                                    "The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {text}"
+                                ))
+                            })?;
                         (at.with_timezone(&chrono::Utc) - self.engine.clock.now())
                             .to_std()
                             .unwrap_or_default()
                     }
                     (None, None) => Duration::ZERO,
+                };
+                // A wait past the execution's deadline ends it at the deadline.
+                let wait = match self.deadline {
+                    Some((at, secs))
+                        if self.engine.clock.now()
+                            + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
+                            > at =>
+                    {
+                        let left = (at - self.engine.clock.now()).to_std().unwrap_or_default();
+                        self.engine
+                            .clock
+                            .sleep(left + Duration::from_millis(1))
+                            .await;
+                        return Err(StateError::execution_timed_out(secs));
+                    }
+                    _ => wait,
                 };
                 self.engine.clock.sleep(wait).await;
                 Ok((
@@ -568,18 +684,26 @@ impl Run<'_> {
                 None,
             )),
             Kind::Fail { error, cause } => {
-                let read = |f: &Option<Result<String, path::Path>>| -> Result<String, StateError> {
-                    match f {
-                        None => Ok(String::new()),
-                        Some(Ok(t)) => Ok(t.clone()),
-                        Some(Err(p)) => path::select(p, raw, ctx).map_err(runtime).and_then(|v| {
-                            v.as_str()
-                                .map(str::to_string)
-                                .ok_or_else(|| runtime("ErrorPath/CausePath must select a string"))
-                        }),
-                    }
-                };
-                Err(StateError::new(read(error)?, read(cause)?))
+                // Neither Error nor Cause: AWS records no error and no cause (null, not "").
+                let read =
+                    |f: &Option<definition::FailText>| -> Result<Option<String>, StateError> {
+                        let value = match f {
+                            None => return Ok(None),
+                            Some(definition::FailText::Text(t)) => return Ok(Some(t.clone())),
+                            Some(definition::FailText::Path(p)) => {
+                                path::select(p, raw, ctx).map_err(runtime)?
+                            }
+                            Some(definition::FailText::Intrinsic(expr)) => {
+                                intrinsic::evaluate(expr, raw, ctx)
+                                    .map_err(|e| StateError::new("States.IntrinsicFailure", e))?
+                            }
+                        };
+                        value
+                            .as_str()
+                            .map(|s| Some(s.to_string()))
+                            .ok_or_else(|| runtime("ErrorPath/CausePath must select a string"))
+                    };
+                Err(StateError::fail_state(read(error)?, read(cause)?))
             }
             Kind::Parallel { branches } => {
                 let input = params(&effective)?;
@@ -719,6 +843,25 @@ impl Run<'_> {
             }
         }
     }
+}
+
+/// The cause of an error the engine raises while running a state, in Step Functions' words:
+/// "An error occurred while executing the state 'X' (entered at the event id #N). …", so tools
+/// that match on causes behave as with AWS. Errors from tasks, and causes already worded so (from
+/// a nested state), are left as they are.
+fn in_aws_words(mut e: StateError, state: &str, entered: u64) -> StateError {
+    const PREFIX: &str = "An error occurred while executing the state";
+    if matches!(
+        e.error.as_str(),
+        "States.Runtime" | "States.IntrinsicFailure"
+    ) && !e.cause.starts_with(PREFIX)
+    {
+        e.cause = format!(
+            "{PREFIX} '{state}' (entered at the event id #{entered}). {}",
+            e.cause
+        );
+    }
+    e
 }
 
 fn apply_input_path(p: &PathField, raw: &Json, ctx: &Json) -> Result<Json, StateError> {
