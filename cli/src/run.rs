@@ -693,6 +693,15 @@ fn summary(
         "imageWriteSeconds": (image_io * 1000.0).round() / 1000.0,
         "stateTransitions": outcome.state_transitions(),
         "taskInvocations": outcome.task_invocations(),
+        "aws": {
+            "minStateTransitions": kiln::stages::handler::aws_bill_floor(&outcome).0,
+            "minLambdaInvocations": kiln::stages::handler::aws_bill_floor(&outcome).1,
+            "perPoll": {
+                "stateTransitions": kiln::stages::handler::AWS_POLL_COST.0,
+                "lambdaInvocations": kiln::stages::handler::AWS_POLL_COST.1,
+            },
+            "pollSeconds": 30,
+        },
         "error": outcome.error,
         "cause": outcome.cause,
         "failure": build.and_then(|b| b.failure.clone()),
@@ -728,8 +737,12 @@ fn write_summary(out: &mut dyn Write, s: &Json) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        "  in AWS this build would bill {} state transitions and {} Lambda invocations",
-        s["stateTransitions"], s["taskInvocations"]
+        "  in AWS this build would bill at least {} state transitions and {} Lambda invocations, plus {} and {} for every {} s poll while AWS works",
+        s["aws"]["minStateTransitions"],
+        s["aws"]["minLambdaInvocations"],
+        s["aws"]["perPoll"]["stateTransitions"],
+        s["aws"]["perPoll"]["lambdaInvocations"],
+        s["aws"]["pollSeconds"]
     )?;
     if s["status"] != "AVAILABLE" && s["status"] != "SKIPPED" {
         if let Some(f) = s["failure"].as_object() {

@@ -271,8 +271,15 @@ fn hello_builds_tests_and_distributes_an_image_in_two_regions() {
             .unwrap_or(0);
         assert_eq!(commands, 1, "{}", entry.path().display());
     }
-    // AND the summary counts what AWS would bill
+    // AND the summary counts what AWS would bill: every state and retry of this execution, and
+    // at least DefaultWait more for the deployed stack (its triggers give no waitSeconds)
     assert!(summary["stateTransitions"].as_u64() > Some(15), "{summary}");
+    assert_eq!(
+        summary["aws"]["minStateTransitions"].as_u64(),
+        summary["stateTransitions"].as_u64().map(|n| n + 1),
+        "{summary}"
+    );
+    assert_eq!(summary["aws"]["perPoll"]["stateTransitions"], 3);
     home.assert_nothing_left("hello");
 
     // WHEN it runs again unchanged (startCondition onChange)

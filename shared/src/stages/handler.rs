@@ -181,6 +181,21 @@ pub async fn handle(
 /// embedded runs execute exactly what the stack deploys.
 pub const DEFINITION: &str = include_str!("../../../infra/statemachine/pipeline.asl.json");
 
+/// What the same build bills at least in the deployed stack, from an embedded run of the one
+/// definition: AWS bills every state entered and every retry attempt, as the engine counts them,
+/// plus `DefaultWait` (the stack's triggers start executions without `waitSeconds`, the embedded
+/// run passes 0). Each poll while AWS works adds [`AWS_POLL_COST`]: AWS's instances, commands
+/// and images take minutes, so a deployed build polls where the embedded one found each stage
+/// ready at once.
+#[cfg(feature = "engine")]
+pub fn aws_bill_floor(outcome: &crate::engine::Outcome) -> (usize, usize) {
+    (outcome.state_transitions() + 1, outcome.task_invocations())
+}
+
+/// One poll of a stage in the deployed state machine: Wait, the check Task, the Choice — three
+/// state transitions and one Lambda invocation, every `waitSeconds` (30 by default).
+pub const AWS_POLL_COST: (usize, usize) = (3, 1);
+
 /// The state machine's `${Name}` substitutions for running it in-process: each function gets a
 /// Lambda-shaped ARN (so the history and the bill read as they would in AWS).
 pub fn local_substitutions() -> std::collections::HashMap<String, String> {
