@@ -11,6 +11,10 @@ NotImplementedError, a 500) and CopyImage's `TagSpecification` for `image` and `
 drops them). AWS applies them to the new image and its snapshots in the same call, which is what
 lets a policy allow ec2:CreateTags only with `ec2:CreateAction`.
 
+4. ClientToken on RunInstances and CopyImage (moto ignores it): a request repeated with the same
+token returns what the first one made, as AWS's idempotency documentation describes, instead of
+a second instance or copy. This is what makes a retried Lambda with its original input safe.
+
 3. CloudFormation's `DefinitionSubstitutions` on AWS::StepFunctions::StateMachine (moto stores
 the definition with its `${Name}`s unreplaced): each `${Name}` replaced by its resolved value, as
 CloudFormation does before creating the state machine.
@@ -25,6 +29,7 @@ from moto.core.responses import ActionResult
 from moto.ec2.exceptions import InvalidTaggableResourceType
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.amis import AmiBackend
+from moto.ec2.models.instances import InstanceBackend
 from moto.ec2.responses.amis import AmisResponse
 from moto.stepfunctions.models import StateMachine
 from moto.ssm.responses import SimpleSystemManagerResponse
@@ -99,9 +104,16 @@ def create_image(self, instance_id, name, description, tag_specifications):
 AmiBackend.create_image = create_image
 
 
+_copies_by_token = {}
+
+
 def copy_image_response(self):
     image_tags, snapshot_tags = _split_specs(self._get_param("TagSpecifications", []))
     self.error_on_dryrun()
+    token = self._get_param("ClientToken")
+    key = (self.current_account, self.region, token)
+    if token and key in _copies_by_token and _copies_by_token[key] in self.ec2_backend.amis:
+        return ActionResult({"ImageId": _copies_by_token[key]})
     ami = _copy_image(
         self.ec2_backend,
         self._get_param("SourceImageId"),
@@ -110,10 +122,26 @@ def copy_image_response(self):
         self._get_param("Description"),
     )
     _tag(ami, image_tags, snapshot_tags)
+    if token:
+        _copies_by_token[key] = ami.id
     return ActionResult({"ImageId": ami.id})
 
 
 AmisResponse.copy_image = copy_image_response
+
+_run_instances = InstanceBackend.run_instances
+
+
+def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+    token = kwargs.get("client_token")
+    if token and token != "ABCDE":  # moto's default when the request has none
+        for reservation in self.reservations.values():
+            if any(getattr(i, "client_token", None) == token for i in reservation.instances):
+                return reservation
+    return _run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+
+
+InstanceBackend.run_instances = run_instances
 
 
 

@@ -1018,3 +1018,102 @@ fn a_forged_build_tag_cannot_make_the_stack_touch_someone_elses_resources() {
             .expect("the lock is free");
     });
 }
+
+/// Every Task invoked twice with its original input, the second after the first's side effects,
+/// as Lambda may deliver it; the second answer is the one the state machine sees.
+struct Twice(Bootstraps);
+
+impl Tasks for Twice {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            let first = self.0.invoke(resource, state, input.clone()).await;
+            let second = self.0.invoke(resource, state, input).await;
+            match (&first, &second) {
+                (Ok(_), Err(e)) => Err(StateError::new(
+                    "Rehearsal.RetryFailed",
+                    format!(
+                        "{state}: the first delivery succeeded, the retry failed: {}",
+                        e.cause
+                    ),
+                )),
+                _ => second,
+            }
+        })
+    }
+}
+
+/// Retries as Lambda delivers them: every Task of the deployed definition invoked twice with
+/// its original input does its work once — one builder, one test instance, one image per
+/// region, one command per stage — and the build is AVAILABLE.
+#[test]
+fn every_task_delivered_twice_with_its_original_input_does_its_work_once() {
+    // GIVEN the deployed stack and its pipeline, and what the account holds before
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    let before = inventory(&rt, &admin);
+    // WHEN a build runs with every Task delivered twice
+    let machine = definition::parse(&r.definition).expect("definition");
+    let engine = Engine::new(
+        Arc::new(Twice(Bootstraps(r.functions.clone()))),
+        Arc::new(VirtualClock::default()),
+        true,
+    );
+    let outcome = rt.block_on(engine.run(
+        &machine,
+        json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0}),
+        "twice-1",
+    ));
+    // THEN it is AVAILABLE, every request authorized
+    r.assert_all_allowed();
+    assert_eq!(
+        outcome.status,
+        Status::Succeeded,
+        "{:?} {:?}",
+        outcome.error,
+        outcome.cause
+    );
+    // AND exactly two instances were ever launched (the builder and the test instance), one
+    // image made per region, and one command sent per command stage
+    let mut launched = 0;
+    for region in REGIONS {
+        let ec2 = aws_sdk_ec2::Client::from_conf(
+            aws_sdk_ec2::config::Builder::from(&admin)
+                .region(aws_sdk_ec2::config::Region::new(region))
+                .build(),
+        );
+        launched += rt
+            .block_on(
+                ec2.describe_instances()
+                    .filters(
+                        aws_sdk_ec2::types::Filter::builder()
+                            .name("tag:kiln:stack")
+                            .values(STACK)
+                            .build(),
+                    )
+                    .send(),
+            )
+            .expect("DescribeInstances")
+            .reservations()
+            .iter()
+            .map(|res| res.instances().len())
+            .sum::<usize>();
+    }
+    assert_eq!(launched, 2, "instances launched");
+    let after = inventory(&rt, &admin);
+    let new_images: Vec<&String> = after.images.difference(&before.images).collect();
+    assert_eq!(new_images.len(), 2, "one image per region: {new_images:?}");
+    assert!(
+        after.live_instances.is_empty(),
+        "{:?}",
+        after.live_instances
+    );
+    let commands = rt.block_on(aws_sdk_ssm_list(&admin));
+    assert_eq!(commands.len(), 2, "one customize and one test command");
+}
