@@ -1117,3 +1117,64 @@ fn every_task_delivered_twice_with_its_original_input_does_its_work_once() {
     let commands = rt.block_on(aws_sdk_ssm_list(&admin));
     assert_eq!(commands.len(), 2, "one customize and one test command");
 }
+
+/// Concurrency for real: 20 deliveries of a start for one pipeline at once, each the deployed
+/// LaunchBuilder bootstrap in its own process with its own client, against DynamoDB (moto):
+/// exactly one build and one builder; every other start is told the pipeline is locked and by
+/// which build; nothing is recorded twice.
+#[test]
+fn twenty_concurrent_starts_on_dynamodb_make_one_build_and_name_the_holder() {
+    // GIVEN the deployed stack and its pipeline
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    // WHEN 20 executions start it at the same moment
+    let answers: Vec<(bool, Json)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|n| {
+                let r = &r;
+                s.spawn(move || {
+                    r.invoke(
+                        "LaunchBuilderFunction",
+                        json!({"op": "start", "request": {"pipeline": "al2023-moto",
+                               "trigger": {"kind": "manual"}, "requestId": format!("race-{n}")}}),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    // THEN exactly one started a build; every other was refused as locked, naming that build
+    let started: Vec<&Json> = answers
+        .iter()
+        .filter(|(ok, _)| *ok)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(started.len(), 1, "{answers:?}");
+    let holder = started[0]["id"].as_str().expect("id");
+    for (ok, body) in &answers {
+        if *ok {
+            continue;
+        }
+        assert_eq!(body["errorType"], "Kiln.Locked", "{body}");
+        assert!(
+            body["errorMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(holder),
+            "the refusal names the holder {holder}: {body}"
+        );
+    }
+    r.assert_all_allowed();
+    // AND one build is recorded, and one builder runs
+    let ports = r.store_ports(&rt);
+    let builds = rt
+        .block_on(ports.ports().store.builds("al2023-moto"))
+        .expect("builds");
+    assert_eq!(builds.len(), 1, "{builds:?}");
+    let inv = inventory(&rt, &r.admin(&rt));
+    assert_eq!(inv.live_instances.len(), 1, "{:?}", inv.live_instances);
+}
