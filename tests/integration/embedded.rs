@@ -706,3 +706,62 @@ fn serve_runs_applied_pipelines_on_their_schedule_and_disables_a_failing_one() {
     );
     home.assert_nothing_left("breaks-build");
 }
+
+/// Regression (issue #16): 20 `kiln run` processes of one pipeline on one home at once make
+/// exactly one build; every other process says who holds the lock, and none crashes (one used
+/// to die on `UNIQUE constraint failed: pipelines.name, pipelines.version` registering the
+/// version).
+#[test]
+fn twenty_concurrent_runs_on_sqlite_make_one_build_and_name_the_holder() {
+    // GIVEN a home with the tiny base
+    let home = Home::new();
+    let (code, out, err) = home.kiln(&["image", "bootstrap", "kiln-tiny", "--variant", "tiny"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let file = repo().join("examples/hello/pipeline.yaml");
+    // WHEN 20 processes run the pipeline at the same moment
+    let children: Vec<std::process::Child> = (0..20)
+        .map(|_| {
+            home.command(&["run", &file.display().to_string(), "--output", "json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("kiln run")
+        })
+        .collect();
+    let outs: Vec<(i32, String, String)> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().expect("wait");
+            (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .collect();
+    // THEN one build is AVAILABLE and every other run was refused, naming that build
+    let builds = futures::executor::block_on(Store::builds(&home.store(), "hello"))
+        .expect("builds");
+    let real: Vec<_> = builds
+        .iter()
+        .filter(|b| b.status != kiln::model::build::BuildStatus::Skipped)
+        .collect();
+    assert_eq!(real.len(), 1, "{builds:?}\n{outs:?}");
+    let holder = real[0].id.as_str().to_string();
+    let mut winners = 0;
+    for (code, out, err) in &outs {
+        let summary: Json = serde_json::from_str(out)
+            .unwrap_or_else(|e| panic!("no crash, a summary ({e}): exit {code}\n{out}\n{err}"));
+        if summary["status"] == "AVAILABLE" {
+            winners += 1;
+            assert_eq!(*code, 0);
+        } else {
+            assert!(
+                summary["status"] == "SKIPPED" || format!("{summary}{err}").contains(&holder),
+                "a refused run names the holder {holder}: exit {code}\n{summary}\n{err}"
+            );
+        }
+    }
+    assert_eq!(winners, 1, "{outs:?}");
+    home.assert_nothing_left("hello");
+}

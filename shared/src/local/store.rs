@@ -222,32 +222,36 @@ impl Store for SqliteStore {
         ready(self.with(|db| {
             let p = &record.pipeline;
             let text = serde_json::to_string(record).map_err(internal)?;
-            let existing: Option<String> = db
+            // Insert first, compare after: two processes registering the same version at once
+            // both succeed (one inserts, the other finds the same content) instead of one
+            // failing on the unique key between a check and an insert.
+            let inserted = db
+                .execute(
+                    "INSERT INTO pipelines (name, version, record, applied) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (name, version) DO NOTHING",
+                    params![p.name, p.version, text, Utc::now().to_rfc3339()],
+                )
+                .map_err(internal)?;
+            if inserted == 1 {
+                return Ok(());
+            }
+            let existing: String = db
                 .query_row(
                     "SELECT record FROM pipelines WHERE name = ?1 AND version = ?2",
                     params![p.name, p.version],
                     |r| r.get(0),
                 )
-                .optional()
                 .map_err(internal)?;
-            if let Some(existing) = existing {
-                let existing: PipelineRecord = serde_json::from_str(&existing).map_err(internal)?;
-                if &existing != record {
-                    return Err(StageError::new(
-                        ErrorKind::InvalidPipeline,
-                        format!(
-                            "pipeline {} version {} exists with other content; raise `version`",
-                            p.name, p.version
-                        ),
-                    ));
-                }
-                return Ok(());
+            let existing: PipelineRecord = serde_json::from_str(&existing).map_err(internal)?;
+            if &existing != record {
+                return Err(StageError::new(
+                    ErrorKind::InvalidPipeline,
+                    format!(
+                        "pipeline {} version {} exists with other content; raise `version`",
+                        p.name, p.version
+                    ),
+                ));
             }
-            db.execute(
-                "INSERT INTO pipelines (name, version, record, applied) VALUES (?1, ?2, ?3, ?4)",
-                params![p.name, p.version, text, Utc::now().to_rfc3339()],
-            )
-            .map_err(internal)?;
             Ok(())
         }))
     }
