@@ -26,7 +26,7 @@ SAM_ARCH := $(if $(HAS_ARM64),arm64,x86_64)
 STACK ?= kiln
 TOOLS_PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: setup run test lint fmt bench build package deploy
+.PHONY: setup run test lint fmt bench build package deploy chaos
 
 ## setup: install what the build and the tests need (Rust components, cargo-nextest; moto server, cfn-lint, SAM CLI from PyPI; asl-validator from npm)
 setup:
@@ -61,6 +61,13 @@ run:
 test: setup
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+## chaos: the fault campaign on the deployed-stack rehearsal with more builds than make test runs
+## (KILN_CHAOS_BUILDS, default 1000; KILN_CHAOS_SEED); prints builds, faults by kind, leftovers
+KILN_CHAOS_BUILDS ?= 1000
+chaos: setup
+	$(CARGO) build --workspace --all-targets
+	KILN_CHAOS_BUILDS=$(KILN_CHAOS_BUILDS) $(CARGO) nextest run --workspace --no-capture -E 'test(fault_campaign)'
 
 ## lint: formatting and clippy, warnings are errors; the stack as CloudFormation sees it: the
 ## template expanded by aws-sam-translator, then cfn-lint, checkov and parliament on the result

@@ -740,8 +740,8 @@ fn twenty_concurrent_runs_on_sqlite_make_one_build_and_name_the_holder() {
         })
         .collect();
     // THEN one build is AVAILABLE and every other run was refused, naming that build
-    let builds = futures::executor::block_on(Store::builds(&home.store(), "hello"))
-        .expect("builds");
+    let builds =
+        futures::executor::block_on(Store::builds(&home.store(), "hello")).expect("builds");
     let real: Vec<_> = builds
         .iter()
         .filter(|b| b.status != kiln::model::build::BuildStatus::Skipped)

@@ -1178,3 +1178,228 @@ fn twenty_concurrent_starts_on_dynamodb_make_one_build_and_name_the_holder() {
     let inv = inventory(&rt, &r.admin(&rt));
     assert_eq!(inv.live_instances.len(), 1, "{:?}", inv.live_instances);
 }
+
+/// The fault campaign's Task delivery: the deployed bootstraps, optionally every Task delivered
+/// twice, optionally the n-th invocation crashing after its work (its answer lost, Lambda
+/// reports a service error, the state machine retries it with the original input).
+struct Chaos {
+    inner: Bootstraps,
+    twice: bool,
+    crash_at: Option<usize>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Tasks for Chaos {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let first = self.inner.invoke(resource, state, input.clone()).await;
+            if self.crash_at == Some(n) {
+                return Err(StateError::new(
+                    "Lambda.ServiceException",
+                    "the function crashed after its AWS calls (injected)",
+                ));
+            }
+            if self.twice {
+                return self.inner.invoke(resource, state, input).await;
+            }
+            first
+        })
+    }
+}
+
+/// A small deterministic generator for the campaign (seeded; no dependency).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// The fault campaign (`make chaos` raises the count): seeded random builds through the deployed
+/// stack, each with one fault — none, no capacity, a throttled call (transient), a failed
+/// customize or test command, a failed CreateImage, a failed copy in one region, a function that
+/// crashes after its AWS calls and is retried with its original input, every Task delivered
+/// twice. After each build: its final status and stage as the fault predicts, no instance
+/// running, no image or snapshot but the build's own (and none after a failure) by raw
+/// Describe* in every region, never more instances launched than the build needs, the lock
+/// free, and no request denied.
+#[test]
+fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
+    let builds: usize = std::env::var("KILN_CHAOS_BUILDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let seed: u64 = std::env::var("KILN_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20261201);
+    let r = Rehearsal::deploy();
+    r.apply(&(moto_pipeline() + "schedule:\n  startCondition: always\n"));
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    let ports = r.store_ports(&rt);
+    let machine = definition::parse(&r.definition).expect("definition");
+    let mut rng = Lcg(seed);
+    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut leftovers = 0usize;
+    let kinds = [
+        "none",
+        "capacity",
+        "throttled",
+        "customize-failed",
+        "test-failed",
+        "create-image-failed",
+        "copy-failed",
+        "crash-after-call",
+        "delivered-twice",
+    ];
+    for n in 0..builds {
+        let kind = kinds[rng.next(kinds.len() as u64) as usize];
+        *by_kind.entry(kind).or_default() += 1;
+        let id = format!("chaos-{seed}-{n}");
+        let throttled_op = ["RunInstances", "CreateImage", "CopyImage"][rng.next(3) as usize];
+        let (faults, expect): (Json, Option<(&str, &str)>) = match kind {
+            "capacity" => (
+                json!([{"id": id, "role": "LaunchBuilderFunctionRole", "operation": "RunInstances",
+                        "error": {"status": 500, "code": "InsufficientInstanceCapacity", "message": "injected"}}]),
+                Some(("launch", "Kiln.Capacity")),
+            ),
+            "throttled" => (
+                json!([{"id": id, "operation": throttled_op, "count": 1,
+                        "error": {"status": 400, "code": "RequestLimitExceeded", "message": "injected"}}]),
+                None,
+            ),
+            "customize-failed" => (
+                json!([{"id": id, "role": "CustomizeFunctionRole", "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}]),
+                Some(("customize", "Kiln.ComponentFailed")),
+            ),
+            "test-failed" => (
+                json!([{"id": id, "role": "TestImageFunctionRole", "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}]),
+                Some(("test", "Kiln.TestFailed")),
+            ),
+            "create-image-failed" => (
+                json!([{"id": id, "role": "SnapshotFunctionRole", "operation": "CreateImage",
+                        "error": {"status": 400, "code": "InvalidParameterValue", "message": "injected"}}]),
+                Some(("snapshot", "Kiln.Internal")),
+            ),
+            "copy-failed" => (
+                json!([{"id": id, "role": "DistributeFunctionRole", "operation": "CopyImage", "region": "eu-central-1",
+                        "error": {"status": 400, "code": "InvalidRequest", "message": "injected"}}]),
+                Some(("distribute", "Kiln.Internal")),
+            ),
+            _ => (json!([]), None),
+        };
+        // GIVEN what the account holds, and the fault
+        let before = inventory(&rt, &admin);
+        r.inject(faults);
+        let tasks = Chaos {
+            inner: Bootstraps(r.functions.clone()),
+            twice: kind == "delivered-twice",
+            crash_at: (kind == "crash-after-call").then(|| rng.next(12) as usize),
+            calls: Default::default(),
+        };
+        // WHEN the build runs
+        let engine = Engine::new(Arc::new(tasks), Arc::new(VirtualClock::default()), true);
+        let outcome = rt.block_on(engine.run(
+            &machine,
+            json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0}),
+            &id,
+        ));
+        r.inject(json!([]));
+        // THEN its end is what the fault predicts
+        let what = format!(
+            "build {n} ({kind}): {:?} {:?}",
+            outcome.error, outcome.cause
+        );
+        let stored = rt
+            .block_on(ports.ports().store.builds("al2023-moto"))
+            .expect("builds")
+            .into_iter()
+            .find(|b| b.request_id.as_deref() == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("{what}: no build recorded"));
+        match expect {
+            None => {
+                assert_eq!(outcome.status, Status::Succeeded, "{what}");
+                assert_eq!(
+                    stored.status,
+                    kiln::model::build::BuildStatus::Available,
+                    "{what}"
+                );
+            }
+            Some((stage, error)) => {
+                assert_eq!(outcome.error.as_deref(), Some(error), "{what}");
+                assert_eq!(
+                    stored.status,
+                    kiln::model::build::BuildStatus::Failed,
+                    "{what}"
+                );
+                assert_eq!(
+                    stored.failure.as_ref().map(|f| f.stage.as_str()),
+                    Some(stage),
+                    "{what}"
+                );
+            }
+        }
+        // AND nothing is left: no instance runs, images and snapshots only of an AVAILABLE build
+        let after = inventory(&rt, &admin);
+        let new_images = after.images.difference(&before.images).count();
+        let new_snapshots = after.snapshots.difference(&before.snapshots).count();
+        let want = if expect.is_none() { 2 } else { 0 };
+        let left =
+            after.live_instances.len() + new_images.abs_diff(want) + new_snapshots.abs_diff(want);
+        leftovers += left;
+        assert_eq!(
+            left, 0,
+            "{what}: instances {:?}, {new_images} new images, {new_snapshots} new snapshots",
+            after.live_instances
+        );
+        // AND never more than a builder and a test instance were launched for it
+        let launched: usize = rt
+            .block_on(
+                aws_sdk_ec2::Client::new(&admin)
+                    .describe_instances()
+                    .filters(
+                        aws_sdk_ec2::types::Filter::builder()
+                            .name("tag:kiln:build-id")
+                            .values(stored.id.as_str())
+                            .build(),
+                    )
+                    .send(),
+            )
+            .expect("DescribeInstances")
+            .reservations()
+            .iter()
+            .map(|res| res.instances().len())
+            .sum();
+        assert!(launched <= 2, "{what}: {launched} instances launched");
+        // AND the lock is free
+        let probe = kiln::model::build::BuildId::new_at(1);
+        rt.block_on(async {
+            let p = ports.ports();
+            p.store
+                .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the lock is held: {e}"));
+            p.store.unlock("al2023-moto", &probe).await.expect("unlock");
+        });
+    }
+    let (evaluated, _) = r.assert_all_allowed();
+    let report = json!({"seed": seed, "builds": builds, "faults": by_kind, "leftovers": leftovers,
+                        "requestsEvaluated": evaluated, "denied": 0});
+    eprintln!("fault campaign: {report}");
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-campaign.json"),
+        report.to_string(),
+    );
+}

@@ -21,6 +21,7 @@ an authorized request whose role name contains `role` and whose operation is `op
       answers that AWS error instead of running the request;
   {"role": "...", "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}
       runs it and reports the command Failed (exit code 1), as SSM does when a script fails.
+A fault with "count": N applies to the first N matching requests only (a transient fault).
 Each applied fault is recorded in the log as {"fault": ...}.
 
 Also DescribeInstanceInformation, which moto lacks (tests/conformance/moto_gaps.py).
@@ -483,6 +484,10 @@ def error_answer(start_response, service, environ, status, code, message):
     return [data]
 
 
+APPLIED = {}
+APPLIED_LOCK = threading.Lock()
+
+
 def fault_for(role_name, operation, region):
     path = os.environ.get("KILN_FAULTS")
     if not path or not os.path.exists(path):
@@ -495,6 +500,12 @@ def fault_for(role_name, operation, region):
             and fault.get("operation") == operation
             and fault.get("region", region) == region
         ):
+            if "count" in fault:
+                key = json.dumps(fault, sort_keys=True)
+                with APPLIED_LOCK:
+                    if APPLIED.get(key, 0) >= fault["count"]:
+                        continue
+                    APPLIED[key] = APPLIED.get(key, 0) + 1
             return fault
     return None
 
