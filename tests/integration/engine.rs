@@ -666,3 +666,84 @@ fn random_machines_give_what_motos_interpreter_gives() {
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n\n"));
 }
+
+/// A task answering `{"result": …}`, or failing when its input says so.
+struct Echo;
+
+impl Tasks for Echo {
+    fn invoke<'a>(
+        &'a self,
+        _r: &'a str,
+        _s: &'a str,
+        input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            if input["fail"] == true {
+                Err(StateError::new("Custom.Error", "asked to fail"))
+            } else {
+                Ok(json!({"result": input["n"], "extra": "raw"}))
+            }
+        })
+    }
+}
+
+/// Workflow variables (issue #15): a Task's Assign reads its result before ResultSelector; a
+/// catcher's Assign reads the error output; a state's own paths see the values from before its
+/// Assign; an undefined variable is a States.Runtime error; names are checked.
+#[test]
+fn workflow_variables_follow_the_step_functions_rules() {
+    // GIVEN a Task that assigns from its raw result, then a Pass that reads and reassigns
+    let def = json!({"StartAt": "T", "States": {
+        "T": {"Type": "Task", "Resource": "r", "Parameters": {"n.$": "$.n"},
+              "ResultSelector": {"only.$": "$.result"},
+              "Assign": {"raw.$": "$.extra", "n.$": "$.result"}, "Next": "P"},
+        "P": {"Type": "Pass", "Parameters": {"before.$": "$n", "raw.$": "$raw", "selected.$": "$.only"},
+              "Assign": {"n": "changed"}, "OutputPath": "$", "Next": "Q"},
+        "Q": {"Type": "Pass", "Parameters": {"prev.$": "$.before", "now.$": "$n"}, "End": true}}});
+    // WHEN it runs
+    let machine = definition::parse(&def).expect("definition");
+    let engine = Engine::new(Arc::new(Echo), Arc::new(VirtualClock::default()), true);
+    let out = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(engine.run(&machine, json!({"n": 7}), "vars"));
+    // THEN each state saw the variables as they were when it started
+    assert_eq!(
+        out.status,
+        kiln::engine::Status::Succeeded,
+        "{:?}",
+        out.cause
+    );
+    // (T: n = 7, raw = "raw"; P reads n = 7 though it assigns "changed"; Q reads "changed")
+    assert_eq!(out.output, Some(json!({"prev": 7, "now": "changed"})));
+
+    // GIVEN a Task that fails, caught with an Assign of the error output
+    let def = json!({"StartAt": "T", "States": {
+        "T": {"Type": "Task", "Resource": "r", "Parameters": {"fail": true},
+              "Catch": [{"ErrorEquals": ["States.ALL"], "Assign": {"why.$": "$.Cause", "err.$": "$.Error"}, "Next": "After"}], "End": true},
+        "After": {"Type": "Pass", "Parameters": {"why.$": "$why", "err.$": "$err"}, "End": true}}});
+    let out = run_with(Arc::new(Echo), &def);
+    assert_eq!(
+        out.output,
+        Some(json!({"why": "asked to fail", "err": "Custom.Error"})),
+        "{:?}",
+        out.cause
+    );
+
+    // GIVEN a state reading a variable nobody assigned
+    let def = json!({"StartAt": "P", "States": {"P": {"Type": "Pass", "Parameters": {"v.$": "$nothing"}, "End": true}}});
+    let out = run_with(Arc::new(NoTasks), &def);
+    assert_eq!(
+        out.error.as_deref(),
+        Some("States.Runtime"),
+        "{:?}",
+        out.cause
+    );
+
+    // AND names that are not variable names are refused before anything runs
+    for bad in ["1x", "a-b", "states"] {
+        let def = json!({"StartAt": "P", "States": {"P": {"Type": "Pass", "Assign": {bad: 1}, "End": true}}});
+        assert!(definition::parse(&def).is_err(), "{bad} accepted");
+    }
+}

@@ -65,6 +65,7 @@ pub fn check(rule: &Json, at: &str, top: bool, report: &mut dyn FnMut(String, St
     for k in obj.keys() {
         let ok = k == op
             || (k == "Next" && top)
+            || (k == "Assign" && top)
             || (k == "Variable" && !matches!(*op, "And" | "Or" | "Not"))
             || k == "Comment";
         if !ok {

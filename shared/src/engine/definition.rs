@@ -61,6 +61,8 @@ pub struct Catcher {
     pub errors: Vec<String>,
     pub next: String,
     pub result_path: PathField,
+    /// Workflow variables the catcher assigns, from the error output.
+    pub assign: Option<Json>,
 }
 
 /// A number given directly or read from a path.
@@ -118,6 +120,8 @@ pub struct State {
     pub result_selector: Option<Json>,
     pub retry: Vec<Retrier>,
     pub catch: Vec<Catcher>,
+    /// Workflow variables the state assigns when it completes (`Assign`).
+    pub assign: Option<Json>,
     /// What of the context object (`$$`) the state reads, so that the execution input is not
     /// copied into every state's context when nothing reads it.
     pub context_use: ContextUse,
@@ -179,6 +183,7 @@ const COMMON: &[&str] = &["Type", "Comment"];
 fn allowed(kind: &str) -> Option<&'static [&'static str]> {
     Some(match kind {
         "Pass" => &[
+            "Assign",
             "Next",
             "End",
             "InputPath",
@@ -188,6 +193,7 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
             "Result",
         ],
         "Task" => &[
+            "Assign",
             "Next",
             "End",
             "InputPath",
@@ -204,8 +210,9 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
             "HeartbeatSecondsPath",
             "Credentials",
         ],
-        "Choice" => &["Choices", "Default", "InputPath", "OutputPath"],
+        "Choice" => &["Choices", "Default", "InputPath", "OutputPath", "Assign"],
         "Wait" => &[
+            "Assign",
             "Next",
             "End",
             "InputPath",
@@ -218,6 +225,7 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
         "Succeed" => &["InputPath", "OutputPath"],
         "Fail" => &["Error", "Cause", "ErrorPath", "CausePath"],
         "Parallel" => &[
+            "Assign",
             "Next",
             "End",
             "InputPath",
@@ -230,6 +238,7 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
             "Catch",
         ],
         "Map" => &[
+            "Assign",
             "Next",
             "End",
             "InputPath",
@@ -349,6 +358,27 @@ impl Checker {
             }
             (None, None) => None,
         }
+    }
+
+    /// An `Assign` field: an object whose keys (without `.$`) are variable names and whose values
+    /// are a payload template.
+    fn assign(&mut self, v: Option<&Json>, at: &str) -> Option<Json> {
+        let v = v?;
+        let Some(map) = v.as_object() else {
+            self.add(at, "Assign is an object of variable names and values");
+            return None;
+        };
+        for k in map.keys() {
+            let name = k.strip_suffix(".$").unwrap_or(k);
+            if !path::is_variable_name(name) {
+                self.add(
+                    &format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                    format!("`{name}` is not a variable name (a letter or `_`, then letters, digits and `_`, at most 80; `states` is reserved)"),
+                );
+            }
+        }
+        self.payload(v, at);
+        Some(v.clone())
     }
 
     fn payload(&mut self, template: &Json, at: &str) {
@@ -479,10 +509,12 @@ impl Checker {
                 Some(o) => self.path_field(o, "ResultPath", &here, true),
                 None => PathField::Default,
             };
+            let assign = self.assign(c.get("Assign"), &format!("{here}/Assign"));
             catch.push(Catcher {
                 errors,
                 next,
                 result_path,
+                assign,
             });
         }
         (retry, catch)
@@ -785,6 +817,7 @@ impl Checker {
                             );
                             path::Path {
                                 context: false,
+                                variable: None,
                                 segs: Vec::new(),
                             }
                         }
@@ -792,12 +825,14 @@ impl Checker {
                             self.add(&format!("{at}/ItemsPath"), e);
                             path::Path {
                                 context: false,
+                                variable: None,
                                 segs: Vec::new(),
                             }
                         }
                     },
                     None => path::Path {
                         context: false,
+                        variable: None,
                         segs: Vec::new(),
                     },
                 };
@@ -842,6 +877,7 @@ impl Checker {
             result_selector: obj.get("ResultSelector").cloned(),
             retry,
             catch,
+            assign: self.assign(obj.get("Assign"), &format!("{at}/Assign")),
             context_use: context_use(obj),
         })
     }

@@ -130,6 +130,18 @@ enum Step {
     End(Json),
 }
 
+/// The workflow variables in scope: the execution's, or a Map iteration's or Parallel branch's
+/// (a copy of the enclosing scope; what it assigns stays inside).
+type Variables = serde_json::Map<String, Json>;
+
+/// One successful try of a state: its output, the next state a Choice chose, and what its
+/// `Assign` is evaluated against (the template, the value `$` refers to).
+struct Attempted {
+    output: Json,
+    next: Option<String>,
+    assign: Option<(Json, Json)>,
+}
+
 fn runtime(m: impl Into<String>) -> StateError {
     StateError::new("States.Runtime", m)
 }
@@ -187,7 +199,7 @@ impl Engine {
                 Some((_, secs)) if !self.virtual_time => {
                     match tokio::time::timeout(
                         Duration::from_secs_f64(secs),
-                        run.machine(machine, input, None),
+                        run.machine(machine, input, None, Variables::new()),
                     )
                     .await
                     {
@@ -195,7 +207,7 @@ impl Engine {
                         Err(_) => Err(StateError::execution_timed_out(secs)),
                     }
                 }
-                _ => run.machine(machine, input, None).await,
+                _ => run.machine(machine, input, None, Variables::new()).await,
             }
         };
         let outcome = match result {
@@ -303,17 +315,22 @@ impl Run<'_> {
         m: &'a Machine,
         input: Json,
         item: Option<&'a Json>,
+        scope: Variables,
     ) -> BoxFuture<'a, Result<Json, StateError>> {
         async move {
             let mut current = m.start_at.clone();
             let mut input = input;
+            let mut vars = scope;
             loop {
                 self.check_deadline()?;
                 let state = m
                     .states
                     .get(&current)
                     .ok_or_else(|| runtime(format!("no state `{current}`")))?;
-                match self.state(state, input, item).await? {
+                let (step, assigned) = self.state(state, input, item, &vars).await?;
+                // Assignments take effect when the state is done: its own paths saw the old values.
+                vars.extend(assigned);
+                match step {
                     Step::Next(n, out) => {
                         current = n;
                         input = out;
@@ -325,9 +342,16 @@ impl Run<'_> {
         .boxed()
     }
 
-    fn context_for(&self, state: &State, retry: u32, item: Option<&Json>) -> Json {
+    fn context_for(
+        &self,
+        state: &State,
+        retry: u32,
+        item: Option<&Json>,
+        vars: &Variables,
+    ) -> Json {
         let mut c = match state.context_use {
-            definition::ContextUse::None => return Json::Null,
+            definition::ContextUse::None if vars.is_empty() => return Json::Null,
+            definition::ContextUse::None => json!({}),
             definition::ContextUse::Full => self.context.clone(),
             definition::ContextUse::WithoutExecutionInput => {
                 let mut c = json!({"StateMachine": self.context["StateMachine"], "Execution": {}});
@@ -348,7 +372,31 @@ impl Run<'_> {
         if let Some(i) = item {
             c["Map"] = i.clone();
         }
+        if !vars.is_empty() {
+            c[path::VARIABLES] = Json::Object(vars.clone());
+        }
         c
+    }
+
+    /// The variables an `Assign` template gives, evaluated against `source` with the values in
+    /// scope when the state was entered; at most 256 KiB, as in AWS.
+    fn assigned(
+        &self,
+        template: &Json,
+        source: &Json,
+        ctx: &Json,
+    ) -> Result<Variables, StateError> {
+        let values = payload::apply(template, source, ctx)?;
+        if serde_json::to_vec(&values).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES {
+            return Err(StateError::new(
+                "States.DataLimitExceeded",
+                "the variables a state assigns are larger than 256 KiB",
+            ));
+        }
+        Ok(match values {
+            Json::Object(m) => m,
+            _ => Variables::new(),
+        })
     }
 
     async fn state(
@@ -356,7 +404,8 @@ impl Run<'_> {
         state: &State,
         raw: Json,
         item: Option<&Json>,
-    ) -> Result<Step, StateError> {
+        vars: &Variables,
+    ) -> Result<(Step, Variables), StateError> {
         let ty = state.type_name();
         let entered = self.event(
             &format!("{ty}StateEntered"),
@@ -367,9 +416,9 @@ impl Run<'_> {
         let mut counts = vec![0u32; state.retry.len()];
         let mut retries = 0u32;
         let result = loop {
-            let ctx = self.context_for(state, retries, item);
+            let ctx = self.context_for(state, retries, item, vars);
             match self
-                .attempt(state, &raw, &ctx)
+                .attempt(state, &raw, &ctx, vars)
                 .await
                 .map_err(|e| in_aws_words(e, &state.name, entered))
             {
@@ -407,15 +456,31 @@ impl Run<'_> {
                 }
             }
         };
-        let (output, next) = match result {
-            Ok((out, chosen)) => (out, chosen.or_else(|| state.next.clone())),
+        let ctx = self.context_for(state, retries, item, vars);
+        let (output, next, assigned) = match result {
+            Ok(a) => {
+                let assigned = match &a.assign {
+                    Some((template, source)) => self
+                        .assigned(template, source, &ctx)
+                        .map_err(|e| in_aws_words(e, &state.name, entered))?,
+                    None => Variables::new(),
+                };
+                (a.output, a.next.or_else(|| state.next.clone()), assigned)
+            }
             Err(e) => {
                 let in_task = matches!(state.kind, Kind::Task { .. });
                 match state.catch.iter().find(|c| e.matches(&c.errors, in_task)) {
                     Some(c) => {
                         let err_out = json!({"Error": e.error, "Cause": e.cause});
+                        // A catcher's Assign reads the error output.
+                        let assigned = match &c.assign {
+                            Some(template) => self
+                                .assigned(template, &err_out, &ctx)
+                                .map_err(|e| in_aws_words(e, &state.name, entered))?,
+                            None => Variables::new(),
+                        };
                         let out = apply_result_path(&c.result_path, &raw, err_out)?;
-                        (out, Some(c.next.clone()))
+                        (out, Some(c.next.clone()), assigned)
                     }
                     None => return Err(e),
                 }
@@ -436,10 +501,13 @@ impl Run<'_> {
             json!({"output": output}),
         );
         self.check_overflow()?;
-        Ok(match next {
-            Some(n) => Step::Next(n, output),
-            None => Step::End(output),
-        })
+        Ok((
+            match next {
+                Some(n) => Step::Next(n, output),
+                None => Step::End(output),
+            },
+            assigned,
+        ))
     }
 
     fn number(&self, v: &NumOrPath, input: &Json, ctx: &Json) -> Result<f64, StateError> {
@@ -452,22 +520,39 @@ impl Run<'_> {
         }
     }
 
-    /// One try of a state: its output (after OutputPath) and, for Choice, the chosen next state.
+    /// One try of a state: its output (after OutputPath), for Choice the chosen next state, and
+    /// what its Assign reads.
     async fn attempt(
         &self,
         state: &State,
         raw: &Json,
         ctx: &Json,
-    ) -> Result<(Json, Option<String>), StateError> {
+        vars: &Variables,
+    ) -> Result<Attempted, StateError> {
         let effective = apply_input_path(&state.input_path, raw, ctx)?;
-        let finish = |result: Json| -> Result<(Json, Option<String>), StateError> {
+        // Task, Parallel and Map: Assign reads the result before ResultSelector.
+        let finish = |result: Json| -> Result<Attempted, StateError> {
+            let assign = state.assign.clone().map(|t| (t, result.clone()));
             let selected = match &state.result_selector {
                 Some(t) => payload::apply(t, &result, ctx)?,
                 None => result,
             };
             let merged = apply_result_path(&state.result_path, raw, selected)?;
-            Ok((apply_output_path(&state.output_path, &merged, ctx)?, None))
+            Ok(Attempted {
+                output: apply_output_path(&state.output_path, &merged, ctx)?,
+                next: None,
+                assign,
+            })
         };
+        // Wait, Succeed and a Choice's Default: Assign reads the effective input.
+        let plain =
+            |next: Option<String>, assign: Option<&Json>| -> Result<Attempted, StateError> {
+                Ok(Attempted {
+                    output: apply_output_path(&state.output_path, &effective, ctx)?,
+                    next,
+                    assign: assign.cloned().map(|t| (t, effective.clone())),
+                })
+            };
         let params = |input: &Json| -> Result<Json, StateError> {
             match &state.parameters {
                 Some(t) => payload::apply(t, input, ctx),
@@ -478,8 +563,14 @@ impl Run<'_> {
             Kind::Pass { result } => {
                 let p = params(&effective)?;
                 let r = result.clone().unwrap_or(p);
+                // Pass: Assign reads the result (Result, or Parameters' output, or the input).
+                let assign = state.assign.clone().map(|t| (t, r.clone()));
                 let merged = apply_result_path(&state.result_path, raw, r)?;
-                Ok((apply_output_path(&state.output_path, &merged, ctx)?, None))
+                Ok(Attempted {
+                    output: apply_output_path(&state.output_path, &merged, ctx)?,
+                    next: None,
+                    assign,
+                })
             }
             Kind::Task {
                 resource,
@@ -595,19 +686,14 @@ impl Run<'_> {
                 }
             }
             Kind::Choice { choices, default } => {
+                // The matched rule's Assign, or the state's for its Default.
                 for (rule, next) in choices {
                     if choice::evaluate(rule, &effective, ctx)? {
-                        return Ok((
-                            apply_output_path(&state.output_path, &effective, ctx)?,
-                            Some(next.clone()),
-                        ));
+                        return plain(Some(next.clone()), rule.get("Assign"));
                     }
                 }
                 match default {
-                    Some(d) => Ok((
-                        apply_output_path(&state.output_path, &effective, ctx)?,
-                        Some(d.clone()),
-                    )),
+                    Some(d) => plain(Some(d.clone()), state.assign.as_ref()),
                     None => Err(StateError::new(
                         "States.NoChoiceMatched",
                         format!(
@@ -674,15 +760,9 @@ impl Run<'_> {
                     _ => wait,
                 };
                 self.engine.clock.sleep(wait).await;
-                Ok((
-                    apply_output_path(&state.output_path, &effective, ctx)?,
-                    None,
-                ))
+                plain(None, state.assign.as_ref())
             }
-            Kind::Succeed => Ok((
-                apply_output_path(&state.output_path, &effective, ctx)?,
-                None,
-            )),
+            Kind::Succeed => plain(None, None),
             Kind::Fail { error, cause } => {
                 // Neither Error nor Cause: AWS records no error and no cause (null, not "").
                 let read =
@@ -710,7 +790,7 @@ impl Run<'_> {
                 self.event("ParallelStateStarted", Some(&state.name), Json::Null);
                 let runs = branches
                     .iter()
-                    .map(|b| self.machine(b, input.clone(), None));
+                    .map(|b| self.machine(b, input.clone(), None, vars.clone()));
                 let results = futures::future::join_all(runs).await;
                 let mut outputs = Vec::with_capacity(results.len());
                 for r in results {
@@ -782,7 +862,9 @@ impl Run<'_> {
                             Some(&state.name),
                             json!({"index": index}),
                         );
-                        let r = self.machine(processor, input, Some(&item_ctx)).await;
+                        let r = self
+                            .machine(processor, input, Some(&item_ctx), vars.clone())
+                            .await;
                         self.event(
                             if r.is_ok() {
                                 "MapIterationSucceeded"

@@ -26,8 +26,14 @@ pub struct Filter {
 pub struct Path {
     /// `$$` paths read the context object.
     pub context: bool,
+    /// `$name…` paths read the workflow variable `name`.
+    pub variable: Option<String>,
     pub segs: Vec<Seg>,
 }
+
+/// Where the engine keeps the workflow variables in scope, inside the context value it hands to
+/// path selection (never visible through `$$`).
+pub const VARIABLES: &str = "\u{0}variables";
 
 impl Path {
     /// A reference path selects at most one node: no wildcards, filters, slices or unions.
@@ -47,7 +53,26 @@ pub fn parse(text: &str) -> Result<Path, String> {
     } else {
         return Err(bad("a path starts with `$`"));
     };
-    let chars: Vec<char> = rest.chars().collect();
+    let mut chars: Vec<char> = rest.chars().collect();
+    // `$name` (not `$$`, `$.`, `$[`): a workflow variable, then an ordinary path into it.
+    let mut variable = None;
+    if !context
+        && chars
+            .first()
+            .is_some_and(|c| c.is_ascii_alphabetic() || *c == '_')
+    {
+        let end = chars
+            .iter()
+            .position(|c| matches!(c, '.' | '['))
+            .unwrap_or(chars.len());
+        let name: String = chars[..end].iter().collect();
+        if !is_variable_name(&name) {
+            return Err(bad("a variable name has letters, digits and `_`"));
+        }
+        variable = Some(name);
+        chars = chars[end..].to_vec();
+    }
+    let chars = chars;
     let mut i = 0;
     let mut segs = Vec::new();
     let ident = |i: &mut usize| {
@@ -111,7 +136,22 @@ pub fn parse(text: &str) -> Result<Path, String> {
             _ => return Err(bad("expected `.` or `[`")),
         }
     }
-    Ok(Path { context, segs })
+    Ok(Path {
+        context,
+        variable,
+        segs,
+    })
+}
+
+/// A workflow variable's name: a letter or `_`, then letters, digits and `_`; at most 80
+/// characters; `states` is reserved.
+pub fn is_variable_name(name: &str) -> bool {
+    let mut c = name.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+        && name.len() <= 80
+        && name != "states"
 }
 
 fn parse_bracket(inner: &str) -> Result<Seg, String> {
@@ -306,7 +346,23 @@ fn compare(l: &Json, op: &str, r: &Json) -> bool {
 /// Selects with `path` from `data` (or `context` for `$$`). A reference path yields the one
 /// value or an error naming the missing part; any other path yields the list of matches.
 pub fn select(path: &Path, data: &Json, context: &Json) -> Result<Json, String> {
-    let root = if path.context { context } else { data };
+    let bare;
+    let root = match (&path.variable, path.context) {
+        (Some(name), _) => context
+            .get(VARIABLES)
+            .and_then(|v| v.get(name))
+            .ok_or_else(|| format!("The variable `${name}` is not defined"))?,
+        (None, true) if context.get(VARIABLES).is_some() => {
+            let mut c = context.clone();
+            if let Some(m) = c.as_object_mut() {
+                m.remove(VARIABLES);
+            }
+            bare = c;
+            &bare
+        }
+        (None, true) => context,
+        (None, false) => data,
+    };
     if path.is_reference() {
         let mut node = root;
         for seg in &path.segs {
@@ -343,7 +399,7 @@ fn describe(seg: &Seg) -> String {
 
 /// Sets the node at a reference path, creating objects on the way (ResultPath).
 pub fn set(target: &mut Json, path: &Path, value: Json) -> Result<(), String> {
-    if path.context || !path.is_reference() {
+    if path.context || path.variable.is_some() || !path.is_reference() {
         return Err("ResultPath must be a reference path into the state input".into());
     }
     if path.segs.is_empty() {
