@@ -694,8 +694,8 @@ fn summary(
         "stateTransitions": outcome.state_transitions(),
         "taskInvocations": outcome.task_invocations(),
         "aws": {
-            "minStateTransitions": kiln::stages::handler::aws_bill_floor(&outcome).0,
-            "minLambdaInvocations": kiln::stages::handler::aws_bill_floor(&outcome).1,
+            "minStateTransitions": kiln::stages::handler::aws_bill_floor(outcome).0,
+            "minLambdaInvocations": kiln::stages::handler::aws_bill_floor(outcome).1,
             "perPoll": {
                 "stateTransitions": kiln::stages::handler::AWS_POLL_COST.0,
                 "lambdaInvocations": kiln::stages::handler::AWS_POLL_COST.1,

@@ -8,31 +8,14 @@
 //! their real bootstraps under their own roles, every request they make authorized by the IAM
 //! policy evaluator. The CLI runs as the account's administrator.
 
-use std::process::Command;
-
 use kiln::aws::control::Control;
 use kiln::model::build::{Build, BuildStatus};
 use serde_json::{json, Value as Json};
 
 use crate::rehearsal::Rehearsal;
-use crate::support::{built_binary, repo, Moto};
+use crate::support::repo;
 
 const PARAM: &str = "/images/base/latest";
-
-fn kiln(moto: &Moto, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(built_binary("kiln"))
-        .args(args)
-        .envs(moto.env())
-        .env("AWS_MAX_ATTEMPTS", "2")
-        .env_remove("KILN_HOME")
-        .output()
-        .expect("kiln");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
@@ -49,27 +32,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     let sfn = aws_sdk_sfn::Client::new(&config);
     let machine_arn = r.outputs["StateMachineArn"].clone();
     // AND a parent published in the account's own parameter, and a pipeline built on it
-    let parent = rt.block_on(async {
-        let p = ports.ports();
-        let any = p
-            .compute
-            .latest_image(
-                "us-east-1",
-                &kiln::model::pipeline::ParentFilter {
-                    owners: vec!["amazon".into()],
-                    name: "*".into(),
-                    architecture: None,
-                },
-            )
-            .await
-            .expect("images")
-            .expect("a public AMI");
-        p.parameters
-            .put("us-east-1", PARAM, any.as_str())
-            .await
-            .expect("put");
-        any
-    });
+    let parent = kiln::model::build::ImageId(crate::rehearsal::publish_parent(&r, &rt, PARAM));
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("pipeline.yaml");
     let text = std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml"))
@@ -86,10 +49,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     std::fs::write(&file, text).expect("write");
 
     // WHEN it is applied to the stack
-    let (code, out, err) = kiln(
-        moto,
-        &["apply", &file.display().to_string(), "--stack", "kiln"],
-    );
+    let (code, out, err) = r.kiln(&["apply", &file.display().to_string(), "--stack", "kiln"]);
     assert_eq!(code, 0, "{out}{err}");
     let applied: Json = serde_json::from_str(&out).expect("json");
     // THEN the schedule starts the state machine at 03:00 New York time with the pipeline's input
@@ -162,15 +122,12 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
         );
     let follow_file = dir.path().join("follow.yaml");
     std::fs::write(&follow_file, follow).expect("write");
-    let (code, out, err) = kiln(
-        moto,
-        &[
-            "apply",
-            &follow_file.display().to_string(),
-            "--stack",
-            "kiln",
-        ],
-    );
+    let (code, out, err) = r.kiln(&[
+        "apply",
+        &follow_file.display().to_string(),
+        "--stack",
+        "kiln",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
     // THEN it gets an hourly check instead of a rule
     let check = rt
@@ -211,7 +168,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
 
     // WHEN a build is started by hand, and its builder launched by the LaunchBuilder function
     // (moto does not run the state machine's tasks)
-    let (code, out, err) = kiln(moto, &["start", "al2023-moto", "--stack", "kiln"]);
+    let (code, out, err) = r.kiln(&["start", "al2023-moto", "--stack", "kiln"]);
     assert_eq!(code, 0, "{out}{err}");
     let execution = out.trim().rsplit(':').next().expect("name").to_string();
     let (ok, launched) = r.invoke(
@@ -223,14 +180,11 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
     let build: Build = serde_json::from_value(launched).expect("a build");
     assert_eq!(build.parent_image.as_ref(), Some(&parent));
     // AND it is listed and shown
-    let (code, out, _) = kiln(
-        moto,
-        &["builds", "list", "--stack", "kiln", "--output", "json"],
-    );
+    let (code, out, _) = r.kiln(&["builds", "list", "--stack", "kiln", "--output", "json"]);
     assert_eq!(code, 0);
     assert!(out.contains(build.id.as_str()), "{out}");
     // WHEN it is cancelled
-    let (code, out, err) = kiln(moto, &["cancel", &build.id.0[..20], "--stack", "kiln"]);
+    let (code, out, err) = r.kiln(&["cancel", &build.id.0[..20], "--stack", "kiln"]);
     // THEN the execution is aborted, cleanup ran, and the build is CANCELLED with its lock free
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("CANCELLED"), "{out}");
@@ -277,11 +231,11 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
             .await
             .expect("lock free");
     });
-    let (code, out, _) = kiln(moto, &["status", build.id.as_str(), "--stack", "kiln"]);
+    let (code, out, _) = r.kiln(&["status", build.id.as_str(), "--stack", "kiln"]);
     assert_eq!(code, 0);
     assert!(out.contains("CANCELLED"), "{out}");
     // WHEN the pipeline is deleted from the stack, its schedule and rule go
-    let (code, out, err) = kiln(moto, &["delete", "al2023-moto", "--stack", "kiln"]);
+    let (code, out, err) = r.kiln(&["delete", "al2023-moto", "--stack", "kiln"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(rt
         .block_on(scheduler.get_schedule().name("kiln-al2023-moto").send())
@@ -295,7 +249,7 @@ fn a_stack_applies_schedules_triggers_starts_and_cancels_pipelines() {
         )
         .is_err());
     // AND a stack that does not exist is a clear usage error
-    let (code, _, err) = kiln(moto, &["start", "al2023-moto", "--stack", "nope"]);
+    let (code, _, err) = r.kiln(&["start", "al2023-moto", "--stack", "nope"]);
     assert_eq!(code, 2);
     assert!(err.contains("stack `nope`"), "{err}");
     // AND every request the functions made was authorized by their deployed roles

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use kiln::engine::{clock::VirtualClock, definition, Engine, StateError, Tasks};
 use serde_json::{json, Value as Json};
 
-use crate::support::repo;
+use crate::support::{repo, Lcg};
 
 struct NoTasks;
 
@@ -49,6 +49,14 @@ fn python() -> PathBuf {
     py
 }
 
+/// moto's interpreter's results for every input of every machine file (tests/conformance/moto_sfn.py).
+fn moto_results(files: &[PathBuf]) -> Vec<Json> {
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(repo().join("tests/conformance/moto_sfn.py"))
+        .args(files);
+    serde_json::from_str(&crate::support::run_ok(cmd)).expect("moto results")
+}
+
 pub fn run_engine(def: &Json, input: Json) -> kiln::engine::Outcome {
     let machine = definition::parse(def).unwrap_or_else(|p| panic!("definition rejected: {p:?}"));
     let engine = Engine::new(Arc::new(NoTasks), Arc::new(VirtualClock::default()), true);
@@ -64,17 +72,7 @@ fn the_engine_agrees_with_moto_on_the_whole_corpus() {
     // GIVEN at least 60 machines, and moto's results for each of their inputs
     let files = corpus();
     assert!(files.len() >= 60, "{} machines", files.len());
-    let out = std::process::Command::new(python())
-        .arg(repo().join("tests/conformance/moto_sfn.py"))
-        .args(&files)
-        .output()
-        .expect("moto runs");
-    assert!(
-        out.status.success(),
-        "moto_sfn.py failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expected: Vec<Json> = serde_json::from_slice(&out.stdout).expect("moto results");
+    let expected = moto_results(&files);
     let mut mismatches = Vec::new();
     let mut compared = 0;
     for want in &expected {
@@ -535,24 +533,11 @@ fn runtime_errors_name_the_state_and_the_event_that_entered_it() {
     );
 }
 
-/// A small deterministic generator for the property test (seeded; no dependency).
-struct Gen(u64);
-
-impl Gen {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// A random state machine built from the parts where moto's interpreter is known to agree with
 /// AWS (the corpus above: Pass with Result/Parameters/ResultPath/OutputPath, Choice on numbers
 /// and strings with And/Or/Not and a Default, Map over an array with ItemSelector and the
 /// context's index, Parallel), `depth` levels of nesting at most.
-fn random_machine(g: &mut Gen, depth: u32) -> Json {
+fn random_machine(g: &mut Lcg, depth: u32) -> Json {
     let n = 1 + g.below(3) as usize;
     let mut states = serde_json::Map::new();
     for i in 0..n {
@@ -616,7 +601,7 @@ fn random_machine(g: &mut Gen, depth: u32) -> Json {
 #[test]
 fn random_machines_give_what_motos_interpreter_gives() {
     // GIVEN 30 seeded random machines, each with two inputs
-    let mut g = Gen(20261201);
+    let mut g = Lcg(20261201);
     let dir = tempfile::tempdir().expect("dir");
     let mut files = Vec::new();
     for n in 0..30 {
@@ -634,17 +619,7 @@ fn random_machines_give_what_motos_interpreter_gives() {
         files.push(file);
     }
     // WHEN moto's interpreter and kiln's engine run each on each input
-    let out = std::process::Command::new(python())
-        .arg(repo().join("tests/conformance/moto_sfn.py"))
-        .args(&files)
-        .output()
-        .expect("moto runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expected: Vec<Json> = serde_json::from_slice(&out.stdout).expect("moto results");
+    let expected = moto_results(&files);
     assert_eq!(expected.len(), 60);
     // THEN they agree
     let mut mismatches = Vec::new();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::rehearsal::{expand, python};
-use crate::support::repo;
+use crate::support::{repo, run_ok};
 
 fn tool(var: &str, fallback: &str) -> PathBuf {
     let p = std::env::var_os(var)
@@ -19,16 +19,6 @@ fn tool(var: &str, fallback: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn run_ok(mut cmd: Command) {
-    let out = cmd.output().expect("the tool runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

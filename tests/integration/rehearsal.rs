@@ -20,7 +20,7 @@ use std::sync::Arc;
 use kiln::engine::{clock::VirtualClock, definition, Engine, StateError, Status, Tasks};
 use serde_json::{json, Value as Json};
 
-use crate::support::{built_binary, repo, Moto};
+use crate::support::{built_binary, repo, run_ok, Lcg, Moto};
 
 const STACK: &str = "kiln";
 
@@ -30,17 +30,6 @@ pub(crate) fn python() -> PathBuf {
         .unwrap_or_else(|| repo().join(".venv/bin/python"));
     assert!(p.is_file(), "{} not found: run `make setup`", p.display());
     p
-}
-
-fn run_ok(mut cmd: Command) -> String {
-    let out = cmd.output().expect("the tool runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The template CloudFormation runs, written to `dir/expanded.json`.
@@ -145,7 +134,7 @@ impl Rehearsal {
     }
 
     /// `kiln …` as the account's administrator (the deployer), against this moto.
-    fn kiln(&self, args: &[&str]) -> (i32, String, String) {
+    pub fn kiln(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(built_binary("kiln"))
             .args(args)
             .envs(self.moto.env())
@@ -746,7 +735,7 @@ fn a_failure_at_every_stage_of_the_deployed_stack_leaves_nothing_and_frees_the_l
 }
 
 /// A public AMI published as the account's own parent parameter `name` (by the administrator).
-fn publish_parent(r: &Rehearsal, rt: &tokio::runtime::Runtime, name: &str) -> String {
+pub(crate) fn publish_parent(r: &Rehearsal, rt: &tokio::runtime::Runtime, name: &str) -> String {
     let ports = r.store_ports(rt);
     rt.block_on(async {
         let p = ports.ports();
@@ -1213,19 +1202,6 @@ impl Tasks for Chaos {
     }
 }
 
-/// A small deterministic generator for the campaign (seeded; no dependency).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// The fault campaign (`make chaos` raises the count): seeded random builds through the deployed
 /// stack, each with one fault — none, no capacity, a throttled call (transient), a failed
 /// customize or test command, a failed CreateImage, a failed copy in one region, a function that
@@ -1265,10 +1241,10 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         "delivered-twice",
     ];
     for n in 0..builds {
-        let kind = kinds[rng.next(kinds.len() as u64) as usize];
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
         *by_kind.entry(kind).or_default() += 1;
         let id = format!("chaos-{seed}-{n}");
-        let throttled_op = ["RunInstances", "CreateImage", "CopyImage"][rng.next(3) as usize];
+        let throttled_op = ["RunInstances", "CreateImage", "CopyImage"][rng.below(3) as usize];
         let (faults, expect): (Json, Option<(&str, &str)>) = match kind {
             "capacity" => (
                 json!([{"id": id, "role": "LaunchBuilderFunctionRole", "operation": "RunInstances",
@@ -1306,7 +1282,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         let tasks = Chaos {
             inner: Bootstraps(r.functions.clone()),
             twice: kind == "delivered-twice",
-            crash_at: (kind == "crash-after-call").then(|| rng.next(12) as usize),
+            crash_at: (kind == "crash-after-call").then(|| rng.below(12) as usize),
             calls: Default::default(),
         };
         // WHEN the build runs

@@ -175,3 +175,30 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// Runs a tool and returns its stdout; the test fails with its output when it fails.
+pub fn run_ok(mut cmd: std::process::Command) -> String {
+    let out = cmd.output().expect("the tool runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A small deterministic generator for seeded tests (no dependency).
+#[derive(Debug)]
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
