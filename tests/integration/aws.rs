@@ -1,7 +1,9 @@
 //! The AWS ports on a moto server (real aws-sdk clients, real HTTP on 127.0.0.1): the port
-//! contract for every method moto supports, and a whole build driven through the stages.
-//! moto ignores ClientToken, has no pending images and reports every SSM command as Success:
-//! those behaviours are covered by the in-memory cloud (tests/integration/stages.rs).
+//! contract for every method moto supports, cleanup of a failed build, `kiln run --backend aws`
+//! and lifecycle. Whole builds through the deployed stack, with faults at every stage, are the
+//! deployment rehearsal's (tests/integration/rehearsal.rs). moto has no pending images and reports
+//! every SSM command as Success: those behaviours are covered by the in-memory cloud
+//! (tests/integration/stages.rs) and by the rehearsal's faults injected at moto.
 
 use std::sync::Arc;
 
