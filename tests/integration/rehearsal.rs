@@ -1240,7 +1240,12 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         "crash-after-call",
         "delivered-twice",
     ];
+    // What the account holds before each build: what it held after the one before.
+    let mut before = inventory(&rt, &admin);
     for n in 0..builds {
+        if n > 0 && n % 50 == 0 {
+            eprintln!("fault campaign: {n} builds, faults {by_kind:?}, leftovers {leftovers}");
+        }
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
         *by_kind.entry(kind).or_default() += 1;
         let id = format!("chaos-{seed}-{n}");
@@ -1276,8 +1281,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
             ),
             _ => (json!([]), None),
         };
-        // GIVEN what the account holds, and the fault
-        let before = inventory(&rt, &admin);
+        // GIVEN the fault
         r.inject(faults);
         let tasks = Chaos {
             inner: Bootstraps(r.functions.clone()),
@@ -1340,6 +1344,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
             "{what}: instances {:?}, {new_images} new images, {new_snapshots} new snapshots",
             after.live_instances
         );
+        before = after;
         // AND never more than a builder and a test instance were launched for it
         let launched: usize = rt
             .block_on(
