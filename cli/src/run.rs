@@ -681,6 +681,7 @@ fn summary(
         .unwrap_or_default();
     // Time spent writing images (snapshot and copies), measured by the image writers.
     let image_io: f64 = jobs.iter().filter_map(|j| j["seconds"].as_f64()).sum();
+    let aws_floor = kiln::stages::handler::aws_bill_floor(outcome);
     json!({
         "status": build.map(|b| b.status.as_str()).unwrap_or("FAILED"),
         "imageJobs": jobs,
@@ -694,8 +695,8 @@ fn summary(
         "stateTransitions": outcome.state_transitions(),
         "taskInvocations": outcome.task_invocations(),
         "aws": {
-            "minStateTransitions": kiln::stages::handler::aws_bill_floor(outcome).0,
-            "minLambdaInvocations": kiln::stages::handler::aws_bill_floor(outcome).1,
+            "minStateTransitions": aws_floor.0,
+            "minLambdaInvocations": aws_floor.1,
             "perPoll": {
                 "stateTransitions": kiln::stages::handler::AWS_POLL_COST.0,
                 "lambdaInvocations": kiln::stages::handler::AWS_POLL_COST.1,

@@ -69,6 +69,11 @@ async fn parent_image(p: &Ports<'_>) -> kiln::model::build::ImageId {
     {
         return kiln::model::build::ImageId(id);
     }
+    publish_public_ami(p, PARENT_PARAM).await
+}
+
+/// One of moto's public AMIs, published in the account's parameter `param` (us-east-1).
+pub(crate) async fn publish_public_ami(p: &Ports<'_>, param: &str) -> kiln::model::build::ImageId {
     let any = p
         .compute
         .latest_image(
@@ -83,7 +88,7 @@ async fn parent_image(p: &Ports<'_>) -> kiln::model::build::ImageId {
         .expect("images")
         .expect("moto has public AMIs");
     p.parameters
-        .put("us-east-1", PARENT_PARAM, any.as_str())
+        .put("us-east-1", param, any.as_str())
         .await
         .expect("put");
     any

@@ -716,6 +716,16 @@ fn workflow_variables_follow_the_step_functions_rules() {
         out.cause
     );
 
+    // AND a state may assign at most 256 KiB of variables
+    let def = json!({"StartAt": "P", "States": {"P": {"Type": "Pass", "Assign": {"big": "x".repeat(300 * 1024)}, "End": true}}});
+    let out = run_with(Arc::new(NoTasks), &def);
+    assert_eq!(
+        out.error.as_deref(),
+        Some("States.DataLimitExceeded"),
+        "{:?}",
+        out.cause
+    );
+
     // AND names that are not variable names are refused before anything runs
     for bad in ["1x", "a-b", "states"] {
         let def = json!({"StartAt": "P", "States": {"P": {"Type": "Pass", "Assign": {bad: 1}, "End": true}}});

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use kiln::engine::{clock::VirtualClock, definition, Engine, StateError, Status, Tasks};
 use serde_json::{json, Value as Json};
 
@@ -202,12 +203,24 @@ impl Rehearsal {
         pipeline: &str,
         name: &str,
     ) -> kiln::engine::Outcome {
-        let machine = definition::parse(&self.definition).expect("the deployed definition parses");
-        let engine = Engine::new(
+        self.execute_with(
+            rt,
             Arc::new(Bootstraps(self.functions.clone())),
-            Arc::new(VirtualClock::default()),
-            true,
-        );
+            pipeline,
+            name,
+        )
+    }
+
+    /// One execution of the deployed definition with its Tasks delivered by `tasks`.
+    fn execute_with(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        tasks: Arc<dyn Tasks>,
+        pipeline: &str,
+        name: &str,
+    ) -> kiln::engine::Outcome {
+        let machine = definition::parse(&self.definition).expect("the deployed definition parses");
+        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
         rt.block_on(engine.run(
             &machine,
             json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0}),
@@ -240,6 +253,27 @@ impl Rehearsal {
             },
             self.admin(rt),
         )
+    }
+
+    /// The pipeline's lock is free, read by a raw DynamoDB GetItem of its record in the deployed
+    /// table (`PIPELINE#<name>` / `LOCK`), not through kiln's store.
+    pub fn assert_lock_free(&self, rt: &tokio::runtime::Runtime, pipeline: &str, what: &str) {
+        let ddb = aws_sdk_dynamodb::Client::new(&self.admin(rt));
+        let item = rt
+            .block_on(
+                ddb.get_item()
+                    .table_name(&self.outputs["TableName"])
+                    .key("pk", AttributeValue::S(format!("PIPELINE#{pipeline}")))
+                    .key("sk", AttributeValue::S("LOCK".into()))
+                    .consistent_read(true)
+                    .send(),
+            )
+            .expect("GetItem");
+        assert!(
+            item.item().is_none(),
+            "{what}: the lock is held: {:?}",
+            item.item()
+        );
     }
 
     /// Every authorization decision so far.
@@ -722,42 +756,15 @@ fn a_failure_at_every_stage_of_the_deployed_stack_leaves_nothing_and_frees_the_l
         assert_eq!(after.images, before.images, "{stage}: images left");
         assert_eq!(after.snapshots, before.snapshots, "{stage}: snapshots left");
         // AND the lock is free
-        let probe = kiln::model::build::BuildId::new_at(1);
-        rt.block_on(async {
-            let p = ports.ports();
-            p.store
-                .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
-                .await
-                .unwrap_or_else(|e| panic!("{stage}: the lock is held: {e}"));
-            p.store.unlock("al2023-moto", &probe).await.expect("unlock");
-        });
+        r.assert_lock_free(&rt, "al2023-moto", stage);
     }
 }
 
 /// A public AMI published as the account's own parent parameter `name` (by the administrator).
 pub(crate) fn publish_parent(r: &Rehearsal, rt: &tokio::runtime::Runtime, name: &str) -> String {
     let ports = r.store_ports(rt);
-    rt.block_on(async {
-        let p = ports.ports();
-        let any = p
-            .compute
-            .latest_image(
-                "us-east-1",
-                &kiln::model::pipeline::ParentFilter {
-                    owners: vec!["amazon".into()],
-                    name: "*".into(),
-                    architecture: None,
-                },
-            )
-            .await
-            .expect("images")
-            .expect("a public AMI");
-        p.parameters
-            .put("us-east-1", name, any.as_str())
-            .await
-            .expect("put");
-        any.0
-    })
+    rt.block_on(crate::aws::publish_public_ami(&ports.ports(), name))
+        .0
 }
 
 /// The stack's daily lifecycle run: the cleanup function's bootstrap invoked with the input of
@@ -997,43 +1004,7 @@ fn a_forged_build_tag_cannot_make_the_stack_touch_someone_elses_resources() {
         .expect("DescribeImages");
     assert_eq!(images.images().len(), 1, "the forged image is still there");
     // AND the lock is free
-    let ports = r.store_ports(&rt);
-    let probe = kiln::model::build::BuildId::new_at(1);
-    rt.block_on(async {
-        let p = ports.ports();
-        p.store
-            .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
-            .await
-            .expect("the lock is free");
-    });
-}
-
-/// Every Task invoked twice with its original input, the second after the first's side effects,
-/// as Lambda may deliver it; the second answer is the one the state machine sees.
-struct Twice(Bootstraps);
-
-impl Tasks for Twice {
-    fn invoke<'a>(
-        &'a self,
-        resource: &'a str,
-        state: &'a str,
-        input: Json,
-    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
-        Box::pin(async move {
-            let first = self.0.invoke(resource, state, input.clone()).await;
-            let second = self.0.invoke(resource, state, input).await;
-            match (&first, &second) {
-                (Ok(_), Err(e)) => Err(StateError::new(
-                    "Rehearsal.RetryFailed",
-                    format!(
-                        "{state}: the first delivery succeeded, the retry failed: {}",
-                        e.cause
-                    ),
-                )),
-                _ => second,
-            }
-        })
-    }
+    r.assert_lock_free(&rt, "al2023-moto", "after the forged build");
 }
 
 /// Retries as Lambda delivers them: every Task of the deployed definition invoked twice with
@@ -1048,17 +1019,13 @@ fn every_task_delivered_twice_with_its_original_input_does_its_work_once() {
     let admin = r.admin(&rt);
     let before = inventory(&rt, &admin);
     // WHEN a build runs with every Task delivered twice
-    let machine = definition::parse(&r.definition).expect("definition");
-    let engine = Engine::new(
-        Arc::new(Twice(Bootstraps(r.functions.clone()))),
-        Arc::new(VirtualClock::default()),
-        true,
-    );
-    let outcome = rt.block_on(engine.run(
-        &machine,
-        json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0}),
-        "twice-1",
-    ));
+    let twice = Chaos {
+        inner: Bootstraps(r.functions.clone()),
+        twice: true,
+        crash_at: None,
+        calls: Default::default(),
+    };
+    let outcome = r.execute_with(&rt, Arc::new(twice), "al2023-moto", "twice-1");
     // THEN it is AVAILABLE, every request authorized
     r.assert_all_allowed();
     assert_eq!(
@@ -1194,10 +1161,21 @@ impl Tasks for Chaos {
                     "the function crashed after its AWS calls (injected)",
                 ));
             }
-            if self.twice {
-                return self.inner.invoke(resource, state, input).await;
+            if !self.twice {
+                return first;
             }
-            first
+            // Delivered again after the first's side effects; the retry's answer counts.
+            let second = self.inner.invoke(resource, state, input).await;
+            match (&first, second) {
+                (Ok(_), Err(e)) => Err(StateError::new(
+                    "Rehearsal.RetryFailed",
+                    format!(
+                        "{state}: the first delivery succeeded, the retry failed: {}",
+                        e.cause
+                    ),
+                )),
+                (_, second) => second,
+            }
         })
     }
 }
@@ -1225,7 +1203,6 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
     let rt = runtime();
     let admin = r.admin(&rt);
     let ports = r.store_ports(&rt);
-    let machine = definition::parse(&r.definition).expect("definition");
     let mut rng = Lcg(seed);
     let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
     let mut leftovers = 0usize;
@@ -1290,12 +1267,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
             calls: Default::default(),
         };
         // WHEN the build runs
-        let engine = Engine::new(Arc::new(tasks), Arc::new(VirtualClock::default()), true);
-        let outcome = rt.block_on(engine.run(
-            &machine,
-            json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0}),
-            &id,
-        ));
+        let outcome = r.execute_with(&rt, Arc::new(tasks), "al2023-moto", &id);
         r.inject(json!([]));
         // THEN its end is what the fault predicts
         let what = format!(
@@ -1365,15 +1337,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
             .sum();
         assert!(launched <= 2, "{what}: {launched} instances launched");
         // AND the lock is free
-        let probe = kiln::model::build::BuildId::new_at(1);
-        rt.block_on(async {
-            let p = ports.ports();
-            p.store
-                .lock("al2023-moto", &probe, chrono::Utc::now(), 60)
-                .await
-                .unwrap_or_else(|e| panic!("{what}: the lock is held: {e}"));
-            p.store.unlock("al2023-moto", &probe).await.expect("unlock");
-        });
+        r.assert_lock_free(&rt, "al2023-moto", &what);
     }
     let (evaluated, _) = r.assert_all_allowed();
     let report = json!({"seed": seed, "builds": builds, "faults": by_kind, "leftovers": leftovers,

@@ -415,8 +415,10 @@ impl Run<'_> {
         self.check_overflow()?;
         let mut counts = vec![0u32; state.retry.len()];
         let mut retries = 0u32;
+        // The context of the last attempt: also what its Assign and its catcher's read.
+        let mut ctx;
         let result = loop {
-            let ctx = self.context_for(state, retries, item, vars);
+            ctx = self.context_for(state, retries, item, vars);
             match self
                 .attempt(state, &raw, &ctx, vars)
                 .await
@@ -456,7 +458,6 @@ impl Run<'_> {
                 }
             }
         };
-        let ctx = self.context_for(state, retries, item, vars);
         let (output, next, assigned) = match result {
             Ok(a) => {
                 let assigned = match &a.assign {
