@@ -97,15 +97,32 @@ enum SandboxCommand {
         no_network: bool,
         #[arg(long, value_name = "DIR")]
         agent_dir: PathBuf,
+        /// No posture: every capability, no seccomp filter, /proc as the host has it.
+        #[arg(long)]
+        privileged: bool,
+        /// The most processes the instance may run.
+        #[arg(long, default_value_t = 4096)]
+        pids_max: u64,
+        /// The most memory (bytes) the instance may use.
+        #[arg(long, default_value_t = 4 << 30)]
+        memory_max: u64,
     },
     /// PID 1 inside an instance.
-    Init,
+    Init {
+        #[arg(long)]
+        privileged: bool,
+    },
     /// Run the agent inside the instance whose init has host PID `pid`.
     Exec {
         #[arg(long)]
         pid: u32,
         #[arg(long, default_value = "/")]
         cwd: String,
+        /// A cgroup folder of the instance to join first (repeatable).
+        #[arg(long, value_name = "DIR")]
+        cgroup: Vec<PathBuf>,
+        #[arg(long)]
+        privileged: bool,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -142,15 +159,29 @@ where
                     hostname,
                     no_network,
                     agent_dir,
+                    privileged,
+                    pids_max,
+                    memory_max,
                 } => crate::sandbox::boot(&crate::sandbox::Boot {
                     instance_dir,
                     lower,
                     hostname,
                     network: !no_network,
                     agent_dir,
+                    privileged,
+                    limits: crate::sandbox::Limits {
+                        pids: pids_max,
+                        memory: memory_max,
+                    },
                 }),
-                SandboxCommand::Init => crate::sandbox::init(),
-                SandboxCommand::Exec { pid, cwd, args } => crate::sandbox::exec(pid, &cwd, &args),
+                SandboxCommand::Init { privileged } => crate::sandbox::init(privileged),
+                SandboxCommand::Exec {
+                    pid,
+                    cwd,
+                    cgroup,
+                    privileged,
+                    args,
+                } => crate::sandbox::exec(pid, &cwd, &args, &cgroup, privileged),
             };
             match result {
                 Ok(code) => code,

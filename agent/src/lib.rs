@@ -2,11 +2,13 @@
 //! the customize command) and inside embedded sandboxes, and shares the document model with kiln.
 
 pub mod actions;
+pub mod cgroup;
 pub mod cli;
 pub mod eval;
 pub mod exec;
 pub mod http;
 pub mod report;
+pub mod posture;
 pub mod runner;
 pub mod s3;
 pub mod sandbox;

@@ -41,7 +41,27 @@ pub struct Boot {
     pub network: bool,
     /// The agent folder: `kiln-agent`, `ld.so`, `lib/`, an empty `cmd/`.
     pub agent_dir: PathBuf,
+    /// Skip the posture (capabilities, no_new_privs, seccomp, masked /proc, nodev): the
+    /// pipeline's explicit `infrastructure.privileged: true`.
+    pub privileged: bool,
+    /// Processes and bytes of memory the instance may use.
+    pub limits: Limits,
 }
+
+/// What one instance may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub pids: u64,
+    pub memory: u64,
+}
+
+/// Files in the instance folder the keeper writes for the host.
+pub const CGROUPS_FILE: &str = "cgroups";
+pub const BOOTS_FILE: &str = "boots";
+
+/// Mount targets of the root file system: each must be a real folder of the image, never a link
+/// (the mount would follow it out of the root).
+const MOUNT_POINTS: &[&str] = &["/.kiln", "/dev", "/sys", "/proc", "/etc"];
 
 fn fail(what: &str, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
@@ -89,14 +109,47 @@ fn ensure_file(root: &Path, rel: &str, scaffold: &mut Vec<String>) -> Result<Pat
     Ok(p)
 }
 
+/// Refuses a root file system whose mount points are links (or anything but folders).
+fn check_mount_points(root: &Path) -> Result<(), String> {
+    for p in MOUNT_POINTS {
+        let path = root.join(p.trim_start_matches('/'));
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "the image's {p} is a symbolic link; kiln mounts there and will not follow it"
+                ))
+            }
+            Ok(m) if !m.is_dir() => return Err(format!("the image's {p} is not a folder")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The keeper: sets the instance up, runs `init` as its PID 1 and returns init's exit status.
 pub fn boot(b: &Boot) -> Result<i32, String> {
     let d = &b.instance_dir;
     let root = d.join("rootfs");
+    // A cgroup of its own first, so that the cgroup namespace below starts at it.
+    let confined = crate::cgroup::confine(&b.hostname, b.limits);
+    eprintln!("kiln-agent sandbox: limits: {}", confined.how);
+    let cgroups: String = confined
+        .dirs
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    fs::write(d.join(CGROUPS_FILE), cgroups).map_err(|e| fail("record the cgroups", e))?;
+    let boots = fs::read_to_string(d.join(BOOTS_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
+    fs::write(d.join(BOOTS_FILE), boots.to_string()).map_err(|e| fail("count boots", e))?;
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWPID;
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWCGROUP;
     if !b.network {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -130,13 +183,20 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
             lower.len()
         ));
     }
+    // nodev: a device node that an image carries (or a component makes) opens nothing.
+    let root_flags = if b.privileged {
+        MsFlags::empty()
+    } else {
+        MsFlags::MS_NODEV
+    };
     mnt(
         Some("overlay"),
         &root,
         Some("overlay"),
-        MsFlags::empty(),
+        root_flags,
         Some(&options),
     )?;
+    check_mount_points(&root)?;
 
     let mut scaffold = Vec::new();
     // The agent, read-only, and the instance's command folder under it.
@@ -214,13 +274,21 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     let sys = ensure_dir(&root, "/sys", &mut scaffold)?;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if mnt(Some("sysfs"), &sys, Some("sysfs"), ro, None).is_err() {
-        mnt(
-            Some("/sys"),
-            &sys,
-            None,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None,
-        )?;
+        // The host's, without what is mounted under it, and read-only.
+        mnt(Some("/sys"), &sys, None, MsFlags::MS_BIND, None)?;
+        mnt(None, &sys, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro, None)?;
+    }
+    if !b.privileged {
+        let firmware = sys.join("firmware");
+        if firmware.is_dir() {
+            mnt(
+                Some("tmpfs"),
+                &firmware,
+                Some("tmpfs"),
+                ro,
+                Some("size=0"),
+            )?;
+        }
     }
     ensure_dir(&root, "/proc", &mut scaffold)?;
     // Name resolution as the host does it, when the sandbox shares the host's network.
@@ -265,7 +333,11 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the host root", e))?;
     chdir("/").map_err(|e| fail("chdir /", e))?;
 
-    let mut init = agent_command(&["sandbox", "init"]);
+    let mut init = agent_command(if b.privileged {
+        &["sandbox", "init", "--privileged"]
+    } else {
+        &["sandbox", "init"]
+    });
     init.stdin(Stdio::null())
         .stdout(console.try_clone().map_err(|e| fail("console", e))?)
         .stderr(console);
@@ -273,6 +345,9 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     write!(pid_file, "{}", child.id()).map_err(|e| fail("write init.pid", e))?;
     drop(pid_file);
     let status = child.wait().map_err(|e| fail("wait for init", e))?;
+    // Out of the instance's cgroups (a folder with a process in it cannot go), then remove them.
+    let _ = crate::cgroup::join(&confined.origin);
+    crate::cgroup::remove(&confined.dirs);
     Ok(exit_code(status))
 }
 
@@ -299,8 +374,44 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-/// PID 1 of a sandbox: mounts /proc, reports ready, reaps orphans. Ends when killed.
-pub fn init() -> Result<i32, String> {
+/// Parts of /proc an instance reads but must not write.
+const PROC_READ_ONLY: &[&str] = &["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"];
+/// Parts of /proc (and /sys) an instance does not see at all.
+const PROC_MASKED: &[&str] = &[
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/acpi",
+    "/proc/scsi",
+];
+
+/// Read-only binds and masks over /proc, as OCI runtimes set them up.
+fn mask_proc() -> Result<(), String> {
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for p in PROC_READ_ONLY {
+        let path = Path::new(p);
+        if fs::symlink_metadata(path).is_err() {
+            continue;
+        }
+        mnt(Some(p), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+        mnt(None, path, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro, None)?;
+    }
+    for p in PROC_MASKED {
+        let path = Path::new(p);
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => mnt(Some("tmpfs"), path, Some("tmpfs"), ro, Some("size=0"))?,
+            Ok(_) => mnt(Some("/dev/null"), path, None, MsFlags::MS_BIND, None)?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// PID 1 of a sandbox: mounts /proc, takes the posture, reports ready, reaps orphans. Ends when
+/// killed.
+pub fn init(privileged: bool) -> Result<i32, String> {
     mnt(
         Some("proc"),
         Path::new("/proc"),
@@ -308,6 +419,10 @@ pub fn init() -> Result<i32, String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None,
     )?;
+    if !privileged {
+        mask_proc()?;
+        crate::posture::harden()?;
+    }
     println!("{READY}");
     let _ = std::io::stdout().flush();
     loop {
@@ -321,11 +436,19 @@ pub fn init() -> Result<i32, String> {
 
 /// Joins the instance whose PID 1 is `pid` (a host PID) and runs the agent there with `args`,
 /// in `cwd`; returns the agent's exit code.
-pub fn exec(pid: u32, cwd: &str, args: &[String]) -> Result<i32, String> {
+pub fn exec(
+    pid: u32,
+    cwd: &str,
+    args: &[String],
+    cgroups: &[PathBuf],
+    privileged: bool,
+) -> Result<i32, String> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    crate::cgroup::join(cgroups)?;
     let root = File::open(proc_dir.join("root"))
         .map_err(|e| fail(&format!("instance init {pid} is not running"), e))?;
     for (ns, flag) in [
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),
         ("net", CloneFlags::CLONE_NEWNET),
@@ -339,6 +462,9 @@ pub fn exec(pid: u32, cwd: &str, args: &[String]) -> Result<i32, String> {
     fchdir(&root).map_err(|e| fail("enter the root", e))?;
     chroot(".").map_err(|e| fail("chroot", e))?;
     chdir("/").map_err(|e| fail("chdir /", e))?;
+    if !privileged {
+        crate::posture::harden()?;
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut c = agent_command(&args);
     if !cwd.is_empty() {

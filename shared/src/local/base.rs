@@ -70,6 +70,10 @@ pub const TINY_PROGRAMS: &[&str] = &[
     "seq",
     "du",
     "df",
+    "mount",
+    "umount",
+    "mknod",
+    "unshare",
 ];
 
 /// The dynamic loader and the libraries `binary` loads, as `ldd` reports them.

@@ -62,8 +62,16 @@ fn run_to_end(
         let Ok(log2) = log.try_clone() else {
             return failed("duplicate the output handle".into());
         };
-        let status = Command::new(&host.agent)
-            .args(["sandbox", "exec", "--pid", &pid.to_string(), "--"])
+        let mut exec = Command::new(&host.agent);
+        exec.args(["sandbox", "exec", "--pid", &pid.to_string()]);
+        for d in host.cgroups(instance) {
+            exec.arg("--cgroup").arg(d);
+        }
+        if host.record(instance).is_ok_and(|r| r.privileged) {
+            exec.arg("--privileged");
+        }
+        let status = exec
+            .arg("--")
             .args(args)
             .stdin(Stdio::null())
             .stdout(log)

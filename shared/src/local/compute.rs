@@ -35,6 +35,9 @@ pub struct InstanceRecord {
     pub lower: Vec<PathBuf>,
     #[serde(default)]
     pub keeper_pid: Option<u32>,
+    /// Runs without the sandbox posture (`infrastructure.privileged`).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// An image being written (snapshot or copy), or one that failed.
@@ -157,6 +160,9 @@ impl Host {
         if !r.network {
             c.arg("--no-network");
         }
+        if r.privileged {
+            c.arg("--privileged");
+        }
         // Its own process group: a Ctrl-C at the terminal reaches kiln, which cleans up.
         std::os::unix::process::CommandExt::process_group(&mut c, 0);
         let mut child = c
@@ -212,6 +218,16 @@ impl Host {
         Ok(())
     }
 
+    /// The cgroup folders the instance's keeper put it in (none when it used rlimits).
+    pub fn cgroups(&self, id: &str) -> Vec<PathBuf> {
+        fs::read_to_string(self.instance_dir(id).join("cgroups"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("/sys/fs/cgroup/"))
+            .map(PathBuf::from)
+            .collect()
+    }
+
     /// The host PID of the instance's init, when it runs.
     pub fn init_pid(&self, id: &str) -> Option<u32> {
         read_pid(&self.instance_dir(id).join("init.pid")).filter(|p| is_sandbox_process(*p))
@@ -240,6 +256,10 @@ impl Host {
                 kill(keeper);
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+        // A keeper that was killed left its cgroups.
+        for d in self.cgroups(&r.id) {
+            let _ = fs::remove_dir(d);
         }
     }
 
@@ -493,6 +513,7 @@ impl Compute for LocalCloud {
                 tags: spec.tags.clone(),
                 state: InstanceState::Pending,
                 network: spec.infrastructure.network != Network::None,
+                privileged: spec.infrastructure.privileged,
                 launched: now_text(),
                 lower,
                 keeper_pid: None,

@@ -182,6 +182,11 @@ pub struct Infrastructure {
     /// Embedded mode: `host` shares the machine's network, `none` gives the sandbox none.
     #[serde(default)]
     pub network: Network,
+    /// Embedded mode: run the instance WITHOUT its sandbox posture — every capability, no
+    /// seccomp filter, /proc writable, device nodes usable. Only for trusted components that
+    /// must reach the kernel (load modules, mount file systems); anything they run owns the host.
+    #[serde(default)]
+    pub privileged: bool,
     pub sns_topic_arn: Option<String>,
 }
 
@@ -199,6 +204,7 @@ impl Default for Infrastructure {
             associate_public_ip: false,
             tags: BTreeMap::new(),
             network: Network::Host,
+            privileged: false,
             sns_topic_arn: None,
         }
     }

@@ -1,0 +1,156 @@
+//! Limits of an embedded instance: a cgroup of its own (v2 when the machine has the unified
+//! hierarchy at /sys/fs/cgroup, the v1 `pids` and `memory` controllers otherwise), or rlimits
+//! where no cgroup can be written (an unprivileged user without delegation).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::sandbox::Limits;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// How the instance is confined, for its keeper.log, and the cgroup folders it was put in.
+#[derive(Debug, Default)]
+pub struct Confined {
+    pub how: String,
+    pub dirs: Vec<PathBuf>,
+    /// Where the keeper was before, to return to before the folders can be removed.
+    pub origin: Vec<PathBuf>,
+}
+
+/// The calling process's cgroup folder in the v1 hierarchy of `controller` (`None`: v2).
+fn own(controller: Option<&str>) -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let base = match controller {
+            None if names.is_empty() => Path::new(ROOT).to_path_buf(),
+            Some(c) if names.split(',').any(|n| n == c) => Path::new(ROOT).join(c),
+            _ => return None,
+        };
+        Some(base.join(path.trim_start_matches('/')))
+    })
+}
+
+fn is_cgroup2(path: &str) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    fs::write(path, value).map_err(|e| format!("write {value} to {}: {e}", path.display()))
+}
+
+/// Puts the calling process (and so everything it starts) into a cgroup for instance `id`.
+pub fn confine(id: &str, limits: Limits) -> Confined {
+    let pid = std::process::id().to_string();
+    let mut errors = Vec::new();
+    if is_cgroup2(ROOT) {
+        let base = Path::new(ROOT).join("kiln");
+        let dir = base.join(id);
+        let origin: Vec<PathBuf> = own(None).into_iter().collect();
+        let attempt = (|| {
+            fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+            for parent in [Path::new(ROOT), base.as_path()] {
+                write(&parent.join("cgroup.subtree_control"), "+pids +memory")?;
+            }
+            write(&dir.join("pids.max"), &limits.pids.to_string())?;
+            write(&dir.join("memory.max"), &limits.memory.to_string())?;
+            write(&dir.join("memory.swap.max"), "0").ok();
+            write(&dir.join("cgroup.procs"), &pid)
+        })();
+        match attempt {
+            Ok(()) => {
+                return Confined {
+                    how: format!(
+                        "cgroup v2 {}: pids.max={} memory.max={}",
+                        dir.display(),
+                        limits.pids,
+                        limits.memory
+                    ),
+                    dirs: vec![dir],
+                    origin,
+                }
+            }
+            Err(e) => {
+                    let _ = join(&origin);
+                let _ = fs::remove_dir(&dir);
+                errors.push(e);
+            }
+        }
+    } else {
+        let mut dirs = Vec::new();
+        let origin: Vec<PathBuf> = ["pids", "memory"]
+            .iter()
+            .filter_map(|c| own(Some(c)))
+            .collect();
+        let attempt = (|| {
+            for (controller, file, value) in [
+                ("pids", "pids.max", limits.pids),
+                ("memory", "memory.limit_in_bytes", limits.memory),
+            ] {
+                let dir = Path::new(ROOT).join(controller).join("kiln").join(id);
+                fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+                dirs.push(dir.clone());
+                write(&dir.join(file), &value.to_string())?;
+                write(&dir.join("cgroup.procs"), &pid)?;
+            }
+            Ok::<(), String>(())
+        })();
+        match attempt {
+            Ok(()) => {
+                return Confined {
+                    how: format!(
+                        "cgroup v1 pids.max={} memory.limit_in_bytes={}",
+                        limits.pids, limits.memory
+                    ),
+                    dirs,
+                    origin,
+                }
+            }
+            Err(e) => {
+                let _ = join(&origin);
+                remove(&dirs);
+                errors.push(e);
+            }
+        }
+    }
+    // No cgroup: what rlimits can do. RLIMIT_NPROC counts the user's processes (the host's root
+    // is exempt); memory has no per-instance rlimit that programs tolerate (RLIMIT_AS breaks
+    // runtimes that reserve address space), so it is not bounded.
+    use nix::sys::resource::{setrlimit, Resource};
+    let _ = setrlimit(Resource::RLIMIT_NPROC, limits.pids, limits.pids);
+    Confined {
+        how: format!(
+            "rlimit RLIMIT_NPROC={}, memory not bounded (no cgroup: {})",
+            limits.pids,
+            errors.join("; ")
+        ),
+        dirs: Vec::new(),
+        origin: Vec::new(),
+    }
+}
+
+/// Joins the cgroups an instance's keeper recorded (a process entering the instance).
+pub fn join(dirs: &[PathBuf]) -> Result<(), String> {
+    let pid = std::process::id().to_string();
+    for d in dirs {
+        write(&d.join("cgroup.procs"), &pid)?;
+    }
+    Ok(())
+}
+
+/// Removes the instance's cgroups once its processes are gone (retrying while the kernel still
+/// counts the last of them).
+pub fn remove(dirs: &[PathBuf]) {
+    for d in dirs {
+        for _ in 0..200 {
+            match fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    }
+}
