@@ -1,6 +1,7 @@
 //! Limits of an embedded instance: a cgroup of its own (v2 when the machine has the unified
 //! hierarchy at /sys/fs/cgroup, the v1 `pids` and `memory` controllers otherwise), or rlimits
-//! where no cgroup can be written (an unprivileged user without delegation).
+//! where no cgroup can be written (an unprivileged user without delegation). The host removes
+//! the folders once the keeper has ended (after `pivot_root` the keeper no longer sees them).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,27 +16,11 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 pub struct Confined {
     pub how: String,
     pub dirs: Vec<PathBuf>,
-    /// Where the keeper was before, to return to before the folders can be removed.
-    pub origin: Vec<PathBuf>,
-}
-
-/// The calling process's cgroup folder in the v1 hierarchy of `controller` (`None`: v2).
-fn own(controller: Option<&str>) -> Option<PathBuf> {
-    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let base = match controller {
-            None if names.is_empty() => Path::new(ROOT).to_path_buf(),
-            Some(c) if names.split(',').any(|n| n == c) => Path::new(ROOT).join(c),
-            _ => return None,
-        };
-        Some(base.join(path.trim_start_matches('/')))
-    })
 }
 
 fn is_cgroup2(path: &str) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
@@ -49,7 +34,6 @@ pub fn confine(id: &str, limits: Limits) -> Confined {
     if is_cgroup2(ROOT) {
         let base = Path::new(ROOT).join("kiln");
         let dir = base.join(id);
-        let origin: Vec<PathBuf> = own(None).into_iter().collect();
         let attempt = (|| {
             fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
             for parent in [Path::new(ROOT), base.as_path()] {
@@ -70,21 +54,15 @@ pub fn confine(id: &str, limits: Limits) -> Confined {
                         limits.memory
                     ),
                     dirs: vec![dir],
-                    origin,
                 }
             }
             Err(e) => {
-                    let _ = join(&origin);
                 let _ = fs::remove_dir(&dir);
                 errors.push(e);
             }
         }
     } else {
         let mut dirs = Vec::new();
-        let origin: Vec<PathBuf> = ["pids", "memory"]
-            .iter()
-            .filter_map(|c| own(Some(c)))
-            .collect();
         let attempt = (|| {
             for (controller, file, value) in [
                 ("pids", "pids.max", limits.pids),
@@ -106,12 +84,12 @@ pub fn confine(id: &str, limits: Limits) -> Confined {
                         limits.pids, limits.memory
                     ),
                     dirs,
-                    origin,
                 }
             }
             Err(e) => {
-                let _ = join(&origin);
-                remove(&dirs);
+                for d in &dirs {
+                    let _ = fs::remove_dir(d);
+                }
                 errors.push(e);
             }
         }
@@ -128,7 +106,6 @@ pub fn confine(id: &str, limits: Limits) -> Confined {
             errors.join("; ")
         ),
         dirs: Vec::new(),
-        origin: Vec::new(),
     }
 }
 
@@ -139,18 +116,4 @@ pub fn join(dirs: &[PathBuf]) -> Result<(), String> {
         write(&d.join("cgroup.procs"), &pid)?;
     }
     Ok(())
-}
-
-/// Removes the instance's cgroups once its processes are gone (retrying while the kernel still
-/// counts the last of them).
-pub fn remove(dirs: &[PathBuf]) {
-    for d in dirs {
-        for _ in 0..200 {
-            match fs::remove_dir(d) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-        }
-    }
 }

@@ -180,8 +180,13 @@ pub fn filters(kept: &BTreeSet<String>) -> Result<Vec<BpfProgram>, String> {
         let clone = i64::from(syscalls::Sysno::clone.id());
         let chain = deny.entry(clone).or_default();
         for bit in CLONE_NAMESPACES {
-            let c = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(*bit), *bit)
-                .map_err(|e| format!("seccomp: {e}"))?;
+            let c = SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(*bit),
+                *bit,
+            )
+            .map_err(|e| format!("seccomp: {e}"))?;
             chain.push(SeccompRule::new(vec![c]).map_err(|e| format!("seccomp: {e}"))?);
         }
         if let Ok(s) = syscalls::Sysno::from_str("clone3") {
@@ -216,7 +221,8 @@ pub fn harden() -> Result<(), String> {
         }
     }
     let _ = caps::clear(None, CapSet::Ambient);
-    let have = caps::read(None, CapSet::Permitted).map_err(|e| format!("read capabilities: {e}"))?;
+    let have =
+        caps::read(None, CapSet::Permitted).map_err(|e| format!("read capabilities: {e}"))?;
     let kept: caps::CapsHashSet = have.intersection(&keep).copied().collect();
     for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
         caps::set(None, set, &kept).map_err(|e| format!("set {set:?} capabilities: {e}"))?;

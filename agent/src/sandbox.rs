@@ -276,18 +276,18 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     if mnt(Some("sysfs"), &sys, Some("sysfs"), ro, None).is_err() {
         // The host's, without what is mounted under it, and read-only.
         mnt(Some("/sys"), &sys, None, MsFlags::MS_BIND, None)?;
-        mnt(None, &sys, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro, None)?;
+        mnt(
+            None,
+            &sys,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro,
+            None,
+        )?;
     }
     if !b.privileged {
         let firmware = sys.join("firmware");
         if firmware.is_dir() {
-            mnt(
-                Some("tmpfs"),
-                &firmware,
-                Some("tmpfs"),
-                ro,
-                Some("size=0"),
-            )?;
+            mnt(Some("tmpfs"), &firmware, Some("tmpfs"), ro, Some("size=0"))?;
         }
     }
     ensure_dir(&root, "/proc", &mut scaffold)?;
@@ -345,9 +345,6 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     write!(pid_file, "{}", child.id()).map_err(|e| fail("write init.pid", e))?;
     drop(pid_file);
     let status = child.wait().map_err(|e| fail("wait for init", e))?;
-    // Out of the instance's cgroups (a folder with a process in it cannot go), then remove them.
-    let _ = crate::cgroup::join(&confined.origin);
-    crate::cgroup::remove(&confined.dirs);
     Ok(exit_code(status))
 }
 
@@ -395,8 +392,20 @@ fn mask_proc() -> Result<(), String> {
         if fs::symlink_metadata(path).is_err() {
             continue;
         }
-        mnt(Some(p), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
-        mnt(None, path, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro, None)?;
+        mnt(
+            Some(p),
+            path,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?;
+        mnt(
+            None,
+            path,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | ro,
+            None,
+        )?;
     }
     for p in PROC_MASKED {
         let path = Path::new(p);

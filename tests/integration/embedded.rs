@@ -153,6 +153,12 @@ impl Home {
             .expect("json");
             assert_eq!(record["state"], "terminated", "{record}");
             assert!(!entry.path().join("upper").exists(), "upper dir left");
+            // No cgroup of the instance's (raw: every hierarchy's kiln folder).
+            let id = entry.file_name().to_string_lossy().into_owned();
+            for hierarchy in ["", "pids/", "memory/", "unified/"] {
+                let cg = PathBuf::from(format!("/sys/fs/cgroup/{hierarchy}kiln/{id}"));
+                assert!(!cg.exists(), "cgroup left: {}", cg.display());
+            }
         }
         for region in ["us-east-1", "eu-west-1"] {
             let layout = self.layout(region);
@@ -764,4 +770,156 @@ fn twenty_concurrent_runs_on_sqlite_make_one_build_and_name_the_holder() {
     }
     assert_eq!(winners, 1, "{outs:?}");
     home.assert_nothing_left("hello");
+}
+
+/// The probe's `key=value` lines, read from the image it built.
+fn probe_results(home: &Home, pipeline: &Path) -> std::collections::BTreeMap<String, String> {
+    let (code, summary, err) = home.run(pipeline);
+    assert_eq!(code, 0, "{summary}\n{err}");
+    let id = summary["images"]["us-east-1"].as_str().expect("image");
+    let (tar, _) = home.files_of("us-east-1", id);
+    let out = Command::new("tar")
+        .arg("-xOf")
+        .arg(&tar)
+        .arg("--wildcards")
+        .arg("*var/lib/probe.txt")
+        .output()
+        .expect("tar");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_hostile_component_finds_the_sandbox_closed() {
+    let home = Home::new();
+    let probe = probe_results(
+        &home,
+        &repo().join("tests/data/embedded/hostile/pipeline.yaml"),
+    );
+    // Capabilities: podman's default set and nothing else, in every set; none ambient.
+    // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP
+    let podman: u64 = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31]
+        .iter()
+        .map(|b| 1u64 << b)
+        .sum();
+    for set in ["CapBnd", "CapEff", "CapPrm"] {
+        let got = u64::from_str_radix(&probe[set], 16).expect(set);
+        assert_eq!(got, podman, "{set} = {got:#x}: {probe:?}");
+    }
+    assert_eq!(probe["CapAmb"], "0000000000000000");
+    assert_eq!(probe["NoNewPrivs"], "1");
+    assert_eq!(probe["Seccomp"], "2", "a seccomp filter");
+    // Everything the probe tried is refused.
+    for key in [
+        "write_proc_sys_hostname",
+        "access_core_pattern",
+        "access_drop_caches",
+        "access_sysrq_trigger",
+        "read_kcore",
+        "read_keys",
+        "read_timer_list",
+        "list_sys_firmware",
+        "access_sys",
+        "mount_tmpfs",
+        "remount_agent_rw",
+        "bind_over_agent",
+        "write_agent",
+        "unshare_user",
+        "unshare_mount",
+        "mknod_block",
+        "mknod_char",
+    ] {
+        assert_eq!(
+            probe.get(key).map(String::as_str),
+            Some("no"),
+            "{key}: {probe:?}"
+        );
+    }
+    assert_eq!(
+        probe["dev_nodes"].trim(),
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    );
+    assert_eq!(probe["block_devices"], "0");
+    // Its own cgroup namespace: the host's cgroup paths are not visible.
+    assert!(
+        probe["cgroup"]
+            .split(' ')
+            .filter(|l| !l.is_empty())
+            .all(|l| l.ends_with(":/")),
+        "{probe:?}"
+    );
+    let keeper = std::fs::read_dir(home.path().join("instances"))
+        .expect("instances")
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path().join("keeper.log")).unwrap_or_default())
+        .collect::<String>();
+    assert!(
+        keeper.contains("limits: cgroup") || keeper.contains("limits: rlimit"),
+        "{keeper}"
+    );
+    home.assert_nothing_left("hostile");
+
+    // AND the same probe with `privileged: true` can do what the posture refuses: the probe
+    // tells a closed sandbox from an open one.
+    let open = tempfile::tempdir().expect("tmp");
+    let dir = repo().join("tests/data/embedded/hostile");
+    let text = std::fs::read_to_string(dir.join("pipeline.yaml"))
+        .expect("pipeline")
+        .replace("network: none", "network: none\n  privileged: true")
+        .replace(
+            "components/probe.yaml",
+            &dir.join("components/probe.yaml").display().to_string(),
+        );
+    std::fs::write(open.path().join("pipeline.yaml"), text).expect("write");
+    let home = Home::new();
+    let open = probe_results(&home, &open.path().join("pipeline.yaml"));
+    assert_eq!(open["Seccomp"], "0", "{open:?}");
+    assert_eq!(open["mount_tmpfs"], "yes", "{open:?}");
+    assert_eq!(open["mknod_block"], "yes", "{open:?}");
+    home.assert_nothing_left("hostile");
+}
+
+#[test]
+fn links_planted_in_the_command_folder_are_not_followed_by_the_host() {
+    let home = Home::new();
+    // A scratch file and folder the links point at, outside the instance.
+    let scratch = tempfile::tempdir().expect("scratch");
+    std::fs::write(scratch.path().join("file"), "untouched").expect("file");
+    std::fs::create_dir(scratch.path().join("folder")).expect("folder");
+    let dir = repo().join("tests/data/embedded/hostile-links");
+    let text = std::fs::read_to_string(dir.join("pipeline.yaml"))
+        .expect("pipeline")
+        .replace("@VICTIM@", &scratch.path().display().to_string())
+        .replace(
+            "components/plant.yaml",
+            &dir.join("components/plant.yaml").display().to_string(),
+        );
+    let pipeline = scratch.path().join("pipeline.yaml");
+    std::fs::write(&pipeline, text).expect("write");
+    let (code, summary, err) = home.run(&pipeline);
+    // The host refuses to reopen the command's output through the link after the reboot.
+    assert_eq!(code, 1, "{summary}\n{err}");
+    assert!(
+        summary.to_string().contains("symbolic link"),
+        "{summary}\n{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(scratch.path().join("file")).expect("file"),
+        "untouched"
+    );
+    let entries: Vec<_> = std::fs::read_dir(scratch.path().join("folder"))
+        .expect("folder")
+        .collect();
+    assert!(entries.is_empty(), "{entries:?}");
+    std::fs::remove_file(&pipeline).expect("rm");
+    let left: Vec<_> = std::fs::read_dir(scratch.path())
+        .expect("scratch")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    home.assert_nothing_left("hostile-links");
 }

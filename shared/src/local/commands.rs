@@ -4,13 +4,13 @@
 //! keeper is restarted over the same upper dir) and the command runs again; the agent resumes
 //! from its state file.
 
-use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::compute::{tail, Host};
+use super::beneath::{self, Folder};
+use super::compute::Host;
 use super::{io_error, ready, LocalCloud};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{CommandId, InstanceId};
@@ -40,24 +40,32 @@ fn run_to_end(
     args: &[String],
     agent_dir: &Path,
 ) -> CommandStatus {
-    let cmd_dir = host.instance_dir(instance).join("cmd").join(cid);
-    let output = cmd_dir.join("output.log");
+    // The command folder is the instance's to write: every access goes through `Folder`, so a
+    // link planted there is never followed out of it.
+    let folder = match Folder::open(&host.instance_dir(instance).join("cmd"))
+        .and_then(|f| f.sub(Path::new(cid), false))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            return CommandStatus::Failed {
+                message: format!("open the command folder: {e}"),
+                output_tail: String::new(),
+            }
+        }
+    };
+    let output = Path::new("output.log");
     let failed = |message: String| CommandStatus::Failed {
         message,
-        output_tail: tail(&output, 20),
+        output_tail: beneath::tail(&folder, output, 20),
     };
     let mut reboots = 0;
     loop {
         let Some(pid) = host.init_pid(instance) else {
             return failed(format!("instance {instance} is not running"));
         };
-        let log = match fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&output)
-        {
+        let log = match folder.append(output) {
             Ok(f) => f,
-            Err(e) => return failed(format!("open {}: {e}", output.display())),
+            Err(e) => return failed(format!("open the command's output: {e}")),
         };
         let Ok(log2) = log.try_clone() else {
             return failed("duplicate the output handle".into());
@@ -96,7 +104,8 @@ fn run_to_end(
         if code == 0 {
             return CommandStatus::Success;
         }
-        let report = fs::read(cmd_dir.join("report.json"))
+        let report = folder
+            .read(Path::new("report.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
         return match report.as_ref().and_then(crate::ports::report_failure) {
@@ -142,20 +151,23 @@ impl Commands for LocalCloud {
                 .with_code("InvalidInstanceId"));
             }
             let cid = uuid::Uuid::new_v4().to_string();
-            let dir = host.instance_dir(instance.as_str()).join("cmd").join(&cid);
-            fs::create_dir_all(dir.join("docs")).map_err(|e| io_error("create command", e))?;
+            let cmd = Folder::open(&host.instance_dir(instance.as_str()).join("cmd"))
+                .map_err(|e| io_error("open the command folder", e))?;
+            let dir = cmd
+                .sub(Path::new(&cid), true)
+                .map_err(|e| io_error("create command", e))?;
             let inside = format!("{}/cmd/{cid}", kiln_agent_mount());
             let mut docs = Vec::new();
             for (i, c) in plan.components.iter().enumerate() {
                 let bytes = serde_json::to_vec(&c.document).map_err(|e| io_error("document", e))?;
-                fs::write(dir.join("docs").join(format!("{i}.json")), bytes)
+                dir.write(&Path::new("docs").join(format!("{i}.json")), &bytes)
                     .map_err(|e| io_error("write document", e))?;
                 docs.push(format!("{inside}/docs/{i}.json"));
             }
             let params: Vec<_> = plan.components.iter().map(|c| &c.parameters).collect();
-            fs::write(
-                dir.join("params.json"),
-                serde_json::to_vec(&params).map_err(|e| io_error("parameters", e))?,
+            dir.write(
+                Path::new("params.json"),
+                &serde_json::to_vec(&params).map_err(|e| io_error("parameters", e))?,
             )
             .map_err(|e| io_error("write parameters", e))?;
             let phases: Vec<&str> = plan.phases.iter().map(|p| p.as_str()).collect();
@@ -191,9 +203,9 @@ impl Commands for LocalCloud {
             let cid2 = cid.clone();
             std::thread::spawn(move || {
                 let end = run_to_end(&host, &id, &cid2, &args, &agent_dir);
-                let _ = fs::write(
-                    dir.join("status.json"),
-                    serde_json::to_vec_pretty(&end).unwrap_or_default(),
+                let _ = dir.write(
+                    Path::new("status.json"),
+                    &serde_json::to_vec_pretty(&end).unwrap_or_default(),
                 );
                 set(&status, end);
             });
@@ -221,13 +233,9 @@ impl Commands for LocalCloud {
                     .clone());
             }
             // Started by another kiln process: what it recorded, if it finished.
-            let path = self
-                .host()
-                .instance_dir(instance.as_str())
-                .join("cmd")
-                .join(command.as_str())
-                .join("status.json");
-            match fs::read(&path) {
+            let read = Folder::open(&self.host().instance_dir(instance.as_str()).join("cmd"))
+                .and_then(|f| f.read(&Path::new(command.as_str()).join("status.json")));
+            match read {
                 Ok(b) => serde_json::from_slice(&b).map_err(|e| io_error("command status", e)),
                 Err(_) => Err(StageError::new(
                     ErrorKind::Internal,

@@ -257,9 +257,14 @@ impl Host {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        // A keeper that was killed left its cgroups.
+        // The keeper's cgroups, once the last process in them is gone.
         for d in self.cgroups(&r.id) {
-            let _ = fs::remove_dir(d);
+            let start = Instant::now();
+            while fs::remove_dir(&d).is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound)
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 

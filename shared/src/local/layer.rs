@@ -4,10 +4,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{makedev, mknodat, Mode, SFlag};
+use nix::unistd::{Gid, Uid};
 use sha2::{Digest, Sha256};
+
+use super::beneath::{self, Folder};
+use std::os::fd::AsFd;
 
 const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -183,7 +189,12 @@ impl Walk<'_> {
                     }
                     self.links.insert(key, rel.clone());
                 }
-                b.append_data(&mut h, &rel, File::open(&path)?)?;
+                // Never through a link, even one swapped in after the walk looked.
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(OFlag::O_NOFOLLOW.bits())
+                    .open(&path)?;
+                b.append_data(&mut h, &rel, file)?;
             } else {
                 // Devices and FIFOs: the header carries all there is.
                 h.set_size(0);
@@ -203,10 +214,6 @@ pub enum Whiteouts {
     Apply,
 }
 
-fn other(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
 /// Unpacks the tar+zstd blob at `blob` into `dest`.
 pub fn unpack(blob: &Path, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64> {
     let decoder = zstd::stream::read::Decoder::new(File::open(blob)?)?;
@@ -214,64 +221,248 @@ pub fn unpack(blob: &Path, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64>
 }
 
 /// Unpacks a plain tar stream (whiteouts handled as `whiteouts` says); returns the entry count.
+///
+/// Every entry is placed through [`Folder`]: no entry, whiteout or opaque marker reaches
+/// outside `dest`, whatever links earlier entries (or the layers below) made. An entry that
+/// would (`..`, a path through a link, a hard link to outside) refuses the whole archive with
+/// an error naming it.
 pub fn unpack_tar(input: impl Read, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64> {
     fs::create_dir_all(dest)?;
+    let root = Folder::open(dest)?;
+    let privileged = nix::unistd::geteuid().is_root();
     let mut archive = tar::Archive::new(input);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(false);
-    archive.set_overwrite(true);
     let mut count = 0;
+    // Folder modes and times are set last: a read-only folder must still take its entries.
+    let mut folders: Vec<(PathBuf, u32, u64)> = Vec::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
         count += 1;
         let path = entry.path()?.into_owned();
-        if path
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(other(format!(
-                "layer entry {} leaves the layer",
-                path.display()
-            )));
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let parent = dest.join(path.parent().unwrap_or(Path::new("")));
-        if name == OPAQUE_MARKER {
-            fs::create_dir_all(&parent)?;
-            match whiteouts {
-                Whiteouts::Overlay => xattr::set(&parent, OPAQUE_XATTRS[0], b"y")?,
-                Whiteouts::Apply => {
-                    for e in fs::read_dir(&parent)? {
-                        remove_any(&e?.path())?;
-                    }
-                }
-            }
-        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            fs::create_dir_all(&parent)?;
-            let target = parent.join(hidden);
-            remove_any(&target)?;
-            if whiteouts == Whiteouts::Overlay {
-                nix::sys::stat::mknod(
-                    &target,
-                    nix::sys::stat::SFlag::S_IFCHR,
-                    nix::sys::stat::Mode::empty(),
-                    nix::sys::stat::makedev(0, 0),
-                )
-                .map_err(other)?;
-            }
-        } else {
-            if whiteouts == Whiteouts::Apply && !entry.header().entry_type().is_dir() {
-                remove_any(&dest.join(&path))?;
-            }
-            entry.unpack_in(dest)?;
-        }
+        let refuse = |e: io::Error| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("layer entry `{}` refused: {e}", path.display()),
+            )
+        };
+        place(
+            &root,
+            &mut entry,
+            &path,
+            whiteouts,
+            privileged,
+            &mut folders,
+        )
+        .map_err(refuse)?;
+    }
+    for (rel, mode, mtime) in folders.into_iter().rev() {
+        let Ok(dir) = root.sub(&rel, false) else {
+            continue;
+        };
+        let _ = nix::sys::stat::fchmod(&dir, Mode::from_bits_truncate(mode & 0o7777));
+        let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
+        let _ = nix::sys::stat::futimens(&dir, &t, &t);
     }
     Ok(count)
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Places one entry of a layer under `root`.
+fn place<R: Read>(
+    root: &Folder,
+    entry: &mut tar::Entry<'_, R>,
+    path: &Path,
+    whiteouts: Whiteouts,
+    privileged: bool,
+    folders: &mut Vec<(PathBuf, u32, u64)>,
+) -> io::Result<()> {
+    let parts = beneath::components(path)?;
+    let Some(name) = parts.last().cloned() else {
+        // The layer's own root (`./`): nothing to place.
+        return Ok(());
+    };
+    let parent_rel: PathBuf = parts[..parts.len() - 1].iter().collect();
+    let parent = root.sub(&parent_rel, true)?;
+    let name_text = name.to_string_lossy();
+    if name_text == OPAQUE_MARKER {
+        return match whiteouts {
+            Whiteouts::Overlay => {
+                let name = if privileged {
+                    OPAQUE_XATTRS[0]
+                } else {
+                    OPAQUE_XATTRS[1]
+                };
+                xattr::FileExt::set_xattr(
+                    &File::from(parent.as_fd().try_clone_to_owned()?),
+                    name,
+                    b"y",
+                )
+            }
+            Whiteouts::Apply => parent.clear(),
+        };
+    }
+    if let Some(hidden) = name_text.strip_prefix(WHITEOUT_PREFIX) {
+        let hidden = std::ffi::OsString::from(hidden);
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(invalid(format!("`{name_text}` whites out no name")));
+        }
+        parent.remove(&hidden)?;
+        if whiteouts == Whiteouts::Overlay {
+            // A 0/0 character device: unprivileged users may make this one (Linux 5.8).
+            mknodat(
+                &parent,
+                hidden.as_os_str(),
+                SFlag::S_IFCHR,
+                Mode::empty(),
+                makedev(0, 0),
+            )
+            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+        }
+        return Ok(());
+    }
+    let header = entry.header().clone();
+    let kind = header.entry_type();
+    let mode = header.mode().unwrap_or(0o644);
+    let mtime = header.mtime().unwrap_or(0);
+    let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
+    let existing = parent.stat(&name)?;
+    let is_dir = |st: &nix::sys::stat::FileStat| {
+        SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+    };
+    if kind.is_dir() {
+        if existing.as_ref().is_some_and(|st| !is_dir(st)) {
+            parent.remove(&name)?;
+        }
+        let dir = parent.child(&name, true)?;
+        if privileged {
+            let _ = nix::unistd::fchown(
+                &dir,
+                Some(Uid::from_raw(uid as u32)),
+                Some(Gid::from_raw(gid as u32)),
+            );
+        }
+        folders.push((parts.iter().collect(), mode, mtime));
+        return Ok(());
+    }
+    // Anything else replaces what is there (a folder with all it holds).
+    if existing.is_some() {
+        parent.remove(&name)?;
+    }
+    let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
+    match kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            let mut f = parent.open_at(
+                &name,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                0o600,
+            )?;
+            io::copy(entry, &mut f)?;
+            if privileged {
+                let _ = nix::unistd::fchown(
+                    &f,
+                    Some(Uid::from_raw(uid as u32)),
+                    Some(Gid::from_raw(gid as u32)),
+                );
+            }
+            nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode & 0o7777))
+                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            let _ = nix::sys::stat::futimens(&f, &t, &t);
+        }
+        tar::EntryType::Symlink => {
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| invalid("a symbolic link without a target".into()))?;
+            nix::unistd::symlinkat(target.as_ref(), &parent, name.as_os_str())
+                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            if privileged {
+                let _ = nix::unistd::fchownat(
+                    &parent,
+                    name.as_os_str(),
+                    Some(Uid::from_raw(uid as u32)),
+                    Some(Gid::from_raw(gid as u32)),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                );
+            }
+            let _ = nix::sys::stat::utimensat(
+                &parent,
+                name.as_os_str(),
+                &t,
+                &t,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            );
+        }
+        tar::EntryType::Link => {
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| invalid("a hard link without a target".into()))?
+                .into_owned();
+            let (from, from_name) = root
+                .parent_of(&target, false)
+                .map_err(|e| invalid(format!("its target `{}`: {e}", target.display())))?;
+            match from.stat(&from_name)? {
+                Some(st) if !is_dir(&st) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "its target `{}` is not a file of the layer",
+                        target.display()
+                    )))
+                }
+            }
+            nix::unistd::linkat(
+                &from,
+                from_name.as_os_str(),
+                &parent,
+                name.as_os_str(),
+                AtFlags::empty(),
+            )
+            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+        }
+        tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+            let sflag = match kind {
+                tar::EntryType::Char => SFlag::S_IFCHR,
+                tar::EntryType::Block => SFlag::S_IFBLK,
+                _ => SFlag::S_IFIFO,
+            };
+            let dev = makedev(
+                u64::from(header.device_major()?.unwrap_or(0)),
+                u64::from(header.device_minor()?.unwrap_or(0)),
+            );
+            if sflag != SFlag::S_IFIFO && !privileged {
+                // An ordinary user cannot make device nodes (neither can rootless podman); the
+                // instance's /dev does not come from the image anyway.
+                return Ok(());
+            }
+            mknodat(
+                &parent,
+                name.as_os_str(),
+                sflag,
+                Mode::from_bits_truncate(mode & 0o7777),
+                dev,
+            )
+            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            if privileged {
+                let _ = nix::unistd::fchownat(
+                    &parent,
+                    name.as_os_str(),
+                    Some(Uid::from_raw(uid as u32)),
+                    Some(Gid::from_raw(gid as u32)),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                );
+            }
+        }
+        tar::EntryType::XGlobalHeader
+        | tar::EntryType::XHeader
+        | tar::EntryType::GNULongName
+        | tar::EntryType::GNULongLink => {}
+        other => {
+            return Err(invalid(format!(
+                "its kind ({other:?}) is none a root file system holds"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// Removes a file, link or folder; a missing path is fine.
@@ -395,7 +586,162 @@ mod tests {
         }
         let t = tempfile::tempdir().unwrap();
         let err = unpack_tar(raw.as_slice(), &t.path().join("d"), Whiteouts::Apply).unwrap_err();
-        assert!(err.to_string().contains("leaves the layer"), "{err}");
+        assert!(err.to_string().contains("../escape"), "{err}");
         assert!(!t.path().join("escape").exists());
+    }
+
+    /// A tar of raw entries: (name, kind, link target, content).
+    fn crafted(entries: &[(&str, tar::EntryType, &str, &str)]) -> Vec<u8> {
+        let mut raw = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut raw);
+            for (name, kind, link, body) in entries {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(*kind);
+                h.set_size(body.len() as u64);
+                h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+                h.set_mtime(1);
+                h.set_uid(0);
+                h.set_gid(0);
+                let gnu = h.as_gnu_mut().unwrap();
+                gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+                gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+                if *kind == tar::EntryType::Block {
+                    h.set_device_major(8).unwrap();
+                    h.set_device_minor(0).unwrap();
+                }
+                h.set_cksum();
+                b.append(&h, body.as_bytes()).unwrap();
+            }
+            b.finish().unwrap();
+        }
+        raw
+    }
+
+    /// Every file under `dir` with its content (links as `-> target`).
+    fn inventory(dir: &Path) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                let ft = e.file_type().unwrap();
+                let what = if ft.is_symlink() {
+                    format!("-> {}", fs::read_link(&p).unwrap().display())
+                } else if ft.is_dir() {
+                    stack.push(p.clone());
+                    "dir".into()
+                } else {
+                    fs::read_to_string(&p).unwrap_or_default()
+                };
+                out.push((p.display().to_string(), what));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn hostile_archives_change_nothing_outside_their_folder() {
+        use tar::EntryType::{Block, Directory, Link, Regular, Symlink};
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("host");
+        fs::create_dir_all(outside.join("etc")).unwrap();
+        fs::write(outside.join("etc/passwd"), "root:x:0:0").unwrap();
+        fs::write(outside.join("victim"), "keep me").unwrap();
+        let out = outside.display().to_string();
+        let victim = format!("{out}/victim");
+        let before = inventory(&outside);
+        let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str, &str)>, Option<&str>)> = vec![
+            (
+                "parent folder",
+                vec![("../host/victim", Regular, "", "x")],
+                Some("`..`"),
+            ),
+            (
+                "file through a link",
+                vec![("l", Symlink, &out, ""), ("l/victim", Regular, "", "x")],
+                Some("symbolic link"),
+            ),
+            (
+                "whiteout through a link",
+                vec![("l", Symlink, &out, ""), ("l/.wh.victim", Regular, "", "")],
+                Some("symbolic link"),
+            ),
+            (
+                "opaque marker through a link",
+                vec![
+                    ("l", Symlink, &out, ""),
+                    ("l/.wh..wh..opq", Regular, "", ""),
+                ],
+                Some("symbolic link"),
+            ),
+            (
+                "folder through a link",
+                vec![("l", Symlink, &out, ""), ("l/etc", Directory, "", "")],
+                Some("symbolic link"),
+            ),
+            (
+                "hard link out",
+                vec![("h", Link, "../host/victim", "")],
+                Some("`..`"),
+            ),
+            (
+                "hard link through a link",
+                vec![("l", Symlink, &out, ""), ("h", Link, "l/victim", "")],
+                Some("symbolic link"),
+            ),
+            (
+                "whiteout of the folder itself",
+                vec![(".wh..", Regular, "", "")],
+                Some("whites out no name"),
+            ),
+            (
+                "file over a link",
+                vec![("f", Symlink, &victim, ""), ("f", Regular, "", "x")],
+                None,
+            ),
+            ("absolute path", vec![(&victim, Regular, "", "x")], None),
+            ("device node", vec![("sda", Block, "", "")], None),
+        ];
+        for whiteouts in [Whiteouts::Apply, Whiteouts::Overlay] {
+            for (what, entries, refused) in &cases {
+                let dest = t.path().join("dest");
+                let _ = remove_any(&dest);
+                let got = unpack_tar(crafted(entries).as_slice(), &dest, whiteouts);
+                assert_eq!(
+                    inventory(&outside),
+                    before,
+                    "{what} ({whiteouts:?}) changed the host"
+                );
+                match refused {
+                    Some(why) => {
+                        let err = got.expect_err(what).to_string();
+                        assert!(
+                            err.contains(why) && err.contains("refused"),
+                            "{what}: {err}"
+                        );
+                        let first = entries.last().unwrap().0;
+                        assert!(
+                            err.contains(first) || err.contains(".wh.."),
+                            "{what}: {err}"
+                        );
+                    }
+                    None => {
+                        got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    }
+                }
+            }
+        }
+        // the file over a link replaced the link; the absolute path landed inside
+        let dest = t.path().join("dest");
+        let _ = remove_any(&dest);
+        unpack_tar(crafted(&cases[8].1).as_slice(), &dest, Whiteouts::Apply).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("f")).unwrap(), "x");
+        unpack_tar(crafted(&cases[9].1).as_slice(), &dest, Whiteouts::Apply).unwrap();
+        assert!(dest
+            .join(out.trim_start_matches('/'))
+            .join("victim")
+            .is_file());
     }
 }

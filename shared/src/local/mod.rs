@@ -10,6 +10,7 @@
 //! - `state.db`: the store (SQLite); `events.jsonl`: the events.
 
 pub mod base;
+pub mod beneath;
 mod commands;
 mod compute;
 pub mod layer;
