@@ -111,6 +111,9 @@ enum SandboxCommand {
     Init {
         #[arg(long)]
         privileged: bool,
+        /// The instance's root, to mount /proc in and pivot into.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
     },
     /// Run the agent inside the instance whose init has host PID `pid`.
     Exec {
@@ -174,7 +177,9 @@ where
                         memory: memory_max,
                     },
                 }),
-                SandboxCommand::Init { privileged } => crate::sandbox::init(privileged),
+                SandboxCommand::Init { privileged, root } => {
+                    crate::sandbox::init(privileged, root.as_deref())
+                }
                 SandboxCommand::Exec {
                     pid,
                     cwd,

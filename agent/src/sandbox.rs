@@ -145,6 +145,23 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         .unwrap_or(0)
         + 1;
     fs::write(d.join(BOOTS_FILE), boots.to_string()).map_err(|e| fail("count boots", e))?;
+    // An ordinary user: a user namespace first, where the user is root (one mapping, as rootless
+    // podman without subordinate ids); every namespace below belongs to it.
+    let rootless = !nix::unistd::geteuid().is_root();
+    if rootless {
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
+            fail(
+                "create a user namespace",
+                format!("{e} (an ordinary user's instances need user namespaces)"),
+            )
+        })?;
+        fs::write("/proc/self/setgroups", "deny").map_err(|e| fail("deny setgroups", e))?;
+        fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
+            .map_err(|e| fail("map the user", e))?;
+        fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
+            .map_err(|e| fail("map the group", e))?;
+    }
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -157,7 +174,7 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         fail(
             "create namespaces",
             if e == Errno::EPERM {
-                "not permitted: embedded instances need root (or CAP_SYS_ADMIN)".to_string()
+                "not permitted (as root, kiln-agent needs CAP_SYS_ADMIN)".to_string()
             } else {
                 e.to_string()
             },
@@ -172,10 +189,12 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     )?;
     let lower: Vec<String> = b.lower.iter().map(|p| p.display().to_string()).collect();
     let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={}{}",
         lower.join(":"),
         d.join("upper").display(),
-        d.join("work").display()
+        d.join("work").display(),
+        // In a user namespace overlayfs keeps its marks in user.* xattrs (trusted.* is root's).
+        if rootless { ",userxattr" } else { "" }
     );
     if options.len() >= 4000 {
         return Err(format!(
@@ -195,7 +214,14 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         Some("overlay"),
         root_flags,
         Some(&options),
-    )?;
+    )
+    .map_err(|e| {
+        if rootless {
+            format!("{e} (an ordinary user's overlay mount needs Linux 5.11 or later)")
+        } else {
+            e
+        }
+    })?;
     check_mount_points(&root)?;
 
     let mut scaffold = Vec::new();
@@ -328,16 +354,19 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         .open(d.join("init.pid"))
         .map_err(|e| fail("open init.pid", e))?;
 
-    chdir(&root).map_err(|e| fail("enter the root", e))?;
-    pivot_root(".", ".").map_err(|e| fail("pivot_root", e))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the host root", e))?;
-    chdir("/").map_err(|e| fail("chdir /", e))?;
-
-    let mut init = agent_command(if b.privileged {
-        &["sandbox", "init", "--privileged"]
-    } else {
-        &["sandbox", "init"]
-    });
+    // init enters the root itself: it mounts /proc there first, while the host's /proc is still
+    // in view (in a user namespace the kernel allows a new proc only then).
+    let exe = std::env::current_exe().map_err(|e| fail("find kiln-agent", e))?;
+    let mut init = Command::new(exe);
+    init.args(["sandbox", "init", "--root"])
+        .arg(&root)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8");
+    if b.privileged {
+        init.arg("--privileged");
+    }
     init.stdin(Stdio::null())
         .stdout(console.try_clone().map_err(|e| fail("console", e))?)
         .stderr(console);
@@ -420,14 +449,30 @@ fn mask_proc() -> Result<(), String> {
 
 /// PID 1 of a sandbox: mounts /proc, takes the posture, reports ready, reaps orphans. Ends when
 /// killed.
-pub fn init(privileged: bool) -> Result<i32, String> {
-    mnt(
-        Some("proc"),
-        Path::new("/proc"),
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None,
-    )?;
+pub fn init(privileged: bool, root: Option<&Path>) -> Result<i32, String> {
+    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    match root {
+        Some(root) => {
+            mnt(
+                Some("proc"),
+                &root.join("proc"),
+                Some("proc"),
+                proc_flags,
+                None,
+            )?;
+            chdir(root).map_err(|e| fail("enter the root", e))?;
+            pivot_root(".", ".").map_err(|e| fail("pivot_root", e))?;
+            umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the host root", e))?;
+            chdir("/").map_err(|e| fail("chdir /", e))?;
+        }
+        None => mnt(
+            Some("proc"),
+            Path::new("/proc"),
+            Some("proc"),
+            proc_flags,
+            None,
+        )?,
+    }
     if !privileged {
         mask_proc()?;
         crate::posture::harden()?;
@@ -454,6 +499,14 @@ pub fn exec(
 ) -> Result<i32, String> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     crate::cgroup::join(cgroups)?;
+    // An ordinary user's instance: its user namespace first, which gives the rights to join
+    // the others.
+    let theirs = fs::read_link(proc_dir.join("ns/user")).ok();
+    if theirs.is_some() && theirs != fs::read_link("/proc/self/ns/user").ok() {
+        let f =
+            File::open(proc_dir.join("ns/user")).map_err(|e| fail("open the user namespace", e))?;
+        setns(&f, CloneFlags::CLONE_NEWUSER).map_err(|e| fail("join the user namespace", e))?;
+    }
     let root = File::open(proc_dir.join("root"))
         .map_err(|e| fail(&format!("instance init {pid} is not running"), e))?;
     for (ns, flag) in [

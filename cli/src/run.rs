@@ -71,10 +71,40 @@ pub fn agent_binary() -> Result<PathBuf, String> {
     })
 }
 
+/// An ordinary user's instances are user namespaces (the user is root inside, as with rootless
+/// podman) with an overlay root mounted there: what the kernel must allow for that.
+fn rootless_supported() -> Result<(), String> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|t| t.trim().to_string())
+    };
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        return Err("embedded instances as an ordinary user need user namespaces, and this kernel allows none (user.max_user_namespaces = 0): raise it (sysctl user.max_user_namespaces=15000) or run kiln as root".into());
+    }
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        return Err("embedded instances as an ordinary user need user namespaces, and this kernel refuses them to ordinary users (kernel.unprivileged_userns_clone = 0): set it to 1 or run kiln as root".into());
+    }
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        return Err("embedded instances as an ordinary user need user namespaces, and AppArmor restricts them (kernel.apparmor_restrict_unprivileged_userns = 1): allow them for kiln-agent or run kiln as root".into());
+    }
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (5, 11) {
+        return Err(format!("embedded instances as an ordinary user mount overlayfs in a user namespace, which needs Linux 5.11 or later (this is {release}): run kiln as root"));
+    }
+    Ok(())
+}
+
 /// Opens the embedded cloud, refusing clearly what this machine cannot do.
 pub fn open_cloud(home: &Path) -> Result<LocalCloud, String> {
     if !nix::unistd::geteuid().is_root() {
-        return Err("embedded instances need root: they are mount, PID, UTS and IPC namespaces with an overlay root, which an unprivileged user cannot create here (run kiln as root, e.g. with sudo)".into());
+        rootless_supported()?;
     }
     let agent = agent_binary()?;
     LocalCloud::open(home, &agent).map_err(|e| e.to_string())

@@ -396,6 +396,30 @@ fn a_component_that_asks_for_a_reboot_resumes_after_it() {
         output.contains("rebooting") && output.contains("resumed after reboot"),
         "{output}"
     );
+    // A real restart: the keeper booted the builder twice and the command after it ran under
+    // another init than the one before.
+    let boots = std::fs::read_to_string(builder.path().join("boots")).expect("boots");
+    assert_eq!(boots.trim(), "2");
+    let (tar, _) = home.files_of("us-east-1", id);
+    let read = |name: &str| {
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(&tar)
+            .arg("--wildcards")
+            .arg(format!("*var/lib/{name}"))
+            .output()
+            .expect("tar");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (before, after) = (read("init-before"), read("init-after"));
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "{before:?} {after:?}"
+    );
+    assert_ne!(
+        before, after,
+        "the same init ran before and after the reboot"
+    );
     home.assert_nothing_left("reboot");
 }
 
@@ -922,4 +946,150 @@ fn links_planted_in_the_command_folder_are_not_followed_by_the_host() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
     home.assert_nothing_left("hostile-links");
+}
+
+/// An ordinary user of this machine for the rootless tests (created once, as root).
+fn ordinary_user() -> (u32, u32) {
+    const NAME: &str = "kiln-rootless";
+    let id = |flag: &str| {
+        Command::new("id")
+            .args([flag, NAME])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    if id("-u").is_none() {
+        let out = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/bin/sh", NAME])
+            .output()
+            .expect("useradd");
+        assert!(
+            out.status.success() || id("-u").is_some(),
+            "useradd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (id("-u").expect("uid"), id("-g").expect("gid"))
+}
+
+/// `kiln` as the ordinary user, in a home it owns.
+fn kiln_as_user(home: &Path, args: &[&str]) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let (uid, gid) = ordinary_user();
+    let out = Command::new(built_binary("kiln"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("KILN_AGENT")
+        .env_remove("KILN_HOME")
+        .env("HOME", home)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("run kiln as the ordinary user");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
+    require_root();
+    let (uid, gid) = ordinary_user();
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-rootless-")
+        .tempdir()
+        .expect("home");
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+    let home = dir.path();
+    let hello = repo().join("examples/hello/pipeline.yaml");
+    let (code, out, err) = kiln_as_user(
+        home,
+        &["run", &hello.display().to_string(), "--output", "json"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary: Json = serde_json::from_str(&out).expect("summary");
+    assert_eq!(summary["status"], "AVAILABLE", "{summary}");
+    for region in ["us-east-1", "eu-west-1"] {
+        assert!(summary["images"][region].is_string(), "{summary}");
+    }
+    // The probe, as that user: the same posture from inside.
+    let probe = repo().join("tests/data/embedded/hostile/pipeline.yaml");
+    let (code, out, err) = kiln_as_user(
+        home,
+        &["run", &probe.display().to_string(), "--output", "json"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary: Json = serde_json::from_str(&out).expect("summary");
+    let image = summary["images"]["us-east-1"].as_str().expect("image");
+    let tar = home.join("probe.tar");
+    let (code, out, err) = kiln_as_user(
+        home,
+        &[
+            "image",
+            "export",
+            image,
+            &tar.display().to_string(),
+            "--region",
+            "us-east-1",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let listing = Command::new("tar")
+        .arg("-tvf")
+        .arg(&tar)
+        .output()
+        .expect("tar");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.ends_with("var/lib/probe.txt"))
+        .expect("probe.txt");
+    assert!(
+        line.contains(" 0/0 "),
+        "the user is root inside, and in the image: {line}"
+    );
+    let text = Command::new("tar")
+        .arg("-xOf")
+        .arg(&tar)
+        .arg("--wildcards")
+        .arg("*var/lib/probe.txt")
+        .output()
+        .expect("tar");
+    let text = String::from_utf8_lossy(&text.stdout);
+    for want in [
+        "CapBnd=00000000800405fb",
+        "CapEff=00000000800405fb",
+        "NoNewPrivs=1",
+        "Seccomp=2",
+        "mount_tmpfs=no",
+        "remount_agent_rw=no",
+        "write_agent=no",
+        "unshare_user=no",
+        "mknod_block=no",
+        "access_core_pattern=no",
+        "write_proc_sys_hostname=no",
+        "block_devices=0",
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want}: {text}");
+    }
+    // Nothing of the user's instances runs or is mounted.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&home.display().to_string()), "{mounts}");
+    let running: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&home.display().to_string()) && c.contains("sandbox"))
+        .collect();
+    assert!(running.is_empty(), "{running:?}");
 }

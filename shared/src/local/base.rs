@@ -419,13 +419,8 @@ impl LocalCloud {
                     .map_err(|e| io_error(format!("apply {}", d.digest), e))?;
             }
             let f = File::create(out).map_err(|e| io_error(out.display(), e))?;
-            let mut b = tar::Builder::new(BufWriter::new(f));
-            b.follow_symlinks(false);
-            b.mode(tar::HeaderMode::Complete);
-            b.append_dir_all(".", &tmp)
+            layer::write_plain(&tmp, BufWriter::new(f))
                 .map_err(|e| io_error("write tarball", e))?;
-            let w = b.into_inner().map_err(|e| io_error("write tarball", e))?;
-            drop(w);
             fs::metadata(out)
                 .map(|m| m.len())
                 .map_err(|e| io_error(out.display(), e))

@@ -92,13 +92,7 @@ pub fn write(
     let mut builder = tar::Builder::new(raw);
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
-    let mut walk = Walk {
-        root: dir,
-        overlay,
-        exclude,
-        links: HashMap::new(),
-        entries: 0,
-    };
+    let mut walk = Walk::new(dir, overlay, exclude);
     walk.dir(&mut builder, Path::new(""))?;
     let entries = walk.entries;
     let raw = builder.into_inner()?;
@@ -114,12 +108,45 @@ pub fn write(
     })
 }
 
+/// Writes `dir` as a plain tar (a root file system, as `kiln image export` gives it); returns
+/// the entry count.
+pub fn write_plain(dir: &Path, out: impl Write) -> io::Result<u64> {
+    let mut builder = tar::Builder::new(out);
+    builder.mode(tar::HeaderMode::Complete);
+    builder.follow_symlinks(false);
+    let exclude = BTreeSet::new();
+    let mut walk = Walk::new(dir, false, &exclude);
+    walk.dir(&mut builder, Path::new(""))?;
+    builder.into_inner()?.flush()?;
+    Ok(walk.entries)
+}
+
+impl<'a> Walk<'a> {
+    fn new(root: &'a Path, overlay: bool, exclude: &'a BTreeSet<String>) -> Self {
+        Walk {
+            root,
+            overlay,
+            exclude,
+            links: HashMap::new(),
+            entries: 0,
+            owner: (!nix::unistd::geteuid().is_root()).then(|| {
+                (
+                    nix::unistd::geteuid().as_raw(),
+                    nix::unistd::getegid().as_raw(),
+                )
+            }),
+        }
+    }
+}
+
 struct Walk<'a> {
     root: &'a Path,
     overlay: bool,
     exclude: &'a BTreeSet<String>,
     links: HashMap<(u64, u64), PathBuf>,
     entries: u64,
+    /// The user and group that are root inside (an ordinary user's instances).
+    owner: Option<(u32, u32)>,
 }
 
 fn empty_header(kind: tar::EntryType, mode: u32) -> tar::Header {
@@ -167,6 +194,15 @@ impl Walk<'_> {
             }
             let mut h = tar::Header::new_gnu();
             h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            if let Some((uid, gid)) = self.owner {
+                // An ordinary user's instance: the user is root inside.
+                if meta.uid() == uid {
+                    h.set_uid(0);
+                }
+                if meta.gid() == gid {
+                    h.set_gid(0);
+                }
+            }
             if ft.is_dir() {
                 h.set_size(0);
                 b.append_data(&mut h, &rel, io::empty())?;
@@ -468,11 +504,36 @@ fn place<R: Read>(
 /// Removes a file, link or folder; a missing path is fine.
 pub fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).or_else(|e| {
+            if e.kind() != io::ErrorKind::PermissionDenied {
+                return Err(e);
+            }
+            // Folders an ordinary user owns but cannot enter (overlayfs leaves `work/work` with
+            // mode 0): open them up, without following links, and try again.
+            open_up(path)?;
+            fs::remove_dir_all(path)
+        }),
         Ok(_) => fs::remove_file(path),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Gives the owner rwx on every folder under `path` (links are not followed).
+fn open_up(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    fs::set_permissions(
+        path,
+        fs::Permissions::from_mode((meta.mode() & 0o7777) | 0o700),
+    )?;
+    for e in fs::read_dir(path)? {
+        open_up(&e?.path())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
