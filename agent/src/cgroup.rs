@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use crate::sandbox::Limits;
 
 const ROOT: &str = "/sys/fs/cgroup";
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// How the instance is confined, for its keeper.log, and the cgroup folders it was put in.
 #[derive(Debug, Default)]
@@ -20,7 +19,7 @@ pub struct Confined {
 
 fn is_cgroup2(path: &str) -> bool {
     nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {

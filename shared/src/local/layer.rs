@@ -570,13 +570,7 @@ mod tests {
         let upper = t.path().join("upper");
         fs::create_dir_all(upper.join("etc/old")).unwrap();
         fs::create_dir_all(upper.join(".kiln")).unwrap();
-        nix::sys::stat::mknod(
-            &upper.join("etc/gone"),
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::empty(),
-            0,
-        )
-        .unwrap();
+        nix::sys::stat::mknod(&upper.join("etc/gone"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
         xattr::set(upper.join("etc/old"), OPAQUE_XATTRS[0], b"y").unwrap();
         fs::write(upper.join("etc/old/b"), "b").unwrap();
         fs::write(upper.join("etc/new"), "new").unwrap();
@@ -703,6 +697,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn hostile_archives_change_nothing_outside_their_folder() {
         use tar::EntryType::{Block, Directory, Link, Regular, Symlink};
         let t = tempfile::tempdir().unwrap();
