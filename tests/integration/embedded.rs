@@ -402,14 +402,9 @@ fn a_component_that_asks_for_a_reboot_resumes_after_it() {
     assert_eq!(boots.trim(), "2");
     let (tar, _) = home.files_of("us-east-1", id);
     let read = |name: &str| {
-        let out = Command::new("tar")
-            .arg("-xOf")
-            .arg(&tar)
-            .arg("--wildcards")
-            .arg(format!("*var/lib/{name}"))
-            .output()
-            .expect("tar");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        file_in_tar(&tar, &format!("var/lib/{name}"))
+            .trim()
+            .to_string()
     };
     let (before, after) = (read("init-before"), read("init-after"));
     assert!(
@@ -796,20 +791,25 @@ fn twenty_concurrent_runs_on_sqlite_make_one_build_and_name_the_holder() {
     home.assert_nothing_left("hello");
 }
 
+/// The text of the file whose path ends with `name` in the tarball `tar`.
+fn file_in_tar(tar: &Path, name: &str) -> String {
+    let out = Command::new("tar")
+        .arg("-xOf")
+        .arg(tar)
+        .arg("--wildcards")
+        .arg(format!("*{name}"))
+        .output()
+        .expect("tar");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The probe's `key=value` lines, read from the image it built.
 fn probe_results(home: &Home, pipeline: &Path) -> std::collections::BTreeMap<String, String> {
     let (code, summary, err) = home.run(pipeline);
     assert_eq!(code, 0, "{summary}\n{err}");
     let id = summary["images"]["us-east-1"].as_str().expect("image");
     let (tar, _) = home.files_of("us-east-1", id);
-    let out = Command::new("tar")
-        .arg("-xOf")
-        .arg(&tar)
-        .arg("--wildcards")
-        .arg("*var/lib/probe.txt")
-        .output()
-        .expect("tar");
-    String::from_utf8_lossy(&out.stdout)
+    file_in_tar(&tar, "var/lib/probe.txt")
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1000,6 +1000,16 @@ fn kiln_as_user(home: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `kiln run PIPELINE --output json` as the ordinary user; the summary of a build that succeeded.
+fn run_as_user(home: &Path, pipeline: &Path) -> Json {
+    let (code, out, err) = kiln_as_user(
+        home,
+        &["run", &pipeline.display().to_string(), "--output", "json"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    serde_json::from_str(&out).expect("summary")
+}
+
 #[test]
 fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
     require_root();
@@ -1010,25 +1020,16 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         .expect("home");
     std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
     let home = dir.path();
-    let hello = repo().join("examples/hello/pipeline.yaml");
-    let (code, out, err) = kiln_as_user(
-        home,
-        &["run", &hello.display().to_string(), "--output", "json"],
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let summary: Json = serde_json::from_str(&out).expect("summary");
+    let summary = run_as_user(home, &repo().join("examples/hello/pipeline.yaml"));
     assert_eq!(summary["status"], "AVAILABLE", "{summary}");
     for region in ["us-east-1", "eu-west-1"] {
         assert!(summary["images"][region].is_string(), "{summary}");
     }
     // The probe, as that user: the same posture from inside.
-    let probe = repo().join("tests/data/embedded/hostile/pipeline.yaml");
-    let (code, out, err) = kiln_as_user(
+    let summary = run_as_user(
         home,
-        &["run", &probe.display().to_string(), "--output", "json"],
+        &repo().join("tests/data/embedded/hostile/pipeline.yaml"),
     );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let summary: Json = serde_json::from_str(&out).expect("summary");
     let image = summary["images"]["us-east-1"].as_str().expect("image");
     let tar = home.join("probe.tar");
     let (code, out, err) = kiln_as_user(
@@ -1057,14 +1058,7 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         line.contains(" 0/0 "),
         "the user is root inside, and in the image: {line}"
     );
-    let text = Command::new("tar")
-        .arg("-xOf")
-        .arg(&tar)
-        .arg("--wildcards")
-        .arg("*var/lib/probe.txt")
-        .output()
-        .expect("tar");
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = file_in_tar(&tar, "var/lib/probe.txt");
     for want in [
         "CapBnd=00000000800405fb",
         "CapEff=00000000800405fb",
