@@ -382,31 +382,6 @@ fn read_definition(
     Ok((json, machine))
 }
 
-/// Task states without a mock config cannot run: they fail with a clear cause.
-struct NoTasks;
-
-impl kiln::engine::Tasks for NoTasks {
-    fn invoke<'a>(
-        &'a self,
-        resource: &'a str,
-        state: &'a str,
-        _input: serde_json::Value,
-    ) -> futures_lite::BoxFuture<'a> {
-        let e = kiln::engine::StateError::new("States.Runtime", format!("state `{state}`: no handler for resource `{resource}`; pass --mock-config and --test-case to mock it"));
-        Box::pin(async move { Err(e) })
-    }
-}
-
-mod futures_lite {
-    pub type BoxFuture<'a> = std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<serde_json::Value, kiln::engine::StateError>>
-                + Send
-                + 'a,
-        >,
-    >;
-}
-
 fn sfn(command: SfnCommand, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::Result<i32> {
     match command {
         SfnCommand::Validate { definitions } => {
@@ -467,7 +442,9 @@ fn sfn(command: SfnCommand, stdout: &mut dyn Write, stderr: &mut dyn Write) -> a
                         }
                     }
                 }
-                _ => std::sync::Arc::new(NoTasks),
+                _ => std::sync::Arc::new(kiln::engine::NoTasks(
+                    "; pass --mock-config and --test-case to mock it",
+                )),
             };
             let clock: std::sync::Arc<dyn kiln::engine::clock::Clock> = if real_time {
                 std::sync::Arc::new(kiln::engine::clock::RealClock)

@@ -731,7 +731,7 @@ fn summary(
                 "stateTransitions": kiln::stages::handler::AWS_POLL_COST.0,
                 "lambdaInvocations": kiln::stages::handler::AWS_POLL_COST.1,
             },
-            "pollSeconds": 30,
+            "pollSeconds": kiln::stages::handler::aws_poll_seconds(),
         },
         "error": outcome.error,
         "cause": outcome.cause,

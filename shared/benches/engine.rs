@@ -6,20 +6,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln::engine::{clock::VirtualClock, definition, payload, Engine, StateError, Tasks};
-use serde_json::{json, Value as Json};
-
-struct NoTasks;
-impl Tasks for NoTasks {
-    fn invoke<'a>(
-        &'a self,
-        _r: &'a str,
-        _s: &'a str,
-        _i: Json,
-    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
-        Box::pin(async { Err(StateError::new("States.Runtime", "no tasks")) })
-    }
-}
+use kiln::engine::{clock::VirtualClock, definition, payload, Engine, NoTasks};
+use serde_json::json;
 
 fn best(rounds: u32, mut f: impl FnMut()) -> Duration {
     (0..rounds)
@@ -42,7 +30,11 @@ fn main() {
         "ResultSelector": {"count.$": "States.ArrayLength($)"}, "End": true}}});
     let machine = definition::parse(&def).expect("valid");
     let input = json!({"items": (0..N).collect::<Vec<_>>()});
-    let mut engine = Engine::new(Arc::new(NoTasks), Arc::new(VirtualClock::default()), true);
+    let mut engine = Engine::new(
+        Arc::new(NoTasks("")),
+        Arc::new(VirtualClock::default()),
+        true,
+    );
     // 10,000 iterations record ~40,000 events: above AWS's 25,000 limit, lifted for the benchmark.
     engine.max_events = usize::MAX;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -6,28 +6,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln::engine::{clock::VirtualClock, definition, Engine, StateError, Tasks};
+use kiln::engine::{clock::VirtualClock, definition, Engine, NoTasks, StateError, TaskFn, Tasks};
 use serde_json::{json, Value as Json};
 
 use crate::support::{repo, Lcg};
-
-struct NoTasks;
-
-impl Tasks for NoTasks {
-    fn invoke<'a>(
-        &'a self,
-        resource: &'a str,
-        _state: &'a str,
-        _input: Json,
-    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
-        Box::pin(async move {
-            Err(StateError::new(
-                "States.Runtime",
-                format!("no task handler for {resource}"),
-            ))
-        })
-    }
-}
 
 fn corpus() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/data/asl"))
@@ -58,13 +40,7 @@ fn moto_results(files: &[PathBuf]) -> Vec<Json> {
 }
 
 pub fn run_engine(def: &Json, input: Json) -> kiln::engine::Outcome {
-    let machine = definition::parse(def).unwrap_or_else(|p| panic!("definition rejected: {p:?}"));
-    let engine = Engine::new(Arc::new(NoTasks), Arc::new(VirtualClock::default()), true);
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(engine.run(&machine, input, "conformance"))
+    run_on(Arc::new(NoTasks("")), def, input)
 }
 
 #[test]
@@ -451,27 +427,26 @@ fn sfn_validate_locates_every_problem_with_a_json_pointer() {
 }
 
 /// A task answering with this many bytes of payload.
-struct Big(usize);
-
-impl Tasks for Big {
-    fn invoke<'a>(
-        &'a self,
-        _r: &'a str,
-        _s: &'a str,
-        _i: Json,
-    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
-        Box::pin(async move { Ok(json!({"blob": "x".repeat(self.0)})) })
-    }
+fn big(bytes: usize) -> Arc<dyn Tasks> {
+    Arc::new(TaskFn(move |_: &str, _: &str, _: Json| {
+        Ok(json!({"blob": "x".repeat(bytes)}))
+    }))
 }
 
 fn run_with(tasks: Arc<dyn Tasks>, def: &Json) -> kiln::engine::Outcome {
-    let machine = definition::parse(def).expect("definition");
+    run_on(tasks, def, json!({}))
+}
+
+/// Runs `def` on `input` in virtual time, as the execution `conformance` (the name the corpus
+/// was recorded with).
+fn run_on(tasks: Arc<dyn Tasks>, def: &Json, input: Json) -> kiln::engine::Outcome {
+    let machine = definition::parse(def).unwrap_or_else(|p| panic!("definition rejected: {p:?}"));
     let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(engine.run(&machine, json!({}), "data-limit"))
+        .block_on(engine.run(&machine, input, "conformance"))
 }
 
 /// Regression (issue #15): AWS documents that States.ALL does not catch States.DataLimitExceeded,
@@ -484,7 +459,7 @@ fn a_tasks_oversized_result_is_caught_by_states_all_and_other_states_are_not() {
         "T": {"Type": "Task", "Resource": "r", "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}], "End": true},
         "Caught": {"Type": "Pass", "End": true}}});
     // WHEN it runs
-    let out = run_with(Arc::new(Big(300 * 1024)), &def);
+    let out = run_with(big(300 * 1024), &def);
     // THEN the catcher ran with the error
     assert_eq!(
         out.status,
@@ -497,7 +472,7 @@ fn a_tasks_oversized_result_is_caught_by_states_all_and_other_states_are_not() {
         "States.DataLimitExceeded"
     );
     // AND a task of 100 KiB passes untouched
-    let out = run_with(Arc::new(Big(100 * 1024)), &def);
+    let out = run_with(big(100 * 1024), &def);
     assert!(out.output.expect("output")["blob"].is_string());
 
     // GIVEN a Parallel whose branch outputs 300 KiB, caught by States.ALL on the Parallel
@@ -507,7 +482,7 @@ fn a_tasks_oversized_result_is_caught_by_states_all_and_other_states_are_not() {
               "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "Caught"}], "End": true},
         "Caught": {"Type": "Pass", "End": true}}});
     // WHEN it runs THEN the execution fails with States.DataLimitExceeded, uncaught
-    let out = run_with(Arc::new(NoTasks), &def);
+    let out = run_with(Arc::new(NoTasks("")), &def);
     assert_eq!(out.status, kiln::engine::Status::Failed);
     assert_eq!(out.error.as_deref(), Some("States.DataLimitExceeded"));
 }
@@ -521,7 +496,7 @@ fn runtime_errors_name_the_state_and_the_event_that_entered_it() {
         "Start": {"Type": "Pass", "Next": "Missing"},
         "Missing": {"Type": "Pass", "InputPath": "$.nothing", "End": true}}});
     // WHEN it runs
-    let out = run_with(Arc::new(NoTasks), &def);
+    let out = run_with(Arc::new(NoTasks("")), &def);
     // THEN the cause reads as AWS writes it (ExecutionStarted #1, Start #2-#3, Missing #4)
     assert_eq!(out.error.as_deref(), Some("States.Runtime"));
     let cause = out.cause.unwrap_or_default();
@@ -643,23 +618,14 @@ fn random_machines_give_what_motos_interpreter_gives() {
 }
 
 /// A task answering `{"result": …}`, or failing when its input says so.
-struct Echo;
-
-impl Tasks for Echo {
-    fn invoke<'a>(
-        &'a self,
-        _r: &'a str,
-        _s: &'a str,
-        input: Json,
-    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
-        Box::pin(async move {
-            if input["fail"] == true {
-                Err(StateError::new("Custom.Error", "asked to fail"))
-            } else {
-                Ok(json!({"result": input["n"], "extra": "raw"}))
-            }
-        })
-    }
+fn echo() -> Arc<dyn Tasks> {
+    Arc::new(TaskFn(|_: &str, _: &str, input: Json| {
+        if input["fail"] == true {
+            Err(StateError::new("Custom.Error", "asked to fail"))
+        } else {
+            Ok(json!({"result": input["n"], "extra": "raw"}))
+        }
+    }))
 }
 
 /// Workflow variables (issue #15): a Task's Assign reads its result before ResultSelector; a
@@ -676,13 +642,7 @@ fn workflow_variables_follow_the_step_functions_rules() {
               "Assign": {"n": "changed"}, "OutputPath": "$", "Next": "Q"},
         "Q": {"Type": "Pass", "Parameters": {"prev.$": "$.before", "now.$": "$n"}, "End": true}}});
     // WHEN it runs
-    let machine = definition::parse(&def).expect("definition");
-    let engine = Engine::new(Arc::new(Echo), Arc::new(VirtualClock::default()), true);
-    let out = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(engine.run(&machine, json!({"n": 7}), "vars"));
+    let out = run_on(echo(), &def, json!({"n": 7}));
     // THEN each state saw the variables as they were when it started
     assert_eq!(
         out.status,
@@ -698,7 +658,7 @@ fn workflow_variables_follow_the_step_functions_rules() {
         "T": {"Type": "Task", "Resource": "r", "Parameters": {"fail": true},
               "Catch": [{"ErrorEquals": ["States.ALL"], "Assign": {"why.$": "$.Cause", "err.$": "$.Error"}, "Next": "After"}], "End": true},
         "After": {"Type": "Pass", "Parameters": {"why.$": "$why", "err.$": "$err"}, "End": true}}});
-    let out = run_with(Arc::new(Echo), &def);
+    let out = run_with(echo(), &def);
     assert_eq!(
         out.output,
         Some(json!({"why": "asked to fail", "err": "Custom.Error"})),
@@ -708,7 +668,7 @@ fn workflow_variables_follow_the_step_functions_rules() {
 
     // GIVEN a state reading a variable nobody assigned
     let def = json!({"StartAt": "P", "States": {"P": {"Type": "Pass", "Parameters": {"v.$": "$nothing"}, "End": true}}});
-    let out = run_with(Arc::new(NoTasks), &def);
+    let out = run_with(Arc::new(NoTasks("")), &def);
     assert_eq!(
         out.error.as_deref(),
         Some("States.Runtime"),
@@ -718,7 +678,7 @@ fn workflow_variables_follow_the_step_functions_rules() {
 
     // AND a state may assign at most 256 KiB of variables
     let def = json!({"StartAt": "P", "States": {"P": {"Type": "Pass", "Assign": {"big": "x".repeat(300 * 1024)}, "End": true}}});
-    let out = run_with(Arc::new(NoTasks), &def);
+    let out = run_with(Arc::new(NoTasks("")), &def);
     assert_eq!(
         out.error.as_deref(),
         Some("States.DataLimitExceeded"),

@@ -815,26 +815,14 @@ impl Checker {
                                 &format!("{at}/ItemsPath"),
                                 "ItemsPath must be a reference path",
                             );
-                            path::Path {
-                                context: false,
-                                variable: None,
-                                segs: Vec::new(),
-                            }
+                            path::Path::default()
                         }
                         Err(e) => {
                             self.add(&format!("{at}/ItemsPath"), e);
-                            path::Path {
-                                context: false,
-                                variable: None,
-                                segs: Vec::new(),
-                            }
+                            path::Path::default()
                         }
                     },
-                    None => path::Path {
-                        context: false,
-                        variable: None,
-                        segs: Vec::new(),
-                    },
+                    None => path::Path::default(),
                 };
                 let item_selector = obj
                     .get("ItemSelector")

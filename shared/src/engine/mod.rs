@@ -35,8 +35,70 @@ pub trait Tasks: Send + Sync {
     ) -> BoxFuture<'a, Result<Json, StateError>>;
 }
 
+/// Task states that cannot run here: each fails with `States.Runtime`, naming its state and
+/// resource, then `hint` (what to do instead).
+#[derive(Debug, Clone, Copy)]
+pub struct NoTasks(pub &'static str);
+
+impl Tasks for NoTasks {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        _input: Json,
+    ) -> BoxFuture<'a, Result<Json, StateError>> {
+        let e = StateError::new(
+            "States.Runtime",
+            format!(
+                "state `{state}`: no handler for resource `{resource}`{}",
+                self.0
+            ),
+        );
+        Box::pin(async move { Err(e) })
+    }
+}
+
+/// Task states answered at once by a function of (resource, state, input).
+#[derive(Debug)]
+pub struct TaskFn<F>(pub F);
+
+impl<F> Tasks for TaskFn<F>
+where
+    F: Fn(&str, &str, Json) -> Result<Json, StateError> + Send + Sync,
+{
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> BoxFuture<'a, Result<Json, StateError>> {
+        let result = (self.0)(resource, state, input);
+        Box::pin(async move { result })
+    }
+}
+
 /// The most a state's input or output may hold, as in AWS (256 KiB).
 pub const MAX_PAYLOAD_BYTES: usize = 262_144;
+
+/// Whether `value`, as JSON text, is larger than [`MAX_PAYLOAD_BYTES`] (counted, not built).
+fn over_payload_limit(value: &Json) -> bool {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            if self.0 > MAX_PAYLOAD_BYTES {
+                // Enough counted: stop serialising.
+                return Err(std::io::Error::other("over the limit"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    serde_json::to_writer(&mut c, value).is_err() && c.0 > MAX_PAYLOAD_BYTES
+}
 /// The most events one execution may record, as in AWS.
 pub const MAX_HISTORY_EVENTS: usize = 25_000;
 
@@ -187,8 +249,7 @@ impl Engine {
             }),
         };
         run.event("ExecutionStarted", None, json!({"input": input}));
-        let result = if serde_json::to_vec(&input).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES
-        {
+        let result = if over_payload_limit(&input) {
             Err(StateError::new(
                 "States.DataLimitExceeded",
                 "the execution input is larger than 256 KiB",
@@ -210,17 +271,10 @@ impl Engine {
                 _ => run.machine(machine, input, None, Variables::new()).await,
             }
         };
-        let outcome = match result {
+        let (status, output, error, cause) = match result {
             Ok(output) => {
                 run.event("ExecutionSucceeded", None, json!({"output": output}));
-                Outcome {
-                    status: Status::Succeeded,
-                    output: Some(output),
-                    error: None,
-                    cause: None,
-                    history: Vec::new(),
-                    retries: 0,
-                }
+                (Status::Succeeded, Some(output), None, None)
             }
             Err(e) if e.terminal && e.error == "States.Timeout" => {
                 run.event(
@@ -228,38 +282,28 @@ impl Engine {
                     None,
                     json!({"error": e.error, "cause": e.cause}),
                 );
-                Outcome {
-                    status: Status::TimedOut,
-                    output: None,
-                    error: Some(e.error),
-                    cause: Some(e.cause),
-                    history: Vec::new(),
-                    retries: 0,
-                }
+                (Status::TimedOut, None, Some(e.error), Some(e.cause))
             }
             Err(e) => {
+                let (error, cause) = (e.reported_error(), e.reported_cause());
                 run.event(
                     "ExecutionFailed",
                     None,
-                    json!({"error": e.reported_error(), "cause": e.reported_cause()}),
+                    json!({"error": error, "cause": cause}),
                 );
-                Outcome {
-                    status: Status::Failed,
-                    output: None,
-                    error: e.reported_error(),
-                    cause: e.reported_cause(),
-                    history: Vec::new(),
-                    retries: 0,
-                }
+                (Status::Failed, None, error, cause)
             }
         };
         Outcome {
+            status,
+            output,
+            error,
+            cause,
             retries: run.retries.load(Ordering::Relaxed) as usize,
             history: run
                 .history
                 .into_inner()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-            ..outcome
         }
     }
 }
@@ -387,7 +431,7 @@ impl Run<'_> {
         ctx: &Json,
     ) -> Result<Variables, StateError> {
         let values = payload::apply(template, source, ctx)?;
-        if serde_json::to_vec(&values).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES {
+        if over_payload_limit(&values) {
             return Err(StateError::new(
                 "States.DataLimitExceeded",
                 "the variables a state assigns are larger than 256 KiB",
@@ -487,7 +531,7 @@ impl Run<'_> {
                 }
             }
         };
-        if serde_json::to_vec(&output).map(|b| b.len()).unwrap_or(0) > MAX_PAYLOAD_BYTES {
+        if over_payload_limit(&output) {
             return Err(StateError::new(
                 "States.DataLimitExceeded",
                 format!(
@@ -647,10 +691,7 @@ impl Run<'_> {
                     None => call.await,
                 };
                 match outcome {
-                    Ok(result)
-                        if serde_json::to_vec(&result).map(|b| b.len()).unwrap_or(0)
-                            > MAX_PAYLOAD_BYTES =>
-                    {
+                    Ok(result) if over_payload_limit(&result) => {
                         let e = StateError::new(
                             "States.DataLimitExceeded",
                             format!(

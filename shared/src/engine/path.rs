@@ -21,8 +21,8 @@ pub struct Filter {
     pub op: Option<(String, Json)>,
 }
 
-/// A parsed path.
-#[derive(Debug, Clone, PartialEq)]
+/// A parsed path; the default is `$`, the whole input.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Path {
     /// `$$` paths read the context object.
     pub context: bool,

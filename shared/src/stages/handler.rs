@@ -196,6 +196,14 @@ pub fn aws_bill_floor(outcome: &crate::engine::Outcome) -> (usize, usize) {
 /// state transitions and one Lambda invocation, every `waitSeconds` (30 by default).
 pub const AWS_POLL_COST: (usize, usize) = (3, 1);
 
+/// The deployed state machine's poll interval: its `DefaultWait` state's `Result`.
+pub fn aws_poll_seconds() -> u64 {
+    serde_json::from_str::<serde_json::Value>(DEFINITION)
+        .ok()
+        .and_then(|d| d["States"]["DefaultWait"]["Result"].as_u64())
+        .unwrap_or(30)
+}
+
 /// The state machine's `${Name}` substitutions for running it in-process: each function gets a
 /// Lambda-shaped ARN (so the history and the bill read as they would in AWS).
 pub fn local_substitutions() -> std::collections::HashMap<String, String> {
