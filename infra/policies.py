@@ -10,8 +10,9 @@ Usage: policies.py EXPANDED.json OUT_DIR
 
 import json
 import os
-import re
 import sys
+
+import intrinsics
 
 PSEUDO = {"AWS::Region": "us-east-1", "AWS::AccountId": "123456789012", "AWS::Partition": "aws",
           "AWS::StackName": "kiln", "AWS::URLSuffix": "amazonaws.com"}
@@ -44,34 +45,7 @@ def resolve(value, template):
         kind = resources.get(name, {}).get("Type", "")
         return ARN_OF.get(kind, "arn:aws:unknown:::{}").format(name.lower())
 
-    def go(v):
-        if isinstance(v, list):
-            return [go(x) for x in v]
-        if not isinstance(v, dict):
-            return v
-        if list(v) == ["Ref"]:
-            return ref(v["Ref"])
-        if list(v) == ["Fn::GetAtt"]:
-            a = v["Fn::GetAtt"]
-            return getatt(*(a if isinstance(a, list) else a.split(".", 1)))
-        if list(v) == ["Fn::Sub"]:
-            text, extra = (v["Fn::Sub"], {}) if isinstance(v["Fn::Sub"], str) else v["Fn::Sub"]
-            def one(m):
-                key = m.group(1)
-                if key in extra:
-                    return str(go(extra[key]))
-                if "." in key:
-                    return getatt(*key.split(".", 1))
-                return ref(key)
-            return re.sub(r"\$\{([^}]+)\}", one, text)
-        if list(v) == ["Fn::Join"]:
-            sep, parts = v["Fn::Join"]
-            return sep.join(str(go(p)) for p in parts)
-        if list(v) == ["Fn::If"]:
-            return go(v["Fn::If"][1])
-        return {k: go(x) for k, x in v.items()}
-
-    return go(value)
+    return intrinsics.resolve(value, ref, getatt)
 
 
 def main(path, out):

@@ -15,10 +15,14 @@ Usage: deploy.py EXPANDED.json BIN_DIR STACK   (AWS_ENDPOINT_URL and credentials
 
 import io
 import json
+import os
 import sys
 import zipfile
 
 import boto3
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "infra"))
+import intrinsics  # noqa: E402  (infra/intrinsics.py, shared with infra/policies.py)
 
 CODE_BUCKET = "kiln-code"
 
@@ -38,25 +42,10 @@ def resolve(value, physical, stack):
             return f"arn:aws:s3:::{pid}"
         return pid
 
-    def go(v):
-        if isinstance(v, list):
-            return [go(x) for x in v]
-        if not isinstance(v, dict):
-            return v
-        if list(v) == ["Ref"]:
-            return pseudo.get(v["Ref"]) or physical[v["Ref"]][1]
-        if list(v) == ["Fn::GetAtt"]:
-            return arn(v["Fn::GetAtt"][0])
-        if list(v) == ["Fn::Sub"]:
-            text = v["Fn::Sub"]
-            for k, p in pseudo.items():
-                text = text.replace("${" + k + "}", p)
-            for name in physical:
-                text = text.replace("${" + name + ".Arn}", arn(name)).replace("${" + name + "}", physical[name][1])
-            return text
-        return {k: go(x) for k, x in v.items()}
+    def ref(name):
+        return pseudo.get(name) or physical[name][1]
 
-    return go(value)
+    return intrinsics.resolve(value, ref, lambda name, _attr: arn(name))
 
 
 def main(expanded_path, bin_dir, stack):
