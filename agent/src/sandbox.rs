@@ -358,12 +358,9 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     // in view (in a user namespace the kernel allows a new proc only then).
     let exe = std::env::current_exe().map_err(|e| fail("find kiln-agent", e))?;
     let mut init = Command::new(exe);
-    init.args(["sandbox", "init", "--root"])
-        .arg(&root)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8");
+    instance_env(&mut init)
+        .args(["sandbox", "init", "--root"])
+        .arg(&root);
     if b.privileged {
         init.arg("--privileged");
     }
@@ -384,12 +381,17 @@ fn agent_command(args: &[&str]) -> Command {
     c.arg("--library-path")
         .arg(format!("{AGENT_MOUNT}/lib"))
         .arg(format!("{AGENT_MOUNT}/kiln-agent"))
-        .args(args)
-        .env_clear()
+        .args(args);
+    instance_env(&mut c);
+    c
+}
+
+/// The environment processes of an instance start with (none of kiln's).
+fn instance_env(c: &mut Command) -> &mut Command {
+    c.env_clear()
         .env("PATH", PATH)
         .env("HOME", "/root")
-        .env("LANG", "C.UTF-8");
-    c
+        .env("LANG", "C.UTF-8")
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

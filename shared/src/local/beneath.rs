@@ -35,17 +35,13 @@ pub fn components(rel: &Path) -> io::Result<Vec<OsString>> {
     Ok(out)
 }
 
-fn errno(e: Errno) -> io::Error {
-    io::Error::from_raw_os_error(e as i32)
-}
-
 fn no_links(at: &Path, e: Errno) -> io::Error {
     match e {
         Errno::ELOOP | Errno::ENOTDIR => io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} is a symbolic link or not a folder", at.display()),
         ),
-        e => io::Error::new(errno(e).kind(), format!("{}: {e}", at.display())),
+        e => io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", at.display())),
     }
 }
 
@@ -53,6 +49,11 @@ const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_CLOEXEC)
     .union(OFlag::O_RDONLY);
+
+/// Whether a `stat` result is a folder.
+pub fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+}
 
 /// An open folder; everything below it is reached without following links.
 #[derive(Debug)]
@@ -76,7 +77,12 @@ impl Folder {
             OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
             Mode::empty(),
         )
-        .map_err(|e| io::Error::new(errno(e).kind(), format!("{}: {e}", path.display())))?;
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{}: {e}", path.display()),
+            )
+        })?;
         Ok(Folder {
             fd,
             path: path.to_path_buf(),
@@ -204,7 +210,8 @@ impl Folder {
         let written = f.write_all(bytes).and_then(|()| f.flush());
         drop(f);
         let renamed = written.and_then(|()| {
-            nix::fcntl::renameat(&dir.fd, tmp.as_os_str(), &dir.fd, name.as_os_str()).map_err(errno)
+            nix::fcntl::renameat(&dir.fd, tmp.as_os_str(), &dir.fd, name.as_os_str())
+                .map_err(io::Error::from)
         });
         if renamed.is_err() {
             let _ = unlinkat(&dir.fd, tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
@@ -218,7 +225,7 @@ impl Folder {
         let Some(st) = self.stat(name)? else {
             return Ok(());
         };
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+        if is_dir(&st) {
             let sub = self.child(name, false)?;
             sub.clear()?;
             unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir)
@@ -231,18 +238,18 @@ impl Folder {
 
     /// The names in this folder.
     pub fn names(&self) -> io::Result<Vec<OsString>> {
-        let dir = nix::dir::Dir::from_fd(self.fd.try_clone()?).map_err(errno)?;
+        let dir = nix::dir::Dir::from_fd(self.fd.try_clone()?).map_err(io::Error::from)?;
         let mut out = Vec::new();
         let mut dir = dir;
         for e in dir.iter() {
-            let e = e.map_err(errno)?;
+            let e = e.map_err(io::Error::from)?;
             let n = e.file_name().to_bytes();
             if n != b"." && n != b".." {
                 out.push(OsStr::from_bytes(n).to_os_string());
             }
         }
         // fdopendir shares the offset with the fd this one was cloned from: rewind it.
-        nix::unistd::lseek(&self.fd, 0, nix::unistd::Whence::SeekSet).map_err(errno)?;
+        nix::unistd::lseek(&self.fd, 0, nix::unistd::Whence::SeekSet).map_err(io::Error::from)?;
         Ok(out)
     }
 
@@ -261,8 +268,13 @@ pub fn tail(folder: &Folder, rel: &Path, lines: usize) -> String {
         .read(rel)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
+    last_lines(&text, lines)
+}
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    all[all.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

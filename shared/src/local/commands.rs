@@ -58,6 +58,10 @@ fn run_to_end(
         message,
         output_tail: beneath::tail(&folder, output, 20),
     };
+    // What every `sandbox exec` of this command is given: the instance's posture and cgroups
+    // (the same after a reboot: the keeper keeps the instance's id).
+    let privileged = host.record(instance).is_ok_and(|r| r.privileged);
+    let cgroups = host.cgroups(instance);
     let mut reboots = 0;
     loop {
         let Some(pid) = host.init_pid(instance) else {
@@ -72,10 +76,10 @@ fn run_to_end(
         };
         let mut exec = Command::new(&host.agent);
         exec.args(["sandbox", "exec", "--pid", &pid.to_string()]);
-        for d in host.cgroups(instance) {
+        for d in &cgroups {
             exec.arg("--cgroup").arg(d);
         }
-        if host.record(instance).is_ok_and(|r| r.privileged) {
+        if privileged {
             exec.arg("--privileged");
         }
         let status = exec

@@ -114,9 +114,7 @@ fn read_pid(path: &Path) -> Option<u32> {
 
 /// The last `lines` lines of a file.
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    super::beneath::last_lines(&fs::read_to_string(path).unwrap_or_default(), lines)
 }
 
 impl Host {
@@ -223,7 +221,6 @@ impl Host {
         fs::read_to_string(self.instance_dir(id).join("cgroups"))
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.starts_with("/sys/fs/cgroup/"))
             .map(PathBuf::from)
             .collect()
     }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AtFlags, OFlag};
@@ -225,12 +225,9 @@ impl Walk<'_> {
                     }
                     self.links.insert(key, rel.clone());
                 }
-                // Never through a link, even one swapped in after the walk looked.
-                let file = fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(OFlag::O_NOFOLLOW.bits())
-                    .open(&path)?;
-                b.append_data(&mut h, &rel, file)?;
+                // (Nothing changes the folder meanwhile: a builder is stopped before its upper dir
+                // is written, and the other folders are kiln's own.)
+                b.append_data(&mut h, &rel, File::open(&path)?)?;
             } else {
                 // Devices and FIFOs: the header carries all there is.
                 h.set_size(0);
@@ -353,8 +350,7 @@ fn place<R: Read>(
                 SFlag::S_IFCHR,
                 Mode::empty(),
                 makedev(0, 0),
-            )
-            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            )?;
         }
         return Ok(());
     }
@@ -362,23 +358,32 @@ fn place<R: Read>(
     let kind = header.entry_type();
     let mode = header.mode().unwrap_or(0o644);
     let mtime = header.mtime().unwrap_or(0);
-    let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
-    let existing = parent.stat(&name)?;
-    let is_dir = |st: &nix::sys::stat::FileStat| {
-        SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
-    };
-    if kind.is_dir() {
-        if existing.as_ref().is_some_and(|st| !is_dir(st)) {
-            parent.remove(&name)?;
-        }
-        let dir = parent.child(&name, true)?;
-        if privileged {
-            let _ = nix::unistd::fchown(
-                &dir,
-                Some(Uid::from_raw(uid as u32)),
-                Some(Gid::from_raw(gid as u32)),
+    // The entry's owner, where kiln may set it (as root).
+    let owner = privileged.then(|| {
+        (
+            Uid::from_raw(header.uid().unwrap_or(0) as u32),
+            Gid::from_raw(header.gid().unwrap_or(0) as u32),
+        )
+    });
+    // Owner of a name placed in `parent` (a link or a node: never followed).
+    let chown_name = |name: &std::ffi::OsStr| {
+        if let Some((u, g)) = owner {
+            let _ = nix::unistd::fchownat(
+                &parent,
+                name,
+                Some(u),
+                Some(g),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
             );
         }
+    };
+    let existing = parent.stat(&name)?;
+    if kind.is_dir() {
+        if existing.as_ref().is_some_and(|st| !beneath::is_dir(st)) {
+            parent.remove(&name)?;
+        }
+        parent.child(&name, true)?;
+        chown_name(&name);
         folders.push((parts.iter().collect(), mode, mtime));
         return Ok(());
     }
@@ -395,32 +400,16 @@ fn place<R: Read>(
                 0o600,
             )?;
             io::copy(entry, &mut f)?;
-            if privileged {
-                let _ = nix::unistd::fchown(
-                    &f,
-                    Some(Uid::from_raw(uid as u32)),
-                    Some(Gid::from_raw(gid as u32)),
-                );
-            }
-            nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode & 0o7777))
-                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            chown_name(&name);
+            nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode & 0o7777))?;
             let _ = nix::sys::stat::futimens(&f, &t, &t);
         }
         tar::EntryType::Symlink => {
             let target = entry
                 .link_name()?
                 .ok_or_else(|| invalid("a symbolic link without a target".into()))?;
-            nix::unistd::symlinkat(target.as_ref(), &parent, name.as_os_str())
-                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-            if privileged {
-                let _ = nix::unistd::fchownat(
-                    &parent,
-                    name.as_os_str(),
-                    Some(Uid::from_raw(uid as u32)),
-                    Some(Gid::from_raw(gid as u32)),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                );
-            }
+            nix::unistd::symlinkat(target.as_ref(), &parent, name.as_os_str())?;
+            chown_name(&name);
             let _ = nix::sys::stat::utimensat(
                 &parent,
                 name.as_os_str(),
@@ -438,7 +427,7 @@ fn place<R: Read>(
                 .parent_of(&target, false)
                 .map_err(|e| invalid(format!("its target `{}`: {e}", target.display())))?;
             match from.stat(&from_name)? {
-                Some(st) if !is_dir(&st) => {}
+                Some(st) if !beneath::is_dir(&st) => {}
                 _ => {
                     return Err(invalid(format!(
                         "its target `{}` is not a file of the layer",
@@ -452,8 +441,7 @@ fn place<R: Read>(
                 &parent,
                 name.as_os_str(),
                 AtFlags::empty(),
-            )
-            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            )?;
         }
         tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
             let sflag = match kind {
@@ -476,17 +464,8 @@ fn place<R: Read>(
                 sflag,
                 Mode::from_bits_truncate(mode & 0o7777),
                 dev,
-            )
-            .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
-            if privileged {
-                let _ = nix::unistd::fchownat(
-                    &parent,
-                    name.as_os_str(),
-                    Some(Uid::from_raw(uid as u32)),
-                    Some(Gid::from_raw(gid as u32)),
-                    AtFlags::AT_SYMLINK_NOFOLLOW,
-                );
-            }
+            )?;
+            chown_name(&name);
         }
         tar::EntryType::XGlobalHeader
         | tar::EntryType::XHeader
