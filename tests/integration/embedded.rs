@@ -400,7 +400,8 @@ fn a_component_that_asks_for_a_reboot_resumes_after_it() {
     // another init than the one before.
     let boots = std::fs::read_to_string(builder.path().join("boots")).expect("boots");
     assert_eq!(boots.trim(), "2");
-    let (tar, _) = home.files_of("us-east-1", id);
+    let tar = home.path().join("reboot-layer.tar");
+    top_layer(&home.layout("us-east-1").dir, id, &tar);
     let read = |name: &str| {
         file_in_tar(&tar, &format!("var/lib/{name}"))
             .trim()
@@ -803,12 +804,44 @@ fn file_in_tar(tar: &Path, name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The top layer of `image` (the build's own) in the OCI layout `layout`, decompressed into the
+/// plain tar `out`: found by skopeo and decompressed by zstd, not read back by kiln.
+fn top_layer(layout: &Path, image: &str, out: &Path) {
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:{image}", layout.display()))
+        .output()
+        .expect("skopeo (installed by make setup)");
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let manifest: Json = serde_json::from_slice(&raw.stdout).expect("manifest");
+    let digest = manifest["layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(|l| l["digest"].as_str())
+        .expect("a layer");
+    let blob = layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let status = Command::new("zstd")
+        .args(["-dqf", "-o"])
+        .arg(out)
+        .arg(&blob)
+        .status()
+        .expect("zstd");
+    assert!(status.success(), "zstd -d {}", blob.display());
+}
+
 /// The probe's `key=value` lines, read from the image it built.
 fn probe_results(home: &Home, pipeline: &Path) -> std::collections::BTreeMap<String, String> {
     let (code, summary, err) = home.run(pipeline);
     assert_eq!(code, 0, "{summary}\n{err}");
     let id = summary["images"]["us-east-1"].as_str().expect("image");
-    let (tar, _) = home.files_of("us-east-1", id);
+    let tar = home.path().join("probe-layer.tar");
+    top_layer(&home.layout("us-east-1").dir, id, &tar);
     file_in_tar(&tar, "var/lib/probe.txt")
         .lines()
         .filter_map(|l| l.split_once('='))
@@ -1058,7 +1091,21 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         line.contains(" 0/0 "),
         "the user is root inside, and in the image: {line}"
     );
-    let text = file_in_tar(&tar, "var/lib/probe.txt");
+    // AND in the layer itself, as skopeo and zstd find it
+    let layer = home.join("probe-layer.tar");
+    top_layer(&home.join("regions/us-east-1/images"), image, &layer);
+    let listing = Command::new("tar")
+        .arg("-tvf")
+        .arg(&layer)
+        .output()
+        .expect("tar");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.ends_with("var/lib/probe.txt"))
+        .expect("probe.txt");
+    assert!(line.contains(" 0/0 "), "the layer: {line}");
+    let text = file_in_tar(&layer, "var/lib/probe.txt");
     for want in [
         "CapBnd=00000000800405fb",
         "CapEff=00000000800405fb",
@@ -1086,4 +1133,60 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         .filter(|c| c.contains(&home.display().to_string()) && c.contains("sandbox"))
         .collect();
     assert!(running.is_empty(), "{running:?}");
+}
+
+#[test]
+fn an_image_cannot_bring_device_nodes_or_mount_points_that_lead_out() {
+    let home = Home::new();
+    // GIVEN kiln's tiny base as a folder, twice changed: a device node of its own (1:5), and a
+    // /dev that is a link to a host folder
+    let (code, out, err) = home.kiln(&["image", "bootstrap", "base", "--variant", "tiny"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let id = out.split('\t').nth(1).expect("id").to_string();
+    let tar = home.path().join("base.tar");
+    let (code, _, err) = home.kiln(&["image", "export", &id, &tar.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let scratch = tempfile::tempdir().expect("scratch");
+    let import = |name: &str, change: &str| {
+        let root = scratch.path().join(name);
+        std::fs::create_dir_all(&root).expect("root");
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("tar -xpf '{}' -C . && {change}", tar.display()))
+            .current_dir(&root);
+        crate::support::run_ok(sh);
+        let (code, out, err) = home.kiln(&["image", "import", name, &root.display().to_string()]);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    import("with-device", "mkdir -p var && mknod var/zero c 1 5");
+    import("linked-dev", "rm -rf dev && ln -s /tmp dev");
+    let dir = repo().join("tests/data/embedded/image-guards");
+    let pipeline = |parent: &str| {
+        let text = std::fs::read_to_string(dir.join("pipeline.yaml"))
+            .expect("pipeline")
+            .replace("@PARENT@", parent)
+            .replace("name: image-guards", &format!("name: on-{parent}"))
+            .replace(
+                "components/opens-device.yaml",
+                &dir.join("components/opens-device.yaml")
+                    .display()
+                    .to_string(),
+            );
+        let path = scratch.path().join(format!("{parent}.yaml"));
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    // WHEN a build runs on the image with a device node THEN the node opens nothing (nodev root)
+    let (code, summary, err) = home.run(&pipeline("with-device"));
+    assert_eq!(code, 0, "{summary}\n{err}");
+    home.assert_nothing_left("on-with-device");
+    // WHEN a build runs on the image whose /dev is a link THEN its builder does not start, and
+    // the reason names the link
+    let (code, summary, err) = home.run(&pipeline("linked-dev"));
+    assert_eq!(code, 1, "{summary}\n{err}");
+    assert!(
+        summary.to_string().contains("/dev is a symbolic link"),
+        "{summary}"
+    );
+    home.assert_nothing_left("on-linked-dev");
 }

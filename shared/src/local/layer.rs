@@ -229,8 +229,12 @@ impl Walk<'_> {
                 // is written, and the other folders are kiln's own.)
                 b.append_data(&mut h, &rel, File::open(&path)?)?;
             } else {
-                // Devices and FIFOs: the header carries all there is.
+                // Devices and FIFOs: the header carries all there is, the device numbers included.
                 h.set_size(0);
+                if ft.is_char_device() || ft.is_block_device() {
+                    h.set_device_major(nix::sys::stat::major(meta.rdev()) as u32)?;
+                    h.set_device_minor(nix::sys::stat::minor(meta.rdev()) as u32)?;
+                }
                 b.append_data(&mut h, &rel, io::empty())?;
             }
         }
@@ -622,6 +626,43 @@ mod tests {
         let err = unpack_tar(raw.as_slice(), &t.path().join("d"), Whiteouts::Apply).unwrap_err();
         assert!(err.to_string().contains("../escape"), "{err}");
         assert!(!t.path().join("escape").exists());
+    }
+
+    #[test]
+    fn device_nodes_keep_their_numbers_through_a_layer() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "making a device node needs root: run the tests as root"
+        );
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("root");
+        fs::create_dir_all(&dir).unwrap();
+        nix::sys::stat::mknod(
+            &dir.join("zero"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o644),
+            makedev(1, 5),
+        )
+        .unwrap();
+        let mut blob = Vec::new();
+        write(&dir, false, &BTreeSet::new(), 1, &mut blob).unwrap();
+        let out = t.path().join("out");
+        unpack(&write_blob(t.path(), &blob), &out, Whiteouts::Apply).unwrap();
+        let meta = fs::symlink_metadata(out.join("zero")).unwrap();
+        assert!(meta.file_type().is_char_device());
+        assert_eq!(
+            (
+                nix::sys::stat::major(meta.rdev()),
+                nix::sys::stat::minor(meta.rdev())
+            ),
+            (1, 5)
+        );
+    }
+
+    fn write_blob(dir: &Path, bytes: &[u8]) -> PathBuf {
+        let p = dir.join("blob");
+        fs::write(&p, bytes).unwrap();
+        p
     }
 
     /// A tar of raw entries: (name, kind, link target, content).
