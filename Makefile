@@ -41,7 +41,7 @@ setup:
 	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
 	@test -d $(KILN_NODE_MODULES)/@cloud-copilot/iam-simulate || { echo "installing @cloud-copilot/iam-simulate (npm, the rehearsal's IAM policy evaluator) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node @cloud-copilot/iam-simulate@0.1.173 >/dev/null; }
 	@test -x $(VENV)/bin/checkov -a -x $(VENV)/bin/parliament || { echo "installing checkov and parliament into $(VENV)"; $(VENV)/bin/pip install --quiet checkov parliament; }
-	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null || { echo "installing skopeo, umoci, mmdebstrap (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap >/dev/null; }; }
+	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null && command -v zstd >/dev/null && command -v sqlite3 >/dev/null || { echo "installing skopeo, umoci, mmdebstrap, zstd, sqlite3 (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap zstd sqlite3 >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends skopeo umoci mmdebstrap zstd sqlite3 >/dev/null; }; }
 
 ## build: every binary of the workspace (debug): kiln, kiln-agent, the Lambda functions
 build:

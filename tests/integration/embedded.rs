@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use kiln::local::oci::Layout;
 use kiln::local::SqliteStore;
-use kiln::model::build::BuildId;
 use kiln::ports::Store;
 use serde_json::Value as Json;
 
@@ -168,9 +167,24 @@ impl Home {
                 .collect();
             assert!(tmp.is_empty(), "temporary files left in {region}: {tmp:?}");
         }
-        let probe = BuildId::new_at(1);
-        futures::executor::block_on(self.store().lock(pipeline, &probe, chrono::Utc::now(), 60))
-            .expect("the lock is free");
+        // The lock, read raw by sqlite3 (not through kiln's store, and without taking it).
+        assert!(
+            pipeline
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{pipeline}"
+        );
+        let held = crate::support::run_ok({
+            let mut c = Command::new("sqlite3");
+            c.arg(self.path().join("state.db")).arg(format!(
+                "SELECT build FROM locks WHERE pipeline = '{pipeline}' AND expires > strftime('%s', 'now')"
+            ));
+            c
+        });
+        assert!(
+            held.trim().is_empty(),
+            "{pipeline} is still locked by {held}"
+        );
     }
 
     /// Images of `region` that carry a build id.
