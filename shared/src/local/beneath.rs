@@ -89,10 +89,6 @@ impl Folder {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The folder `name` directly in this one, created (mode 0755) when `create` and missing.
     pub fn child(&self, name: &OsStr, create: bool) -> io::Result<Folder> {
         let at = self.path.join(name);
@@ -237,7 +233,7 @@ impl Folder {
     }
 
     /// The names in this folder.
-    pub fn names(&self) -> io::Result<Vec<OsString>> {
+    fn names(&self) -> io::Result<Vec<OsString>> {
         let dir = nix::dir::Dir::from_fd(self.fd.try_clone()?).map_err(io::Error::from)?;
         let mut out = Vec::new();
         let mut dir = dir;
