@@ -4,7 +4,10 @@
 //!   component steps (the agents' reports) and image writing (snapshot and copies);
 //! - snapshot throughput: kiln's layer writer (`kiln image import DIR`: tar + zstd level 3 +
 //!   digests) against `tar -c | zstd -3` of the same folder;
-//! - the second region's cost (a copy by digest) as a fraction of the first (the snapshot).
+//! - the second region's cost (a copy by digest) as a fraction of the first (the snapshot);
+//! - what the sandbox's posture costs: the same build with `infrastructure.privileged: true`
+//!   (no capability drop, seccomp filter, masks or cgroup: the sandbox as it was before them),
+//!   runs interleaved.
 //!
 //! Usage: kiln-embedded-bench KILN REPO
 
@@ -133,6 +136,33 @@ fn main() {
         median(copied),
         median(copy) / median(snapshot.clone()),
         median(snapshot)
+    );
+
+    // The posture's cost: the same build, open (privileged), runs interleaved with closed ones.
+    let open = work.join("hello-open");
+    sh(&format!(
+        "cp -r {} {o} && sed -i -e 's/^infrastructure:$/infrastructure:\\n  privileged: true/' -e 's/^name: hello$/name: hello-open/' {o}/pipeline.yaml && grep -q 'privileged: true' {o}/pipeline.yaml",
+        example.display(),
+        o = open.display()
+    ));
+    let open_pipeline = open.join("pipeline.yaml").display().to_string();
+    kiln(&bin, &home, &["run", &open_pipeline, "--output", "json"]); // warm-up
+    let (mut closed_wall, mut open_wall) = (vec![], vec![]);
+    for _ in 0..RUNS {
+        for (p, into) in [
+            (&pipeline, &mut closed_wall),
+            (&open_pipeline, &mut open_wall),
+        ] {
+            let (took, _) = kiln(&bin, &home, &["run", p, "--output", "json"]);
+            into.push(took.as_secs_f64());
+        }
+    }
+    let (c, o) = (median(closed_wall), median(open_wall));
+    println!("sandbox posture, examples/hello (2 instances), median of {RUNS} interleaved runs:");
+    println!(
+        "  closed {c:.3} s vs privileged (no posture) {o:.3} s: {:.3}x, {:+.1} ms per instance",
+        c / o,
+        (c - o) * 1000.0 / 2.0
     );
 
     // Snapshot throughput on a folder of real files.
