@@ -115,6 +115,17 @@ impl Home {
         (tar, names)
     }
 
+    /// kiln's tiny base, bootstrapped as the image `base` and exported as `base.tar`.
+    fn tiny_base_tarball(&self) -> PathBuf {
+        let (code, out, err) = self.kiln(&["image", "bootstrap", "base", "--variant", "tiny"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let id = out.split('\t').nth(1).expect("id").to_string();
+        let tar = self.path().join("base.tar");
+        let (code, _, err) = self.kiln(&["image", "export", &id, &tar.display().to_string()]);
+        assert_eq!(code, 0, "{err}");
+        tar
+    }
+
     /// Nothing of this home runs, is mounted or is half-written; the pipeline's lock is free.
     fn assert_nothing_left(&self, pipeline: &str) {
         let home = self.path().display().to_string();
@@ -536,12 +547,7 @@ fn invalid_input_is_refused_with_exit_2_and_nothing_created() {
 fn imported_root_file_systems_become_images_that_run() {
     let home = Home::new();
     // A tarball of a folder with a program in it, imported and listed.
-    let (code, out, err) = home.kiln(&["image", "bootstrap", "base", "--variant", "tiny"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let id = out.split('\t').nth(1).expect("id").to_string();
-    let tar = home.path().join("base.tar");
-    let (code, _, err) = home.kiln(&["image", "export", &id, &tar.display().to_string()]);
-    assert_eq!(code, 0, "{err}");
+    let tar = home.tiny_base_tarball();
     let (code, out, err) = home.kiln(&[
         "image",
         "import",
@@ -1154,12 +1160,7 @@ fn an_image_cannot_bring_device_nodes_or_mount_points_that_lead_out() {
     let home = Home::new();
     // GIVEN kiln's tiny base as a folder, twice changed: a device node of its own (1:5), and a
     // /dev that is a link to a host folder
-    let (code, out, err) = home.kiln(&["image", "bootstrap", "base", "--variant", "tiny"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let id = out.split('\t').nth(1).expect("id").to_string();
-    let tar = home.path().join("base.tar");
-    let (code, _, err) = home.kiln(&["image", "export", &id, &tar.display().to_string()]);
-    assert_eq!(code, 0, "{err}");
+    let tar = home.tiny_base_tarball();
     let scratch = tempfile::tempdir().expect("scratch");
     let import = |name: &str, change: &str| {
         let root = scratch.path().join(name);
