@@ -92,9 +92,9 @@ enum SandboxCommand {
         lower: Vec<PathBuf>,
         #[arg(long)]
         hostname: String,
-        /// Give the instance no network.
-        #[arg(long)]
-        no_network: bool,
+        /// private (its own namespace, out through slirp4netns), host or none.
+        #[arg(long, value_parser = kiln::model::pipeline::Network::parse, default_value = "private")]
+        network: kiln::model::pipeline::Network,
         #[arg(long, value_name = "DIR")]
         agent_dir: PathBuf,
         /// No posture: every capability, no seccomp filter, /proc as the host has it.
@@ -114,6 +114,11 @@ enum SandboxCommand {
         /// The instance's root, to mount /proc in and pivot into.
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
+    },
+    /// slirp4netns for the network namespace of `target`, once a byte arrives on stdin.
+    Usernet {
+        #[arg(long)]
+        target: u32,
     },
     /// Run the agent inside the instance whose init has host PID `pid`.
     Exec {
@@ -160,7 +165,7 @@ where
                     instance_dir,
                     lower,
                     hostname,
-                    no_network,
+                    network,
                     agent_dir,
                     privileged,
                     pids_max,
@@ -169,7 +174,7 @@ where
                     instance_dir,
                     lower,
                     hostname,
-                    network: !no_network,
+                    network,
                     agent_dir,
                     privileged,
                     limits: crate::sandbox::Limits {
@@ -177,6 +182,7 @@ where
                         memory: memory_max,
                     },
                 }),
+                SandboxCommand::Usernet { target } => crate::usernet::helper(target),
                 SandboxCommand::Init { privileged, root } => {
                     crate::sandbox::init(privileged, root.as_deref())
                 }

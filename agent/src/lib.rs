@@ -12,3 +12,4 @@ pub mod report;
 pub mod runner;
 pub mod s3;
 pub mod sandbox;
+pub mod usernet;

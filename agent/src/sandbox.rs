@@ -2,7 +2,8 @@
 //! fresh single-threaded process (a multithreaded process cannot enter a mount namespace).
 //!
 //! - `boot` (the instance's keeper, started by kiln on the host): new mount, UTS, IPC and PID
-//!   namespaces (and network when asked); the image layers as overlay lower dirs under the
+//!   namespaces, and network unless the pipeline shares the host's (`network: private` reaches
+//!   out through slirp4netns, see `usernet`); the image layers as overlay lower dirs under the
 //!   instance's own upper dir; minimal /dev, /sys; the agent folder read-only at `/.kiln` and the
 //!   instance's command folder at `/.kiln/cmd`; `pivot_root`; then it starts `init` as PID 1 of the
 //!   new PID namespace and waits for it. Every mount lives in the keeper's private mount
@@ -21,6 +22,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::unistd::{chdir, chroot, fchdir, pivot_root, sethostname};
 
+use kiln::model::pipeline::Network;
+
 /// Where the agent folder appears inside a sandbox.
 pub const AGENT_MOUNT: &str = "/.kiln";
 /// The line `init` prints once the instance is up.
@@ -38,7 +41,7 @@ pub struct Boot {
     /// Image layers, topmost first.
     pub lower: Vec<PathBuf>,
     pub hostname: String,
-    pub network: bool,
+    pub network: Network,
     /// The agent folder: `kiln-agent`, `ld.so`, `lib/`, an empty `cmd/`.
     pub agent_dir: PathBuf,
     /// Skip the posture (capabilities, no_new_privs, seccomp, masked /proc, nodev): the
@@ -130,6 +133,12 @@ fn check_mount_points(root: &Path) -> Result<(), String> {
 pub fn boot(b: &Boot) -> Result<i32, String> {
     let d = &b.instance_dir;
     let root = d.join("rootfs");
+    // The network helper first: it must stay in the host's namespaces (and out of the
+    // instance's cgroup), and joins the instance's network namespace once it exists.
+    let usernet = match b.network {
+        Network::Private => Some(crate::usernet::prepare()?),
+        Network::Host | Network::None => None,
+    };
     // A cgroup of its own first, so that the cgroup namespace below starts at it.
     let confined = crate::cgroup::confine(&b.hostname, b.limits);
     eprintln!("kiln-agent sandbox: limits: {}", confined.how);
@@ -167,7 +176,7 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWCGROUP;
-    if !b.network {
+    if b.network != Network::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(|e| {
@@ -180,6 +189,9 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
             },
         )
     })?;
+    if let Some(usernet) = usernet {
+        usernet.start()?;
+    }
     mnt(
         None,
         Path::new("/"),
@@ -317,17 +329,21 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         }
     }
     ensure_dir(&root, "/proc", &mut scaffold)?;
-    // Name resolution as the host does it, when the sandbox shares the host's network.
-    if b.network && Path::new("/etc/resolv.conf").exists() {
+    // Name resolution: the host's servers when it shares the host's network, slirp4netns's
+    // forwarder when private. A copy in the instance folder is what the instance sees, so
+    // writing its /etc/resolv.conf changes nothing of the host's.
+    let host_resolv = fs::read_to_string("/etc/resolv.conf").ok();
+    let resolv = match (b.network, host_resolv) {
+        (Network::Host, Some(text)) => Some(text),
+        (Network::Private, host) => Some(crate::usernet::resolv_conf(&host.unwrap_or_default())),
+        _ => None,
+    };
+    if let Some(text) = resolv {
+        let copy = d.join("resolv.conf");
+        fs::write(&copy, text).map_err(|e| fail("write resolv.conf", e))?;
         let target = ensure_file(&root, "/etc/resolv.conf", &mut scaffold)?;
         if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
-            mnt(
-                Some("/etc/resolv.conf"),
-                &target,
-                None,
-                MsFlags::MS_BIND,
-                None,
-            )?;
+            mnt(copy.to_str(), &target, None, MsFlags::MS_BIND, None)?;
         }
     }
     let mut record = OpenOptions::new()

@@ -317,6 +317,13 @@ pub fn run(
     else {
         return Ok(exit::INVALID);
     };
+    if args.backend == Backend::Local {
+        let network = loaded.pipeline.infrastructure.network;
+        if let Err(e) = kiln::local::network_supported(network) {
+            writeln!(stderr, "{}: {e}", args.pipeline.display())?;
+            return Ok(exit::INVALID);
+        }
+    }
     let home = home(home_flag);
     let cloud = match open_cloud(&home) {
         Ok(c) => c,

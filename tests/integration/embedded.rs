@@ -153,6 +153,42 @@ impl Home {
             !mounts.contains(&home),
             "mounts left under {home}:\n{mounts}"
         );
+        // No slirp4netns still serving one of this home's keepers (it names the keeper's PID).
+        let keepers: Vec<String> = std::fs::read_dir(self.path().join("instances"))
+            .expect("instances")
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("instance.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<Json>(&b).ok())
+            .filter_map(|r| r["keeperPid"].as_u64().map(|p| p.to_string()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let serving: Vec<String> = std::fs::read_dir("/proc")
+                .expect("/proc")
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .split('\0')
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .filter(|args| {
+                    args.first().is_some_and(|a| a.ends_with("slirp4netns"))
+                        && args
+                            .iter()
+                            .rev()
+                            .nth(2)
+                            .is_some_and(|p| keepers.contains(p))
+                })
+                .map(|args| args.join(" "))
+                .collect();
+            if serving.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "slirp4netns left: {serving:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         for entry in std::fs::read_dir(self.path().join("instances"))
             .expect("instances")
             .flatten()
@@ -855,6 +891,87 @@ fn top_layer(layout: &Path, image: &str, out: &Path) {
     assert!(status.success(), "zstd -d {}", blob.display());
 }
 
+/// Listeners on the host for the probe's network checks.
+struct Listeners {
+    /// On this machine's own address: what outbound access reaches.
+    outside: std::net::SocketAddr,
+    /// On 127.0.0.1 only: what an instance reaches only when it shares the host's network.
+    loopback: u16,
+    /// Connections each accepted: (outside, loopback).
+    accepted: std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]>,
+}
+
+/// This machine's first global IPv4 address, as `ip` lists it.
+fn host_address() -> std::net::Ipv4Addr {
+    let out = crate::support::run_ok({
+        let mut c = Command::new("ip");
+        c.args(["-4", "-o", "addr", "show", "scope", "global"]);
+        c
+    });
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("the network tests need an address besides loopback: {out}"))
+}
+
+impl Listeners {
+    fn start() -> Listeners {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let accepted = std::sync::Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let outside = std::net::TcpListener::bind((host_address(), 0)).expect("bind outside");
+        let loopback = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addresses = (
+            outside.local_addr().expect("addr"),
+            loopback.local_addr().expect("addr").port(),
+        );
+        for (i, l) in [outside, loopback].into_iter().enumerate() {
+            let count = accepted.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming().flatten() {
+                    count[i].fetch_add(1, Ordering::SeqCst);
+                    drop(c);
+                }
+            });
+        }
+        Listeners {
+            outside: addresses.0,
+            loopback: addresses.1,
+            accepted,
+        }
+    }
+
+    fn accepted(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (
+            self.accepted[0].load(Ordering::SeqCst),
+            self.accepted[1].load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// The probe's pipeline in `dir`, aimed at `net`, with `infrastructure` for its infrastructure
+/// block (`privileged: false` is the default posture and network).
+fn probe_pipeline(dir: &Path, net: &Listeners, infrastructure: &str) -> PathBuf {
+    let data = repo().join("tests/data/embedded/hostile");
+    let text = std::fs::read_to_string(data.join("pipeline.yaml"))
+        .expect("pipeline")
+        .replace(
+            "@OUTBOUND@",
+            &format!("{}/{}", net.outside.ip(), net.outside.port()),
+        )
+        .replace("@LOOPBACK@", &net.loopback.to_string())
+        .replace("  privileged: false", &format!("  {infrastructure}"))
+        .replace(
+            "components/probe.yaml",
+            &data.join("components/probe.yaml").display().to_string(),
+        );
+    let path = dir.join("probe-pipeline.yaml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
 /// The probe's `key=value` lines, read from the image it built.
 fn probe_results(home: &Home, pipeline: &Path) -> std::collections::BTreeMap<String, String> {
     let (code, summary, err) = home.run(pipeline);
@@ -872,10 +989,9 @@ fn probe_results(home: &Home, pipeline: &Path) -> std::collections::BTreeMap<Str
 #[test]
 fn a_hostile_component_finds_the_sandbox_closed() {
     let home = Home::new();
-    let probe = probe_results(
-        &home,
-        &repo().join("tests/data/embedded/hostile/pipeline.yaml"),
-    );
+    let net = Listeners::start();
+    let pipeline = probe_pipeline(home.path(), &net, "privileged: false");
+    let probe = probe_results(&home, &pipeline);
     // Capabilities: podman's default set and nothing else, in every set; none ambient.
     // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP
     let podman: u64 = [0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31]
@@ -908,6 +1024,8 @@ fn a_hostile_component_finds_the_sandbox_closed() {
         "unshare_mount",
         "mknod_block",
         "mknod_char",
+        "host_loopback_via_gateway",
+        "host_loopback",
     ] {
         assert_eq!(
             probe.get(key).map(String::as_str),
@@ -920,6 +1038,14 @@ fn a_hostile_component_finds_the_sandbox_closed() {
         "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
     );
     assert_eq!(probe["block_devices"], "0");
+    // Its own network: loopback and slirp4netns's tap, its forwarder as resolver, outbound
+    // connections reach this machine's address, the host's loopback is out of reach.
+    assert_eq!(probe["net_ifaces"].trim(), "lo tap0", "{probe:?}");
+    assert_eq!(probe["nameserver"].trim(), "10.0.2.3", "{probe:?}");
+    assert_eq!(probe["outbound"], "yes", "{probe:?}");
+    let (outside, loopback) = net.accepted();
+    assert!(outside >= 1, "the host's listener saw no connection");
+    assert_eq!(loopback, 0, "the instance reached the host's loopback");
     // Its own cgroup namespace: the host's cgroup paths are not visible.
     assert!(
         probe["cgroup"]
@@ -941,21 +1067,53 @@ fn a_hostile_component_finds_the_sandbox_closed() {
 
     // AND the same probe with `privileged: true` can do what the posture refuses: the probe
     // tells a closed sandbox from an open one.
-    let open = tempfile::tempdir().expect("tmp");
-    let dir = repo().join("tests/data/embedded/hostile");
-    let text = std::fs::read_to_string(dir.join("pipeline.yaml"))
-        .expect("pipeline")
-        .replace("network: none", "network: none\n  privileged: true")
-        .replace(
-            "components/probe.yaml",
-            &dir.join("components/probe.yaml").display().to_string(),
-        );
-    std::fs::write(open.path().join("pipeline.yaml"), text).expect("write");
     let home = Home::new();
-    let open = probe_results(&home, &open.path().join("pipeline.yaml"));
+    let pipeline = probe_pipeline(home.path(), &net, "privileged: true");
+    let open = probe_results(&home, &pipeline);
     assert_eq!(open["Seccomp"], "0", "{open:?}");
     assert_eq!(open["mount_tmpfs"], "yes", "{open:?}");
     assert_eq!(open["mknod_block"], "yes", "{open:?}");
+    home.assert_nothing_left("hostile");
+}
+
+#[test]
+fn network_host_and_none_give_what_they_say_and_nothing_else() {
+    let net = Listeners::start();
+    // `host`, by explicit choice: the machine's interfaces and its loopback.
+    let home = Home::new();
+    let pipeline = probe_pipeline(home.path(), &net, "network: host");
+    let probe = probe_results(&home, &pipeline);
+    let mut mine: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    mine.sort();
+    assert_eq!(probe["net_ifaces"].trim(), mine.join(" "), "{probe:?}");
+    assert_eq!(probe["outbound"], "yes", "{probe:?}");
+    assert_eq!(probe["host_loopback"], "yes", "{probe:?}");
+    assert_eq!(net.accepted().1, 1, "the host's loopback listener");
+    // Its /etc/resolv.conf says what the host's does, but is a copy: not the host's file.
+    let host_resolv = std::fs::metadata("/etc/resolv.conf").expect("/etc/resolv.conf");
+    use std::os::unix::fs::MetadataExt;
+    let (dev, ino) = (host_resolv.dev(), host_resolv.ino());
+    let host_file = format!("{}:{}", dev, ino);
+    assert!(!probe["resolv_file"].is_empty(), "{probe:?}");
+    assert_ne!(
+        probe["resolv_file"], host_file,
+        "the host's own resolv.conf"
+    );
+    home.assert_nothing_left("hostile");
+    // `none`: loopback only, nothing goes out.
+    let home = Home::new();
+    let before = net.accepted();
+    let pipeline = probe_pipeline(home.path(), &net, "network: none");
+    let probe = probe_results(&home, &pipeline);
+    assert_eq!(probe["net_ifaces"].trim(), "lo", "{probe:?}");
+    for key in ["outbound", "host_loopback", "host_loopback_via_gateway"] {
+        assert_eq!(probe[key], "no", "{key}: {probe:?}");
+    }
+    assert_eq!(net.accepted(), before);
     home.assert_nothing_left("hostile");
 }
 
@@ -1078,11 +1236,10 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
     for region in ["us-east-1", "eu-west-1"] {
         assert!(summary["images"][region].is_string(), "{summary}");
     }
-    // The probe, as that user: the same posture from inside.
-    let summary = run_as_user(
-        home,
-        &repo().join("tests/data/embedded/hostile/pipeline.yaml"),
-    );
+    // The probe, as that user: the same posture from inside, its own network included.
+    let net = Listeners::start();
+    let pipeline = probe_pipeline(home, &net, "privileged: false");
+    let summary = run_as_user(home, &pipeline);
     let image = summary["images"]["us-east-1"].as_str().expect("image");
     let tar = home.join("probe.tar");
     let (code, out, err) = kiln_as_user(
@@ -1139,9 +1296,22 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         "access_core_pattern=no",
         "write_proc_sys_hostname=no",
         "block_devices=0",
+        "net_ifaces=lo tap0 ",
+        "outbound=yes",
+        "host_loopback_via_gateway=no",
+        "host_loopback=no",
     ] {
         assert!(text.lines().any(|l| l == want), "{want}: {text}");
     }
+    assert!(
+        net.accepted().0 >= 1,
+        "the host's listener saw no connection"
+    );
+    assert_eq!(
+        net.accepted().1,
+        0,
+        "the instance reached the host's loopback"
+    );
     // Nothing of the user's instances runs or is mounted.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!mounts.contains(&home.display().to_string()), "{mounts}");

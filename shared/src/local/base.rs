@@ -74,6 +74,7 @@ pub const TINY_PROGRAMS: &[&str] = &[
     "umount",
     "mknod",
     "unshare",
+    "timeout",
 ];
 
 /// The dynamic loader and the libraries `binary` loads, as `ldd` reports them.

@@ -29,7 +29,8 @@ pub struct InstanceRecord {
     pub instance_type: String,
     pub tags: BTreeMap<String, String>,
     pub state: InstanceState,
-    pub network: bool,
+    #[serde(deserialize_with = "network_of_record")]
+    pub network: Network,
     pub launched: String,
     /// Image layers, topmost first (overlay lower dirs).
     pub lower: Vec<PathBuf>,
@@ -38,6 +39,22 @@ pub struct InstanceRecord {
     /// Runs without the sandbox posture (`infrastructure.privileged`).
     #[serde(default)]
     pub privileged: bool,
+}
+
+/// An instance's network as its record says it: a name, or (records of kiln before `private`)
+/// `true` for the host's and `false` for none.
+fn network_of_record<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Recorded {
+        Shared(bool),
+        Named(Network),
+    }
+    Ok(match Recorded::deserialize(d)? {
+        Recorded::Shared(true) => Network::Host,
+        Recorded::Shared(false) => Network::None,
+        Recorded::Named(n) => n,
+    })
 }
 
 /// An image being written (snapshot or copy), or one that failed.
@@ -89,6 +106,34 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
         }
     }
     p[pi..].iter().all(|c| *c == '*')
+}
+
+/// The program that gives `network: private` instances their outbound access.
+pub const USER_NET_PROGRAM: &str = "slirp4netns";
+
+/// Whether this machine can give an instance `network`: a clear reason when it cannot.
+pub fn network_supported(network: Network) -> Result<(), String> {
+    if network != Network::Private {
+        return Ok(());
+    }
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(USER_NET_PROGRAM).is_file()))
+        .unwrap_or(false);
+    if !found {
+        return Err(format!(
+            "infrastructure.network: private (the default) needs {USER_NET_PROGRAM} on PATH (Debian package {USER_NET_PROGRAM}, installed by `make setup`); or choose `network: none` (loopback only) or `network: host` (the machine's interfaces)"
+        ));
+    }
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        return Err(format!(
+            "infrastructure.network: private (the default) needs /dev/net/tun, which this user cannot open ({e}); a stock Debian has it mode 0666 (`chmod 0666 /dev/net/tun` as root); or choose `network: none` or `network: host`"
+        ));
+    }
+    Ok(())
 }
 
 /// The host side of sandboxes; cheap to clone into the threads that wait on them.
@@ -155,9 +200,7 @@ impl Host {
             .arg(&r.id)
             .arg("--agent-dir")
             .arg(agent_dir);
-        if !r.network {
-            c.arg("--no-network");
-        }
+        c.arg("--network").arg(r.network.as_str());
         if r.privileged {
             c.arg("--privileged");
         }
@@ -480,6 +523,8 @@ impl Compute for LocalCloud {
             if let Some(id) = self.token(&spec.client_token) {
                 return Ok(InstanceId(id));
             }
+            network_supported(spec.infrastructure.network)
+                .map_err(|e| StageError::new(ErrorKind::InvalidPipeline, e))?;
             let layout = self.layout(&spec.region)?;
             let image = layout
                 .image(spec.image.as_str())
@@ -514,7 +559,7 @@ impl Compute for LocalCloud {
                 instance_type: spec.instance_type.clone(),
                 tags: spec.tags.clone(),
                 state: InstanceState::Pending,
-                network: spec.infrastructure.network != Network::None,
+                network: spec.infrastructure.network,
                 privileged: spec.infrastructure.privileged,
                 launched: now_text(),
                 lower,

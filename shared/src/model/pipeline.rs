@@ -179,7 +179,9 @@ pub struct Infrastructure {
     /// Tags on every instance kiln launches (besides `kiln:*`).
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// Embedded mode: `host` shares the machine's network, `none` gives the sandbox none.
+    /// Embedded mode: `private` (the default) gives the sandbox its own network namespace with
+    /// outbound access through user-mode networking (slirp4netns); `host` shares the machine's
+    /// interfaces, by explicit choice only; `none` gives it loopback alone.
     #[serde(default)]
     pub network: Network,
     /// Embedded mode: run the instance WITHOUT its sandbox posture — every capability, no
@@ -203,7 +205,7 @@ impl Default for Infrastructure {
             imdsv2: Imdsv2::Required,
             associate_public_ip: false,
             tags: BTreeMap::new(),
-            network: Network::Host,
+            network: Network::Private,
             privileged: false,
             sns_topic_arn: None,
         }
@@ -225,9 +227,32 @@ pub enum Imdsv2 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
+    /// Its own network namespace; outbound through slirp4netns, no way in, the host's
+    /// loopback out of reach.
     #[default]
+    Private,
+    /// The machine's own interfaces (and whatever listens on its loopback).
     Host,
+    /// Loopback only.
     None,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Private => "private",
+            Network::Host => "host",
+            Network::None => "none",
+        }
+    }
+
+    /// The name as the pipeline file spells it.
+    pub fn parse(name: &str) -> Result<Network, String> {
+        [Network::Private, Network::Host, Network::None]
+            .into_iter()
+            .find(|n| n.as_str() == name)
+            .ok_or_else(|| format!("unknown network `{name}` (private, host or none)"))
+    }
 }
 
 /// One target region.
