@@ -7,7 +7,8 @@
 //! - the second region's cost (a copy by digest) as a fraction of the first (the snapshot);
 //! - what the sandbox's posture costs: the same build with `infrastructure.privileged: true`
 //!   (no capability drop, seccomp filter, masks or cgroup: the sandbox as it was before them),
-//!   runs interleaved.
+//!   and the default private network (slirp4netns) instead of hello's `network: none`, runs
+//!   interleaved.
 //!
 //! Usage: kiln-embedded-bench KILN REPO
 
@@ -138,31 +139,51 @@ fn main() {
         median(snapshot)
     );
 
-    // The posture's cost: the same build, open (privileged), runs interleaved with closed ones.
-    let open = work.join("hello-open");
-    sh(&format!(
-        "cp -r {} {o} && sed -i -e 's/^infrastructure:$/infrastructure:\\n  privileged: true/' -e 's/^name: hello$/name: hello-open/' {o}/pipeline.yaml && grep -q 'privileged: true' {o}/pipeline.yaml",
-        example.display(),
-        o = open.display()
-    ));
-    let open_pipeline = open.join("pipeline.yaml").display().to_string();
+    // The isolation's cost: the same build without the posture (privileged) and with the
+    // default private network (slirp4netns) instead of hello's `network: none`, interleaved.
+    let variant = |name: &str, sed: &str, check: &str| {
+        let dir = work.join(name);
+        sh(&format!(
+            "cp -r {} {o} && sed -i {sed} -e 's/^name: hello$/name: {name}/' {o}/pipeline.yaml && {check} {o}/pipeline.yaml",
+            example.display(),
+            o = dir.display()
+        ));
+        dir.join("pipeline.yaml").display().to_string()
+    };
+    let open_pipeline = variant(
+        "hello-open",
+        "-e 's/^infrastructure:$/infrastructure:\\n  privileged: true/'",
+        "grep -q 'privileged: true'",
+    );
+    let private_pipeline = variant(
+        "hello-private",
+        "-e '/^  network: none$/d'",
+        "! grep -q 'network: none'",
+    );
     kiln(&bin, &home, &["run", &open_pipeline, "--output", "json"]); // warm-up
-    let (mut closed_wall, mut open_wall) = (vec![], vec![]);
+    kiln(&bin, &home, &["run", &private_pipeline, "--output", "json"]);
+    let (mut closed_wall, mut private_wall, mut open_wall) = (vec![], vec![], vec![]);
     for _ in 0..RUNS {
         for (p, into) in [
             (&pipeline, &mut closed_wall),
+            (&private_pipeline, &mut private_wall),
             (&open_pipeline, &mut open_wall),
         ] {
             let (took, _) = kiln(&bin, &home, &["run", p, "--output", "json"]);
             into.push(took.as_secs_f64());
         }
     }
-    let (c, o) = (median(closed_wall), median(open_wall));
-    println!("sandbox posture, examples/hello (2 instances), median of {RUNS} interleaved runs:");
+    let (c, n, o) = (median(closed_wall), median(private_wall), median(open_wall));
+    println!("sandbox isolation, examples/hello (2 instances), median of {RUNS} interleaved runs, against privileged (no posture) with network none {o:.3} s:");
     println!(
-        "  closed {c:.3} s vs privileged (no posture) {o:.3} s: {:.3}x, {:+.1} ms per instance",
+        "  posture, network none {c:.3} s: {:.3}x, {:+.1} ms per instance",
         c / o,
         (c - o) * 1000.0 / 2.0
+    );
+    println!(
+        "  posture, network private (slirp4netns, the default) {n:.3} s: {:.3}x, {:+.1} ms per instance",
+        n / o,
+        (n - o) * 1000.0 / 2.0
     );
 
     // Snapshot throughput on a folder of real files.

@@ -313,56 +313,105 @@ fn two_starts_at_once_make_one_build_and_the_second_names_the_holder() {
 }
 
 #[test]
-fn the_schedule_is_disabled_after_the_configured_number_of_failed_builds() {
-    // GIVEN the example (disableAfterFailures: 3) with its schedule enabled, and a failing component
+fn the_schedule_is_disabled_after_the_configured_number_of_failed_scheduled_builds() {
+    // GIVEN the example (disableAfterFailures: 3) building on every scheduled start, its
+    // schedule enabled, and a failing component
     let cloud = cloud();
-    cloud.with(|c| {
-        c.schedules.insert("al2023-base".into(), None);
-        c.faults.command_fails.insert(
-            "build".into(),
-            CommandStatus::Failed {
-                message: "component harden, build/DisableRootLogin: exit code 2".into(),
-                output_tail: String::new(),
-            },
-        );
-    });
-    // WHEN it fails twice, the schedule stays; the third failure disables it and says so
-    for n in 1..=3 {
-        let out = execute(&cloud, &format!("exec-{n}"), input());
+    let apply = |version: &str| {
+        let mut loaded =
+            kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
+        loaded.pipeline.version = version.into();
+        let schedule = loaded.pipeline.schedule.as_mut().expect("a schedule");
+        schedule.start_condition = kiln::model::pipeline::StartCondition::Always;
+        futures::executor::block_on(
+            cloud
+                .ports()
+                .store
+                .put_pipeline(&PipelineRecord::from(&loaded)),
+        )
+        .expect("applied");
+    };
+    apply("1.0.0");
+    let fail = |cloud: &Arc<MemoryCloud>, message: &str| {
+        cloud.with(|c| {
+            c.faults.command_fails.insert(
+                "build".into(),
+                CommandStatus::Failed {
+                    message: message.into(),
+                    output_tail: String::new(),
+                },
+            )
+        });
+    };
+    cloud.with(|c| c.schedules.insert("al2023-base".into(), None));
+    fail(
+        &cloud,
+        "component harden, build/DisableRootLogin: exit code 2",
+    );
+    let disabled = |cloud: &Arc<MemoryCloud>| cloud.with(|c| c.schedules["al2023-base"].is_some());
+    let scheduled = json!({"pipeline": "al2023-base", "trigger": {"kind": "schedule"}});
+    // WHEN two scheduled builds fail, the schedule stays
+    for n in 1..=2 {
+        let out = execute(&cloud, &format!("exec-{n}"), scheduled.clone());
         assert_eq!(out.error.as_deref(), Some("Kiln.ComponentFailed"));
-        let disabled = cloud.with(|c| c.schedules["al2023-base"].clone());
-        assert_eq!(
-            disabled.is_some(),
-            n == 3,
-            "after {n} failures: {disabled:?}"
-        );
+        assert!(!disabled(&cloud), "after {n} failures");
     }
+    // AND manual starts neither count (a failure) nor reset (a success), as Image Builder counts
+    // only scheduled executions
+    let out = execute(&cloud, "manual-fails", input());
+    assert_eq!(out.error.as_deref(), Some("Kiln.ComponentFailed"));
+    assert!(!disabled(&cloud), "a manual failure counted");
+    cloud.with(|c| c.faults.command_fails.clear());
+    assert_eq!(
+        execute(&cloud, "manual-ok", input()).status,
+        Status::Succeeded
+    );
+    fail(&cloud, "again");
+    // AND a scheduled start that finds the pipeline locked made no build and is not counted
+    let holder = kiln::model::build::BuildId("01HOLDER".into());
+    cloud.with(|c| {
+        c.locks.insert(
+            "al2023-base".into(),
+            (
+                holder.clone(),
+                chrono::Utc::now() + chrono::Duration::hours(1),
+            ),
+        )
+    });
+    let out = execute(&cloud, "locked", scheduled.clone());
+    assert_eq!(out.error.as_deref(), Some("Kiln.Locked"), "{:?}", out.cause);
+    assert!(!disabled(&cloud), "a locked start counted");
+    cloud.with(|c| c.locks.remove("al2023-base"));
+    // THEN the third scheduled failure disables it and says so
+    let out = execute(&cloud, "exec-3", scheduled.clone());
+    assert_eq!(out.error.as_deref(), Some("Kiln.ComponentFailed"));
+    assert!(disabled(&cloud), "after the third scheduled failure");
     let note = cloud.with(|c| c.events.iter().rev().find_map(|e| e.note.clone()));
     assert_eq!(
         note.as_deref(),
         Some("schedule disabled after 3 consecutive failed builds (disableAfterFailures: 3)")
     );
-    // AND a success in between resets the count
+    // AND a scheduled success resets the count: one failure after it leaves the schedule on
     cloud.with(|c| {
         c.schedules.insert("al2023-base".into(), None);
         c.faults.command_fails.clear();
     });
+    // (image names carry the build's second: not the same as manual-ok's image)
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(
-        execute(&cloud, "exec-ok", input()).status,
+        execute(&cloud, "exec-ok", scheduled.clone()).status,
         Status::Succeeded
     );
-    cloud.with(|c| {
-        c.faults.command_fails.insert(
-            "build".into(),
-            CommandStatus::Failed {
-                message: "again".into(),
-                output_tail: String::new(),
-            },
-        );
-    });
-    execute(&cloud, "exec-4", input());
-    assert!(
-        cloud.with(|c| c.schedules["al2023-base"].is_none()),
-        "one failure after a success"
-    );
+    fail(&cloud, "again");
+    execute(&cloud, "exec-4", scheduled.clone());
+    execute(&cloud, "exec-5", scheduled.clone());
+    assert!(!disabled(&cloud), "two failures after a success");
+    // AND so does a new definition version: two more failures of 1.0.1 leave the schedule on,
+    // though four builds in a row have failed
+    apply("1.0.1");
+    execute(&cloud, "exec-6", scheduled.clone());
+    execute(&cloud, "exec-7", scheduled.clone());
+    assert!(!disabled(&cloud), "failures of the old version counted");
+    execute(&cloud, "exec-8", scheduled);
+    assert!(disabled(&cloud), "the third failure of 1.0.1");
 }

@@ -211,6 +211,21 @@ impl Rehearsal {
         )
     }
 
+    /// One execution as the pipeline's schedule starts it.
+    pub fn execute_scheduled(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        pipeline: &str,
+        name: &str,
+    ) -> kiln::engine::Outcome {
+        self.run_input(
+            rt,
+            Arc::new(Bootstraps(self.functions.clone())),
+            json!({"pipeline": pipeline, "trigger": {"kind": "schedule"}, "waitSeconds": 0}),
+            name,
+        )
+    }
+
     /// One execution of the deployed definition with its Tasks delivered by `tasks`.
     fn execute_with(
         &self,
@@ -219,13 +234,24 @@ impl Rehearsal {
         pipeline: &str,
         name: &str,
     ) -> kiln::engine::Outcome {
-        let machine = definition::parse(&self.definition).expect("the deployed definition parses");
-        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
-        rt.block_on(engine.run(
-            &machine,
+        self.run_input(
+            rt,
+            tasks,
             json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0}),
             name,
-        ))
+        )
+    }
+
+    fn run_input(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        tasks: Arc<dyn Tasks>,
+        input: Json,
+        name: &str,
+    ) -> kiln::engine::Outcome {
+        let machine = definition::parse(&self.definition).expect("the deployed definition parses");
+        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
+        rt.block_on(engine.run(&machine, input, name))
     }
 
     /// The account's administrator's AWS configuration, for raw Describe* calls.
@@ -898,10 +924,10 @@ fn the_failure_policy_disables_the_deployed_schedule_and_rule() {
         )
     };
     assert_eq!(state(&rt), (Some("ENABLED".into()), Some("ENABLED".into())));
-    // WHEN a build fails (its component's command fails)
+    // WHEN a scheduled build fails (its component's command fails)
     r.inject(json!([{"role": "CustomizeFunctionRole",
                      "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}]));
-    let out = r.execute(&rt, "al2023-moto", "policy-1");
+    let out = r.execute_scheduled(&rt, "al2023-moto", "policy-1");
     assert_eq!(
         out.error.as_deref(),
         Some("Kiln.ComponentFailed"),

@@ -3,7 +3,7 @@
 //! FAILED or CANCELLED with the failure, releases the lock and emits the event. Idempotent.
 
 use crate::errors::{ErrorKind, StageError};
-use crate::model::build::{Build, BuildStatus, FailureContext};
+use crate::model::build::{Build, BuildStatus, FailureContext, TriggerKind};
 use crate::ports::{BuildEvent, Ports};
 
 /// Cleans up after a failure of the first operation, which has only the execution input: the
@@ -30,8 +30,12 @@ pub async fn run_for_request(
     }
 }
 
-/// After `disableAfterFailures` consecutive failed builds, the pipeline's schedule and event
-/// rules are disabled; returns what the event should say.
+/// After `disableAfterFailures` consecutive failed builds that the pipeline's own triggers
+/// started, the pipeline's schedule and event rules are disabled; returns what the event
+/// should say. As Image Builder counts (`AutoDisablePolicy.failureCount`: "consecutive
+/// scheduled image pipeline executions"): manual starts neither count nor reset; a start that
+/// found the pipeline locked made no build and is not counted; a success, or a new definition
+/// version, starts the count again.
 async fn failure_policy(
     ports: &Ports<'_>,
     build: &Build,
@@ -43,11 +47,17 @@ async fn failure_policy(
     else {
         return Ok(None);
     };
+    if build.trigger.kind == TriggerKind::Manual {
+        return Ok(None);
+    }
+    let current = record.map(|r| r.pipeline.version.as_str());
     let mut builds = ports.store.builds(&build.pipeline).await?;
     builds.sort_by(|a, b| b.id.0.cmp(&a.id.0));
     let streak = builds
         .iter()
+        .filter(|b| b.trigger.kind != TriggerKind::Manual)
         .filter(|b| b.status != BuildStatus::Skipped && b.status.is_final())
+        .take_while(|b| Some(b.definition_version.as_str()) == current)
         .take_while(|b| b.status == BuildStatus::Failed)
         .count();
     if streak < limit as usize {
