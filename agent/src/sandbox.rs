@@ -157,6 +157,9 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
     // An ordinary user: a user namespace first, where the user is root (one mapping, as rootless
     // podman without subordinate ids); every namespace below belongs to it.
     let rootless = !nix::unistd::geteuid().is_root();
+    // Root of a user namespace kiln runs in (an ordinary user with subordinate ids) is no more
+    // the machine's root than an ordinary user.
+    let unprivileged = rootless || kiln::userns::in_child_userns();
     if rootless {
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
         unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
@@ -206,7 +209,7 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         d.join("upper").display(),
         d.join("work").display(),
         // In a user namespace overlayfs keeps its marks in user.* xattrs (trusted.* is root's).
-        if rootless { ",userxattr" } else { "" }
+        if unprivileged { ",userxattr" } else { "" }
     );
     if options.len() >= 4000 {
         return Err(format!(
@@ -228,7 +231,7 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         Some(&options),
     )
     .map_err(|e| {
-        if rootless {
+        if unprivileged {
             format!("{e} (an ordinary user's overlay mount needs Linux 5.11 or later)")
         } else {
             e

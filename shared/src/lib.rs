@@ -18,6 +18,7 @@ pub mod ports;
 pub mod report;
 pub mod stages;
 pub mod typed;
+pub mod userns;
 pub mod yaml;
 
 use std::path::Path;

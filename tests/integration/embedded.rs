@@ -1159,12 +1159,19 @@ fn links_planted_in_the_command_folder_are_not_followed_by_the_host() {
     home.assert_nothing_left("hostile-links");
 }
 
-/// An ordinary user of this machine for the rootless tests (created once, as root).
-fn ordinary_user() -> (u32, u32) {
-    const NAME: &str = "kiln-rootless";
+/// An ordinary user of this machine for the rootless tests (created once, as root): a system
+/// user without subordinate ids (the single mapping), or, `subordinate`, one with a range in
+/// /etc/subuid and /etc/subgid (as `useradd` gives an ordinary user; 2000000–2065535 where it
+/// did not).
+fn test_user(subordinate: bool) -> (u32, u32) {
+    let name = if subordinate {
+        "kiln-subids"
+    } else {
+        "kiln-rootless"
+    };
     let id = |flag: &str| {
         Command::new("id")
-            .args([flag, NAME])
+            .args([flag, name])
             .output()
             .ok()
             .filter(|o| o.status.success())
@@ -1176,8 +1183,12 @@ fn ordinary_user() -> (u32, u32) {
             })
     };
     if id("-u").is_none() {
-        let out = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/bin/sh", NAME])
+        let mut c = Command::new("useradd");
+        if !subordinate {
+            c.arg("--system");
+        }
+        let out = c
+            .args(["--no-create-home", "--shell", "/bin/sh", name])
             .output()
             .expect("useradd");
         assert!(
@@ -1186,13 +1197,30 @@ fn ordinary_user() -> (u32, u32) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    if subordinate {
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            if !text.lines().any(|l| l.starts_with(&format!("{name}:"))) {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file)
+                    .expect(file);
+                writeln!(f, "{name}:2000000:65536").expect(file);
+            }
+        }
+    }
     (id("-u").expect("uid"), id("-g").expect("gid"))
 }
 
-/// `kiln` as the ordinary user, in a home it owns.
-fn kiln_as_user(home: &Path, args: &[&str]) -> (i32, String, String) {
+fn ordinary_user() -> (u32, u32) {
+    test_user(false)
+}
+
+/// `kiln` as `user`, in a home it owns.
+fn kiln_as(user: (u32, u32), home: &Path, args: &[&str]) -> (i32, String, String) {
     use std::os::unix::process::CommandExt;
-    let (uid, gid) = ordinary_user();
     let out = Command::new(built_binary("kiln"))
         .arg("--home")
         .arg(home)
@@ -1200,8 +1228,8 @@ fn kiln_as_user(home: &Path, args: &[&str]) -> (i32, String, String) {
         .env_remove("KILN_AGENT")
         .env_remove("KILN_HOME")
         .env("HOME", home)
-        .uid(uid)
-        .gid(gid)
+        .uid(user.0)
+        .gid(user.1)
         .output()
         .expect("run kiln as the ordinary user");
     (
@@ -1209,6 +1237,11 @@ fn kiln_as_user(home: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `kiln` as the ordinary user without subordinate ids.
+fn kiln_as_user(home: &Path, args: &[&str]) -> (i32, String, String) {
+    kiln_as(ordinary_user(), home, args)
 }
 
 /// `kiln run PIPELINE --output json` as the ordinary user; the summary of a build that succeeded.
@@ -1221,15 +1254,34 @@ fn run_as_user(home: &Path, pipeline: &Path) -> Json {
     serde_json::from_str(&out).expect("summary")
 }
 
-#[test]
-fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
-    require_root();
-    let (uid, gid) = ordinary_user();
+/// A temporary home owned by `user`.
+fn home_of(user: (u32, u32)) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("kiln-rootless-")
         .tempdir()
         .expect("home");
-    std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+    std::os::unix::fs::chown(dir.path(), Some(user.0), Some(user.1)).expect("chown");
+    dir
+}
+
+/// Nothing of an ordinary user's instances under `home` runs or is mounted.
+fn assert_user_left_nothing(home: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&home.display().to_string()), "{mounts}");
+    let running: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&home.display().to_string()) && c.contains("sandbox"))
+        .collect();
+    assert!(running.is_empty(), "{running:?}");
+}
+
+#[test]
+fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
+    require_root();
+    let dir = home_of(ordinary_user());
     let home = dir.path();
     let summary = run_as_user(home, &repo().join("examples/hello/pipeline.yaml"));
     assert_eq!(summary["status"], "AVAILABLE", "{summary}");
@@ -1312,17 +1364,105 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         0,
         "the instance reached the host's loopback"
     );
-    // Nothing of the user's instances runs or is mounted.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    assert!(!mounts.contains(&home.display().to_string()), "{mounts}");
-    let running: Vec<String> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&home.display().to_string()) && c.contains("sandbox"))
+    assert_user_left_nothing(home);
+}
+
+#[test]
+fn an_ordinary_user_with_subordinate_ids_builds_images_whose_files_keep_their_owners() {
+    require_root();
+    let user = test_user(true);
+    let dir = home_of(user);
+    let home = dir.path();
+    let pipeline = repo().join("tests/data/embedded/owners/pipeline.yaml");
+    let (code, out, err) = kiln_as(
+        user,
+        home,
+        &["run", &pipeline.display().to_string(), "--output", "json"],
+    );
+    // The test phase, on a fresh instance of the image, found the owners and modes it was given.
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summary: Json = serde_json::from_str(&out).expect("summary");
+    assert_eq!(summary["status"], "AVAILABLE", "{summary}");
+    // The layer, as skopeo and zstd find it: the folder and file belong to 1000/1000.
+    let image = summary["images"]["us-east-1"].as_str().expect("image");
+    let layer = home.join("owners-layer.tar");
+    top_layer(&home.join("regions/us-east-1/images"), image, &layer);
+    let listing = crate::support::run_ok({
+        let mut c = Command::new("tar");
+        c.arg("--numeric-owner").arg("-tvf").arg(&layer);
+        c
+    });
+    for (name, mode) in [
+        ("var/lib/app", "drwx------"),
+        ("var/lib/app/key", "-rw-------"),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(name))
+            .unwrap_or_else(|| panic!("{name} in\n{listing}"));
+        assert!(
+            line.starts_with(mode) && line.contains(" 1000/1000 "),
+            "{line}"
+        );
+    }
+    // Inside, the user was root and 1–65535 were its subordinate ids.
+    let start = std::fs::read_to_string("/etc/subuid")
+        .expect("/etc/subuid")
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln-subids:").map(str::to_string))
+        .and_then(|r| r.split(':').next().map(str::to_string))
+        .expect("the user's range");
+    let map = file_in_tar(&layer, "var/lib/uid_map");
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
         .collect();
-    assert!(running.is_empty(), "{running:?}");
+    assert_eq!(
+        rows,
+        vec![
+            vec!["0", user.0.to_string().as_str(), "1"],
+            vec!["1", start.as_str(), "65535"]
+        ],
+        "{map}"
+    );
+    assert_user_left_nothing(home);
+    // AND kiln, as that user, removes what only the subordinate ids own: the images, then gc.
+    for region in ["us-east-1", "eu-west-1"] {
+        let id = summary["images"][region].as_str().expect("image");
+        let (code, out, err) = kiln_as(user, home, &["image", "rm", id, "--region", region]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let (code, out, err) = kiln_as(user, home, &["gc"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let foreign: Vec<String> = walkdir(home)
+        .into_iter()
+        .filter(|(_, uid)| *uid != user.0)
+        .map(|(p, uid)| format!("{} ({uid})", p.display()))
+        .collect();
+    assert!(foreign.is_empty(), "left, owned by others: {foreign:?}");
+}
+
+/// Every path under `root` with its owner, links not followed.
+fn walkdir(root: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        out.push((p.clone(), m.uid()));
+        if m.is_dir() {
+            todo.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
 }
 
 #[test]

@@ -266,7 +266,10 @@ pub fn unpack(blob: &Path, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64>
 pub fn unpack_tar(input: impl Read, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64> {
     fs::create_dir_all(dest)?;
     let root = Folder::open(dest)?;
-    let privileged = nix::unistd::geteuid().is_root();
+    let privileged = Privilege {
+        owners: nix::unistd::geteuid().is_root(),
+        machine: !crate::userns::unprivileged(),
+    };
     let mut archive = tar::Archive::new(input);
     let mut count = 0;
     // Folder modes and times are set last: a read-only folder must still take its entries.
@@ -307,12 +310,21 @@ fn invalid(message: String) -> io::Error {
 }
 
 /// Places one entry of a layer under `root`.
+/// What the unpacking process may do.
+#[derive(Debug, Clone, Copy)]
+struct Privilege {
+    /// Set owners (root, of the machine or of a user namespace).
+    owners: bool,
+    /// Make device nodes and set `trusted.*` attributes (the machine's root only).
+    machine: bool,
+}
+
 fn place<R: Read>(
     root: &Folder,
     entry: &mut tar::Entry<'_, R>,
     path: &Path,
     whiteouts: Whiteouts,
-    privileged: bool,
+    privileged: Privilege,
     folders: &mut Vec<(PathBuf, u32, u64)>,
 ) -> io::Result<()> {
     let parts = beneath::components(path)?;
@@ -326,7 +338,7 @@ fn place<R: Read>(
     if name_text == OPAQUE_MARKER {
         return match whiteouts {
             Whiteouts::Overlay => {
-                let name = if privileged {
+                let name = if privileged.machine {
                     OPAQUE_XATTRS[0]
                 } else {
                     OPAQUE_XATTRS[1]
@@ -362,8 +374,9 @@ fn place<R: Read>(
     let kind = header.entry_type();
     let mode = header.mode().unwrap_or(0o644);
     let mtime = header.mtime().unwrap_or(0);
-    // The entry's owner, where kiln may set it (as root).
-    let owner = privileged.then(|| {
+    // The entry's owner, where kiln may set it (as root, of the machine or of a user namespace
+    // with subordinate ids).
+    let owner = privileged.owners.then(|| {
         (
             Uid::from_raw(header.uid().unwrap_or(0) as u32),
             Gid::from_raw(header.gid().unwrap_or(0) as u32),
@@ -457,7 +470,7 @@ fn place<R: Read>(
                 u64::from(header.device_major()?.unwrap_or(0)),
                 u64::from(header.device_minor()?.unwrap_or(0)),
             );
-            if sflag != SFlag::S_IFIFO && !privileged {
+            if sflag != SFlag::S_IFIFO && !privileged.machine {
                 // An ordinary user cannot make device nodes (neither can rootless podman); the
                 // instance's /dev does not come from the image anyway.
                 return Ok(());
