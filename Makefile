@@ -16,7 +16,7 @@ export KILN_PYTHON := $(VENV)/bin/python
 EXPANDED := $(TARGET_DIR)/infra/template.expanded.json
 
 # Debian packages are installed as root (sudo when not root).
-DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns
+DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 # The Lambda functions; arm64 when the aarch64 standard library is installed, else x86_64.
@@ -42,7 +42,7 @@ setup:
 	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
 	@test -d $(KILN_NODE_MODULES)/@cloud-copilot/iam-simulate || { echo "installing @cloud-copilot/iam-simulate (npm, the rehearsal's IAM policy evaluator) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node @cloud-copilot/iam-simulate@0.1.173 >/dev/null; }
 	@test -x $(VENV)/bin/checkov -a -x $(VENV)/bin/parliament || { echo "installing checkov and parliament into $(VENV)"; $(VENV)/bin/pip install --quiet checkov parliament; }
-	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null && command -v zstd >/dev/null && command -v sqlite3 >/dev/null && command -v slirp4netns >/dev/null || { echo "installing skopeo, umoci, mmdebstrap, zstd, sqlite3, slirp4netns (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; }; }
+	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null && command -v zstd >/dev/null && command -v sqlite3 >/dev/null && command -v slirp4netns >/dev/null && command -v newuidmap >/dev/null || { echo "installing $(DEBIAN_PACKAGES) (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; }; }
 	@# Embedded instances' private network (slirp4netns) opens /dev/net/tun as the user who runs kiln;
 	@# stock Debian has it 0666, some container hosts 0600.
 	@test ! -c /dev/net/tun || test "$$(stat -c %a /dev/net/tun)" = 666 || { test "$$(id -u)" = 0 && chmod 0666 /dev/net/tun && echo "made /dev/net/tun 0666, as on a stock Debian (embedded instances' private network)"; } || echo "note: /dev/net/tun is not 0666: only root's embedded instances get network: private"

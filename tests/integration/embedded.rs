@@ -1334,36 +1334,7 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         .find(|l| l.ends_with("var/lib/probe.txt"))
         .expect("probe.txt");
     assert!(line.contains(" 0/0 "), "the layer: {line}");
-    let text = file_in_tar(&layer, "var/lib/probe.txt");
-    for want in [
-        "CapBnd=00000000800405fb",
-        "CapEff=00000000800405fb",
-        "NoNewPrivs=1",
-        "Seccomp=2",
-        "mount_tmpfs=no",
-        "remount_agent_rw=no",
-        "write_agent=no",
-        "unshare_user=no",
-        "mknod_block=no",
-        "access_core_pattern=no",
-        "write_proc_sys_hostname=no",
-        "block_devices=0",
-        "net_ifaces=lo tap0 ",
-        "outbound=yes",
-        "host_loopback_via_gateway=no",
-        "host_loopback=no",
-    ] {
-        assert!(text.lines().any(|l| l == want), "{want}: {text}");
-    }
-    assert!(
-        net.accepted().0 >= 1,
-        "the host's listener saw no connection"
-    );
-    assert_eq!(
-        net.accepted().1,
-        0,
-        "the instance reached the host's loopback"
-    );
+    assert_probe_closed(&file_in_tar(&layer, "var/lib/probe.txt"), &net);
     assert_user_left_nothing(home);
 }
 
@@ -1425,6 +1396,27 @@ fn an_ordinary_user_with_subordinate_ids_builds_images_whose_files_keep_their_ow
         ],
         "{map}"
     );
+    // AND the hostile probe finds the same closed sandbox when kiln runs in the namespace
+    let net = Listeners::start();
+    let probe = probe_pipeline(home, &net, "privileged: false");
+    std::os::unix::fs::chown(&probe, Some(user.0), Some(user.1)).expect("chown");
+    let (code, out, err) = kiln_as(
+        user,
+        home,
+        &["run", &probe.display().to_string(), "--output", "json"],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let probed: Json = serde_json::from_str(&out).expect("summary");
+    let probe_image = probed["images"]["us-east-1"].as_str().expect("image");
+    let probe_layer = home.join("probe-layer.tar");
+    top_layer(
+        &home.join("regions/us-east-1/images"),
+        probe_image,
+        &probe_layer,
+    );
+    assert_probe_closed(&file_in_tar(&probe_layer, "var/lib/probe.txt"), &net);
+    let (code, out, err) = kiln_as(user, home, &["image", "rm", probe_image]);
+    assert_eq!(code, 0, "{out}{err}");
     assert_user_left_nothing(home);
     // AND kiln, as that user, removes what only the subordinate ids own: the images, then gc.
     for region in ["us-east-1", "eu-west-1"] {
@@ -1440,6 +1432,40 @@ fn an_ordinary_user_with_subordinate_ids_builds_images_whose_files_keep_their_ow
         .map(|(p, uid)| format!("{} ({uid})", p.display()))
         .collect();
     assert!(foreign.is_empty(), "left, owned by others: {foreign:?}");
+}
+
+/// The probe's record, as an ordinary user's instance wrote it: the posture closed, its own
+/// network (out to `net`'s outside listener, not to the host's loopback).
+fn assert_probe_closed(text: &str, net: &Listeners) {
+    for want in [
+        "CapBnd=00000000800405fb",
+        "CapEff=00000000800405fb",
+        "NoNewPrivs=1",
+        "Seccomp=2",
+        "mount_tmpfs=no",
+        "remount_agent_rw=no",
+        "write_agent=no",
+        "unshare_user=no",
+        "mknod_block=no",
+        "access_core_pattern=no",
+        "write_proc_sys_hostname=no",
+        "block_devices=0",
+        "net_ifaces=lo tap0 ",
+        "outbound=yes",
+        "host_loopback_via_gateway=no",
+        "host_loopback=no",
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want}: {text}");
+    }
+    assert!(
+        net.accepted().0 >= 1,
+        "the host's listener saw no connection"
+    );
+    assert_eq!(
+        net.accepted().1,
+        0,
+        "the instance reached the host's loopback"
+    );
 }
 
 /// Every path under `root` with its owner, links not followed.

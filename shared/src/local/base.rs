@@ -369,8 +369,21 @@ impl LocalCloud {
         apt_options: &[String],
     ) -> Result<ImageRecord, StageError> {
         let tmp = self.scratch()?;
-        let mut c = Command::new("mmdebstrap");
+        // Root of a user namespace (an ordinary user with subordinate ids): mmdebstrap's root
+        // mode in a mount and PID namespace of its own, without device nodes it may not make
+        // (an instance's /dev never comes from its image).
+        let in_userns = crate::userns::unprivileged();
+        let mut c = if in_userns {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--pid", "--fork", "--mount-proc", "mmdebstrap"]);
+            c
+        } else {
+            Command::new("mmdebstrap")
+        };
         c.args(["--variant=minbase", "--mode=root", "--format=directory"]);
+        if in_userns {
+            c.arg("--skip=output/dev");
+        }
         if !include.is_empty() {
             c.arg(format!("--include={}", include.join(",")));
         }
