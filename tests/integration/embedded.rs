@@ -1468,6 +1468,203 @@ fn assert_probe_closed(text: &str, net: &Listeners) {
     );
 }
 
+/// What a root file system holds at one path, as the tests compare it.
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    /// `d`, `f`, `l`, `p`, `c`, `b`, `s`.
+    kind: char,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// A file's SHA-256, a link's target, a device's numbers.
+    what: String,
+    /// The other names of a file's inode (hard links), sorted.
+    also: Vec<PathBuf>,
+}
+
+/// Every entry under `root` (links not followed), keyed by its path inside.
+fn root_file_system(root: &Path) -> std::collections::BTreeMap<PathBuf, Node> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut nodes = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::BTreeMap<u64, Vec<PathBuf>> = Default::default();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::symlink_metadata(&p).expect("stat");
+        let rel = PathBuf::from("/").join(p.strip_prefix(root).expect("inside"));
+        let t = m.file_type();
+        let (kind, what) = if t.is_dir() {
+            todo.extend(
+                std::fs::read_dir(&p)
+                    .expect("dir")
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+            ('d', String::new())
+        } else if t.is_symlink() {
+            (
+                'l',
+                std::fs::read_link(&p).expect("link").display().to_string(),
+            )
+        } else if t.is_file() {
+            inodes.entry(m.ino()).or_default().push(rel.clone());
+            let bytes = std::fs::read(&p).expect("read");
+            ('f', hex::encode(Sha256::digest(&bytes)))
+        } else if t.is_fifo() {
+            ('p', String::new())
+        } else if t.is_socket() {
+            ('s', String::new())
+        } else {
+            let kind = if t.is_char_device() { 'c' } else { 'b' };
+            (kind, format!("{}:{}", m.rdev() >> 8, m.rdev() & 0xff))
+        };
+        nodes.insert(
+            rel,
+            Node {
+                kind,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                what,
+                also: Vec::new(),
+            },
+        );
+    }
+    for names in inodes.into_values().filter(|n| n.len() > 1) {
+        for n in &names {
+            let mut others: Vec<PathBuf> = names.iter().filter(|o| *o != n).cloned().collect();
+            others.sort();
+            nodes.get_mut(n).expect("node").also = others;
+        }
+    }
+    nodes
+}
+
+#[test]
+fn umoci_and_skopeo_read_an_image_as_the_root_file_system_kiln_exports() {
+    // GIVEN an image with other owners, modes, hard and symbolic links, a fifo, a set-user-id
+    // file, an empty folder, a whiteout and an opaque folder over a parent's folder with files
+    let home = Home::new();
+    let p = |name: &str| home.path().join(name).display().to_string();
+    let run = |args: &[&str]| {
+        crate::support::run_ok({
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]);
+            c
+        })
+    };
+    let base = home.tiny_base_tarball();
+    std::fs::create_dir(p("base")).expect("mkdir");
+    run(&[
+        "tar",
+        "--numeric-owner",
+        "-xpf",
+        &base.display().to_string(),
+        "-C",
+        &p("base"),
+    ]);
+    std::fs::create_dir_all(home.path().join("base/opt/old")).expect("mkdir");
+    for f in ["a", "b"] {
+        std::fs::write(home.path().join("base/opt/old").join(f), f).expect("write");
+    }
+    let (code, out, err) = home.kiln(&["image", "import", "interop-base", &p("base")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dir = repo().join("tests/data/embedded/owners");
+    let text = std::fs::read_to_string(dir.join("pipeline.yaml"))
+        .expect("pipeline")
+        .replace("local: kiln-tiny", "local: interop-base")
+        .replace(
+            "components/owners.yaml",
+            &dir.join("components/owners.yaml").display().to_string(),
+        );
+    std::fs::write(p("pipeline.yaml"), text).expect("write");
+    let (code, summary, err) = home.run(&home.path().join("pipeline.yaml"));
+    assert_eq!(code, 0, "{summary}\n{err}");
+    let id = summary["images"]["us-east-1"].as_str().expect("image");
+    let layout = home.layout("us-east-1").dir;
+    // WHEN skopeo copies it out of kiln's layout into a dir: (checking every blob's digest), then
+    // into a new layout with gzip layers (umoci 0.4.7 reads no zstd), and umoci unpacks that
+    run(&[
+        "skopeo",
+        "copy",
+        &format!("oci:{}:{id}", layout.display()),
+        &format!("dir:{}", p("copied")),
+    ]);
+    run(&[
+        "skopeo",
+        "copy",
+        "--dest-compress",
+        "--dest-compress-format",
+        "gzip",
+        &format!("dir:{}", p("copied")),
+        &format!("oci:{}:copied", p("relayout")),
+    ]);
+    run(&[
+        "umoci",
+        "unpack",
+        "--image",
+        &format!("{}:copied", p("relayout")),
+        &p("bundle"),
+    ]);
+    // AND kiln exports it, extracted by tar
+    let (code, out, err) = home.kiln(&["image", "export", id, &p("export.tar")]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::create_dir(p("exported")).expect("mkdir");
+    run(&[
+        "tar",
+        "--numeric-owner",
+        "-xpf",
+        &p("export.tar"),
+        "-C",
+        &p("exported"),
+    ]);
+    // THEN both root file systems hold the same entries: kind, mode, owner, content, link target,
+    // hard links
+    let umoci = root_file_system(&home.path().join("bundle/rootfs"));
+    let kiln = root_file_system(&home.path().join("exported"));
+    let only = |a: &std::collections::BTreeMap<PathBuf, Node>,
+                b: &std::collections::BTreeMap<PathBuf, Node>| {
+        a.keys()
+            .filter(|k| !b.contains_key(*k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        only(&umoci, &kiln).is_empty(),
+        "only umoci has {:?}",
+        only(&umoci, &kiln)
+    );
+    assert!(
+        only(&kiln, &umoci).is_empty(),
+        "only kiln has {:?}",
+        only(&kiln, &umoci)
+    );
+    for (path, node) in &umoci {
+        assert_eq!(Some(node), kiln.get(path), "{}", path.display());
+    }
+    // AND what the build made is there, as it was made; what it removed is not
+    let at = |p: &str| umoci.get(Path::new(p)).unwrap_or_else(|| panic!("{p}"));
+    assert_eq!(
+        (at("/var/lib/app").uid, at("/var/lib/app").mode),
+        (1000, 0o700)
+    );
+    assert_eq!(
+        at("/var/lib/app/key").also,
+        vec![PathBuf::from("/var/lib/app/key-again")]
+    );
+    assert_eq!(at("/var/lib/key-link").what, "app/key");
+    assert_eq!(at("/var/lib/fifo").kind, 'p');
+    assert_eq!(at("/usr/local/bin/suid-true").mode, 0o4755);
+    assert!(!umoci.contains_key(Path::new("/etc/kiln-base-note")));
+    let old: Vec<_> = umoci
+        .keys()
+        .filter(|k| k.parent() == Some(Path::new("/opt/old")))
+        .collect();
+    assert_eq!(old, vec![Path::new("/opt/old/only")], "the opaque folder");
+    eprintln!("umoci and kiln agree on {} entries", umoci.len());
+    home.assert_nothing_left("owners");
+}
+
 /// Every path under `root` with its owner, links not followed.
 fn walkdir(root: &Path) -> Vec<(PathBuf, u32)> {
     use std::os::unix::fs::MetadataExt;
