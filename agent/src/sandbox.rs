@@ -471,6 +471,9 @@ fn mask_proc() -> Result<(), String> {
 /// PID 1 of a sandbox: mounts /proc, takes the posture, reports ready, reaps orphans. Ends when
 /// killed.
 pub fn init(privileged: bool, root: Option<&Path>) -> Result<i32, String> {
+    // The instance ends with its keeper, however the keeper ends (a SIGKILL included).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| fail("tie init to its keeper", e))?;
     let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     match root {
         Some(root) => {

@@ -42,12 +42,14 @@ pub struct RunArgs {
 }
 
 /// How one execution runs and reports.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct How {
     pub backend: Backend,
     pub output: Output,
     /// The execution input's `trigger`.
     pub trigger: Json,
+    /// Ctrl-C and SIGTERM, caught since before the build started.
+    pub shutdown: Shutdown,
 }
 
 /// Where the embedded cloud lives: `--home`, `$KILN_HOME`, or `./.kiln`.
@@ -337,6 +339,8 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // From here on Ctrl-C and SIGTERM are kiln's to handle: whatever they interrupt is cleaned up.
+    let shutdown = Shutdown::catch(&runtime);
     let label = args.pipeline.display().to_string();
     if let Some(code) = check_parent(&cloud, &runtime, p, args.backend, &label, stderr)? {
         return Ok(code);
@@ -349,10 +353,11 @@ pub fn run(
         backend: args.backend,
         output: args.output,
         trigger: json!({"kind": "manual", "detail": "kiln run"}),
+        shutdown,
     };
     match args.backend {
-        Backend::Local => execute(Arc::new(cloud), &runtime, &record, &how, stdout, stderr),
-        Backend::Aws => aws(cloud, &runtime, &record, &args, &how, stdout, stderr),
+        Backend::Local => execute(Arc::new(cloud), &runtime, &record, how, stdout, stderr),
+        Backend::Aws => aws(cloud, &runtime, &record, &args, how, stdout, stderr),
     }
 }
 
@@ -416,7 +421,7 @@ fn aws(
     runtime: &tokio::runtime::Runtime,
     record: &PipelineRecord,
     args: &RunArgs,
-    how: &How,
+    how: How,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -443,7 +448,7 @@ fn aws(
     _runtime: &tokio::runtime::Runtime,
     _record: &PipelineRecord,
     _args: &RunArgs,
-    _how: &How,
+    _how: How,
     _stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -458,7 +463,7 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
     provider: Arc<P>,
     runtime: &tokio::runtime::Runtime,
     record: &PipelineRecord,
-    args: &How,
+    args: How,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> anyhow::Result<i32> {
@@ -500,25 +505,33 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
     )?;
     let claim = local.claim_run(&request)?;
     let display = Display::start(progress.clone(), interactive);
-    let outcome: Option<Outcome> = runtime.block_on(async {
+    let outcome: Result<Outcome, i32> = runtime.block_on(async {
         let run = engine.run(&machine, input, &request);
         tokio::select! {
-            out = run => Some(out),
-            _ = shutdown_signal() => None,
+            biased;
+            code = args.shutdown.received() => Err(code),
+            out = run => Ok(out),
         }
     });
     display.stop();
     lock(&progress).finish();
     let _ = std::fs::remove_file(&claim);
     let outcome = match outcome {
-        Some(o) => o,
-        None => {
+        Ok(o) => o,
+        Err(code) => {
             writeln!(stderr, "interrupted: cleaning up")?;
             let build = runtime.block_on(cancel(&provider.ports(), &p.name, &request));
+            // A snapshot or copy in flight discards itself once written; wait for it.
+            if !local.wait_for_jobs(Duration::from_secs(300)) {
+                writeln!(
+                    stderr,
+                    "an image is still being written; `kiln gc` removes it"
+                )?;
+            }
             if let Some(b) = build {
                 writeln!(stderr, "build {} {}", b.id, b.status.as_str())?;
             }
-            return Ok(130);
+            return Ok(code);
         }
     };
     // The build as the store has it now (the execution's output on success, the record after
@@ -555,19 +568,39 @@ pub fn owner_alive(cloud: &LocalCloud, build: &Build) -> bool {
         .is_some_and(|r| cloud.run_owner_alive(r))
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending::<()>().await,
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment this is made (before the build starts:
+/// a signal that arrives before the first poll must not kill kiln with its default action).
+#[derive(Debug)]
+pub struct Shutdown {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Shutdown {
+    /// Installs the handlers (inside `runtime`).
+    pub fn catch(runtime: &tokio::runtime::Runtime) -> Shutdown {
+        let _guard = runtime.enter();
+        use tokio::signal::unix::{signal, SignalKind};
+        Shutdown {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
+    }
+
+    /// The first signal; the exit code a shell reports for it (128 + its number).
+    async fn received(mut self) -> i32 {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => futures::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = wait(self.int.take()) => 128 + 2,
+            _ = wait(self.term.take()) => 128 + 15,
+        }
     }
 }
 

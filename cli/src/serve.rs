@@ -197,8 +197,9 @@ pub fn serve(
                 backend: Backend::Local,
                 output: Output::Text,
                 trigger: json!({"kind": "schedule", "detail": format!("{} {}", row.cron, row.timezone)}),
+                shutdown: crate::run::Shutdown::catch(&runtime),
             };
-            let code = crate::run::execute(cloud.clone(), &runtime, &record, &how, stdout, stderr)?;
+            let code = crate::run::execute(cloud.clone(), &runtime, &record, how, stdout, stderr)?;
             failed |= code != exit::OK;
         }
         if once {

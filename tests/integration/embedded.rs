@@ -213,6 +213,40 @@ impl Home {
                 .flatten()
                 .collect();
             assert!(tmp.is_empty(), "temporary files left in {region}: {tmp:?}");
+            // Every blob belongs to an image of the index (read raw: index, manifests, configs).
+            let blobs = layout.dir.join("blobs/sha256");
+            let read = |digest: &str| -> Json {
+                serde_json::from_slice(
+                    &std::fs::read(blobs.join(digest.trim_start_matches("sha256:"))).expect("blob"),
+                )
+                .expect("json")
+            };
+            let index: Json = serde_json::from_slice(
+                &std::fs::read(layout.dir.join("index.json")).expect("index.json"),
+            )
+            .expect("index");
+            let mut used = std::collections::BTreeSet::new();
+            for m in index["manifests"].as_array().into_iter().flatten() {
+                let digest = m["digest"].as_str().expect("digest");
+                used.insert(digest.trim_start_matches("sha256:").to_string());
+                let manifest = read(digest);
+                for d in std::iter::once(&manifest["config"])
+                    .chain(manifest["layers"].as_array().into_iter().flatten())
+                {
+                    let digest = d["digest"].as_str().expect("digest");
+                    used.insert(digest.trim_start_matches("sha256:").to_string());
+                }
+            }
+            let stray: Vec<String> = std::fs::read_dir(&blobs)
+                .expect("blobs")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !used.contains(n))
+                .collect();
+            assert!(
+                stray.is_empty(),
+                "blobs no image of {region} uses: {stray:?}"
+            );
         }
         // The lock, read raw by sqlite3 (not through kiln's store, and without taking it).
         assert!(
@@ -501,36 +535,83 @@ fn wait_for_marker(home: &Home) {
     }
 }
 
+/// The build's status as the store has it, read raw by sqlite3 while kiln runs.
+fn raw_status(home: &Home, pipeline: &str) -> Option<String> {
+    let db = home.path().join("state.db");
+    if !db.exists() {
+        return None;
+    }
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "SELECT status FROM builds WHERE pipeline = '{pipeline}'"
+        ))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
 #[test]
-fn ctrl_c_cleans_up_and_marks_the_build_cancelled() {
-    let home = Home::new();
-    let mut child = home
-        .command(&[
-            "run",
-            &data("slow").display().to_string(),
-            "--output",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln run");
-    wait_for_marker(&home);
-    let started = Instant::now();
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(130));
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "did not wait for the step"
-    );
-    let builds = futures::executor::block_on(home.store().builds("slow")).expect("builds");
-    assert_eq!(builds.len(), 1);
-    assert_eq!(builds[0].status.as_str(), "CANCELLED");
-    home.assert_nothing_left("slow");
+fn ctrl_c_to_the_process_group_and_sigterm_cancel_at_every_stage_and_leave_nothing() {
+    for stage in ["BUILDING", "SNAPSHOTTING", "TESTING", "DISTRIBUTING"] {
+        // Ctrl-C as a terminal sends it, to the whole foreground process group (kiln and the
+        // agents it runs); SIGTERM as a service manager sends it, to kiln alone.
+        for (signal, group, code) in [("INT", true, 130), ("TERM", false, 143)] {
+            eprintln!("interrupting at {stage} with SIG{signal}");
+            let home = Home::new();
+            let mut c = home.command(&[
+                "run",
+                &data("interrupt").display().to_string(),
+                "--output",
+                "json",
+            ]);
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
+            let mut child = c
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("kiln run");
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while raw_status(&home, "interrupt").as_deref() != Some(stage) {
+                assert!(
+                    child.try_wait().expect("wait").is_none(),
+                    "the build ended before {stage} ({:?})",
+                    raw_status(&home, "interrupt")
+                );
+                assert!(Instant::now() < deadline, "never {stage}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let target = if group {
+                format!("-{}", child.id())
+            } else {
+                child.id().to_string()
+            };
+            Command::new("kill")
+                .args([&format!("-{signal}"), "--", &target])
+                .status()
+                .expect("kill");
+            let out = child.wait_with_output().expect("wait");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(code), "{stage} SIG{signal}: {err}");
+            let builds =
+                futures::executor::block_on(home.store().builds("interrupt")).expect("builds");
+            assert_eq!(builds.len(), 1);
+            assert_eq!(
+                builds[0].status.as_str(),
+                "CANCELLED",
+                "{stage} SIG{signal}: {err}"
+            );
+            for region in ["us-east-1", "eu-west-1"] {
+                assert_eq!(
+                    home.built_images(region),
+                    Vec::<String>::new(),
+                    "{stage} SIG{signal}: an image left in {region}"
+                );
+            }
+            home.assert_nothing_left("interrupt");
+        }
+    }
 }
 
 #[test]

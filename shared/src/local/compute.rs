@@ -282,12 +282,16 @@ impl Host {
                 nix::sys::signal::Signal::SIGKILL,
             );
         };
-        if let Some(pid) = self.init_pid(&r.id) {
-            kill(pid);
-        }
         let exited = self.instance_dir(&r.id).join("keeper.exit");
         let start = Instant::now();
-        while let Some(keeper) = r.keeper_pid.filter(|p| is_sandbox_process(*p)) {
+        loop {
+            // init, also when it starts after the halt began (a keeper still setting up).
+            if let Some(pid) = self.init_pid(&r.id) {
+                kill(pid);
+            }
+            let Some(keeper) = r.keeper_pid.filter(|p| is_sandbox_process(*p)) else {
+                break;
+            };
             if exited.exists() || start.elapsed() > Duration::from_secs(10) {
                 break;
             }
@@ -448,8 +452,13 @@ impl LocalCloud {
                 if !deleted {
                     layout.add(record).map_err(|e| e.to_string())?;
                 }
-                Ok(w)
+                Ok((w, !deleted))
             });
+            // Failed, or deregistered while it was written: nothing of it stays.
+            if !matches!(result, Ok((_, true))) {
+                let _ = layout.take_back();
+            }
+            let result = result.map(|(w, _)| w);
             if let Ok(mut jobs) = jobs.lock() {
                 if let Some(job) = jobs.get_mut(&id) {
                     job.seconds = start.elapsed().as_secs_f64();
@@ -648,6 +657,7 @@ impl Compute for LocalCloud {
             let id = new_id("ami");
             let dir = host.instance_dir(instance.as_str());
             let exclude = scaffolding(&dir);
+            let layout = layout.journaled();
             let (upper, job_layout) = (dir.join("upper"), layout.clone());
             let (id2, name2, tags2) = (id.clone(), name.to_string(), tags.clone());
             self.start_job(
@@ -723,7 +733,7 @@ impl Compute for LocalCloud {
             }
             let source = self.image_record(from_region, image.as_str())?;
             let from = self.layout(from_region)?;
-            let to = self.layout(to_region)?;
+            let to = self.layout(to_region)?.journaled();
             self.check_name_free(&to, to_region, name)?;
             let id = new_id("ami");
             self.remember_token(client_token, &id)?;

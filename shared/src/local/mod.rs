@@ -70,6 +70,30 @@ pub fn default_home() -> PathBuf {
 }
 
 impl LocalCloud {
+    /// Waits (at most `limit`) until no image is being written; whether none is. An image
+    /// deregistered while pending is discarded by its writer, so after an interrupted build this
+    /// is what leaves nothing half-written behind.
+    pub fn wait_for_jobs(&self, limit: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            let pending = self
+                .jobs
+                .lock()
+                .map(|j| {
+                    j.values()
+                        .any(|j| j.state == crate::ports::ImageState::Pending)
+                })
+                .unwrap_or(false);
+            if !pending {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Opens (creating) the kiln home at `home`, using the kiln-agent binary at `agent`.
     pub fn open(home: &Path, agent: &Path) -> Result<LocalCloud, StageError> {
         for sub in [

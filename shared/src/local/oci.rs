@@ -5,6 +5,7 @@
 //! then rename) and serialised by a lock file, so several kiln processes may share a home.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -98,6 +99,8 @@ impl ImageRecord {
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub dir: PathBuf,
+    /// The blobs this handle (and its clones) added, when it keeps account (`journaled`).
+    written: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 fn bad_data(e: impl std::fmt::Display) -> io::Error {
@@ -137,7 +140,38 @@ impl Layout {
         }
         Ok(Layout {
             dir: dir.to_path_buf(),
+            written: None,
         })
+    }
+
+    /// A handle that remembers every blob it adds (not those that were there already), so that
+    /// a writer that fails or is cancelled can take back exactly what it wrote.
+    pub fn journaled(&self) -> Layout {
+        Layout {
+            dir: self.dir.clone(),
+            written: Some(Arc::default()),
+        }
+    }
+
+    /// Deletes the blobs this journaled handle added that no image of the index uses.
+    pub fn take_back(&self) -> io::Result<()> {
+        let Some(written) = &self.written else {
+            return Ok(());
+        };
+        let mut keep = BTreeSet::new();
+        for image in self.images()? {
+            for d in self.blobs_of(&image.manifest)? {
+                keep.insert(d.digest);
+            }
+        }
+        let written = written.lock().map(|w| w.clone()).unwrap_or_default();
+        for digest in written.iter().filter(|d| !keep.contains(*d)) {
+            match fs::remove_file(self.blob_path(digest)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -165,7 +199,13 @@ impl Layout {
         if target.exists() {
             return fs::remove_file(tmp);
         }
-        fs::rename(tmp, target)
+        fs::rename(tmp, target)?;
+        if let Some(w) = &self.written {
+            if let Ok(mut w) = w.lock() {
+                w.push(format!("sha256:{}", digest.trim_start_matches("sha256:")));
+            }
+        }
+        Ok(())
     }
 
     /// Writes folder `dir` as one tar+zstd layer blob (see `layer::write`).
