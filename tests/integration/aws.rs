@@ -178,6 +178,24 @@ pub async fn store_contract(store: &dyn Store) {
         .await
         .expect_err("immutable version");
     assert_eq!(err.error_type(), "Kiln.InvalidPipeline");
+    // The definition applied last is the pipeline's, an older version applied again included
+    // (`kiln run` of a file builds what the file says).
+    let mut newer = record.clone();
+    newer.pipeline.version = "2.2.0".into();
+    store.put_pipeline(&newer).await.expect("a new version");
+    assert_eq!(
+        store.pipeline("al2023-base").await.expect("get"),
+        Some(newer.clone())
+    );
+    store
+        .put_pipeline(&record)
+        .await
+        .expect("the old one again");
+    assert_eq!(
+        store.pipeline("al2023-base").await.expect("get"),
+        Some(record.clone()),
+        "the version applied last"
+    );
     // Builds: created once, read back, listed, moved forward only.
     let mut build: kiln::model::build::Build = serde_json::from_value(serde_json::json!({
         "id": BuildId::new_at(5).0, "pipeline": "al2023-base", "definitionVersion": "2.1.0", "buildNumber": 1,

@@ -614,6 +614,141 @@ fn ctrl_c_to_the_process_group_and_sigterm_cancel_at_every_stage_and_leave_nothi
     }
 }
 
+/// The embedded half of the fault campaign (`make chaos` runs more: KILN_CHAOS_EMBEDDED_BUILDS,
+/// KILN_CHAOS_SEED): seeded builds in one home, each with one fault — a failing build or test
+/// phase, kill -9 of kiln at a random moment (then `kiln gc`), Ctrl-C to its process group or
+/// SIGTERM at a random moment — and after each, raw checks that nothing is left (processes,
+/// mounts, instances, cgroups, half-written or stray blobs, the lock) and that the build ended
+/// as the fault predicts.
+#[test]
+fn embedded_fault_campaign_leaves_nothing_behind() {
+    let builds: usize = std::env::var("KILN_CHAOS_EMBEDDED_BUILDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let seed: u64 = std::env::var("KILN_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20261201);
+    let home = Home::new();
+    let mut rng = crate::support::Lcg(seed);
+    let kinds = [
+        "none",
+        "build-fails",
+        "test-fails",
+        "kill-9",
+        "ctrl-c",
+        "sigterm",
+    ];
+    let mut by_kind: std::collections::BTreeMap<String, usize> = Default::default();
+    let dir = repo().join("tests/data/embedded/chaos");
+    let template = std::fs::read_to_string(dir.join("pipeline.yaml"))
+        .expect("pipeline")
+        .replace(
+            "components/work.yaml",
+            &dir.join("components/work.yaml").display().to_string(),
+        );
+    for n in 0..builds {
+        if n > 0 && n % 25 == 0 {
+            eprintln!("embedded fault campaign: {n} builds, {by_kind:?}, leftovers 0");
+        }
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        let fail = match kind {
+            "build-fails" => "build",
+            "test-fails" => "test",
+            _ => "none",
+        };
+        let pipeline = home.path().join("chaos.yaml");
+        // (a version per content: a registered version's definition cannot change)
+        let version = match fail {
+            "build" => "1.1.0",
+            "test" => "1.2.0",
+            _ => "1.0.0",
+        };
+        let text = template
+            .replace("@FAIL@", fail)
+            .replace("version: 1.0.0", &format!("version: {version}"));
+        std::fs::write(&pipeline, text).expect("write");
+        let before =
+            futures::executor::block_on(home.store().builds("chaos")).map_or(0, |b| b.len());
+        let mut c = home.command(&["run", &pipeline.display().to_string(), "--output", "json"]);
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln run");
+        // A signal at a random moment of the build (which takes about 3 s here).
+        let mut hit = String::from("-");
+        if let Some((signal, group)) = match kind {
+            "kill-9" => Some(("KILL", false)),
+            "ctrl-c" => Some(("INT", true)),
+            "sigterm" => Some(("TERM", false)),
+            _ => None,
+        } {
+            std::thread::sleep(Duration::from_millis(rng.below(3500)));
+            if child.try_wait().expect("wait").is_none() {
+                hit = raw_status(&home, "chaos")
+                    .and_then(|all| all.lines().last().map(str::to_string))
+                    .unwrap_or_else(|| "before any build".into());
+                let target = if group {
+                    format!("-{}", child.id())
+                } else {
+                    child.id().to_string()
+                };
+                Command::new("kill")
+                    .args([&format!("-{signal}"), "--", &target])
+                    .status()
+                    .expect("kill");
+            } else {
+                hit = "after the end".into();
+            }
+        }
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if kind == "kill-9" {
+            let (code, out, err) = home.kiln(&["gc"]);
+            assert_eq!(code, 0, "build {n}: gc: {out}{err}");
+        }
+        *by_kind.entry(format!("{kind} ({hit})")).or_default() += 1;
+        let what = format!(
+            "build {n} ({kind}, at {hit}): exit {:?}\n{err}",
+            out.status.code()
+        );
+        // THEN it ended as the fault predicts
+        let all = futures::executor::block_on(home.store().builds("chaos")).expect("builds");
+        let new: Vec<_> = all.iter().filter(|b| !b.status.is_final()).collect();
+        assert!(new.is_empty(), "{what}: builds left unfinished: {new:?}");
+        let mut latest = all.clone();
+        latest.sort_by(|a, b| b.id.0.cmp(&a.id.0));
+        let made = all.len() > before;
+        let status = made.then(|| latest[0].status.as_str().to_string());
+        let expected: &[&str] = match (kind, hit.as_str()) {
+            ("none", _) => &["AVAILABLE"],
+            ("build-fails" | "test-fails", _) => &["FAILED"],
+            (_, "after the end") => &["AVAILABLE"],
+            // A signal may land before the build is recorded, or after its last state.
+            _ => &["CANCELLED", "AVAILABLE", "NONE"],
+        };
+        let got = status.clone().unwrap_or_else(|| "NONE".into());
+        assert!(
+            expected.contains(&got.as_str()),
+            "{what}: ended {got}: {:?}",
+            latest.first().and_then(|b| b.failure.clone())
+        );
+        if got == "FAILED" {
+            let f = latest[0].failure.as_ref().expect("failure");
+            let step = if fail == "build" { "Work" } else { "Check" };
+            assert!(f.message.contains(step), "{what}: {f:?}");
+        }
+        // AND nothing is left, counted raw
+        home.assert_nothing_left("chaos");
+    }
+    eprintln!(
+        "embedded fault campaign (seed {seed}): {builds} builds, faults {by_kind:?}, leftovers 0"
+    );
+}
+
 #[test]
 fn gc_cleans_up_after_a_kiln_that_was_killed() {
     let home = Home::new();

@@ -252,6 +252,12 @@ impl Store for SqliteStore {
                     ),
                 ));
             }
+            // The same definition applied again is the pipeline's current one again.
+            db.execute(
+                "UPDATE pipelines SET applied = ?3 WHERE name = ?1 AND version = ?2",
+                params![p.name, p.version, Utc::now().to_rfc3339()],
+            )
+            .map_err(internal)?;
             Ok(())
         }))
     }
