@@ -65,12 +65,14 @@ test: setup
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-## chaos: the fault campaign on the deployed-stack rehearsal with more builds than make test runs
-## (KILN_CHAOS_BUILDS, default 1000; KILN_CHAOS_SEED); prints builds, faults by kind, leftovers
+## chaos: the fault campaigns with more builds than make test runs: the deployed-stack rehearsal
+## (KILN_CHAOS_BUILDS, default 1000) and the embedded cloud (KILN_CHAOS_EMBEDDED_BUILDS, default
+## 1000), one KILN_CHAOS_SEED; each prints builds, faults by kind, leftovers
 KILN_CHAOS_BUILDS ?= 1000
+KILN_CHAOS_EMBEDDED_BUILDS ?= 1000
 chaos: setup
 	$(CARGO) build --workspace --all-targets
-	KILN_CHAOS_BUILDS=$(KILN_CHAOS_BUILDS) $(CARGO) nextest run --workspace --no-capture -E 'test(fault_campaign)'
+	KILN_CHAOS_BUILDS=$(KILN_CHAOS_BUILDS) KILN_CHAOS_EMBEDDED_BUILDS=$(KILN_CHAOS_EMBEDDED_BUILDS) $(CARGO) nextest run --workspace --no-capture -E 'test(fault_campaign)'
 
 ## lint: formatting and clippy, warnings are errors; the stack as CloudFormation sees it: the
 ## template expanded by aws-sam-translator, then cfn-lint, checkov and parliament on the result

@@ -688,9 +688,14 @@ fn embedded_fault_campaign_leaves_nothing_behind() {
         } {
             std::thread::sleep(Duration::from_millis(rng.below(3500)));
             if child.try_wait().expect("wait").is_none() {
-                hit = raw_status(&home, "chaos")
-                    .and_then(|all| all.lines().last().map(str::to_string))
-                    .unwrap_or_else(|| "before any build".into());
+                // (the store lists builds in the order they were made: the last is this one's,
+                // once it exists)
+                let statuses = raw_status(&home, "chaos").unwrap_or_default();
+                hit = if statuses.lines().count() > before {
+                    statuses.lines().last().unwrap_or_default().to_string()
+                } else {
+                    "before its build was recorded".into()
+                };
                 let target = if group {
                     format!("-{}", child.id())
                 } else {

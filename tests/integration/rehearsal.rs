@@ -242,6 +242,26 @@ impl Rehearsal {
         )
     }
 
+    /// An execution that may be stopped: `None` when `stop` fired first.
+    fn execute_until(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        tasks: Arc<dyn Tasks>,
+        pipeline: &str,
+        name: &str,
+        stop: Arc<tokio::sync::Notify>,
+    ) -> Option<kiln::engine::Outcome> {
+        let machine = definition::parse(&self.definition).expect("the deployed definition parses");
+        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
+        let input = json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0});
+        rt.block_on(async {
+            tokio::select! {
+                out = engine.run(&machine, input, name) => Some(out),
+                _ = stop.notified() => None,
+            }
+        })
+    }
+
     fn run_input(
         &self,
         rt: &tokio::runtime::Runtime,
@@ -1050,6 +1070,8 @@ fn every_task_delivered_twice_with_its_original_input_does_its_work_once() {
         twice: true,
         crash_at: None,
         calls: Default::default(),
+        stop_at: None,
+        stopped: Default::default(),
     };
     let outcome = r.execute_with(&rt, Arc::new(twice), "al2023-moto", "twice-1");
     // THEN it is AVAILABLE, every request authorized
@@ -1169,6 +1191,10 @@ struct Chaos {
     twice: bool,
     crash_at: Option<usize>,
     calls: std::sync::atomic::AtomicUsize,
+    /// The execution is stopped (as StopExecution stops it) before this Task call: the call
+    /// never returns and `stopped` is told.
+    stop_at: Option<usize>,
+    stopped: Arc<tokio::sync::Notify>,
 }
 
 impl Tasks for Chaos {
@@ -1180,6 +1206,10 @@ impl Tasks for Chaos {
     ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.stop_at == Some(n) {
+                self.stopped.notify_one();
+                futures::future::pending::<()>().await;
+            }
             let first = self.inner.invoke(resource, state, input.clone()).await;
             if self.crash_at == Some(n) {
                 return Err(StateError::new(
@@ -1242,6 +1272,8 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         "copy-failed",
         "crash-after-call",
         "delivered-twice",
+        "image-failed",
+        "cancelled",
     ];
     // What the account holds before each build: what it held after the one before.
     let mut before = inventory(&rt, &admin);
@@ -1277,6 +1309,10 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
                         "error": {"status": 400, "code": "InvalidParameterValue", "message": "injected"}}]),
                 Some(("snapshot", "Kiln.Internal")),
             ),
+            "image-failed" => (
+                json!([{"id": id, "role": "SnapshotFunctionRole", "operation": "DescribeImages", "imageState": "failed"}]),
+                Some(("snapshot", "Kiln.Internal")),
+            ),
             "copy-failed" => (
                 json!([{"id": id, "role": "DistributeFunctionRole", "operation": "CopyImage", "region": "eu-central-1",
                         "error": {"status": 400, "code": "InvalidRequest", "message": "injected"}}]),
@@ -1286,54 +1322,93 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         };
         // GIVEN the fault
         r.inject(faults);
+        let stopped = Arc::new(tokio::sync::Notify::new());
+        let stop_at = (kind == "cancelled").then(|| rng.below(14) as usize);
         let tasks = Chaos {
             inner: Bootstraps(r.functions.clone()),
             twice: kind == "delivered-twice",
             crash_at: (kind == "crash-after-call").then(|| rng.below(12) as usize),
             calls: Default::default(),
+            stop_at,
+            stopped: stopped.clone(),
         };
-        // WHEN the build runs
-        let outcome = r.execute_with(&rt, Arc::new(tasks), "al2023-moto", &id);
+        // WHEN the build runs (and, cancelled, is stopped between two states, then `kiln cancel
+        // --stack` cleans up as a user would)
+        let outcome = r.execute_until(&rt, Arc::new(tasks), "al2023-moto", &id, stopped);
         r.inject(json!([]));
         // THEN its end is what the fault predicts
-        let what = format!(
-            "build {n} ({kind}): {:?} {:?}",
-            outcome.error, outcome.cause
-        );
-        let stored = rt
-            .block_on(ports.ports().store.builds("al2023-moto"))
-            .expect("builds")
-            .into_iter()
-            .find(|b| b.request_id.as_deref() == Some(id.as_str()))
-            .unwrap_or_else(|| panic!("{what}: no build recorded"));
-        match expect {
+        let find = || {
+            rt.block_on(ports.ports().store.builds("al2023-moto"))
+                .expect("builds")
+                .into_iter()
+                .find(|b| b.request_id.as_deref() == Some(id.as_str()))
+        };
+        let mut available = expect.is_none();
+        match outcome {
             None => {
-                assert_eq!(outcome.status, Status::Succeeded, "{what}");
-                assert_eq!(
-                    stored.status,
-                    kiln::model::build::BuildStatus::Available,
-                    "{what}"
-                );
+                let what = format!("build {n} (cancelled at call {:?})", stop_at);
+                // Stopped before the start recorded a build: nothing to cancel, nothing made.
+                if let Some(b) = find() {
+                    let (code, out, err) = r.kiln(&["cancel", b.id.as_str(), "--stack", "kiln"]);
+                    let stored = find().expect("the build");
+                    if b.status.is_final() {
+                        // Stopped after its last state: `kiln cancel` says it is over already.
+                        assert_eq!(code, 2, "{what}: {out}{err}");
+                        available = b.status == kiln::model::build::BuildStatus::Available;
+                    } else {
+                        assert_eq!(code, 0, "{what}: kiln cancel: {out}{err}");
+                        assert_eq!(
+                            stored.status,
+                            kiln::model::build::BuildStatus::Cancelled,
+                            "{what}"
+                        );
+                        eprintln!(
+                            "{what}: {} → CANCELLED by kiln cancel --stack",
+                            b.status.as_str()
+                        );
+                        available = false;
+                    }
+                } else {
+                    available = false;
+                }
             }
-            Some((stage, error)) => {
-                assert_eq!(outcome.error.as_deref(), Some(error), "{what}");
-                assert_eq!(
-                    stored.status,
-                    kiln::model::build::BuildStatus::Failed,
-                    "{what}"
+            Some(outcome) => {
+                let what = format!(
+                    "build {n} ({kind}): {:?} {:?}",
+                    outcome.error, outcome.cause
                 );
-                assert_eq!(
-                    stored.failure.as_ref().map(|f| f.stage.as_str()),
-                    Some(stage),
-                    "{what}"
-                );
+                let stored = find().unwrap_or_else(|| panic!("{what}: no build recorded"));
+                match expect {
+                    None => {
+                        assert_eq!(outcome.status, Status::Succeeded, "{what}");
+                        assert_eq!(
+                            stored.status,
+                            kiln::model::build::BuildStatus::Available,
+                            "{what}"
+                        );
+                    }
+                    Some((stage, error)) => {
+                        assert_eq!(outcome.error.as_deref(), Some(error), "{what}");
+                        assert_eq!(
+                            stored.status,
+                            kiln::model::build::BuildStatus::Failed,
+                            "{what}"
+                        );
+                        assert_eq!(
+                            stored.failure.as_ref().map(|f| f.stage.as_str()),
+                            Some(stage),
+                            "{what}"
+                        );
+                    }
+                }
             }
         }
+        let what = format!("build {n} ({kind})");
         // AND nothing is left: no instance runs, images and snapshots only of an AVAILABLE build
         let after = inventory(&rt, &admin);
         let new_images = after.images.difference(&before.images).count();
         let new_snapshots = after.snapshots.difference(&before.snapshots).count();
-        let want = if expect.is_none() { 2 } else { 0 };
+        let want = if available { 2 } else { 0 };
         let left =
             after.live_instances.len() + new_images.abs_diff(want) + new_snapshots.abs_diff(want);
         leftovers += left;
@@ -1344,6 +1419,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         );
         before = after;
         // AND never more than a builder and a test instance were launched for it
+        let build_id = find().map(|b| b.id.0).unwrap_or_default();
         let launched: usize = rt
             .block_on(
                 aws_sdk_ec2::Client::new(&admin)
@@ -1351,7 +1427,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
                     .filters(
                         aws_sdk_ec2::types::Filter::builder()
                             .name("tag:kiln:build-id")
-                            .values(stored.id.as_str())
+                            .values(build_id.as_str())
                             .build(),
                     )
                     .send(),

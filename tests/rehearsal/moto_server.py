@@ -20,7 +20,9 @@ an authorized request whose role name contains `role` and whose operation is `op
   {"role": "...", "operation": "RunInstances", "error": {"status": 500, "code": "...", "message": "..."}}
       answers that AWS error instead of running the request;
   {"role": "...", "operation": "AmazonSSM.GetCommandInvocation", "commandStatus": "Failed"}
-      runs it and reports the command Failed (exit code 1), as SSM does when a script fails.
+      runs it and reports the command Failed (exit code 1), as SSM does when a script fails;
+  {"role": "...", "operation": "DescribeImages", "imageState": "failed"}
+      runs it and reports every image in that state (moto's images never fail; AWS's can).
 A fault with "count": N applies to the first N matching requests only (a transient fault).
 Each applied fault is recorded in the log as {"fault": ...}.
 
@@ -537,6 +539,20 @@ def failed_command(app, environ, start_response):
     return [data]
 
 
+def images_in_state(app, environ, start_response, state):
+    """Runs DescribeImages and reports every image it lists as `state`."""
+    captured = {}
+
+    def keep(status, headers, exc_info=None):
+        captured["status"], captured["headers"] = status, headers
+
+    body = b"".join(ORIGINAL_CALL(app, environ, keep))
+    data = re.sub(rb"<imageState>[a-z]+</imageState>", f"<imageState>{state}</imageState>".encode(), body)
+    headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
+    start_response(captured["status"], headers + [("Content-Length", str(len(data)))])
+    return [data]
+
+
 ORIGINAL_CALL = DomainDispatcherApplication.__call__
 
 
@@ -608,6 +624,8 @@ def authorized_call(self, environ, start_response):
             return error_answer(start_response, service, environ, e.get("status", 400), e["code"], e.get("message", "injected"))
         if fault.get("commandStatus") == "Failed":
             return failed_command(self, environ, start_response)
+        if "imageState" in fault:
+            return images_in_state(self, environ, start_response, fault["imageState"])
     return ORIGINAL_CALL(self, environ, start_response)
 
 
