@@ -12,7 +12,6 @@ pub mod errors;
 pub mod lambda;
 #[cfg(feature = "local")]
 pub mod local;
-pub mod memory;
 pub mod model;
 pub mod ports;
 pub mod report;

@@ -269,7 +269,7 @@ fn store_contract_on_dynamodb() {
 
 #[test]
 fn store_contract_in_memory() {
-    let cloud = kiln::memory::MemoryCloud::new();
+    let cloud = kiln_testkit::MemoryCloud::new();
     futures::executor::block_on(store_contract(&cloud));
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use kiln::engine::{clock::VirtualClock, definition, substitute, Engine, Status};
 use kiln::errors::ErrorKind;
-use kiln::memory::MemoryCloud;
+use kiln_testkit::MemoryCloud;
 use kiln::model::build::BuildStatus;
 use kiln::ports::{CommandStatus, PipelineRecord};
 use kiln::stages::handler::{local_substitutions, Function, StageTasks};

@@ -4,7 +4,7 @@
 
 use futures::executor::block_on;
 use kiln::errors::{ErrorKind, StageError};
-use kiln::memory::MemoryCloud;
+use kiln_testkit::MemoryCloud;
 use kiln::model::build::{Build, BuildStatus, Trigger, TriggerKind};
 use kiln::ports::{CommandStatus, PipelineRecord, Ports};
 use kiln::stages::{

@@ -7,10 +7,10 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
-use crate::errors::{ErrorKind, StageError};
-use crate::model::build::{Build, BuildId, BuildStatus, CommandId, ImageId, InstanceId};
-use crate::model::pipeline::{LaunchPermission, ParentFilter};
-use crate::ports::*;
+use kiln::errors::{ErrorKind, StageError};
+use kiln::model::build::{Build, BuildId, BuildStatus, CommandId, ImageId, InstanceId};
+use kiln::model::pipeline::{LaunchPermission, ParentFilter};
+use kiln::ports::*;
 
 #[derive(Debug, Clone)]
 pub struct Instance {
