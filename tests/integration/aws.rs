@@ -326,6 +326,62 @@ fn cleanup_on_moto_terminates_and_deregisters_everything_of_a_failed_build() {
     });
 }
 
+/// The parameters contract (SSM Parameter Store's semantics, which the parent-image trigger and
+/// the distribution's `ssmParameter` outputs rely on), for any implementation: SSM on moto, the
+/// embedded cloud's files, the in-memory one.
+pub async fn parameters_contract(p: &dyn kiln::ports::Parameters) {
+    let name = "/kiln/contract/latest";
+    assert_eq!(
+        p.get("us-east-1", name).await.expect("get"),
+        None,
+        "missing"
+    );
+    p.put("us-east-1", name, "ami-0123456789abcdef0")
+        .await
+        .expect("put");
+    assert_eq!(
+        p.get("us-east-1", name).await.expect("get").as_deref(),
+        Some("ami-0123456789abcdef0")
+    );
+    // A new value replaces the old one (PutParameter with Overwrite).
+    p.put("us-east-1", name, "ami-0fedcba9876543210")
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        p.get("us-east-1", name).await.expect("get").as_deref(),
+        Some("ami-0fedcba9876543210")
+    );
+    // Parameters are regional.
+    assert_eq!(p.get("eu-west-1", name).await.expect("get"), None);
+    p.put("eu-west-1", name, "ami-0aaaaaaaaaaaaaaaa")
+        .await
+        .expect("put");
+    assert_eq!(
+        p.get("us-east-1", name).await.expect("get").as_deref(),
+        Some("ami-0fedcba9876543210")
+    );
+}
+
+#[test]
+fn parameters_contract_on_ssm() {
+    let e = env();
+    e.rt.block_on(parameters_contract(&*e.ports));
+}
+
+#[test]
+fn parameters_contract_embedded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud =
+        kiln::local::LocalCloud::open(dir.path(), &crate::support::built_binary("kiln-agent"))
+            .expect("open");
+    futures::executor::block_on(parameters_contract(&cloud));
+}
+
+#[test]
+fn parameters_contract_in_memory() {
+    futures::executor::block_on(parameters_contract(&kiln_testkit::MemoryCloud::new()));
+}
+
 #[test]
 fn store_contract_on_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");

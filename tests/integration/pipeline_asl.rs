@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use kiln::engine::{clock::VirtualClock, definition, substitute, Engine, Status};
 use kiln::errors::ErrorKind;
-use kiln_testkit::MemoryCloud;
 use kiln::model::build::BuildStatus;
 use kiln::ports::{CommandStatus, PipelineRecord};
 use kiln::stages::handler::{local_substitutions, Function, StageTasks};
+use kiln_testkit::MemoryCloud;
 use serde_json::{json, Value as Json};
 
 use crate::support::repo;

@@ -4,12 +4,12 @@
 
 use futures::executor::block_on;
 use kiln::errors::{ErrorKind, StageError};
-use kiln_testkit::MemoryCloud;
 use kiln::model::build::{Build, BuildStatus, Trigger, TriggerKind};
 use kiln::ports::{CommandStatus, PipelineRecord, Ports};
 use kiln::stages::{
     cleanup, customize, distribute, launch_builder, snapshot, test_image, StartRequest,
 };
+use kiln_testkit::MemoryCloud;
 
 use crate::support::repo;
 
