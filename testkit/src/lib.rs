@@ -33,6 +33,22 @@ pub struct Image {
     pub snapshots: Vec<String>,
     pub created: DateTime<Utc>,
     pub deprecated: Option<DateTime<Utc>>,
+    /// The owning account: `ACCOUNT` for the images a build makes, `AMAZON` for parents.
+    pub owner: String,
+    /// `x86_64` or `arm64`.
+    pub architecture: String,
+}
+
+/// The account the in-memory cloud's caller is in (EC2's `self`).
+pub const ACCOUNT: &str = "123456789012";
+/// Amazon's account (owner alias `amazon`), which publishes the Amazon Linux images.
+pub const AMAZON: &str = "137112412989";
+
+/// An EBS snapshot, which outlives its image unless deleted (as in EC2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub region: String,
+    pub image: ImageId,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +82,8 @@ pub struct Faults {
 pub struct Cloud {
     pub instances: BTreeMap<InstanceId, Instance>,
     pub images: BTreeMap<ImageId, Image>,
+    /// Every snapshot, by id: an image's go with it only when kiln deletes them.
+    pub snapshots: BTreeMap<String, Snapshot>,
     pub tokens: BTreeMap<String, String>,
     pub commands: BTreeMap<CommandId, Command>,
     pub parameters: BTreeMap<(String, String), String>,
@@ -110,6 +128,15 @@ impl Cloud {
     ) -> ImageId {
         let id = ImageId(self.id("ami"));
         let snapshots = vec![self.id("snap")];
+        for snap in &snapshots {
+            self.snapshots.insert(
+                snap.clone(),
+                Snapshot {
+                    region: region.into(),
+                    image: id.clone(),
+                },
+            );
+        }
         self.images.insert(
             id.clone(),
             Image {
@@ -122,6 +149,8 @@ impl Cloud {
                 snapshots,
                 created,
                 deprecated: None,
+                owner: ACCOUNT.into(),
+                architecture: "x86_64".into(),
             },
         );
         id
@@ -151,18 +180,34 @@ impl MemoryCloud {
             .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// Registers an available image, e.g. a parent.
+    /// Registers an available image of Amazon's, e.g. a parent.
     pub fn add_image(&self, region: &str, name: &str) -> ImageId {
         let now = Clock::now(self);
+        self.add_image_as(region, name, AMAZON, "x86_64", now)
+    }
+
+    /// Registers an available image of `owner`'s, for `architecture`, created at `created`.
+    pub fn add_image_as(
+        &self,
+        region: &str,
+        name: &str,
+        owner: &str,
+        architecture: &str,
+        created: DateTime<Utc>,
+    ) -> ImageId {
         self.with(|c| {
-            c.new_image(
+            let id = c.new_image(
                 region,
                 name,
                 &BTreeMap::new(),
                 ImageState::Available,
                 0,
-                now,
-            )
+                created,
+            );
+            let image = c.images.get_mut(&id).expect("just made");
+            image.owner = owner.into();
+            image.architecture = architecture.into();
+            id
         })
     }
 
@@ -422,7 +467,11 @@ impl Compute for MemoryCloud {
                 ImageState::Available
             };
             let pending = c.faults.image_pending_checks;
+            let architecture = c.images[image].architecture.clone();
             let id = c.new_image(to, name, tags, state, pending, now);
+            if let Some(copy) = c.images.get_mut(&id) {
+                copy.architecture = architecture;
+            }
             c.tokens.insert(token.into(), id.0.clone());
             Ok(id)
         }))
@@ -446,25 +495,49 @@ impl Compute for MemoryCloud {
         }))
     }
 
+    /// As the AWS adapter does it: DeregisterImage, then DeleteSnapshot for each of its
+    /// snapshots (EC2 keeps them otherwise).
     fn delete_image<'a>(&'a self, _region: &'a str, image: &'a ImageId) -> PortResult<'a, ()> {
         ok(self.with(|c| {
-            c.images.remove(image);
+            if let Some(i) = c.images.remove(image) {
+                for snap in i.snapshots {
+                    c.snapshots.remove(&snap);
+                }
+            }
             Ok(())
         }))
     }
 
+    /// As DescribeImages with owners, `name`, `state=available` and `architecture` filters
+    /// answers, the newest by creation date.
     fn latest_image<'a>(
         &'a self,
         region: &'a str,
         filter: &'a ParentFilter,
     ) -> PortResult<'a, Option<ImageId>> {
-        let pattern = filter.name.replace('*', "");
+        let owned = |owner: &str| {
+            filter.owners.iter().any(|o| match o.as_str() {
+                "self" => owner == ACCOUNT,
+                "amazon" => owner == AMAZON,
+                id => owner == id,
+            })
+        };
+        let architecture = filter.architecture.map(|a| match a {
+            kiln::model::pipeline::Architecture::X86_64 => "x86_64",
+            kiln::model::pipeline::Architecture::Arm64 => "arm64",
+        });
         ok(Ok(self.with(|c| {
             c.images
                 .iter()
-                .filter(|(_, i)| i.region == region && i.name.contains(&pattern))
+                .filter(|(_, i)| {
+                    i.region == region
+                        && i.state == ImageState::Available
+                        && kiln::model::pipeline::glob_match(&filter.name, &i.name)
+                        && owned(&i.owner)
+                        && architecture.is_none_or(|a| a == i.architecture)
+                })
+                .max_by_key(|(_, i)| i.created)
                 .map(|(id, _)| id.clone())
-                .next_back()
         })))
     }
 

@@ -5,6 +5,7 @@
 use futures::executor::block_on;
 use kiln::errors::{ErrorKind, StageError};
 use kiln::model::build::{Build, BuildStatus, Trigger, TriggerKind};
+use kiln::model::pipeline::ParentFilter;
 use kiln::ports::{CommandStatus, PipelineRecord, Ports};
 use kiln::stages::{
     cleanup, customize, distribute, launch_builder, snapshot, test_image, StartRequest,
@@ -374,6 +375,9 @@ fn a_failure_at_any_stage_ends_failed_with_nothing_left_behind() {
             cloud.build_images()
         );
         assert!(cloud.with(|c| c.locks.is_empty()), "{stage}: lock held");
+        // AND no snapshot but the parent's (EC2 keeps an image's snapshots unless deleted)
+        let snapshots = cloud.with(|c| c.snapshots.clone());
+        assert_eq!(snapshots.len(), 1, "{stage}: snapshots left: {snapshots:?}");
         assert_eq!(
             cloud.with(|c| c.events.last().map(|e| e.state)),
             Some(BuildStatus::Failed)
@@ -424,4 +428,97 @@ fn throttling_is_retryable_and_named_for_the_state_machine() {
     let build = block_on(launch_builder::start(&cloud.ports(), &request("exec-1"))).expect("retry");
     assert!(build.builder.is_some());
     assert_eq!(cloud.with(|c| c.builds.len()), 1);
+}
+
+#[test]
+fn the_in_memory_cloud_finds_a_parent_as_describe_images_does() {
+    // GIVEN Amazon's images of two architectures, created in an order their ids do not follow,
+    // one that is not available, and an image of the account's own with a matching name
+    let cloud = MemoryCloud::new();
+    let at =
+        |day: u32| chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 1, day, 0, 0, 0).unwrap();
+    let add = |name: &str, owner: &str, arch: &str, day: u32| {
+        cloud.add_image_as("us-east-1", name, owner, arch, at(day))
+    };
+    let newest = add(
+        "al2023-ami-2023.9-x86_64",
+        kiln_testkit::AMAZON,
+        "x86_64",
+        9,
+    );
+    add(
+        "al2023-ami-2023.6-x86_64",
+        kiln_testkit::AMAZON,
+        "x86_64",
+        6,
+    );
+    add(
+        "al2023-ami-2023.10-arm64",
+        kiln_testkit::AMAZON,
+        "arm64",
+        10,
+    );
+    add(
+        "al2023-ami-2023.11-x86_64",
+        kiln_testkit::ACCOUNT,
+        "x86_64",
+        11,
+    );
+    let pending = add(
+        "al2023-ami-2023.12-x86_64",
+        kiln_testkit::AMAZON,
+        "x86_64",
+        12,
+    );
+    cloud.with(|c| {
+        c.images.get_mut(&pending).expect("image").state = kiln::ports::ImageState::Pending
+    });
+    add(
+        "al2023-ami-minimal-2023.13-x86_64-extra",
+        kiln_testkit::AMAZON,
+        "x86_64",
+        13,
+    );
+    let find = |owners: &[&str], name: &str, arch| {
+        block_on(cloud.ports().compute.latest_image(
+            "us-east-1",
+            &ParentFilter {
+                owners: owners.iter().map(|o| o.to_string()).collect(),
+                name: name.into(),
+                architecture: arch,
+            },
+        ))
+        .expect("latest")
+    };
+    // THEN the newest available image matching owner, name pattern and architecture
+    let x86 = Some(kiln::model::pipeline::Architecture::X86_64);
+    assert_eq!(
+        find(&["amazon"], "al2023-ami-*-x86_64", x86),
+        Some(newest.clone())
+    );
+    // AND `self` is the account's own; an account id names its owner
+    assert_ne!(
+        find(&["self"], "al2023-ami-*-x86_64", x86),
+        Some(newest.clone())
+    );
+    assert_eq!(
+        find(&[kiln_testkit::AMAZON], "al2023-ami-2023.?-x86_64", x86),
+        Some(newest)
+    );
+    // AND architecture and the whole-name pattern are honoured
+    let arm = find(
+        &["amazon"],
+        "al2023-ami-*",
+        Some(kiln::model::pipeline::Architecture::Arm64),
+    );
+    assert_eq!(
+        arm.map(|i| cloud.with(|c| c.images[&i].name.clone()))
+            .as_deref(),
+        Some("al2023-ami-2023.10-arm64")
+    );
+    assert_eq!(
+        find(&["amazon"], "al2023-ami-2023", None),
+        None,
+        "a pattern matches whole names"
+    );
 }

@@ -16,7 +16,7 @@ use super::oci::{self, ImageRecord, Layout};
 use super::{io_error, ready, LocalCloud};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, ImageId, InstanceId};
-use crate::model::pipeline::{LaunchPermission, Network, ParentFilter};
+use crate::model::pipeline::{glob_match, LaunchPermission, Network, ParentFilter};
 use crate::ports::{Compute, ImageState, InstanceState, LaunchSpec, PortResult};
 
 /// `instances/<id>/instance.json`.
@@ -83,29 +83,6 @@ pub(crate) fn new_id(prefix: &str) -> String {
 
 pub(crate) fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Whether `name` matches `pattern` (`*` any run, `?` one character).
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// The program that gives `network: private` instances their outbound access.
@@ -951,23 +928,5 @@ impl LocalCloud {
             .with_code("InvalidAMIName.Duplicate"));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn image_name_patterns_match_like_ec2_filters() {
-        assert!(glob_match(
-            "al2023-ami-*-x86_64",
-            "al2023-ami-2023.6.2-x86_64"
-        ));
-        assert!(glob_match("base-?", "base-1"));
-        assert!(!glob_match("base-?", "base-12"));
-        assert!(glob_match("*", ""));
-        assert!(!glob_match("a*b", "a-c"));
-        assert!(glob_match("a*b*c", "a-b-b-c"));
     }
 }

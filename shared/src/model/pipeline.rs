@@ -75,6 +75,30 @@ pub struct ParentFilter {
     pub architecture: Option<Architecture>,
 }
 
+/// Whether `name` matches `pattern` (`*` any run, `?` one character), as EC2's `name` filter
+/// matches a `parent.filter.name`.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Architecture {
     #[serde(rename = "x86_64")]
@@ -516,4 +540,22 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
 /// Resolves a component path relative to the pipeline file.
 pub fn component_path(pipeline_file: &Path, path: &str) -> PathBuf {
     pipeline_file.parent().unwrap_or(Path::new(".")).join(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn image_name_patterns_match_like_ec2_filters() {
+        assert!(glob_match(
+            "al2023-ami-*-x86_64",
+            "al2023-ami-2023.6.2-x86_64"
+        ));
+        assert!(glob_match("base-?", "base-1"));
+        assert!(!glob_match("base-?", "base-12"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a*b", "a-c"));
+        assert!(glob_match("a*b*c", "a-b-b-c"));
+    }
 }
