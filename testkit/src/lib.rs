@@ -104,6 +104,9 @@ pub struct Cloud {
 pub struct MemoryCloud {
     pub cloud: Mutex<Cloud>,
     pub now: Mutex<Option<DateTime<Utc>>>,
+    /// A real store in place of the in-memory one (SQLite, in its own folder), for tests whose
+    /// subject is the stages rather than the store's faults.
+    real_store: Option<(kiln::local::SqliteStore, tempfile::TempDir)>,
 }
 
 fn ok<'a, T: Send + 'a>(v: Result<T, StageError>) -> PortResult<'a, T> {
@@ -211,11 +214,41 @@ impl MemoryCloud {
         })
     }
 
+    /// The in-memory cloud over a real store: SQLite, as the embedded mode keeps it.
+    pub fn on_sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("a folder for the store");
+        let store = kiln::local::SqliteStore::open(&dir.path().join("state.db")).expect("SQLite");
+        MemoryCloud {
+            real_store: Some((store, dir)),
+            ..MemoryCloud::default()
+        }
+    }
+
+    /// The store the ports use.
+    pub fn store(&self) -> &dyn Store {
+        match &self.real_store {
+            Some((s, _)) => s,
+            None => self,
+        }
+    }
+
+    /// Whether another build could take `pipeline`'s lock now (asked through the store).
+    pub fn lock_free(&self, pipeline: &str) -> bool {
+        let probe = BuildId("lock-probe".into());
+        let store = self.store();
+        let free =
+            futures::executor::block_on(store.lock(pipeline, &probe, Clock::now(self), 1)).is_ok();
+        if free {
+            let _ = futures::executor::block_on(store.unlock(pipeline, &probe));
+        }
+        free
+    }
+
     pub fn ports(&self) -> Ports<'_> {
         Ports {
             compute: self,
             commands: self,
-            store: self,
+            store: self.store(),
             events: self,
             parameters: self,
             triggers: self,

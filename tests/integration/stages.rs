@@ -16,9 +16,11 @@ use crate::support::repo;
 
 const PARENT_PARAM: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 
-/// A cloud with the AWS example pipeline applied and its parent image published.
+/// A cloud with the AWS example pipeline applied and its parent image published. The store is
+/// SQLite (a real store, with its transactions and constraints); compute, commands and their
+/// faults are the in-memory cloud's, for what no real part shows.
 fn cloud() -> MemoryCloud {
-    let cloud = MemoryCloud::new();
+    let cloud = MemoryCloud::on_sqlite();
     let loaded = kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml"))
         .expect("example is valid");
     block_on(
@@ -165,7 +167,6 @@ fn a_build_ends_available_in_every_region_with_nothing_left_running() {
             1,
             "the us-east-1 launch template got a version"
         );
-        assert!(c.locks.is_empty(), "lock released");
         let states: Vec<BuildStatus> = c.events.iter().map(|e| e.state).collect();
         assert_eq!(
             states,
@@ -194,6 +195,7 @@ fn a_build_ends_available_in_every_region_with_nothing_left_running() {
             Some("platform")
         );
     });
+    assert!(cloud.lock_free("al2023-base"), "lock released");
     assert!(
         cloud.live_instances().is_empty(),
         "builder and test instance terminated"
@@ -248,7 +250,9 @@ fn a_second_start_is_told_which_build_holds_the_lock() {
     assert_eq!(err.kind, ErrorKind::Locked);
     assert!(err.message.contains(&first.id.0), "{}", err.message);
     assert_eq!(
-        cloud.with(|c| c.builds.len()),
+        block_on(cloud.store().builds("al2023-base"))
+            .expect("builds")
+            .len(),
         1,
         "the refused start created no build"
     );
@@ -374,7 +378,7 @@ fn a_failure_at_any_stage_ends_failed_with_nothing_left_behind() {
             "{stage}: images left: {:?}",
             cloud.build_images()
         );
-        assert!(cloud.with(|c| c.locks.is_empty()), "{stage}: lock held");
+        assert!(cloud.lock_free("al2023-base"), "{stage}: lock held");
         // AND no snapshot but the parent's (EC2 keeps an image's snapshots unless deleted)
         let snapshots = cloud.with(|c| c.snapshots.clone());
         assert_eq!(snapshots.len(), 1, "{stage}: snapshots left: {snapshots:?}");
@@ -427,7 +431,12 @@ fn throttling_is_retryable_and_named_for_the_state_machine() {
     // The state machine retries the same input: the retry continues the same build.
     let build = block_on(launch_builder::start(&cloud.ports(), &request("exec-1"))).expect("retry");
     assert!(build.builder.is_some());
-    assert_eq!(cloud.with(|c| c.builds.len()), 1);
+    assert_eq!(
+        block_on(cloud.store().builds("al2023-base"))
+            .expect("builds")
+            .len(),
+        1
+    );
 }
 
 #[test]
