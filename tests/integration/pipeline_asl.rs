@@ -92,7 +92,8 @@ fn every_task_names_a_stage_function_and_every_function_is_used() {
 
 /// A cloud with the AWS example applied and its parent image published.
 fn cloud() -> Arc<MemoryCloud> {
-    let cloud = Arc::new(MemoryCloud::new());
+    // The store is SQLite; compute, commands and their faults are the in-memory cloud's.
+    let cloud = Arc::new(MemoryCloud::on_sqlite());
     let loaded =
         kiln::model::load(&repo().join("examples/aws-al2023/pipeline.yaml")).expect("valid");
     futures::executor::block_on(
@@ -197,12 +198,16 @@ fn a_second_execution_while_one_runs_fails_locked_and_names_the_holder() {
     assert_eq!(out.status, Status::Failed);
     assert_eq!(out.error.as_deref(), Some("Kiln.Locked"));
     assert!(out.cause.unwrap_or_default().contains(holder.as_str()));
-    assert!(cloud.with(|c| c.builds.is_empty()), "no build was recorded");
-    assert_eq!(
-        cloud.with(|c| c.locks.get("al2023-base").map(|(b, _)| b.clone())),
-        Some(holder),
-        "the holder keeps its lock"
-    );
+    let builds = futures::executor::block_on(cloud.store().builds("al2023-base")).expect("builds");
+    assert!(builds.is_empty(), "no build was recorded");
+    assert!(!cloud.lock_free("al2023-base"), "the holder keeps its lock");
+    futures::executor::block_on(cloud.store().lock(
+        "al2023-base",
+        &holder,
+        chrono::Utc::now(),
+        3600,
+    ))
+    .expect("still the holder's");
 }
 
 #[test]
@@ -248,7 +253,8 @@ fn a_failure_at_every_stage_ends_the_execution_with_its_error_after_cleanup() {
         assert_eq!(out.status, Status::Failed, "{stage}");
         assert_eq!(out.error.as_deref(), Some(want), "{stage}: {:?}", out.cause);
         // AND cleanup ran: FAILED with the reason, nothing running or left, the lock free
-        let builds: Vec<_> = cloud.with(|c| c.builds.values().cloned().collect());
+        let builds =
+            futures::executor::block_on(cloud.store().builds("al2023-base")).expect("builds");
         assert_eq!(builds.len(), 1, "{stage}");
         assert_eq!(builds[0].status, BuildStatus::Failed, "{stage}");
         assert_eq!(
@@ -262,7 +268,7 @@ fn a_failure_at_every_stage_ends_the_execution_with_its_error_after_cleanup() {
             "{stage}: {:?}",
             cloud.build_images()
         );
-        assert!(cloud.with(|c| c.locks.is_empty()), "{stage}");
+        assert!(cloud.lock_free("al2023-base"), "{stage}");
     }
 }
 
@@ -304,7 +310,7 @@ fn two_starts_at_once_make_one_build_and_the_second_names_the_holder() {
         "{:?}",
         lost.cause
     );
-    let builds = cloud.with(|c| c.builds.values().cloned().collect::<Vec<_>>());
+    let builds = futures::executor::block_on(cloud.store().builds("al2023-base")).expect("builds");
     assert_eq!(builds.len(), 1);
     assert!(lost
         .cause
@@ -369,19 +375,17 @@ fn the_schedule_is_disabled_after_the_configured_number_of_failed_scheduled_buil
     fail(&cloud, "again");
     // AND a scheduled start that finds the pipeline locked made no build and is not counted
     let holder = kiln::model::build::BuildId("01HOLDER".into());
-    cloud.with(|c| {
-        c.locks.insert(
-            "al2023-base".into(),
-            (
-                holder.clone(),
-                chrono::Utc::now() + chrono::Duration::hours(1),
-            ),
-        )
-    });
+    futures::executor::block_on(cloud.store().lock(
+        "al2023-base",
+        &holder,
+        chrono::Utc::now(),
+        3600,
+    ))
+    .expect("held");
     let out = execute(&cloud, "locked", scheduled.clone());
     assert_eq!(out.error.as_deref(), Some("Kiln.Locked"), "{:?}", out.cause);
     assert!(!disabled(&cloud), "a locked start counted");
-    cloud.with(|c| c.locks.remove("al2023-base"));
+    futures::executor::block_on(cloud.store().unlock("al2023-base", &holder)).expect("unlock");
     // THEN the third scheduled failure disables it and says so
     let out = execute(&cloud, "exec-3", scheduled.clone());
     assert_eq!(out.error.as_deref(), Some("Kiln.ComponentFailed"));
