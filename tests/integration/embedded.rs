@@ -535,6 +535,20 @@ fn wait_for_marker(home: &Home) {
     }
 }
 
+/// Sends SIG`signal` to `child`, or to its whole process group (as a terminal sends Ctrl-C).
+fn send_signal(child: &std::process::Child, signal: &str, group: bool) {
+    let target = if group {
+        format!("-{}", child.id())
+    } else {
+        child.id().to_string()
+    };
+    // (it may have ended a moment ago: what it did then is what the caller checks)
+    Command::new("kill")
+        .args([&format!("-{signal}"), "--", &target])
+        .status()
+        .expect("kill");
+}
+
 /// The build's status as the store has it, read raw by sqlite3 while kiln runs.
 fn raw_status(home: &Home, pipeline: &str) -> Option<String> {
     let db = home.path().join("state.db");
@@ -582,15 +596,7 @@ fn ctrl_c_to_the_process_group_and_sigterm_cancel_at_every_stage_and_leave_nothi
                 assert!(Instant::now() < deadline, "never {stage}");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let target = if group {
-                format!("-{}", child.id())
-            } else {
-                child.id().to_string()
-            };
-            Command::new("kill")
-                .args([&format!("-{signal}"), "--", &target])
-                .status()
-                .expect("kill");
+            send_signal(&child, signal, group);
             let out = child.wait_with_output().expect("wait");
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(code), "{stage} SIG{signal}: {err}");
@@ -696,15 +702,7 @@ fn embedded_fault_campaign_leaves_nothing_behind() {
                 } else {
                     "before its build was recorded".into()
                 };
-                let target = if group {
-                    format!("-{}", child.id())
-                } else {
-                    child.id().to_string()
-                };
-                Command::new("kill")
-                    .args([&format!("-{signal}"), "--", &target])
-                    .status()
-                    .expect("kill");
+                send_signal(&child, signal, group);
             } else {
                 hit = "after the end".into();
             }
