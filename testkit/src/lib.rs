@@ -555,10 +555,7 @@ impl Compute for MemoryCloud {
                 id => owner == id,
             })
         };
-        let architecture = filter.architecture.map(|a| match a {
-            kiln::model::pipeline::Architecture::X86_64 => "x86_64",
-            kiln::model::pipeline::Architecture::Arm64 => "arm64",
-        });
+        let architecture = filter.architecture.map(|a| a.as_str());
         ok(Ok(self.with(|c| {
             c.images
                 .iter()

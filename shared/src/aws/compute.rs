@@ -492,11 +492,12 @@ impl Compute for AwsPorts {
                 .filters(Filter::builder().name("name").values(&filter.name).build())
                 .filters(Filter::builder().name("state").values("available").build());
             if let Some(a) = filter.architecture {
-                let arch = match a {
-                    crate::model::pipeline::Architecture::X86_64 => "x86_64",
-                    crate::model::pipeline::Architecture::Arm64 => "arm64",
-                };
-                req = req.filters(Filter::builder().name("architecture").values(arch).build());
+                req = req.filters(
+                    Filter::builder()
+                        .name("architecture")
+                        .values(a.as_str())
+                        .build(),
+                );
             }
             let out = req
                 .send()

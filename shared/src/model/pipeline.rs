@@ -107,6 +107,16 @@ pub enum Architecture {
     Arm64,
 }
 
+impl Architecture {
+    /// As EC2 names it (an image's `architecture`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::X86_64 => "x86_64",
+            Architecture::Arm64 => "arm64",
+        }
+    }
+}
+
 /// A component: a document file (relative to the pipeline file) or an inline document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
