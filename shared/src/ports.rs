@@ -101,6 +101,14 @@ pub struct ImageInfo {
     pub deprecated: Option<DateTime<Utc>>,
 }
 
+/// What DescribeImages says of an image a build starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageFacts {
+    pub state: ImageState,
+    /// `x86_64`, `arm64`, …
+    pub architecture: String,
+}
+
 /// Instances and images.
 pub trait Compute: Send + Sync {
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId>;
@@ -127,6 +135,19 @@ pub trait Compute: Send + Sync {
         tags: &'a BTreeMap<String, String>,
     ) -> PortResult<'a, ImageId>;
     fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState>;
+    /// The image as it is now; `None` when `region` has no such image (no eventual-consistency
+    /// grace: for images that exist already, such as a parent).
+    fn describe_image<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a ImageId,
+    ) -> PortResult<'a, Option<ImageFacts>>;
+    /// The architectures each of `types` supports; types the cloud does not know are left out.
+    fn instance_architectures<'a>(
+        &'a self,
+        region: &'a str,
+        types: &'a [String],
+    ) -> PortResult<'a, BTreeMap<String, Vec<String>>>;
     /// Images tagged with this build id in `region`.
     fn images_of<'a>(&'a self, region: &'a str, build: &'a BuildId)
         -> PortResult<'a, Vec<ImageId>>;

@@ -444,6 +444,51 @@ impl Compute for MemoryCloud {
         }))
     }
 
+    fn describe_image<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a ImageId,
+    ) -> PortResult<'a, Option<ImageFacts>> {
+        ok(Ok(self.with(|c| {
+            c.images
+                .get(id)
+                .filter(|i| i.region == region)
+                .map(|i| ImageFacts {
+                    state: if i.pending_checks > 0 {
+                        ImageState::Pending
+                    } else {
+                        i.state.clone()
+                    },
+                    architecture: i.architecture.clone(),
+                })
+        })))
+    }
+
+    /// A port-level stand-in for DescribeInstanceTypes: Graviton families (a `g` after the
+    /// generation, as in t4g, m7g, c6gd) are arm64, every other type x86_64.
+    fn instance_architectures<'a>(
+        &'a self,
+        _region: &'a str,
+        types: &'a [String],
+    ) -> PortResult<'a, BTreeMap<String, Vec<String>>> {
+        let arch = |t: &str| {
+            let family = t.split('.').next().unwrap_or_default();
+            let after = family.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+            let graviton = after
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .starts_with('g');
+            if graviton {
+                "arm64"
+            } else {
+                "x86_64"
+            }
+        };
+        ok(Ok(types
+            .iter()
+            .map(|t| (t.clone(), vec![arch(t).to_string()]))
+            .collect()))
+    }
+
     fn image_state<'a>(&'a self, _region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState> {
         ok(self.with(|c| match c.images.get_mut(id) {
             Some(i) if i.pending_checks > 0 => {

@@ -806,6 +806,77 @@ fn a_failure_at_every_stage_of_the_deployed_stack_leaves_nothing_and_frees_the_l
     }
 }
 
+/// A parent parameter pointing at an AMI that does not exist: moto would launch it anyway (AWS
+/// fails later, with a worse message). The deployed LaunchBuilder describes the parent first:
+/// the build ends FAILED naming the AMI, nothing is launched, every request is authorized.
+#[test]
+fn a_parent_that_does_not_exist_fails_the_deployed_build_before_anything_launches() {
+    let r = Rehearsal::deploy();
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    let param = "/images/base/missing";
+    let missing = "ami-0123456789abcdef0";
+    rt.block_on(
+        aws_sdk_ssm::Client::new(&admin)
+            .put_parameter()
+            .name(param)
+            .value(missing)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send(),
+    )
+    .expect("PutParameter");
+    r.apply(&moto_pipeline().replace(
+        "ssmParameter: /aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        &format!("ssmParameter: {param}"),
+    ));
+    let before = inventory(&rt, &admin);
+    let outcome = r.execute(&rt, "al2023-moto", "missing-parent");
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some("Kiln.InvalidPipeline"),
+        "{:?}",
+        outcome.cause
+    );
+    r.assert_all_allowed();
+    let ports = r.store_ports(&rt);
+    let b = rt
+        .block_on(ports.ports().store.builds("al2023-moto"))
+        .expect("builds")
+        .into_iter()
+        .find(|b| b.request_id.as_deref() == Some("missing-parent"))
+        .expect("the build is recorded");
+    assert_eq!(b.status, kiln::model::build::BuildStatus::Failed);
+    let failure = b.failure.expect("failure");
+    assert_eq!(failure.stage, "launch");
+    assert!(
+        failure.message.contains(missing) && failure.message.contains("does not exist"),
+        "{failure:?}"
+    );
+    // Nothing launched: the raw inventory of every region is what it was.
+    let after = inventory(&rt, &admin);
+    assert!(
+        after.live_instances.is_empty(),
+        "{:?}",
+        after.live_instances
+    );
+    assert_eq!(after.images, before.images);
+    let launched = rt
+        .block_on(aws_sdk_ec2::Client::new(&admin).describe_instances().send())
+        .expect("DescribeInstances")
+        .reservations()
+        .iter()
+        .flat_map(|res| res.instances())
+        .filter(|i| {
+            i.tags()
+                .iter()
+                .any(|t| t.key() == Some("kiln:build-id") && t.value() == Some(b.id.as_str()))
+        })
+        .count();
+    assert_eq!(launched, 0, "an instance was launched for the build");
+    r.assert_lock_free(&rt, "al2023-moto", "missing parent");
+}
+
 /// A public AMI published as the account's own parent parameter `name` (by the administrator).
 pub(crate) fn publish_parent(r: &Rehearsal, rt: &tokio::runtime::Runtime, name: &str) -> String {
     let ports = r.store_ports(rt);

@@ -531,3 +531,78 @@ fn the_in_memory_cloud_finds_a_parent_as_describe_images_does() {
         "a pattern matches whole names"
     );
 }
+
+#[test]
+fn a_parent_that_is_missing_unavailable_or_of_another_architecture_fails_before_anything_launches()
+{
+    type Setup = fn(&MemoryCloud) -> String;
+    let cases: [(&str, Setup, &str); 3] = [
+        (
+            "missing",
+            |cloud| {
+                let id = "ami-0000000000000dead";
+                block_on(cloud.ports().parameters.put("us-east-1", PARENT_PARAM, id))
+                    .expect("param");
+                id.into()
+            },
+            "does not exist in us-east-1",
+        ),
+        (
+            "pending",
+            |cloud| {
+                let id = cloud.add_image("us-east-1", "al2023-ami-2023.7");
+                cloud.with(|c| c.images.get_mut(&id).expect("image").pending_checks = 100);
+                block_on(
+                    cloud
+                        .ports()
+                        .parameters
+                        .put("us-east-1", PARENT_PARAM, id.as_str()),
+                )
+                .expect("param");
+                id.0
+            },
+            "is not available in us-east-1: pending",
+        ),
+        (
+            "arm64",
+            |cloud| {
+                let now = chrono::Utc::now();
+                let id = cloud.add_image_as(
+                    "us-east-1",
+                    "al2023-ami-2023.7-arm64",
+                    kiln_testkit::AMAZON,
+                    "arm64",
+                    now,
+                );
+                block_on(
+                    cloud
+                        .ports()
+                        .parameters
+                        .put("us-east-1", PARENT_PARAM, id.as_str()),
+                )
+                .expect("param");
+                id.0
+            },
+            "is arm64, which instance types t3.small, t3a.small, m5.large cannot run",
+        ),
+    ];
+    for (case, setup, want) in cases {
+        // GIVEN the pipeline's parameter pointing at such a parent
+        let cloud = cloud();
+        let parent = setup(&cloud);
+        // WHEN the build starts
+        let (build, err) = run(&cloud.ports(), &request("exec-1")).expect_err(case);
+        // THEN it is FAILED, naming the AMI and why, and nothing was launched
+        assert_eq!(err.kind, ErrorKind::InvalidPipeline, "{case}: {err}");
+        assert!(err.message.contains(&parent), "{case}: {err}");
+        assert!(err.message.contains(want), "{case}: {err}");
+        assert!(
+            err.message
+                .contains(&format!("parent.ssmParameter {PARENT_PARAM}")),
+            "{case}: {err}"
+        );
+        assert_eq!(build.status, BuildStatus::Failed, "{case}");
+        assert!(cloud.with(|c| c.instances.is_empty()), "{case}: launched");
+        assert!(cloud.lock_free("al2023-base"), "{case}: lock held");
+    }
+}

@@ -15,7 +15,7 @@ use super::{sdk_error, AwsPorts};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, ImageId, InstanceId};
 use crate::model::pipeline::{Imdsv2, LaunchPermission, ParentFilter, VolumeType};
-use crate::ports::{Compute, ImageState, InstanceState, LaunchSpec, PortResult};
+use crate::ports::{Compute, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult};
 
 fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
     tags.iter()
@@ -292,6 +292,71 @@ impl Compute for AwsPorts {
                 .ok_or_else(|| {
                     StageError::new(ErrorKind::Internal, "CreateImage returned no image id")
                 })
+        })
+    }
+
+    fn describe_image<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a ImageId,
+    ) -> PortResult<'a, Option<ImageFacts>> {
+        Box::pin(async move {
+            let out = match self
+                .ec2(region)
+                .describe_images()
+                .image_ids(id.as_str())
+                .send()
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if e.code() == Some("InvalidAMIID.NotFound") => return Ok(None),
+                Err(e) if e.code() == Some("InvalidAMIID.Malformed") => return Ok(None),
+                Err(e) => return Err(sdk_error("DescribeImages", e)),
+            };
+            Ok(out.images().first().map(|i| ImageFacts {
+                state: match i.state().map(|s| s.as_str()) {
+                    Some("available") => ImageState::Available,
+                    Some("pending") | None => ImageState::Pending,
+                    Some(other) => ImageState::Failed(format!("image {id} is {other}")),
+                },
+                architecture: i
+                    .architecture()
+                    .map(|a| a.as_str().to_string())
+                    .unwrap_or_default(),
+            }))
+        })
+    }
+
+    fn instance_architectures<'a>(
+        &'a self,
+        region: &'a str,
+        types: &'a [String],
+    ) -> PortResult<'a, BTreeMap<String, Vec<String>>> {
+        Box::pin(async move {
+            let mut req = self.ec2(region).describe_instance_types();
+            for t in types {
+                req = req.instance_types(InstanceType::from(t.as_str()));
+            }
+            let out = match req.send().await {
+                Ok(o) => o,
+                // An unknown type among them: say nothing (RunInstances names it).
+                Err(e) if e.code() == Some("InvalidInstanceType") => return Ok(BTreeMap::new()),
+                Err(e) => return Err(sdk_error("DescribeInstanceTypes", e)),
+            };
+            Ok(out
+                .instance_types()
+                .iter()
+                .filter_map(|t| {
+                    let name = t.instance_type()?.as_str().to_string();
+                    let arches = t
+                        .processor_info()?
+                        .supported_architectures()
+                        .iter()
+                        .map(|a| a.as_str().to_string())
+                        .collect();
+                    Some((name, arches))
+                })
+                .collect())
         })
     }
 

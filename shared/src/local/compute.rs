@@ -17,7 +17,7 @@ use super::{io_error, ready, LocalCloud};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, ImageId, InstanceId};
 use crate::model::pipeline::{glob_match, LaunchPermission, Network, ParentFilter};
-use crate::ports::{Compute, ImageState, InstanceState, LaunchSpec, PortResult};
+use crate::ports::{Compute, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult};
 
 /// `instances/<id>/instance.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +83,14 @@ pub(crate) fn new_id(prefix: &str) -> String {
 
 pub(crate) fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// This machine's architecture as EC2 names it.
+fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        other => other,
+    }
 }
 
 /// The program that gives `network: private` instances their outbound access.
@@ -647,6 +655,43 @@ impl Compute for LocalCloud {
             );
             Ok(ImageId(id))
         })())
+    }
+
+    fn describe_image<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a ImageId,
+    ) -> PortResult<'a, Option<ImageFacts>> {
+        ready((|| {
+            let layout = self.layout(region)?;
+            if let Some(image) = layout
+                .image(id.as_str())
+                .map_err(|e| io_error("read images", e))?
+            {
+                return Ok(Some(ImageFacts {
+                    state: ImageState::Available,
+                    architecture: layout
+                        .architecture(&image.manifest)
+                        .map_err(|e| io_error(format!("read {id}"), e))?,
+                }));
+            }
+            Ok(self.jobs().get(id.as_str()).map(|j| ImageFacts {
+                state: j.state.clone(),
+                architecture: host_architecture().into(),
+            }))
+        })())
+    }
+
+    /// Every instance type runs on this machine, which has one architecture.
+    fn instance_architectures<'a>(
+        &'a self,
+        _region: &'a str,
+        types: &'a [String],
+    ) -> PortResult<'a, BTreeMap<String, Vec<String>>> {
+        ready(Ok(types
+            .iter()
+            .map(|t| (t.clone(), vec![host_architecture().to_string()]))
+            .collect()))
     }
 
     fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState> {

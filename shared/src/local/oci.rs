@@ -293,6 +293,20 @@ impl Layout {
         })
     }
 
+    /// The image's architecture as EC2 names it (OCI's `amd64` is EC2's `x86_64`).
+    pub fn architecture(&self, manifest: &Descriptor) -> io::Result<String> {
+        let m = self.read_json(&manifest.digest)?;
+        let digest = m["config"]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let config = self.read_json(&digest)?;
+        Ok(match config["architecture"].as_str().unwrap_or_default() {
+            "amd64" => "x86_64".to_string(),
+            other => other.to_string(),
+        })
+    }
+
     pub fn read_json(&self, digest: &str) -> io::Result<Json> {
         let bytes = fs::read(self.blob_path(digest))?;
         serde_json::from_slice(&bytes).map_err(bad_data)

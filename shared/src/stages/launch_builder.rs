@@ -6,7 +6,7 @@ use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{Build, BuildId, BuildStatus, ImageId, InstanceRef};
 use crate::model::fingerprint;
 use crate::model::pipeline::{Parent, StartCondition};
-use crate::ports::{build_tags, InstanceState, LaunchSpec, PipelineRecord, Ports};
+use crate::ports::{build_tags, ImageState, InstanceState, LaunchSpec, PipelineRecord, Ports};
 
 use super::{check_deadline, record, stage_finished, stage_started, StartRequest};
 
@@ -125,6 +125,58 @@ pub async fn start(ports: &Ports<'_>, req: &StartRequest) -> Result<Build, Stage
     Ok(build)
 }
 
+/// The parent is described before anything launches: it exists in the build's region, is
+/// available, and every instance type of the pipeline runs its architecture.
+async fn check_parent(
+    ports: &Ports<'_>,
+    record: &PipelineRecord,
+    region: &str,
+    parent: &ImageId,
+) -> Result<(), StageError> {
+    let invalid = |what: String| StageError::new(ErrorKind::InvalidPipeline, what);
+    let from = match &record.pipeline.parent {
+        Parent::Ami(_) => "parent.ami".to_string(),
+        Parent::SsmParameter(name) => format!("parent.ssmParameter {name}"),
+        Parent::Filter(_) => "parent.filter".to_string(),
+        Parent::Local(name) => format!("parent.local {name}"),
+    };
+    let Some(facts) = ports.compute.describe_image(region, parent).await? else {
+        return Err(invalid(format!(
+            "the parent image {parent} ({from}) does not exist in {region}, or this account cannot use it"
+        )));
+    };
+    let unavailable = match &facts.state {
+        ImageState::Available => None,
+        ImageState::Pending => Some("pending".to_string()),
+        ImageState::Failed(why) => Some(why.clone()),
+    };
+    if let Some(why) = unavailable {
+        return Err(invalid(format!(
+            "the parent image {parent} ({from}) is not available in {region}: {why}"
+        )));
+    }
+    let types = &record.pipeline.infrastructure.instance_types;
+    let supported = ports.compute.instance_architectures(region, types).await?;
+    let misfits: Vec<&str> = types
+        .iter()
+        .filter(|t| {
+            supported
+                .get(*t)
+                .is_some_and(|arches| !arches.contains(&facts.architecture))
+        })
+        .map(String::as_str)
+        .collect();
+    if !misfits.is_empty() {
+        return Err(invalid(format!(
+            "the parent image {parent} ({from}) is {}, which instance type{} {} cannot run; choose types of that architecture in infrastructure.instanceTypes",
+            facts.architecture,
+            if misfits.len() == 1 { "" } else { "s" },
+            misfits.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Launches the builder, trying instance types in order on capacity errors.
 async fn launch(
     ports: &Ports<'_>,
@@ -138,6 +190,7 @@ async fn launch(
         .parent_image
         .clone()
         .ok_or_else(|| StageError::new(ErrorKind::Internal, "the build has no parent image"))?;
+    check_parent(ports, record, &build.home_region, &parent).await?;
     let mut tags = p.infrastructure.tags.clone();
     tags.extend(build_tags(build));
     tags.insert("Name".into(), format!("kiln-builder-{}", p.name));
