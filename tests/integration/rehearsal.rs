@@ -643,6 +643,20 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
             !snaps.snapshots().is_empty(),
             "{region}: no snapshot tagged by the stack"
         );
+        // The region's distribution tags on its image and every snapshot of it, the build
+        // region's included.
+        let has_os = |tags: &[aws_sdk_ec2::types::Tag]| {
+            tags.iter()
+                .any(|t| t.key() == Some("os") && t.value() == Some("al2023"))
+        };
+        let described = rt
+            .block_on(ec2.describe_images().image_ids(image.to_string()).send())
+            .expect("DescribeImages");
+        let img = described.images().first().expect("the image");
+        assert!(has_os(img.tags()), "{region}: image tags {:?}", img.tags());
+        for s in snaps.snapshots() {
+            assert!(has_os(s.tags()), "{region}: snapshot tags {:?}", s.tags());
+        }
     }
     // AND each region's image is shared with that region's account and published in its
     // parameter

@@ -151,6 +151,18 @@ fn a_build_ends_available_in_every_region_with_nothing_left_running() {
                 Some(&build.id.0),
                 "images carry the build id"
             );
+            // The region's distribution tags, the build region's image included.
+            let want = if r.region == "us-east-1" {
+                Some("al2023")
+            } else {
+                None
+            };
+            assert_eq!(
+                img.tags.get("os").map(String::as_str),
+                want,
+                "distribution tags in {}",
+                r.region
+            );
             assert!(
                 !img.shared_with.is_empty(),
                 "launch permissions applied in {}",

@@ -45,11 +45,12 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                 Some(i) => Some(i),
                 None => match ports.compute.instance_state(&region, &builder.id).await? {
                     InstanceState::Stopped => {
-                        let template = record
+                        let home = record
                             .pipeline
                             .distribution
                             .iter()
-                            .find(|d| d.region == region)
+                            .find(|d| d.region == region);
+                        let template = home
                             .unwrap_or(&record.pipeline.distribution[0])
                             .ami_name
                             .clone();
@@ -61,7 +62,11 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                         };
                         let name = render_name(&template, &ctx)
                             .map_err(|e| StageError::new(ErrorKind::InvalidPipeline, e))?;
-                        let mut tags = build_tags(&build);
+                        // The build region's distribution tags, at creation, on the image and
+                        // its snapshots (as a copy gets them in the other regions); kiln's own
+                        // tags over any of the same keys.
+                        let mut tags = home.map(|d| d.tags.clone()).unwrap_or_default();
+                        tags.extend(build_tags(&build));
                         tags.insert("Name".into(), name.clone());
                         build.image_name = Some(name.clone());
                         Some(
