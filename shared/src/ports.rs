@@ -71,6 +71,9 @@ pub struct LaunchSpec {
     pub infrastructure: Infrastructure,
     pub block_devices: Vec<BlockDevice>,
     pub user_data: Option<String>,
+    /// A shutdown from inside terminates the instance (test instances); a builder only stops,
+    /// since its volume becomes the image.
+    pub terminate_on_shutdown: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -658,6 +658,58 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
             assert!(has_os(s.tags()), "{region}: snapshot tags {:?}", s.tags());
         }
     }
+    // AND the instances were launched as a reviewer wants them (raw DescribeInstances and
+    // DescribeInstanceAttribute): IMDSv2 required with one hop; a shutdown from inside
+    // terminates the test instance, and only stops the builder (its volume is the image)
+    let home = aws_sdk_ec2::Client::new(&admin);
+    let instances = rt
+        .block_on(home.describe_instances().send())
+        .expect("DescribeInstances");
+    let mut seen = BTreeMap::new();
+    for i in instances.reservations().iter().flat_map(|r| r.instances()) {
+        let name = i
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("Name"))
+            .and_then(|t| t.value())
+            .unwrap_or_default()
+            .to_string();
+        let kind = if name.starts_with("kiln-test-") {
+            "test"
+        } else if name.starts_with("kiln-builder-") {
+            "builder"
+        } else {
+            continue;
+        };
+        let m = i.metadata_options().expect("metadata options");
+        assert_eq!(
+            m.http_tokens().map(|t| t.as_str()),
+            Some("required"),
+            "{kind}"
+        );
+        assert_eq!(m.http_put_response_hop_limit(), Some(1), "{kind}");
+        let behaviour = rt
+            .block_on(
+                home.describe_instance_attribute()
+                    .instance_id(i.instance_id().unwrap_or_default())
+                    .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+                    .send(),
+            )
+            .expect("DescribeInstanceAttribute");
+        let value = behaviour
+            .instance_initiated_shutdown_behavior()
+            .and_then(|v| v.value())
+            .unwrap_or_default()
+            .to_string();
+        seen.insert(kind, value);
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([
+            ("builder", "stop".to_string()),
+            ("test", "terminate".to_string())
+        ])
+    );
     // AND each region's image is shared with that region's account and published in its
     // parameter
     let store = r.store_ports(&rt);

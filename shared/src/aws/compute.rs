@@ -8,7 +8,8 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
     InstanceType, LaunchPermission as Ec2LaunchPermission, LaunchPermissionModifications,
-    RequestLaunchTemplateData, ResourceType, Tag, TagSpecification, VolumeType as Ec2VolumeType,
+    RequestLaunchTemplateData, ResourceType, ShutdownBehavior, Tag, TagSpecification,
+    VolumeType as Ec2VolumeType,
 };
 
 use super::{sdk_error, AwsPorts};
@@ -99,8 +100,13 @@ impl Compute for AwsPorts {
                             HttpTokensState::Optional
                         })
                         .http_endpoint(aws_sdk_ec2::types::InstanceMetadataEndpointState::Enabled)
+                        // One hop: a container on the instance cannot reach the credentials.
+                        .http_put_response_hop_limit(1)
                         .build(),
                 );
+            if spec.terminate_on_shutdown {
+                req = req.instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate);
+            }
             if inf.subnet_id.is_some() || !inf.associate_public_ip {
                 let mut nic = InstanceNetworkInterfaceSpecification::builder()
                     .device_index(0)

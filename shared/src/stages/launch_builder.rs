@@ -205,6 +205,7 @@ async fn launch(
             infrastructure: p.infrastructure.clone(),
             block_devices: p.block_devices.clone(),
             user_data: p.user_data.clone(),
+            terminate_on_shutdown: false,
         };
         match ports.compute.launch(&spec).await {
             Ok(id) => {

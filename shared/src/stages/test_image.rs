@@ -41,6 +41,7 @@ pub async fn start(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
             infrastructure: p.infrastructure.clone(),
             block_devices: Vec::new(),
             user_data: None,
+            terminate_on_shutdown: true,
         };
         let id = ports.compute.launch(&spec).await?;
         build.test_instance = Some(InstanceRef { id, instance_type });
