@@ -411,6 +411,7 @@ fn aws_ports(
         event_bus: String::new(),
         region,
         stack: None,
+        instance_profile: None,
     };
     runtime.block_on(kiln::aws::AwsPorts::from_env(settings))
 }

@@ -17,6 +17,8 @@ pub mod env {
     pub const REGION: &str = "AWS_REGION";
     /// The stack's name: the value of the `kiln:stack` tag on what the functions create.
     pub const STACK: &str = "KILN_STACK";
+    /// The stack's builder instance profile, for pipelines that name none.
+    pub const INSTANCE_PROFILE: &str = "KILN_INSTANCE_PROFILE";
     /// The trigger function: the state machine it starts.
     pub const STATE_MACHINE: &str = "KILN_STATE_MACHINE_ARN";
 }
@@ -39,6 +41,9 @@ impl Config {
                 event_bus: std::env::var(env::EVENT_BUS).unwrap_or_else(|_| "default".into()),
                 region: var(env::REGION)?,
                 stack: std::env::var(env::STACK).ok().filter(|s| !s.is_empty()),
+                instance_profile: std::env::var(env::INSTANCE_PROFILE)
+                    .ok()
+                    .filter(|s| !s.is_empty()),
             },
         })
     }

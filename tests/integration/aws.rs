@@ -139,6 +139,7 @@ fn env_on(moto: Moto) -> Env {
         event_bus: "default".into(),
         region: "us-east-1".into(),
         stack: None,
+        instance_profile: None,
     };
     let ports = Arc::new(rt.block_on(AwsPorts::from_env(settings)));
     rt.block_on(ports.bootstrap()).expect("table and bucket");

@@ -35,6 +35,7 @@ fn a_stage_function_reports_kiln_error_types_to_the_lambda_runtime() {
         event_bus: "default".into(),
         region: "us-east-1".into(),
         stack: None,
+        instance_profile: None,
     };
     rt.block_on(async {
         kiln::aws::AwsPorts::from_env(settings)

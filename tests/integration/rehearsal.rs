@@ -296,6 +296,7 @@ impl Rehearsal {
                 event_bus: "default".into(),
                 region: "us-east-1".into(),
                 stack: Some(STACK.into()),
+                instance_profile: None,
             },
             self.admin(rt),
         )
@@ -708,6 +709,28 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         BTreeMap::from([
             ("builder", "stop".to_string()),
             ("test", "terminate".to_string())
+        ])
+    );
+    // AND both got the stack's instance profile (the pipeline names none), so the SSM agent can
+    // register: each RunInstances passed the stack's builder role to EC2 (moto does not report
+    // the profile back; the authorized requests show it)
+    let passed: BTreeSet<String> = r
+        .decisions()
+        .iter()
+        .filter(|d| d["action"] == "iam:PassRole" && d["operation"] == "RunInstances")
+        .filter(|d| {
+            d["resource"]
+                .as_str()
+                .is_some_and(|a| a.contains(":role/kiln-BuilderRole-"))
+        })
+        .filter_map(|d| d["role"].as_str().map(str::to_string))
+        .map(|role| role.split('-').nth(1).unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        passed,
+        BTreeSet::from([
+            "LaunchBuilderFunctionRole".to_string(),
+            "TestImageFunctionRole".to_string()
         ])
     );
     // AND each region's image is shared with that region's account and published in its

@@ -119,7 +119,12 @@ impl Compute for AwsPorts {
                 }
                 req = req.network_interfaces(nic.build());
             }
-            if let Some(profile) = &inf.instance_profile {
+            // The pipeline's profile, or the stack's: a builder must reach SSM.
+            let profile = inf
+                .instance_profile
+                .as_ref()
+                .or(self.settings.instance_profile.as_ref());
+            if let Some(profile) = profile {
                 let p = if profile.starts_with("arn:") {
                     IamInstanceProfileSpecification::builder().arn(profile)
                 } else {

@@ -97,6 +97,7 @@ impl Stack {
             event_bus: self.event_bus.clone(),
             region: self.region.clone(),
             stack: (!self.name.is_empty()).then(|| self.name.clone()),
+            instance_profile: None,
         }
     }
 

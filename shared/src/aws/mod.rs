@@ -33,6 +33,9 @@ pub struct Settings {
     /// they create carries the tag `kiln:stack` with this value, set at creation — the tag the
     /// stack's IAM policies require before any mutating EC2 call. `None` outside a stack.
     pub stack: Option<String>,
+    /// The instance profile builders and test instances get when the pipeline names none
+    /// (`KILN_INSTANCE_PROFILE`: the stack's, with SSM's core policy and the artifacts).
+    pub instance_profile: Option<String>,
 }
 
 /// The tag that marks a resource as created by a stack (see [`Settings::stack`]).

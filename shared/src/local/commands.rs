@@ -82,6 +82,9 @@ fn run_to_end(
         if privileged {
             exec.arg("--privileged");
         }
+        // Its own process group, as the instance's keeper: a Ctrl-C at the terminal reaches kiln,
+        // which cancels the build, not the command, which would fail it first.
+        std::os::unix::process::CommandExt::process_group(&mut exec, 0);
         let status = exec
             .arg("--")
             .args(args)
