@@ -13,7 +13,9 @@ lets a policy allow ec2:CreateTags only with `ec2:CreateAction`.
 
 4. ClientToken on RunInstances and CopyImage (moto ignores it): a request repeated with the same
 token returns what the first one made, as AWS's idempotency documentation describes, instead of
-a second instance or copy. This is what makes a retried Lambda with its original input safe.
+a second instance or copy. This is what makes a retried Lambda with its original input safe. A
+replayed RunInstances with an instance profile keeps the instance's association (moto's response
+handler would associate the profile again and answer IncorrectState).
 
 3. CloudFormation's `DefinitionSubstitutions` on AWS::StepFunctions::StateMachine (moto stores
 the definition with its `${Name}`s unreplaced): each `${Name}` replaced by its resolved value, as
@@ -29,6 +31,7 @@ from moto.core.responses import ActionResult
 from moto.ec2.exceptions import InvalidTaggableResourceType
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.amis import AmiBackend
+from moto.ec2.models.iam_instance_profile import IamInstanceProfileAssociationBackend
 from moto.ec2.models.instances import InstanceBackend
 from moto.ec2.responses.amis import AmisResponse
 from moto.stepfunctions.models import StateMachine
@@ -142,6 +145,18 @@ def run_instances(self, image_id, count, user_data, security_group_names, **kwar
 
 
 InstanceBackend.run_instances = run_instances
+
+_associate = IamInstanceProfileAssociationBackend.associate_iam_instance_profile
+
+
+def associate_iam_instance_profile(self, instance_id, iam_instance_profile_name=None, iam_instance_profile_arn=None):
+    existing = self.iam_instance_profile_associations.get(instance_id)
+    if existing is not None:
+        return existing
+    return _associate(self, instance_id, iam_instance_profile_name, iam_instance_profile_arn)
+
+
+IamInstanceProfileAssociationBackend.associate_iam_instance_profile = associate_iam_instance_profile
 
 
 
