@@ -76,6 +76,43 @@ impl AwsPorts {
     }
 }
 
+impl AwsPorts {
+    /// DescribeImages of one image; `None` when EC2 does not know it (or it is malformed).
+    async fn describe_one(
+        &self,
+        region: &str,
+        id: &ImageId,
+    ) -> Result<Option<aws_sdk_ec2::types::Image>, StageError> {
+        match self
+            .ec2(region)
+            .describe_images()
+            .image_ids(id.as_str())
+            .send()
+            .await
+        {
+            Ok(o) => Ok(o.images().first().cloned()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("InvalidAMIID.NotFound" | "InvalidAMIID.Malformed")
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(sdk_error("DescribeImages", e)),
+        }
+    }
+}
+
+/// An image's state as kiln's stages read it.
+fn state_of(i: &aws_sdk_ec2::types::Image, id: &ImageId) -> ImageState {
+    match i.state().map(|s| s.as_str()) {
+        Some("available") => ImageState::Available,
+        Some("pending") | None => ImageState::Pending,
+        Some(other) => ImageState::Failed(format!("image {id} is {other}")),
+    }
+}
+
 impl Compute for AwsPorts {
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId> {
         Box::pin(async move {
@@ -312,24 +349,8 @@ impl Compute for AwsPorts {
         id: &'a ImageId,
     ) -> PortResult<'a, Option<ImageFacts>> {
         Box::pin(async move {
-            let out = match self
-                .ec2(region)
-                .describe_images()
-                .image_ids(id.as_str())
-                .send()
-                .await
-            {
-                Ok(o) => o,
-                Err(e) if e.code() == Some("InvalidAMIID.NotFound") => return Ok(None),
-                Err(e) if e.code() == Some("InvalidAMIID.Malformed") => return Ok(None),
-                Err(e) => return Err(sdk_error("DescribeImages", e)),
-            };
-            Ok(out.images().first().map(|i| ImageFacts {
-                state: match i.state().map(|s| s.as_str()) {
-                    Some("available") => ImageState::Available,
-                    Some("pending") | None => ImageState::Pending,
-                    Some(other) => ImageState::Failed(format!("image {id} is {other}")),
-                },
+            Ok(self.describe_one(region, id).await?.map(|i| ImageFacts {
+                state: state_of(&i, id),
                 architecture: i
                     .architecture()
                     .map(|a| a.as_str().to_string())
@@ -373,32 +394,11 @@ impl Compute for AwsPorts {
 
     fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState> {
         Box::pin(async move {
-            let out = match self
-                .ec2(region)
-                .describe_images()
-                .image_ids(id.as_str())
-                .send()
-                .await
-            {
-                Ok(o) => o,
-                Err(e) if e.code() == Some("InvalidAMIID.NotFound") => {
-                    return Ok(ImageState::Pending)
-                }
-                Err(e) => return Err(sdk_error("DescribeImages", e)),
-            };
-            Ok(
-                match out
-                    .images()
-                    .first()
-                    .and_then(|i| i.state())
-                    .map(|s| s.as_str().to_string())
-                    .as_deref()
-                {
-                    Some("available") => ImageState::Available,
-                    Some("pending") | None => ImageState::Pending,
-                    Some(other) => ImageState::Failed(format!("image {id} is {other}")),
-                },
-            )
+            // Not found yet: a new image's id may precede its DescribeImages entry.
+            Ok(match self.describe_one(region, id).await? {
+                Some(i) => state_of(&i, id),
+                None => ImageState::Pending,
+            })
         })
     }
 
