@@ -1079,6 +1079,21 @@ fn file_in_tar(tar: &Path, name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The line of `tar -tv --numeric-owner` (mode, owner/group by number, …) for the entry whose
+/// path ends with `name`.
+fn listed(tar: &Path, name: &str) -> String {
+    let listing = crate::support::run_ok({
+        let mut c = Command::new("tar");
+        c.arg("--numeric-owner").arg("-tvf").arg(tar);
+        c
+    });
+    listing
+        .lines()
+        .find(|l| l.ends_with(name))
+        .unwrap_or_else(|| panic!("{name} in\n{listing}"))
+        .to_string()
+}
+
 /// The top layer of `image` (the build's own) in the OCI layout `layout`, decompressed into the
 /// plain tar `out`: found by skopeo and decompressed by zstd, not read back by kiln.
 fn top_layer(layout: &Path, image: &str, out: &Path) {
@@ -1525,16 +1540,7 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
-    let listing = Command::new("tar")
-        .arg("-tvf")
-        .arg(&tar)
-        .output()
-        .expect("tar");
-    let listing = String::from_utf8_lossy(&listing.stdout);
-    let line = listing
-        .lines()
-        .find(|l| l.ends_with("var/lib/probe.txt"))
-        .expect("probe.txt");
+    let line = listed(&tar, "var/lib/probe.txt");
     assert!(
         line.contains(" 0/0 "),
         "the user is root inside, and in the image: {line}"
@@ -1542,16 +1548,7 @@ fn an_ordinary_user_builds_hello_in_two_regions_inside_a_closed_sandbox() {
     // AND in the layer itself, as skopeo and zstd find it
     let layer = home.join("probe-layer.tar");
     top_layer(&home.join("regions/us-east-1/images"), image, &layer);
-    let listing = Command::new("tar")
-        .arg("-tvf")
-        .arg(&layer)
-        .output()
-        .expect("tar");
-    let listing = String::from_utf8_lossy(&listing.stdout);
-    let line = listing
-        .lines()
-        .find(|l| l.ends_with("var/lib/probe.txt"))
-        .expect("probe.txt");
+    let line = listed(&layer, "var/lib/probe.txt");
     assert!(line.contains(" 0/0 "), "the layer: {line}");
     assert_probe_closed(&file_in_tar(&layer, "var/lib/probe.txt"), &net);
     assert_user_left_nothing(home);
@@ -1577,19 +1574,11 @@ fn an_ordinary_user_with_subordinate_ids_builds_images_whose_files_keep_their_ow
     let image = summary["images"]["us-east-1"].as_str().expect("image");
     let layer = home.join("owners-layer.tar");
     top_layer(&home.join("regions/us-east-1/images"), image, &layer);
-    let listing = crate::support::run_ok({
-        let mut c = Command::new("tar");
-        c.arg("--numeric-owner").arg("-tvf").arg(&layer);
-        c
-    });
     for (name, mode) in [
         ("var/lib/app", "drwx------"),
         ("var/lib/app/key", "-rw-------"),
     ] {
-        let line = listing
-            .lines()
-            .find(|l| l.ends_with(name))
-            .unwrap_or_else(|| panic!("{name} in\n{listing}"));
+        let line = listed(&layer, name);
         assert!(
             line.starts_with(mode) && line.contains(" 1000/1000 "),
             "{line}"

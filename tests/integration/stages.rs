@@ -547,16 +547,12 @@ fn the_in_memory_cloud_finds_a_parent_as_describe_images_does() {
 #[test]
 fn a_parent_that_is_missing_unavailable_or_of_another_architecture_fails_before_anything_launches()
 {
+    // Each case makes (or names) the parent the pipeline's parameter will point at.
     type Setup = fn(&MemoryCloud) -> String;
     let cases: [(&str, Setup, &str); 3] = [
         (
             "missing",
-            |cloud| {
-                let id = "ami-0000000000000dead";
-                block_on(cloud.ports().parameters.put("us-east-1", PARENT_PARAM, id))
-                    .expect("param");
-                id.into()
-            },
+            |_| "ami-0000000000000dead".into(),
             "does not exist in us-east-1",
         ),
         (
@@ -564,13 +560,6 @@ fn a_parent_that_is_missing_unavailable_or_of_another_architecture_fails_before_
             |cloud| {
                 let id = cloud.add_image("us-east-1", "al2023-ami-2023.7");
                 cloud.with(|c| c.images.get_mut(&id).expect("image").pending_checks = 100);
-                block_on(
-                    cloud
-                        .ports()
-                        .parameters
-                        .put("us-east-1", PARENT_PARAM, id.as_str()),
-                )
-                .expect("param");
                 id.0
             },
             "is not available in us-east-1: pending",
@@ -578,22 +567,11 @@ fn a_parent_that_is_missing_unavailable_or_of_another_architecture_fails_before_
         (
             "arm64",
             |cloud| {
+                let image = "al2023-ami-2023.7-arm64";
                 let now = chrono::Utc::now();
-                let id = cloud.add_image_as(
-                    "us-east-1",
-                    "al2023-ami-2023.7-arm64",
-                    kiln_testkit::AMAZON,
-                    "arm64",
-                    now,
-                );
-                block_on(
-                    cloud
-                        .ports()
-                        .parameters
-                        .put("us-east-1", PARENT_PARAM, id.as_str()),
-                )
-                .expect("param");
-                id.0
+                cloud
+                    .add_image_as("us-east-1", image, kiln_testkit::AMAZON, "arm64", now)
+                    .0
             },
             "is arm64, which instance types t3.small, t3a.small, m5.large cannot run",
         ),
@@ -602,6 +580,13 @@ fn a_parent_that_is_missing_unavailable_or_of_another_architecture_fails_before_
         // GIVEN the pipeline's parameter pointing at such a parent
         let cloud = cloud();
         let parent = setup(&cloud);
+        block_on(
+            cloud
+                .ports()
+                .parameters
+                .put("us-east-1", PARENT_PARAM, &parent),
+        )
+        .expect("param");
         // WHEN the build starts
         let (build, err) = run(&cloud.ports(), &request("exec-1")).expect_err(case);
         // THEN it is FAILED, naming the AMI and why, and nothing was launched
