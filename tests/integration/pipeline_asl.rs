@@ -183,17 +183,23 @@ fn an_unchanged_pipeline_is_skipped_and_the_execution_succeeds() {
     assert_eq!(cloud.with(|c| c.launches), launches);
 }
 
+/// Takes the pipeline's lock for `holder`, as a build that runs holds it.
+fn hold(
+    cloud: &MemoryCloud,
+    holder: &kiln::model::build::BuildId,
+) -> Result<(), kiln::errors::StageError> {
+    futures::executor::block_on(
+        cloud
+            .store()
+            .lock("al2023-base", holder, chrono::Utc::now(), 3600),
+    )
+}
+
 #[test]
 fn a_second_execution_while_one_runs_fails_locked_and_names_the_holder() {
     let cloud = cloud();
     let holder = kiln::model::build::BuildId::new_at(1);
-    futures::executor::block_on(cloud.ports().store.lock(
-        "al2023-base",
-        &holder,
-        chrono::Utc::now(),
-        3600,
-    ))
-    .expect("lock");
+    hold(&cloud, &holder).expect("lock");
     let out = execute(&cloud, "exec-1", input());
     assert_eq!(out.status, Status::Failed);
     assert_eq!(out.error.as_deref(), Some("Kiln.Locked"));
@@ -201,13 +207,7 @@ fn a_second_execution_while_one_runs_fails_locked_and_names_the_holder() {
     let builds = futures::executor::block_on(cloud.store().builds("al2023-base")).expect("builds");
     assert!(builds.is_empty(), "no build was recorded");
     assert!(!cloud.lock_free("al2023-base"), "the holder keeps its lock");
-    futures::executor::block_on(cloud.store().lock(
-        "al2023-base",
-        &holder,
-        chrono::Utc::now(),
-        3600,
-    ))
-    .expect("still the holder's");
+    hold(&cloud, &holder).expect("still the holder's");
 }
 
 #[test]
@@ -375,13 +375,7 @@ fn the_schedule_is_disabled_after_the_configured_number_of_failed_scheduled_buil
     fail(&cloud, "again");
     // AND a scheduled start that finds the pipeline locked made no build and is not counted
     let holder = kiln::model::build::BuildId("01HOLDER".into());
-    futures::executor::block_on(cloud.store().lock(
-        "al2023-base",
-        &holder,
-        chrono::Utc::now(),
-        3600,
-    ))
-    .expect("held");
+    hold(&cloud, &holder).expect("held");
     let out = execute(&cloud, "locked", scheduled.clone());
     assert_eq!(out.error.as_deref(), Some("Kiln.Locked"), "{:?}", out.cause);
     assert!(!disabled(&cloud), "a locked start counted");
