@@ -804,6 +804,31 @@ fn invalid_input_is_refused_with_exit_2_and_nothing_created() {
 }
 
 #[test]
+fn a_private_network_this_machine_cannot_give_is_refused_with_exit_2_and_nothing_created() {
+    require_root();
+    // GIVEN a pipeline with the default private network, and no slirp4netns on PATH
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path().join("home");
+    let out = Command::new(built_binary("kiln"))
+        .arg("--home")
+        .arg(&home)
+        .arg("run")
+        .arg(data("owners"))
+        .env_remove("KILN_AGENT")
+        .env("PATH", dir.path())
+        .output()
+        .expect("kiln run");
+    // THEN exit 2 naming what is missing and the choices, and no home was made
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("needs slirp4netns on PATH") && err.contains("network: none"),
+        "{err}"
+    );
+    assert!(!home.exists(), "the home was created");
+}
+
+#[test]
 fn imported_root_file_systems_become_images_that_run() {
     let home = Home::new();
     // A tarball of a folder with a program in it, imported and listed.
