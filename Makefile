@@ -100,11 +100,12 @@ package: setup
 	@for f in $(FUNCTIONS); do printf "  %-15s %10s bytes\n" $$f $$(stat -c %s $(TARGET_DIR)/lambda/$$f/bootstrap); done
 	@printf "  %-15s %10s bytes\n" kiln-agent $$(stat -c %s $(TARGET_DIR)/release/kiln-agent)
 
-## deploy: sam build + sam deploy --guided (stack $(STACK)), then the agent to the artifacts bucket
+## deploy: sam build + sam deploy --guided (stack $(STACK)) with the release agent's SHA-256 pinned
+## (AgentSha256), then that agent to the artifacts bucket
 deploy: package
 	$(CARGO) build -p kiln-cli
 	cd infra && PATH="$(TOOLS_PATH)" sam build --parameter-overrides Architecture=$(SAM_ARCH)
-	cd infra && PATH="$(TOOLS_PATH)" sam deploy --guided --stack-name $(STACK) --parameter-overrides Architecture=$(SAM_ARCH)
+	cd infra && PATH="$(TOOLS_PATH)" sam deploy --guided --stack-name $(STACK) --parameter-overrides Architecture=$(SAM_ARCH) AgentSha256=$$(uname -m)=$$(sha256sum $(abspath $(TARGET_DIR))/release/kiln-agent | cut -d' ' -f1)
 	bucket=$$(cd infra && PATH="$(TOOLS_PATH)" sam list stack-outputs --stack-name $(STACK) --output json | python3 -c 'import json,sys; print(next(o["OutputValue"] for o in json.load(sys.stdin) if o["OutputKey"] == "ArtifactsBucketName"))') && \
 	  $(KILN) upload-agent --artifacts-bucket "$$bucket" $(TARGET_DIR)/release/kiln-agent
 

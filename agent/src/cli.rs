@@ -72,6 +72,26 @@ enum Command {
         /// Do not stream step output to the console.
         #[arg(long)]
         quiet: bool,
+        /// After every phase succeeded, remove what these sanitize items name (comma-separated)
+        /// and report it as the document `kiln-sanitize`.
+        #[arg(long, value_delimiter = ',', value_parser = kiln::model::pipeline::SanitizeItem::parse)]
+        sanitize: Vec<kiln::model::pipeline::SanitizeItem>,
+        /// Write what sanitizing removed (paths and SHA-256, no content) here.
+        #[arg(long, value_name = "FILE")]
+        sanitize_record: Option<PathBuf>,
+        /// Before any document: check this instance carries none of the files the builder's
+        /// record lists, reported as the test `kiln-clean-image`.
+        #[arg(long, value_name = "RECORD")]
+        verify_clean: Option<PathBuf>,
+        /// The sanitize items the check covers (default: none, only `--verify-absent`).
+        #[arg(long, value_delimiter = ',', value_parser = kiln::model::pipeline::SanitizeItem::parse)]
+        verify_items: Vec<kiln::model::pipeline::SanitizeItem>,
+        /// Paths that must not exist (kiln's folders on the builder), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        verify_absent: Vec<String>,
+        /// The root the sanitize step and the check work in.
+        #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+        root: PathBuf,
     },
     /// The sandbox side of kiln's embedded instances (started by kiln, not by hand).
     #[command(hide = true)]
@@ -220,6 +240,12 @@ where
             state_file,
             log_dir,
             quiet,
+            sanitize,
+            sanitize_record,
+            verify_clean,
+            verify_items,
+            verify_absent,
+            root,
         } => {
             let plan = match plan(&documents, &phases, &parameters, parameters_file.as_deref()) {
                 Ok(p) => p,
@@ -245,7 +271,71 @@ where
                 log_dir,
                 echo: !quiet,
             };
-            let (outcome, rep) = runner::run(&plan.0, &opts);
+            // The image check first: a dirty image fails the test before any test runs.
+            let check = match verify_clean {
+                None => None,
+                Some(path) => {
+                    let record = std::fs::read(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+                    let record: crate::clean::Record = match record {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = writeln!(
+                                stderr,
+                                "--verify-clean {}: not a sanitize record: {e}",
+                                path.display()
+                            );
+                            return exit::INVALID;
+                        }
+                    };
+                    Some(crate::clean::verify(
+                        &root,
+                        &verify_items,
+                        &record,
+                        &verify_absent,
+                    ))
+                }
+            };
+            let (mut outcome, mut rep) = match &check {
+                Some((doc, Some(failure))) => {
+                    let mut rep = runner::empty_report(RunOutcome::Failed);
+                    rep.failure = Some(failure.clone());
+                    rep.documents.push(doc.clone());
+                    (RunOutcome::Failed, rep)
+                }
+                _ => runner::run(&plan.0, &opts),
+            };
+            if let Some((doc, None)) = check {
+                rep.documents.insert(0, doc);
+            }
+            if outcome == RunOutcome::Success && (!sanitize.is_empty() || sanitize_record.is_some())
+            {
+                let (record, doc, failure) = crate::clean::sanitize_report(&root, &sanitize);
+                rep.documents.push(doc);
+                let written = sanitize_record.map(|path| {
+                    serde_json::to_vec_pretty(&record)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            std::fs::write(&path, b).map_err(|e| format!("{}: {e}", path.display()))
+                        })
+                });
+                let failure = failure.or_else(|| match written {
+                    Some(Err(e)) => Some(crate::report::Failure {
+                        document: crate::clean::SANITIZE_NAME.into(),
+                        phase: "build".into(),
+                        step: "record".into(),
+                        message: format!("cannot write the sanitize record {e}"),
+                        output_tail: String::new(),
+                    }),
+                    _ => None,
+                });
+                if let Some(f) = failure {
+                    rep.status = crate::report::Status::Failed;
+                    rep.failure = Some(f);
+                    outcome = RunOutcome::Failed;
+                }
+            }
             if let Some(path) = report {
                 let written = serde_json::to_vec_pretty(&rep)
                     .map_err(|e| e.to_string())

@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod cgroup;
+pub mod clean;
 pub mod cli;
 pub mod eval;
 pub mod exec;

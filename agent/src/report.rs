@@ -83,6 +83,11 @@ pub struct Failure {
     pub output_tail: String,
 }
 
+/// Now, as the report writes times.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 fn mark(s: Status) -> &'static str {
     match s {
         Status::Success => "ok    ",

@@ -68,9 +68,7 @@ struct Saved {
     chains: Vec<BTreeMap<String, StepData>>,
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+use crate::report::now;
 
 /// A key that changes when the documents, parameters or phases change, so that a stale saved
 /// state from another run is never resumed.
@@ -615,6 +613,25 @@ fn save(path: &Path, saved: &Saved) -> Result<(), String> {
 
 /// Runs the documents. Returns the outcome and the report (also on reboot, when the report
 /// covers what ran so far).
+/// A report of a run that ran no document (it ended before the first).
+pub fn empty_report(outcome: RunOutcome) -> Report {
+    let t = now();
+    Report {
+        run_id: String::new(),
+        status: if outcome == RunOutcome::Success {
+            Status::Success
+        } else {
+            Status::Failed
+        },
+        start_time: t.clone(),
+        end_time: t,
+        duration_seconds: 0.0,
+        reboots: 0,
+        documents: Vec::new(),
+        failure: None,
+    }
+}
+
 pub fn run(docs: &[DocSpec], opts: &Options) -> (RunOutcome, Report) {
     let started = Instant::now();
     let key = run_key(docs, &opts.phases);

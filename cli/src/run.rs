@@ -857,8 +857,9 @@ pub fn upload_agent(
         .build()?;
     let ports = aws_ports(&runtime, bucket.to_string(), region);
     match runtime.block_on(ports.upload_agent(&agent, arch)) {
-        Ok(key) => {
-            writeln!(stdout, "s3://{bucket}/{key}")?;
+        Ok((key, sha)) => {
+            // What the stack's AgentSha256 parameter must pin (`make deploy` computes the same).
+            writeln!(stdout, "s3://{bucket}/{key} sha256 {sha}")?;
             Ok(exit::OK)
         }
         Err(e) => {

@@ -210,6 +210,18 @@ pub struct CommandPlan {
     pub phases: Vec<PhaseName>,
     pub components: Vec<ComponentSpec>,
     pub working_directory: String,
+    /// Customize: what the builder removes once the components succeeded (kiln's own files go
+    /// always), recording what it removed for the test stage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sanitize: Vec<crate::model::pipeline::SanitizeItem>,
+    /// Test: check first that the image carries nothing of kiln and none of what the builder
+    /// removed for these items (a test named `kiln-clean-image` in the report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_clean: Option<Vec<crate::model::pipeline::SanitizeItem>>,
+    /// The stage's timeout: the command may not run longer, and what it is given to fetch and
+    /// upload (presigned URLs on AWS) lives no longer (0: the default of six hours).
+    #[serde(default)]
+    pub timeout_minutes: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

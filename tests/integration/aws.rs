@@ -142,6 +142,12 @@ fn env_on(moto: Moto) -> Env {
         instance_profile: None,
     };
     let ports = Arc::new(rt.block_on(AwsPorts::from_env(settings)));
+    // As a stack pins it (AgentSha256): the agent this checkout built.
+    let agent = crate::support::built_binary("kiln-agent");
+    ports.pin_agent(
+        std::env::consts::ARCH,
+        &kiln::aws::sha256_file(&agent).expect("agent digest"),
+    );
     rt.block_on(ports.bootstrap()).expect("table and bucket");
     Env {
         _moto: moto,

@@ -1976,3 +1976,408 @@ fn an_image_cannot_bring_device_nodes_or_mount_points_that_lead_out() {
     );
     home.assert_nothing_left("on-linked-dev");
 }
+
+/// The customize and test command scripts of #14, exactly as kiln sends them to SSM
+/// (`AwsPorts::command_script`), run by bash on embedded instances of kiln-tiny whose network is
+/// the host's, with moto's S3 behind the presigned URLs: the real agent fetched, checked against
+/// its pin and run; a parameter full of shell syntax stays a value.
+mod ssm_scripts {
+    use super::*;
+    use kiln::aws::{AwsPorts, Settings};
+    use kiln::component::PhaseName;
+    use kiln::model::build::BuildId;
+    use kiln::model::pipeline::SanitizeItem;
+    use kiln::ports::{CommandPlan, ComponentSpec};
+    use serde_json::json;
+
+    const BUCKET: &str = "kiln-scripts";
+    /// What a builder leaves that no image should carry (planted before the customize script).
+    const PLANT: &[&str] = &[
+        "mkdir -p /etc/ssh /var/lib/cloud/instances/i-0builder /var/lib/amazon/ssm/i-0builder /var/log/amazon/ssm /root/.ssh",
+        "echo builder-private-key > /etc/ssh/ssh_host_ed25519_key",
+        "echo 'ssh-ed25519 AAAAbuilder' > /etc/ssh/ssh_host_ed25519_key.pub",
+        "echo 'ssh-rsa AAAAkeypair builder' > /root/.ssh/authorized_keys",
+        "echo 0123456789abcdef0123456789abcdef > /etc/machine-id",
+        "echo 'export AWS_SECRET_ACCESS_KEY=typed-by-hand' > /root/.bash_history",
+        "echo pickled > /var/lib/cloud/instances/i-0builder/obj.pkl",
+        "ln -sfn /var/lib/cloud/instances/i-0builder /var/lib/cloud/instance",
+        "echo 'ssm agent log' > /var/log/amazon/ssm/amazon-ssm-agent.log",
+        "echo state > /var/lib/amazon/ssm/i-0builder/document",
+        "echo junk > /tmp/builder-junk",
+        "echo junk > /var/tmp/builder-junk",
+    ];
+    /// The value of the component's parameter: every kind of shell syntax.
+    const HOSTILE: &str =
+        "$(touch /pwned-subst); `touch /pwned-tick` && touch /pwned-and | 'q' \"dq\" \\ $HOME";
+
+    struct Aws {
+        _moto: crate::support::Moto,
+        rt: tokio::runtime::Runtime,
+        ports: AwsPorts,
+    }
+
+    fn aws() -> Aws {
+        let moto = crate::support::Moto::start();
+        for (k, v) in moto.env() {
+            // Each nextest test runs in its own process: the environment is this test's alone.
+            std::env::set_var(k, v);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let settings = Settings {
+            table: String::new(),
+            bucket: BUCKET.into(),
+            event_bus: String::new(),
+            region: "us-east-1".into(),
+            stack: None,
+            instance_profile: None,
+        };
+        let ports = rt.block_on(AwsPorts::from_env(settings));
+        // As `kiln run --backend aws` does: the bucket, this checkout's agent uploaded and pinned.
+        rt.block_on(ports.prepare_artifacts(&built_binary("kiln-agent")))
+            .expect("artifacts");
+        Aws {
+            _moto: moto,
+            rt,
+            ports,
+        }
+    }
+
+    impl Aws {
+        fn object(&self, key: &str) -> Option<Vec<u8>> {
+            let s3 =
+                aws_sdk_s3::Client::from_conf(
+                    aws_sdk_s3::config::Builder::from(&self.rt.block_on(
+                        aws_config::defaults(aws_config::BehaviorVersion::latest()).load(),
+                    ))
+                    .force_path_style(true)
+                    .build(),
+                );
+            self.rt.block_on(async {
+                let out = s3.get_object().bucket(BUCKET).key(key).send().await.ok()?;
+                Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+            })
+        }
+
+        fn report(&self, build: &BuildId, kind: &str) -> Json {
+            let bytes = self
+                .object(&format!("builds/{build}/{kind}/report.json"))
+                .unwrap_or_else(|| panic!("no {kind} report in the bucket"));
+            serde_json::from_slice(&bytes).expect("report JSON")
+        }
+
+        fn scripts(&self, build: &BuildId) -> (Vec<String>, Vec<String>) {
+            let app = ComponentSpec {
+                name: "app-config".into(),
+                document: json!({"name": "app-config", "schemaVersion": "1.0",
+                    "parameters": [{"Value": {"type": "string"}}],
+                    "phases": [{"name": "build", "steps": [{"name": "Write", "action": "CreateFile",
+                        "inputs": [{"path": "/etc/app.conf", "content": "{{ Value }}"}]}]}]}),
+                parameters: [("Value".to_string(), HOSTILE.to_string())].into(),
+            };
+            let check = ComponentSpec {
+                name: "app-config-test".into(),
+                document: json!({"name": "app-config-test", "schemaVersion": "1.0",
+                    "parameters": [{"Value": {"type": "string"}}],
+                    "phases": [{"name": "test", "steps": [
+                        {"name": "Read", "action": "ExecuteBash", "inputs": {"commands": ["cat /etc/app.conf"]}},
+                        {"name": "Same", "action": "Assert", "inputs": {"stringEquals": "{{ Value }}",
+                            "value": "{{ test.Read.outputs.stdout }}"}}]}]}),
+                parameters: [("Value".to_string(), HOSTILE.to_string())].into(),
+            };
+            let customize = CommandPlan {
+                build: build.clone(),
+                phases: vec![PhaseName::Build, PhaseName::Validate],
+                components: vec![app],
+                working_directory: "/tmp".into(),
+                sanitize: SanitizeItem::ALL.to_vec(),
+                verify_clean: None,
+                timeout_minutes: 30,
+            };
+            let test = CommandPlan {
+                build: build.clone(),
+                phases: vec![PhaseName::Test],
+                components: vec![check],
+                working_directory: "/tmp".into(),
+                sanitize: Vec::new(),
+                verify_clean: Some(SanitizeItem::ALL.to_vec()),
+                timeout_minutes: 30,
+            };
+            let c = self.rt.block_on(self.ports.command_script(&customize));
+            let t = self.rt.block_on(self.ports.command_script(&test));
+            (c.expect("customize script"), t.expect("test script"))
+        }
+    }
+
+    fn bash_component(name: &str, phase: &str, lines: &[String]) -> String {
+        serde_json::to_string(&json!({"name": name, "schemaVersion": "1.0", "phases": [{"name": phase,
+            "steps": [{"name": "Script", "action": "ExecuteBash", "inputs": {"commands": lines}}]}]}))
+        .expect("JSON")
+    }
+
+    /// A pipeline whose builder runs the planted files, the customize script (and `after`), and
+    /// whose test instance runs the test script.
+    fn pipeline(
+        home: &Home,
+        name: &str,
+        customize: &[String],
+        after: &[&str],
+        test: &[String],
+    ) -> PathBuf {
+        let dir = home.path().join(format!("p-{name}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let own = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        std::fs::write(
+            dir.join("plant.json"),
+            bash_component("plant", "build", &own(PLANT)),
+        )
+        .expect("write");
+        std::fs::write(
+            dir.join("customize.json"),
+            bash_component("ssm-customize", "build", customize),
+        )
+        .expect("write");
+        let after = if after.is_empty() {
+            &["true"][..]
+        } else {
+            after
+        };
+        std::fs::write(
+            dir.join("after.json"),
+            bash_component("after", "build", &own(after)),
+        )
+        .expect("write");
+        std::fs::write(
+            dir.join("test.json"),
+            bash_component("ssm-test", "test", test),
+        )
+        .expect("write");
+        let file = dir.join("pipeline.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "name: {name}\nversion: 1.0.0\nparent:\n  local: kiln-tiny\ncomponents:\n  - path: plant.json\n  - path: customize.json\n  - path: after.json\ntests:\n  components:\n    - path: test.json\ninfrastructure:\n  network: host\ndistribution:\n  - region: us-east-1\n"
+            ),
+        )
+        .expect("write");
+        file
+    }
+
+    /// The content of `name` in the tarball, which must hold it.
+    fn tar_entry(tar: &Path, name: &str) -> Vec<u8> {
+        let list = Command::new("tar")
+            .arg("-tf")
+            .arg(tar)
+            .output()
+            .expect("tar");
+        let entry = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .find(|l| l.trim_start_matches("./") == name)
+            .unwrap_or_else(|| panic!("{name} is not in {}", tar.display()))
+            .to_string();
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(tar)
+            .arg(&entry)
+            .output()
+            .expect("tar");
+        assert!(out.status.success(), "tar -xOf {entry}");
+        out.stdout
+    }
+
+    #[test]
+    fn leave_nothing_of_kiln_sanitize_the_image_and_the_test_instance_proves_it() {
+        let home = Home::new();
+        let aws = aws();
+        let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
+        let (customize, test) = aws.scripts(&build);
+        // GIVEN the scripts hold the build id, pins and quoted URLs, and none of the values
+        let text = customize.join("\n") + &test.join("\n");
+        assert!(!text.contains("touch /pwned"), "a value reached the script");
+        assert!(text.contains(&kiln::aws::sha256_file(&built_binary("kiln-agent")).expect("sha")));
+        // WHEN a build runs them on its builder and its test instance
+        let file = pipeline(&home, "ssm-clean", &customize, &[], &test);
+        let (code, summary, err) = home.run(&file);
+        // THEN it is AVAILABLE: the agent ran both, and the test instance found the image clean
+        assert_eq!(code, 0, "{summary}\n{err}");
+        let report = aws.report(&build, "customize");
+        let docs: Vec<&str> = report["documents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["name"].as_str())
+            .collect();
+        assert_eq!(docs, ["app-config", "kiln-sanitize"], "{report}");
+        let report = aws.report(&build, "test");
+        assert_eq!(report["status"], "success", "{report}");
+        assert_eq!(
+            report["documents"][0]["name"], "kiln-clean-image",
+            "{report}"
+        );
+        let checked: Vec<&str> = report["documents"][0]["phases"][0]["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert_eq!(checked.len(), 1 + SanitizeItem::ALL.len(), "{checked:?}");
+        // AND the record names what the builder removed, by path and digest only
+        let record: Json = serde_json::from_slice(
+            &aws.object(&format!("builds/{build}/customize/sanitized.json"))
+                .expect("record"),
+        )
+        .expect("record JSON");
+        let removed: Vec<&str> = record["removed"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["path"].as_str())
+            .collect();
+        for p in [
+            "/etc/ssh/ssh_host_ed25519_key",
+            "/root/.bash_history",
+            "/etc/machine-id",
+            "/var/lib/cloud/instances/i-0builder/obj.pkl",
+        ] {
+            assert!(removed.contains(&p), "{p} not in {removed:?}");
+        }
+        assert!(!String::from_utf8_lossy(
+            &aws.object(&format!("builds/{build}/customize/sanitized.json"))
+                .unwrap()
+        )
+        .contains("typed-by-hand"));
+        // AND the image holds nothing of kiln, none of the builder's files, and the value as text
+        let image = summary["images"]["us-east-1"].as_str().expect("image");
+        let (tar, files) = home.files_of("us-east-1", image);
+        for gone in [
+            "var/lib/kiln",
+            "var/lib/kiln-agent",
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_host_ed25519_key.pub",
+            "root/.ssh/authorized_keys",
+            "root/.bash_history",
+            "var/lib/cloud/instance",
+            "var/lib/cloud/instances/i-0builder",
+            "var/lib/amazon/ssm/i-0builder",
+            "var/log/amazon/ssm/amazon-ssm-agent.log",
+            "tmp/builder-junk",
+            "var/tmp/builder-junk",
+        ] {
+            assert!(
+                !files
+                    .iter()
+                    .any(|f| f == gone || f.starts_with(&format!("{gone}/"))),
+                "{gone} is in the image"
+            );
+        }
+        assert!(
+            !files.iter().any(|f| f.contains("pwned")),
+            "a value ran: {files:?}"
+        );
+        assert_eq!(tar_entry(&tar, "etc/machine-id"), b"");
+        assert_eq!(
+            String::from_utf8_lossy(&tar_entry(&tar, "etc/app.conf")),
+            HOSTILE
+        );
+        home.assert_nothing_left("ssm-clean");
+    }
+
+    #[test]
+    fn a_builder_file_back_in_the_image_fails_the_clean_image_test() {
+        let home = Home::new();
+        let aws = aws();
+        let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
+        let (customize, test) = aws.scripts(&build);
+        // GIVEN a component after the customize script that puts the builder's host key back
+        let file = pipeline(
+            &home,
+            "ssm-dirty",
+            &customize,
+            &["echo builder-private-key > /etc/ssh/ssh_host_ed25519_key"],
+            &test,
+        );
+        // WHEN the build runs
+        let (code, summary, err) = home.run(&file);
+        // THEN the test fails, and its report names kiln-clean-image and the item
+        assert_eq!(code, 1, "{summary}\n{err}");
+        assert_eq!(summary["failure"]["error"], "Kiln.TestFailed", "{summary}");
+        let report = aws.report(&build, "test");
+        assert_eq!(
+            report["failure"]["document"], "kiln-clean-image",
+            "{report}"
+        );
+        assert_eq!(report["failure"]["step"], "ssh-host-keys", "{report}");
+        assert!(report["failure"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/etc/ssh/ssh_host_ed25519_key is the builder's")));
+        assert_eq!(
+            report["documents"].as_array().map(Vec::len),
+            Some(1),
+            "no test ran on a dirty image: {report}"
+        );
+        home.assert_nothing_left("ssm-dirty");
+    }
+
+    #[test]
+    fn a_tampered_agent_in_the_bucket_is_refused_before_it_runs() {
+        let home = Home::new();
+        let aws = aws();
+        let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
+        let (customize, test) = aws.scripts(&build);
+        // GIVEN someone who can write the bucket replaced the agent
+        let evil = home.path().join("evil-agent");
+        std::fs::write(&evil, "#!/bin/sh\ntouch /tampered-agent-ran\nexit 0\n").expect("write");
+        aws.rt
+            .block_on(aws.ports.upload_agent(&evil, std::env::consts::ARCH))
+            .expect("upload");
+        // WHEN the build runs the scripts pinned to the real agent
+        let file = pipeline(&home, "ssm-tampered", &customize, &[], &test);
+        let (code, summary, err) = home.run(&file);
+        // THEN customize fails naming the pin, and the replaced agent never ran
+        assert_eq!(code, 1, "{summary}\n{err}");
+        assert_eq!(
+            summary["failure"]["error"], "Kiln.ComponentFailed",
+            "{summary}"
+        );
+        let message = summary["failure"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("is not the pinned one"), "{message}");
+        assert!(aws
+            .object(&format!("builds/{build}/customize/report.json"))
+            .is_none());
+        assert!(home.built_images("us-east-1").is_empty());
+        home.assert_nothing_left("ssm-tampered");
+    }
+
+    /// A build id that is not a ULID (from a forged state-machine input) never reaches a script.
+    #[test]
+    fn a_build_id_with_shell_syntax_is_refused() {
+        let aws = aws();
+        for hostile in [
+            "01J0000000000000000000000$(reboot)",
+            "x; rm -rf /",
+            "../../etc",
+            "",
+        ] {
+            let plan = CommandPlan {
+                build: BuildId(hostile.into()),
+                phases: vec![PhaseName::Build],
+                components: Vec::new(),
+                working_directory: "/tmp".into(),
+                sanitize: Vec::new(),
+                verify_clean: None,
+                timeout_minutes: 30,
+            };
+            let err = aws
+                .rt
+                .block_on(aws.ports.command_script(&plan))
+                .expect_err(hostile);
+            assert_eq!(
+                err.code.as_deref(),
+                Some("InvalidBuildId"),
+                "{hostile}: {err}"
+            );
+        }
+    }
+}

@@ -13,9 +13,11 @@ Prints one JSON document: stack outputs, the deployed definition, and the functi
 Usage: deploy.py EXPANDED.json BIN_DIR STACK   (AWS_ENDPOINT_URL and credentials from the env)
 """
 
+import hashlib
 import io
 import json
 import os
+import platform
 import sys
 import zipfile
 
@@ -66,12 +68,19 @@ def main(expanded_path, bin_dir, stack):
                     z.writestr(info, f.read())
             s3.put_object(Bucket=CODE_BUCKET, Key=key, Body=buf.getvalue())
 
+    with open(f"{bin_dir}/kiln-agent", "rb") as f:
+        agent = f.read()
+    agent_sha256 = hashlib.sha256(agent).hexdigest()
     cfn = client("cloudformation")
     cfn.create_stack(
         StackName=stack,
         TemplateBody=json.dumps(template),
         Capabilities=["CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"],
-        Parameters=[{"ParameterKey": "Architecture", "ParameterValue": "x86_64"}],
+        Parameters=[
+            {"ParameterKey": "Architecture", "ParameterValue": "x86_64"},
+            # As `make deploy` pins it: the agent this checkout built.
+            {"ParameterKey": "AgentSha256", "ParameterValue": f"{platform.machine()}={agent_sha256}"},
+        ],
     )
     described = cfn.describe_stacks(StackName=stack)["Stacks"][0]
     if described["StackStatus"] != "CREATE_COMPLETE":
@@ -120,6 +129,13 @@ def main(expanded_path, bin_dir, stack):
             },
         }
     outputs = {o["OutputKey"]: o["OutputValue"] for o in described.get("Outputs", [])}
+    # Then the agent, as `make deploy` uploads it after the stack.
+    s3.put_object(
+        Bucket=outputs["ArtifactsBucketName"],
+        Key=f"agent/kiln-agent-{platform.machine()}",
+        Body=agent,
+        Metadata={"sha256": agent_sha256},
+    )
     definition = client("stepfunctions").describe_state_machine(
         stateMachineArn=outputs["StateMachineArn"]
     )["definition"]

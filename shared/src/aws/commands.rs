@@ -4,6 +4,7 @@
 //! back (SSM output is truncated at 24,000 characters). The command text holds only URLs and
 //! fixed code: every value from the pipeline reaches the agent as a file.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -14,12 +15,85 @@ use super::{sdk_error, AwsPorts};
 use crate::component::PhaseName;
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{CommandId, InstanceId};
+use crate::model::pipeline::SanitizeItem;
 use crate::ports::{CommandPlan, CommandStatus, Commands, PortResult};
 
 /// Where `make deploy` puts the agent binaries: `agent/kiln-agent-<arch>` (x86_64, aarch64).
 pub const AGENT_KEY: &str = "agent/kiln-agent";
 
-const URL_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+/// How long presigned URLs live when the plan names no timeout.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+/// The environment variable with the pinned agent digests: `x86_64=<hex>,aarch64=<hex>` (the
+/// stack's `AgentSha256` parameter).
+pub const AGENT_SHA256_ENV: &str = "KILN_AGENT_SHA256";
+
+/// The architectures kiln-agent is built for, as `uname -m` names them on the instance.
+const ARCHES: [(&str, &str); 2] = [("x86_64", "x86_64"), ("aarch64", "aarch64|arm64")];
+
+/// `x86_64=<hex>,aarch64=<hex>`, as the stack's parameter writes it.
+pub fn parse_agent_pins(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut pins = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (arch, hex) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}` is not ARCH=SHA256"))?;
+        if !ARCHES.iter().any(|(a, _)| *a == arch) {
+            return Err(format!("unknown architecture `{arch}` (x86_64 or aarch64)"));
+        }
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(format!("`{hex}` is not a SHA-256 in lowercase hex"));
+        }
+        pins.insert(arch.to_string(), hex.to_string());
+    }
+    Ok(pins)
+}
+
+/// The SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &std::path::Path) -> Result<String, StageError> {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(path).map_err(|e| {
+        StageError::new(
+            ErrorKind::InvalidPipeline,
+            format!("read {}: {e}", path.display()),
+        )
+    })?;
+    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+/// How long the URLs of a plan live: its stage's timeout and five minutes (a command cannot
+/// outlive its stage, so a reboot-resume never finds them expired), at most S3's seven days.
+fn url_lifetime(plan: &CommandPlan) -> Duration {
+    if plan.timeout_minutes == 0 {
+        return DEFAULT_LIFETIME;
+    }
+    Duration::from_secs((u64::from(plan.timeout_minutes) + 5) * 60)
+        .min(Duration::from_secs(7 * 24 * 3600))
+}
+
+/// Refuses a build id that is not a ULID: it is the one value from the state machine's input
+/// that the command text holds (in paths).
+fn checked_build(plan: &CommandPlan) -> Result<&str, StageError> {
+    let id = plan.build.as_str();
+    if id.len() == 26
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+    {
+        Ok(id)
+    } else {
+        Err(StageError::new(
+            ErrorKind::InvalidPipeline,
+            format!(
+                "refusing the build id {id:?}: a build id is a ULID (26 characters of 0-9 and A-Z)"
+            ),
+        )
+        .with_code("InvalidBuildId"))
+    }
+}
 
 fn kind(plan: &CommandPlan) -> &'static str {
     if plan.phases.contains(&PhaseName::Test) {
@@ -33,10 +107,15 @@ fn internal(e: impl std::fmt::Display) -> StageError {
     StageError::new(ErrorKind::Internal, e.to_string())
 }
 
-/// Single-quotes a URL the SDK generated (it never contains a quote; refuse if it did).
+/// Single-quotes a URL the SDK generated, after checking it is one: http(s), and only the
+/// characters of a presigned URL (no quote, space or newline can reach the shell).
 fn quoted(url: &str) -> Result<String, StageError> {
-    if url.contains('\'') {
-        return Err(internal("a presigned URL contains a quote"));
+    let shaped = crate::model::ids::regex_is_match(
+        r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/[A-Za-z0-9._~/%+=&?-]*$",
+        url,
+    );
+    if !shaped {
+        return Err(internal("a presigned URL has characters a URL does not"));
     }
     Ok(format!("'{url}'"))
 }
@@ -54,8 +133,9 @@ impl AwsPorts {
         Ok(())
     }
 
-    /// For runs without a deployed stack: creates the artifacts bucket when missing and uploads
-    /// this machine's kiln-agent (as `agent/kiln-agent-<arch>`) unless the bucket has one.
+    /// For runs without a deployed stack: creates the artifacts bucket when missing, pins this
+    /// machine's kiln-agent and uploads it as `agent/kiln-agent-<arch>` unless the bucket holds
+    /// that very binary already.
     pub async fn prepare_artifacts(&self, agent: &std::path::Path) -> Result<(), StageError> {
         if self
             .s3
@@ -80,7 +160,9 @@ impl AwsPorts {
                 .await
                 .map_err(|e| sdk_error("CreateBucket", e))?;
         }
-        let key = format!("{AGENT_KEY}-{}", std::env::consts::ARCH);
+        let arch = std::env::consts::ARCH;
+        let sha = sha256_file(agent)?;
+        let key = format!("{AGENT_KEY}-{arch}");
         let present = self
             .s3
             .head_object()
@@ -88,34 +170,46 @@ impl AwsPorts {
             .key(&key)
             .send()
             .await
-            .is_ok();
-        if !present {
-            self.upload_agent(agent, std::env::consts::ARCH).await?;
+            .ok()
+            .and_then(|h| h.metadata().and_then(|m| m.get("sha256")).cloned());
+        if present.as_deref() != Some(sha.as_str()) {
+            self.upload_agent(agent, arch).await?;
         }
+        self.pin_agent(arch, &sha);
         Ok(())
     }
 
     /// Uploads a kiln-agent binary as `agent/kiln-agent-<arch>` (x86_64 or aarch64), where the
-    /// customize and test commands fetch it; returns the key.
+    /// customize and test commands fetch it, with its SHA-256 as metadata; returns the key and
+    /// the digest (what the stack's `AgentSha256` pins).
     pub async fn upload_agent(
         &self,
         agent: &std::path::Path,
         arch: &str,
-    ) -> Result<String, StageError> {
+    ) -> Result<(String, String), StageError> {
         let key = format!("{AGENT_KEY}-{arch}");
+        let sha = sha256_file(agent)?;
         let body = std::fs::read(agent).map_err(|e| {
             StageError::new(
                 ErrorKind::InvalidPipeline,
                 format!("read {}: {e}", agent.display()),
             )
         })?;
-        self.put(&key, body).await?;
-        Ok(key)
+        self.s3
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(&key)
+            .metadata("sha256", &sha)
+            .body(body.into())
+            .send()
+            .await
+            .map_err(|e| sdk_error("PutObject", e))?;
+        Ok((key, sha))
     }
 
-    async fn get_url(&self, key: &str) -> Result<String, StageError> {
-        let cfg = PresigningConfig::expires_in(URL_LIFETIME).map_err(internal)?;
-        Ok(self
+    async fn get_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
+        let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
+        let url = self
             .s3
             .get_object()
             .bucket(&self.settings.bucket)
@@ -124,12 +218,13 @@ impl AwsPorts {
             .await
             .map_err(|e| sdk_error("presign GetObject", e))?
             .uri()
-            .to_string())
+            .to_string();
+        quoted(&url)
     }
 
-    async fn put_url(&self, key: &str) -> Result<String, StageError> {
-        let cfg = PresigningConfig::expires_in(URL_LIFETIME).map_err(internal)?;
-        Ok(self
+    async fn put_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
+        let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
+        let url = self
             .s3
             .put_object()
             .bucket(&self.settings.bucket)
@@ -138,20 +233,36 @@ impl AwsPorts {
             .await
             .map_err(|e| sdk_error("presign PutObject", e))?
             .uri()
-            .to_string())
+            .to_string();
+        quoted(&url)
     }
 
-    /// Uploads the plan's files and returns the shell script that runs it.
+    /// Uploads the plan's files and returns the shell script that runs it. The script holds
+    /// fixed code, the build id (checked to be a ULID), the pinned agent digests and quoted
+    /// presigned URLs (checked to be URLs), nothing else: every value of the pipeline reaches
+    /// the agent as a file. It runs the agent only if its SHA-256 is the pinned one, and leaves
+    /// nothing of kiln on the instance (except across a reboot it asked for).
     pub async fn command_script(&self, plan: &CommandPlan) -> Result<Vec<String>, StageError> {
-        let prefix = format!("builds/{}/{}", plan.build, kind(plan));
+        let build = checked_build(plan)?;
+        let kind = kind(plan);
+        let life = url_lifetime(plan);
+        let pins = self.agent_pins();
+        if pins.is_empty() {
+            return Err(StageError::new(
+                ErrorKind::InvalidPipeline,
+                format!("no kiln-agent is pinned: the stack's AgentSha256 parameter ({AGENT_SHA256_ENV}) is empty; `make deploy` sets it to the SHA-256 of the agent it uploads"),
+            )
+            .with_code("AgentNotPinned"));
+        }
+        let prefix = format!("builds/{build}/{kind}");
         let mut docs = Vec::new();
         for (i, c) in plan.components.iter().enumerate() {
             let key = format!("{prefix}/docs/{i}.json");
             self.put(&key, serde_json::to_vec(&c.document).map_err(internal)?)
                 .await?;
-            docs.push((format!("docs/{i}.json"), self.get_url(&key).await?));
+            docs.push((format!("docs/{i}.json"), self.get_url(&key, life).await?));
         }
-        let params: Vec<&std::collections::BTreeMap<String, String>> =
+        let params: Vec<&BTreeMap<String, String>> =
             plan.components.iter().map(|c| &c.parameters).collect();
         self.put(
             &format!("{prefix}/params.json"),
@@ -164,43 +275,95 @@ impl AwsPorts {
         )
         .await?;
         let phases: Vec<&str> = plan.phases.iter().map(|p| p.as_str()).collect();
+        let run_dir = format!("/var/lib/kiln/{build}/{kind}");
+        let state_file = format!("/var/lib/kiln-agent/{build}-{kind}.json");
         let mut s = vec![
             "set -eu".to_string(),
-            format!("KILN_RUN=/var/lib/kiln/{}/{}", plan.build, kind(plan)),
+            "umask 077".into(),
+            format!("KILN_RUN={run_dir}"),
             "mkdir -p \"$KILN_RUN/docs\" && cd \"$KILN_RUN\"".into(),
             "fetch() { if command -v curl >/dev/null 2>&1; then curl -fsSL --retry 5 -o \"$1\" \"$2\"; else wget -q -O \"$1\" \"$2\"; fi; }".into(),
-            "send() { if command -v curl >/dev/null 2>&1; then curl -fsS --retry 3 -X PUT --upload-file \"$1\" \"$2\"; else wget -q --method=PUT --body-file=\"$1\" -O /dev/null \"$2\"; fi; }".into(),
-            format!(
-                "case \"$(uname -m)\" in aarch64|arm64) fetch kiln-agent {} ;; *) fetch kiln-agent {} ;; esac",
-                quoted(&self.get_url(&format!("{AGENT_KEY}-aarch64")).await?)?,
-                quoted(&self.get_url(&format!("{AGENT_KEY}-x86_64")).await?)?
-            ),
-            "chmod +x kiln-agent".into(),
-            format!("fetch params.json {}", quoted(&self.get_url(&format!("{prefix}/params.json")).await?)?),
-            format!("fetch workdir {}", quoted(&self.get_url(&format!("{prefix}/workdir")).await?)?),
+            "send() { if command -v curl >/dev/null 2>&1; then curl -fsS --retry 3 -X PUT --upload-file \"$1\" \"$2\" >/dev/null; else wget -q --method=PUT --body-file=\"$1\" -O /dev/null \"$2\"; fi; }".into(),
+            // After a reboot the same text runs again: keep what was fetched.
+            "once() { test -s \"$1\" || fetch \"$1\" \"$2\"; }".into(),
+            "pinned() { echo \"$1  kiln-agent\" | sha256sum -c --status 2>/dev/null; }".into(),
         ];
+        let mut arms = Vec::new();
+        for (arch, names) in ARCHES {
+            if let Some(sha) = pins.get(arch) {
+                let url = self.get_url(&format!("{AGENT_KEY}-{arch}"), life).await?;
+                arms.push(format!("{names}) want={sha}; url={url} ;;"));
+            }
+        }
+        s.push(format!(
+            "case \"$(uname -m)\" in {} *) echo \"kiln: no kiln-agent is pinned for $(uname -m)\" >&2; exit 1 ;; esac",
+            arms.join(" ")
+        ));
+        s.push("pinned \"$want\" || fetch kiln-agent \"$url\"".into());
+        s.push("if ! pinned \"$want\"; then rm -f kiln-agent; echo \"kiln: the kiln-agent in the artifacts bucket is not the pinned one (SHA-256 $want); not run\" >&2; exit 1; fi".into());
+        s.push("chmod 0700 kiln-agent".into());
+        s.push(format!(
+            "once params.json {}",
+            self.get_url(&format!("{prefix}/params.json"), life).await?
+        ));
+        s.push(format!(
+            "once workdir {}",
+            self.get_url(&format!("{prefix}/workdir"), life).await?
+        ));
         for (file, url) in &docs {
-            s.push(format!("fetch {file} {}", quoted(url)?));
+            s.push(format!("once {file} {url}"));
         }
         let doc_list: Vec<&str> = docs.iter().map(|(f, _)| f.as_str()).collect();
-        s.push("set +e".into());
-        s.push(format!(
-            "./kiln-agent run --documents {} --phases {} --parameters-file params.json --work-dir \"$(cat workdir)\" --report report.json --log-dir logs --state-file /var/lib/kiln-agent/{}-{}.json --quiet",
+        let mut run = format!(
+            "./kiln-agent run --documents {} --phases {} --parameters-file params.json --work-dir \"$(cat workdir)\" --report report.json --log-dir logs --state-file {state_file} --quiet",
             doc_list.join(","),
             phases.join(","),
-            plan.build,
-            kind(plan)
-        ));
+        );
+        let record_key = format!("builds/{build}/customize/sanitized.json");
+        if kind == "customize" {
+            run.push_str(" --sanitize-record sanitized.json");
+            if !plan.sanitize.is_empty() {
+                run.push_str(&format!(
+                    " --sanitize {}",
+                    SanitizeItem::list(&plan.sanitize)
+                ));
+            }
+        }
+        if let Some(items) = &plan.verify_clean {
+            s.push(format!(
+                "once sanitized.json {}",
+                self.get_url(&record_key, life).await?
+            ));
+            run.push_str(&format!(
+                " --verify-clean sanitized.json --verify-absent /var/lib/kiln/{build}/customize,/var/lib/kiln-agent/{build}-customize.json"
+            ));
+            if !items.is_empty() {
+                run.push_str(&format!(" --verify-items {}", SanitizeItem::list(items)));
+            }
+        }
+        s.push("set +e".into());
+        s.push(run);
         s.push("code=$?".into());
         s.push(format!(
             "send report.json {} || true",
-            quoted(&self.put_url(&format!("{prefix}/report.json")).await?)?
+            self.put_url(&format!("{prefix}/report.json"), life).await?
         ));
         s.push(format!(
             "tar czf logs.tgz logs 2>/dev/null && send logs.tgz {} || true",
-            quoted(&self.put_url(&format!("{prefix}/logs.tgz")).await?)?
+            self.put_url(&format!("{prefix}/logs.tgz"), life).await?
         ));
+        if kind == "customize" {
+            // The record the test stage checks the image against; without it the test fails.
+            s.push(format!(
+                "test ! -f sanitized.json || send sanitized.json {} || code=1",
+                self.put_url(&record_key, life).await?
+            ));
+        }
         // 194 asks SSM to reboot the instance and run this command again; the agent resumes.
+        // Any other end: nothing of kiln stays on the instance (or in the image made from it).
+        s.push(format!(
+            "if [ \"$code\" != 194 ]; then cd / && rm -rf \"$KILN_RUN\" {state_file}; rmdir /var/lib/kiln/{build} /var/lib/kiln /var/lib/kiln-agent 2>/dev/null || true; fi"
+        ));
         s.push("exit $code".into());
         Ok(s)
     }
@@ -264,7 +427,14 @@ impl Commands for AwsPorts {
                 .instance_ids(instance.as_str())
                 .comment(format!("kiln {} {}", plan.build, kind(plan)))
                 .parameters("commands", script)
-                .parameters("executionTimeout", vec!["172800".to_string()])
+                .parameters(
+                    "executionTimeout",
+                    vec![url_lifetime(plan)
+                        .as_secs()
+                        .saturating_sub(300)
+                        .max(60)
+                        .to_string()],
+                )
                 .send()
                 .await
                 .map_err(|e| sdk_error("SendCommand", e))?;

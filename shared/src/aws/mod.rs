@@ -3,6 +3,7 @@
 //! Every error keeps the service's error code, classified into the `Kiln.*` kinds.
 
 mod commands;
+pub use commands::{parse_agent_pins, sha256_file, AGENT_SHA256_ENV};
 mod compute;
 #[cfg(feature = "control")]
 pub mod control;
@@ -50,6 +51,9 @@ pub struct AwsPorts {
     pub(crate) dynamodb: aws_sdk_dynamodb::Client,
     pub(crate) s3: aws_sdk_s3::Client,
     events: aws_sdk_eventbridge::Client,
+    /// The SHA-256 of kiln-agent per architecture, which the commands check before running it
+    /// (from `KILN_AGENT_SHA256`, or pinned by `prepare_artifacts`).
+    agent_pins: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for AwsPorts {
@@ -85,7 +89,29 @@ impl AwsPorts {
             ssm: Mutex::new(HashMap::new()),
             settings,
             config,
+            agent_pins: Mutex::new(
+                std::env::var(AGENT_SHA256_ENV)
+                    .ok()
+                    .and_then(|v| parse_agent_pins(&v).ok())
+                    .unwrap_or_default(),
+            ),
         }
+    }
+
+    /// Pins kiln-agent of `arch` (x86_64, aarch64) to `sha256`.
+    pub fn pin_agent(&self, arch: &str, sha256: &str) {
+        self.agent_pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(arch.to_string(), sha256.to_string());
+    }
+
+    /// The pinned agent digests.
+    pub fn agent_pins(&self) -> std::collections::BTreeMap<String, String> {
+        self.agent_pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Creates the table and the bucket if they do not exist (tests, and `kiln run --backend aws`

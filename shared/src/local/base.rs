@@ -75,6 +75,8 @@ pub const TINY_PROGRAMS: &[&str] = &[
     "mknod",
     "unshare",
     "timeout",
+    // What an EC2 command script needs to fetch its files (kiln's AWS scripts run on it in tests).
+    "curl",
 ];
 
 /// The dynamic loader and the libraries `binary` loads, as `ldd` reports them.
@@ -190,6 +192,15 @@ pub fn tiny_rootfs(root: &Path) -> Result<Vec<String>, StageError> {
             libraries.extend(libs);
         }
         found.push((*name).to_string());
+    }
+    // The libraries Rust programs built here load (libgcc_s, libm), so that a kiln-agent
+    // fetched onto an instance, as on EC2, runs.
+    if let Ok((loader, libs)) = std::env::current_exe()
+        .map_err(|err| e("kiln", err))
+        .and_then(|exe| shared_libraries(&exe))
+    {
+        libraries.insert(loader);
+        libraries.extend(libs);
     }
     if !found.iter().any(|p| p == "bash") {
         return Err(StageError::new(

@@ -44,6 +44,144 @@ pub struct Pipeline {
     pub lifecycle: Option<Lifecycle>,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// What the builder removes before the snapshot, as Image Builder's sanitize step does:
+    /// `true` (the default: every item), `false`, or a list of items. kiln's own files (agent,
+    /// documents, parameters, logs) are removed always.
+    #[serde(default)]
+    pub sanitize: Sanitize,
+}
+
+/// One kind of thing the builder leaves that no image should carry.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum SanitizeItem {
+    /// `/etc/ssh/ssh_host_*`: every instance of the image would share the builder's host keys.
+    SshHostKeys,
+    /// `authorized_keys` of root and of every user in `/home`: the builder's key pair.
+    AuthorizedKeys,
+    /// cloud-init's per-instance state and logs, so it runs again on each new instance.
+    CloudInit,
+    /// `/etc/machine-id` emptied (systemd makes a new one at first boot), `/var/lib/dbus/machine-id`.
+    MachineId,
+    /// Shell, Python, less, vim, MySQL and PostgreSQL histories of root and of every user.
+    ShellHistory,
+    /// The SSM agent's state of the builder (`/var/lib/amazon/ssm/i-*`) and its logs.
+    SsmAgent,
+    /// The system's login, audit and boot logs emptied, the journal removed.
+    Logs,
+    /// DHCP leases of the builder's network interfaces.
+    DhcpLeases,
+    /// What `/tmp` and `/var/tmp` hold.
+    Tmp,
+}
+
+impl SanitizeItem {
+    pub const ALL: [SanitizeItem; 9] = [
+        SanitizeItem::SshHostKeys,
+        SanitizeItem::AuthorizedKeys,
+        SanitizeItem::CloudInit,
+        SanitizeItem::MachineId,
+        SanitizeItem::ShellHistory,
+        SanitizeItem::SsmAgent,
+        SanitizeItem::Logs,
+        SanitizeItem::DhcpLeases,
+        SanitizeItem::Tmp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SanitizeItem::SshHostKeys => "ssh-host-keys",
+            SanitizeItem::AuthorizedKeys => "authorized-keys",
+            SanitizeItem::CloudInit => "cloud-init",
+            SanitizeItem::MachineId => "machine-id",
+            SanitizeItem::ShellHistory => "shell-history",
+            SanitizeItem::SsmAgent => "ssm-agent",
+            SanitizeItem::Logs => "logs",
+            SanitizeItem::DhcpLeases => "dhcp-leases",
+            SanitizeItem::Tmp => "tmp",
+        }
+    }
+
+    /// The name as the pipeline file spells it.
+    pub fn parse(name: &str) -> Result<SanitizeItem, String> {
+        SanitizeItem::ALL
+            .into_iter()
+            .find(|i| i.as_str() == name)
+            .ok_or_else(|| {
+                let all: Vec<&str> = SanitizeItem::ALL.iter().map(|i| i.as_str()).collect();
+                format!(
+                    "unknown sanitize item `{name}` (allowed: {})",
+                    all.join(", ")
+                )
+            })
+    }
+
+    /// Comma-separated, as the agent's `--sanitize` takes them.
+    pub fn list(items: &[SanitizeItem]) -> String {
+        items
+            .iter()
+            .map(|i| i.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The items the builder sanitizes, in the order of [`SanitizeItem::ALL`]. Written `true`,
+/// `false` or as a list; kept as the list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Sanitize(#[schemars(with = "SanitizeSchema")] pub Vec<SanitizeItem>);
+
+/// How `sanitize` may be written (for the JSON schema).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum SanitizeSchema {
+    /// `true`: every item; `false`: none.
+    All(bool),
+    /// These items only.
+    Only(Vec<SanitizeItem>),
+}
+
+impl Default for Sanitize {
+    fn default() -> Self {
+        Sanitize(SanitizeItem::ALL.to_vec())
+    }
+}
+
+impl<'de> Deserialize<'de> for Sanitize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Sanitize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or a list of sanitize items")
+            }
+            fn visit_bool<E: serde::de::Error>(self, all: bool) -> Result<Sanitize, E> {
+                Ok(if all {
+                    Sanitize::default()
+                } else {
+                    Sanitize(Vec::new())
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Sanitize, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<SanitizeItem>()? {
+                    if !items.contains(&item) {
+                        items.push(item);
+                    }
+                }
+                items.sort();
+                Ok(Sanitize(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_working_directory() -> String {

@@ -32,6 +32,9 @@ pub async fn start(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
         phases: vec![PhaseName::Build, PhaseName::Validate],
         components: record.components.clone(),
         working_directory: record.pipeline.working_directory.clone(),
+        sanitize: record.pipeline.sanitize.0.clone(),
+        verify_clean: None,
+        timeout_minutes: record.pipeline.timeouts.customize_minutes,
     };
     build.customize_command = Some(
         ports

@@ -74,6 +74,9 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                     phases: vec![PhaseName::Test],
                     components: record.tests.clone(),
                     working_directory: record.pipeline.working_directory.clone(),
+                    sanitize: Vec::new(),
+                    verify_clean: Some(record.pipeline.sanitize.0.clone()),
+                    timeout_minutes: record.pipeline.timeouts.test_minutes,
                 };
                 build.test_command = Some(ports.commands.send(&region, &instance.id, &plan).await?);
                 ports.store.save_build(&build, BuildStatus::Testing).await?;
