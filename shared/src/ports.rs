@@ -162,6 +162,8 @@ pub trait Compute: Send + Sync {
         name: &'a str,
         client_token: &'a str,
         tags: &'a BTreeMap<String, String>,
+        // The key the copy's snapshots are encrypted with (the region's default EBS key when None).
+        kms_key_id: Option<&'a str>,
     ) -> PortResult<'a, ImageId>;
     fn share_image<'a>(
         &'a self,

@@ -527,6 +527,7 @@ impl Compute for MemoryCloud {
         name: &'a str,
         token: &'a str,
         tags: &'a BTreeMap<String, String>,
+        _kms_key_id: Option<&'a str>,
     ) -> PortResult<'a, ImageId> {
         let now = Clock::now(self);
         ok(self.with(|c| {

@@ -605,6 +605,33 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         outcome.error,
         outcome.cause
     );
+    // AND the volumes and the copy used each region's customer managed key, through EC2: what
+    // EC2 asks KMS for on the caller's behalf was authorized against the caller's role
+    let kms: BTreeSet<(String, String, String)> = r
+        .decisions()
+        .iter()
+        .filter(|d| d["action"].as_str().is_some_and(|a| a.starts_with("kms:")))
+        .map(|d| {
+            let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+            (text("operation"), text("action"), text("resource"))
+        })
+        .collect();
+    let key = |region: &str| format!("arn:aws:kms:{region}:123456789012:key/alias-kiln-images");
+    for (operation, action, region) in [
+        ("RunInstances", "kms:CreateGrant", "us-east-1"),
+        (
+            "RunInstances",
+            "kms:GenerateDataKeyWithoutPlaintext",
+            "us-east-1",
+        ),
+        ("CopyImage", "kms:CreateGrant", "eu-central-1"),
+        ("CopyImage", "kms:Encrypt", "eu-central-1"),
+    ] {
+        assert!(
+            kms.contains(&(operation.into(), action.into(), key(region))),
+            "{operation} {action} on {region}'s key: {kms:?}"
+        );
+    }
     let output = outcome.output.expect("output");
     assert_eq!(output["status"], "AVAILABLE", "{output}");
     let regions: BTreeMap<&str, &str> = output["regions"]

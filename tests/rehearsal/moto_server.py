@@ -229,6 +229,33 @@ def instance_profile_role(name_or_arn):
     return []
 
 
+def key_arn(region, key):
+    """The key ARN KMS authorizes a key id, key ARN or alias as (an alias names a key of its own
+    account and region; the rehearsal gives each alias a key ARN by name)."""
+    if key.startswith("arn:"):
+        return key.replace(":alias/", ":key/alias-")
+    if key.startswith("alias/"):
+        return f"arn:{PARTITION}:kms:{region}:{ACCOUNT}:key/alias-{key[len('alias/'):]}"
+    return f"arn:{PARTITION}:kms:{region}:{ACCOUNT}:key/{key}"
+
+
+def kms_on_behalf(region, keys, encrypt):
+    """What EC2 asks KMS for, as the caller, to encrypt volumes or a copy with a customer managed
+    key: each evaluated against the caller's role with kms:ViaService, as KMS evaluates it."""
+    via = {"kms:ViaService": f"ec2.{region}.amazonaws.com"}
+    actions = ["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom", "kms:ReEncryptTo"]
+    if encrypt:
+        actions.append("kms:Encrypt")
+    out = []
+    for key in keys:
+        if key in ("alias/aws/ebs",):
+            continue  # AWS managed: usable by any principal of the account through EC2
+        arn = key_arn(region, key)
+        out += [(a, arn, dict(via)) for a in actions]
+        out.append(("kms:CreateGrant", arn, {**via, "kms:GrantIsForAWSResource": "true"}))
+    return out
+
+
 def map_ec2(region, params):
     op = params.get("Action", "")
     action = f"ec2:{op}"
@@ -246,6 +273,8 @@ def map_ec2(region, params):
         groups = indexed(params, "SecurityGroupId") or ["sg-default"]
         for g in groups:
             out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:security-group/{g}", {}))
+        keys = sorted({v for k, v in params.items() if k.startswith("BlockDeviceMapping.") and k.endswith(".Ebs.KmsKeyId")})
+        out += kms_on_behalf(region, keys, encrypt=False)
         profile = params.get("IamInstanceProfile.Name") or params.get("IamInstanceProfile.Arn")
         if profile:
             for role in instance_profile_role(profile):
@@ -265,6 +294,8 @@ def map_ec2(region, params):
         ctx = request_tag_keys(specs.get("image", {}))
         ctx.update(resource_tag_keys(ec2_tags(source_region, source)))
         out.append((action, ec2_arn(source_region, source), ctx))
+        if params.get("KmsKeyId"):
+            out += kms_on_behalf(region, [params["KmsKeyId"]], encrypt=True)
         return out
     if op in ("CreateTags", "DeleteTags"):
         tags = {}
@@ -438,7 +469,27 @@ def map_request(service, region, environ, body, query):
     return None
 
 
+def key_policy(resource):
+    """A customer managed key's policy as KMS creates it by default: the account delegates to
+    IAM, so the caller's identity policy decides (KMS denies any use without a key policy)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Enable IAM User Permissions",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:{PARTITION}:iam::{ACCOUNT}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            }
+        ],
+    }
+
+
 def bucket_policy(resource):
+    """The resource policy of what is asked for: a bucket's (from moto), a key's (the default)."""
+    if resource.startswith(f"arn:{PARTITION}:kms:"):
+        return key_policy(resource)
     if not resource.startswith("arn:aws:s3:::"):
         return None
     bucket = resource[len("arn:aws:s3:::"):].split("/", 1)[0]

@@ -433,6 +433,7 @@ impl Compute for AwsPorts {
         name: &'a str,
         client_token: &'a str,
         tags: &'a BTreeMap<String, String>,
+        kms_key_id: Option<&'a str>,
     ) -> PortResult<'a, ImageId> {
         Box::pin(async move {
             let client = self.ec2(to_region);
@@ -440,17 +441,19 @@ impl Compute for AwsPorts {
             // lifecycle find them by build, and the stack's policy allows CreateTags only with
             // `ec2:CreateAction` CopyImage.
             let tags = &self.stack_tags(tags);
-            let out = client
+            let mut req = client
                 .copy_image()
                 .source_region(from_region)
                 .source_image_id(image.as_str())
                 .name(name)
                 .client_token(client_token)
                 .tag_specifications(tag_spec(ResourceType::Image, tags))
-                .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
-                .send()
-                .await
-                .map_err(|e| sdk_error("CopyImage", e))?;
+                .tag_specifications(tag_spec(ResourceType::Snapshot, tags));
+            // The region's own key: a KMS key is regional, so each copy names its region's.
+            if let Some(key) = kms_key_id {
+                req = req.encrypted(true).kms_key_id(key);
+            }
+            let out = req.send().await.map_err(|e| sdk_error("CopyImage", e))?;
             let id = out
                 .image_id()
                 .map(|i| ImageId(i.to_string()))

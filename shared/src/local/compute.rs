@@ -748,6 +748,7 @@ impl Compute for LocalCloud {
         name: &'a str,
         client_token: &'a str,
         tags: &'a BTreeMap<String, String>,
+        _kms_key_id: Option<&'a str>,
     ) -> PortResult<'a, ImageId> {
         ready((|| {
             if let Some(id) = self.token(client_token) {

@@ -325,6 +325,16 @@ fn check_distribution(p: &Pipeline, out: &mut Collector<'_>) {
         }
         if let Some(k) = &d.kms_key_id {
             report(out, &at("kmsKeyId"), shape::kms_key(k));
+            let volumes = p.block_devices.iter().find_map(|b| b.kms_key_id.as_deref());
+            if d.region == p.home_region() && volumes != Some(k.as_str()) {
+                out.at(
+                    &at("kmsKeyId"),
+                    format!(
+                        "in the build region the image keeps its volumes' key ({}): set blockDevices[].kmsKeyId to `{k}` instead",
+                        volumes.unwrap_or("none set")
+                    ),
+                );
+            }
         }
         if let Some(lp) = &d.launch_permission {
             let base = [key("distribution"), Seg::Index(i), key("launchPermission")];
@@ -354,6 +364,35 @@ fn check_distribution(p: &Pipeline, out: &mut Collector<'_>) {
                     &[&base[..], &[key("public")]].concat(),
                     "an image encrypted with a KMS key cannot be made public",
                 );
+            }
+            // Sharing an encrypted image: the recipients must be able to use its key, and no
+            // other account can use an AWS managed key (aws/ebs).
+            let shares = !lp.accounts.is_empty()
+                || !lp.organization_arns.is_empty()
+                || !lp.organizational_unit_arns.is_empty();
+            if shares && p.block_devices.iter().any(|b| b.encrypted) {
+                let home = d.region == p.home_region();
+                let key = if home {
+                    p.block_devices.iter().find_map(|b| b.kms_key_id.as_deref())
+                } else {
+                    d.kms_key_id.as_deref()
+                };
+                let managed =
+                    key.is_none_or(|k| k == "alias/aws/ebs" || k.ends_with(":alias/aws/ebs"));
+                if managed {
+                    let fix = if home {
+                        "set blockDevices[].kmsKeyId (the build region's image keeps its volumes' key)"
+                    } else {
+                        "set this distribution's kmsKeyId (the copy is encrypted with it)"
+                    };
+                    out.at(
+                        &base,
+                        format!(
+                            "an image encrypted with the AWS managed key aws/ebs cannot be shared with other accounts: {fix} to a customer managed key in {} whose key policy lets the recipients use it (kms:Decrypt, kms:DescribeKey, kms:CreateGrant, kms:ReEncrypt*, kms:GenerateDataKeyWithoutPlaintext)",
+                            d.region
+                        ),
+                    );
+                }
             }
         }
         if let Some(s) = &d.ssm_parameter {

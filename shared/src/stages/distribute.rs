@@ -63,6 +63,7 @@ pub async fn start(
             &name,
             &build.id.token(&format!("copy-{region}")),
             &tags,
+            d.kms_key_id.as_deref(),
         )
         .await?;
     Ok(RegionImage {
