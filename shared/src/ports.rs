@@ -110,6 +110,8 @@ pub struct ImageFacts {
     pub state: ImageState,
     /// `x86_64`, `arm64`, …
     pub architecture: String,
+    /// The root device's name (`/dev/xvda`, `/dev/sda1`), when the image has EBS mappings.
+    pub root_device: Option<String>,
 }
 
 /// Instances and images.

@@ -460,6 +460,7 @@ impl Compute for MemoryCloud {
                         i.state.clone()
                     },
                     architecture: i.architecture.clone(),
+                    root_device: Some("/dev/xvda".into()),
                 })
         })))
     }

@@ -754,6 +754,41 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
             "{kind}"
         );
         assert_eq!(m.http_put_response_hop_limit(), Some(1), "{kind}");
+        // in kiln's own security group (the pipeline names none), which lets nothing in, and
+        // without a public address
+        let groups: BTreeSet<&str> = i
+            .network_interfaces()
+            .iter()
+            .flat_map(|n| n.groups())
+            .filter_map(|g| g.group_id())
+            .collect();
+        assert_eq!(groups.len(), 1, "{kind}: {groups:?}");
+        assert_eq!(i.public_ip_address(), None, "{kind}");
+        let described = rt
+            .block_on(
+                home.describe_security_groups()
+                    .group_ids(groups.iter().next().copied().unwrap_or_default())
+                    .send(),
+            )
+            .expect("DescribeSecurityGroups");
+        assert_eq!(
+            described.security_groups()[0].group_name(),
+            Some(format!("kiln-{STACK}").as_str()),
+            "{kind}"
+        );
+        let group = &described.security_groups()[0];
+        assert!(
+            group.ip_permissions().is_empty(),
+            "{kind}: inbound {:?}",
+            group.ip_permissions()
+        );
+        assert!(
+            group
+                .tags()
+                .iter()
+                .any(|t| t.key() == Some("kiln:stack") && t.value() == Some(STACK)),
+            "{kind}: the group carries the stack tag"
+        );
         let behaviour = rt
             .block_on(
                 home.describe_instance_attribute()

@@ -280,6 +280,11 @@ def map_ec2(region, params):
             for role in instance_profile_role(profile):
                 out.append(("iam:PassRole", role, {"iam:PassedToService": "ec2.amazonaws.com"}))
         return out
+    if op == "CreateSecurityGroup":
+        out = new_resources_with_tags(action, region, specs, ["security-group"], "CreateSecurityGroup")
+        vpc = params.get("VpcId", "vpc-default")
+        out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:vpc/{vpc}", {}))
+        return out
     if op == "CreateImage":
         instance = params.get("InstanceId", "")
         out = [

@@ -60,6 +60,102 @@ impl AwsPorts {
         all
     }
 
+    /// The security group instances get when the pipeline names none: `kiln-<stack>` (or `kiln`)
+    /// in the instance's VPC (the subnet's, or the region's default), with no inbound rule and
+    /// EC2's default outbound rule, made the first time and kept (one per region and VPC). The
+    /// VPC's default group would let every other instance in it reach the builder.
+    async fn kiln_security_group(
+        &self,
+        region: &str,
+        subnet: Option<&str>,
+    ) -> Result<String, StageError> {
+        let ec2 = self.ec2(region);
+        let vpc = match subnet {
+            Some(subnet) => ec2
+                .describe_subnets()
+                .subnet_ids(subnet)
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeSubnets", e))?
+                .subnets()
+                .first()
+                .and_then(|s| s.vpc_id())
+                .map(str::to_string),
+            None => ec2
+                .describe_vpcs()
+                .filters(Filter::builder().name("is-default").values("true").build())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeVpcs", e))?
+                .vpcs()
+                .first()
+                .and_then(|v| v.vpc_id())
+                .map(str::to_string),
+        };
+        let Some(vpc) = vpc else {
+            return Err(StageError::new(
+                ErrorKind::InvalidPipeline,
+                format!("{region} has no default VPC: set infrastructure.subnetId (and securityGroupIds)"),
+            ));
+        };
+        let name = match &self.settings.stack {
+            Some(stack) => format!("kiln-{stack}"),
+            None => "kiln".to_string(),
+        };
+        let find = || async {
+            let mut filters = vec![
+                Filter::builder().name("vpc-id").values(&vpc).build(),
+                Filter::builder().name("group-name").values(&name).build(),
+            ];
+            if let Some(stack) = &self.settings.stack {
+                filters.push(
+                    Filter::builder()
+                        .name(format!("tag:{}", super::STACK_TAG))
+                        .values(stack)
+                        .build(),
+                );
+            }
+            ec2.describe_security_groups()
+                .set_filters(Some(filters))
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeSecurityGroups", e))
+                .map(|out| {
+                    out.security_groups()
+                        .first()
+                        .and_then(|g| g.group_id())
+                        .map(str::to_string)
+                })
+        };
+        if let Some(id) = find().await? {
+            return Ok(id);
+        }
+        let tags = self.stack_tags(&BTreeMap::from([("Name".to_string(), name.clone())]));
+        match ec2
+            .create_security_group()
+            .group_name(&name)
+            .description("kiln builders and test instances: no inbound rule")
+            .vpc_id(&vpc)
+            .tag_specifications(tag_spec(ResourceType::SecurityGroup, &tags))
+            .send()
+            .await
+        {
+            Ok(out) => out.group_id().map(str::to_string).ok_or_else(|| {
+                StageError::new(ErrorKind::Internal, "CreateSecurityGroup returned no id")
+            }),
+            // Another build made it first.
+            Err(e) if e.code() == Some("InvalidGroup.Duplicate") => {
+                find().await?.ok_or_else(|| {
+                    StageError::new(
+                        ErrorKind::Retryable,
+                        format!("security group {name} is being created"),
+                    )
+                })
+            }
+            Err(e) => Err(sdk_error("CreateSecurityGroup", e)),
+        }
+    }
+
     /// `filters`, and in a stack the filter that makes look-ups see only what this stack created
     /// (`kiln:stack`): a resource someone else tagged with a build id is neither found nor
     /// touched.
@@ -144,18 +240,22 @@ impl Compute for AwsPorts {
             if spec.terminate_on_shutdown {
                 req = req.instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate);
             }
-            if inf.subnet_id.is_some() || !inf.associate_public_ip {
-                let mut nic = InstanceNetworkInterfaceSpecification::builder()
-                    .device_index(0)
-                    .associate_public_ip_address(inf.associate_public_ip);
-                if let Some(subnet) = &inf.subnet_id {
-                    nic = nic.subnet_id(subnet);
-                }
-                for sg in &inf.security_group_ids {
-                    nic = nic.groups(sg);
-                }
-                req = req.network_interfaces(nic.build());
+            let groups = if inf.security_group_ids.is_empty() {
+                vec![
+                    self.kiln_security_group(&spec.region, inf.subnet_id.as_deref())
+                        .await?,
+                ]
+            } else {
+                inf.security_group_ids.clone()
+            };
+            let mut nic = InstanceNetworkInterfaceSpecification::builder()
+                .device_index(0)
+                .associate_public_ip_address(inf.associate_public_ip)
+                .set_groups(Some(groups));
+            if let Some(subnet) = &inf.subnet_id {
+                nic = nic.subnet_id(subnet);
             }
+            req = req.network_interfaces(nic.build());
             // The pipeline's profile, or the stack's: a builder must reach SSM.
             let profile = inf
                 .instance_profile
@@ -355,6 +455,7 @@ impl Compute for AwsPorts {
                     .architecture()
                     .map(|a| a.as_str().to_string())
                     .unwrap_or_default(),
+                root_device: i.root_device_name().map(str::to_string),
             }))
         })
     }

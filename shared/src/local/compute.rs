@@ -673,11 +673,13 @@ impl Compute for LocalCloud {
                     architecture: layout
                         .architecture(&image.manifest)
                         .map_err(|e| io_error(format!("read {id}"), e))?,
+                    root_device: None,
                 }));
             }
             Ok(self.jobs().get(id.as_str()).map(|j| ImageFacts {
                 state: j.state.clone(),
                 architecture: host_architecture().into(),
+                root_device: None,
             }))
         })())
     }

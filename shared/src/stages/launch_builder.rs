@@ -5,8 +5,10 @@
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{Build, BuildId, BuildStatus, ImageId, InstanceRef};
 use crate::model::fingerprint;
-use crate::model::pipeline::{Parent, StartCondition};
-use crate::ports::{build_tags, ImageState, InstanceState, LaunchSpec, PipelineRecord, Ports};
+use crate::model::pipeline::{BlockDevice, Parent, StartCondition};
+use crate::ports::{
+    build_tags, ImageFacts, ImageState, InstanceState, LaunchSpec, PipelineRecord, Ports,
+};
 
 use super::{check_deadline, record, stage_finished, stage_started, StartRequest};
 
@@ -132,7 +134,7 @@ async fn check_parent(
     record: &PipelineRecord,
     region: &str,
     parent: &ImageId,
-) -> Result<(), StageError> {
+) -> Result<ImageFacts, StageError> {
     let invalid = |what: String| StageError::new(ErrorKind::InvalidPipeline, what);
     let from = match &record.pipeline.parent {
         Parent::Ami(_) => "parent.ami".to_string(),
@@ -174,7 +176,32 @@ async fn check_parent(
             misfits.join(", ")
         )));
     }
-    Ok(())
+    Ok(facts)
+}
+
+/// The builder's volumes: the pipeline's, and the parent's root device encrypted (with the
+/// account's default EBS key, at the parent's size) when the pipeline does not name it, so that
+/// every image kiln makes is encrypted. The parent's other mappings stay as EC2 keeps them.
+pub fn merge_block_devices(pipeline: &[BlockDevice], root: Option<&str>) -> Vec<BlockDevice> {
+    let mut merged = pipeline.to_vec();
+    if let Some(root) = root {
+        if !merged.iter().any(|d| d.device_name == root) {
+            merged.insert(
+                0,
+                BlockDevice {
+                    device_name: root.to_string(),
+                    volume_size: None,
+                    volume_type: None,
+                    iops: None,
+                    throughput: None,
+                    encrypted: true,
+                    kms_key_id: None,
+                    delete_on_termination: true,
+                },
+            );
+        }
+    }
+    merged
 }
 
 /// Launches the builder, trying instance types in order on capacity errors.
@@ -190,7 +217,8 @@ async fn launch(
         .parent_image
         .clone()
         .ok_or_else(|| StageError::new(ErrorKind::Internal, "the build has no parent image"))?;
-    check_parent(ports, record, &build.home_region, &parent).await?;
+    let facts = check_parent(ports, record, &build.home_region, &parent).await?;
+    let block_devices = merge_block_devices(&p.block_devices, facts.root_device.as_deref());
     let mut tags = p.infrastructure.tags.clone();
     tags.extend(build_tags(build));
     tags.insert("Name".into(), format!("kiln-builder-{}", p.name));
@@ -203,7 +231,7 @@ async fn launch(
             client_token: build.id.token(&format!("builder-{instance_type}")),
             tags: tags.clone(),
             infrastructure: p.infrastructure.clone(),
-            block_devices: p.block_devices.clone(),
+            block_devices: block_devices.clone(),
             user_data: p.user_data.clone(),
             terminate_on_shutdown: false,
         };
@@ -278,4 +306,44 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
         )?;
     }
     Ok(build)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, kms: Option<&str>) -> BlockDevice {
+        BlockDevice {
+            device_name: name.into(),
+            volume_size: Some(30),
+            volume_type: None,
+            iops: None,
+            throughput: None,
+            encrypted: true,
+            kms_key_id: kms.map(str::to_string),
+            delete_on_termination: true,
+        }
+    }
+
+    #[test]
+    fn the_parents_root_is_encrypted_unless_the_pipeline_names_it() {
+        // Nothing named: the parent's root, encrypted at the parent's size.
+        let merged = merge_block_devices(&[], Some("/dev/sda1"));
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].device_name, "/dev/sda1");
+        assert!(merged[0].encrypted && merged[0].volume_size.is_none());
+        // The root named: the pipeline's entry alone.
+        let named = [device("/dev/xvda", Some("alias/k"))];
+        assert_eq!(
+            merge_block_devices(&named, Some("/dev/xvda")),
+            named.to_vec()
+        );
+        // A data volume named: kept, and the root added before it.
+        let data = [device("/dev/sdf", None)];
+        let merged = merge_block_devices(&data, Some("/dev/xvda"));
+        let names: Vec<&str> = merged.iter().map(|d| d.device_name.as_str()).collect();
+        assert_eq!(names, ["/dev/xvda", "/dev/sdf"]);
+        // No EBS root (instance store, embedded images): the pipeline's as written.
+        assert_eq!(merge_block_devices(&data, None), data.to_vec());
+    }
 }
