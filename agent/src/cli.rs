@@ -247,13 +247,41 @@ where
             verify_absent,
             root,
         } => {
-            let plan = match plan(&documents, &phases, &parameters, parameters_file.as_deref()) {
+            let mut plan = match plan(&documents, &phases, &parameters, parameters_file.as_deref())
+            {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = writeln!(stderr, "{}", e.trim_end());
                     return exit::INVALID;
                 }
             };
+            // `{{ ssm-secure:/name }}` values: read now, kept in memory, masked in what is written.
+            let mut secrets = Vec::new();
+            for spec in &mut plan.0 {
+                for (name, value) in spec.parameters.iter_mut() {
+                    let Some(reference) = crate::secrets::reference(value).map(str::to_string)
+                    else {
+                        continue;
+                    };
+                    match crate::secrets::get_secure(&reference) {
+                        Ok(secret) => {
+                            // As written in text, and as the JSON report escapes it.
+                            let escaped = serde_json::to_string(&secret).unwrap_or_default();
+                            secrets.push(escaped.trim_matches('"').to_string());
+                            secrets.push(secret.clone());
+                            *value = secret;
+                        }
+                        Err(e) => {
+                            let _ = writeln!(
+                                stderr,
+                                "parameter {name} of {}: {e}",
+                                spec.path.display()
+                            );
+                            return exit::FAILED;
+                        }
+                    }
+                }
+            }
             let work_dir = work_dir
                 .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
             if let Err(e) = std::fs::create_dir_all(&work_dir) {
@@ -264,8 +292,9 @@ where
                 );
                 return exit::FAILED;
             }
+            let log_dir_for_mask = log_dir.clone();
             let opts = Options {
-                phases: plan.1,
+                phases: plan.1.clone(),
                 work_dir,
                 state_file,
                 log_dir,
@@ -334,6 +363,17 @@ where
                     rep.status = crate::report::Status::Failed;
                     rep.failure = Some(f);
                     outcome = RunOutcome::Failed;
+                }
+            }
+            if !secrets.is_empty() {
+                if let Ok(text) = serde_json::to_string(&rep) {
+                    if let Ok(masked) = serde_json::from_str(&crate::secrets::mask(&text, &secrets))
+                    {
+                        rep = masked;
+                    }
+                }
+                if let Some(dir) = &log_dir_for_mask {
+                    crate::secrets::mask_files(dir, &secrets);
                 }
             }
             if let Some(path) = report {

@@ -13,4 +13,5 @@ pub mod report;
 pub mod runner;
 pub mod s3;
 pub mod sandbox;
+pub mod secrets;
 pub mod usernet;

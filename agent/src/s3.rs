@@ -14,13 +14,13 @@ use sha2::{Digest, Sha256};
 use crate::http;
 
 #[derive(Debug, Clone)]
-struct Credentials {
-    key: String,
-    secret: String,
-    token: Option<String>,
+pub(crate) struct Credentials {
+    pub(crate) key: String,
+    pub(crate) secret: String,
+    pub(crate) token: Option<String>,
 }
 
-fn env(name: &str) -> Option<String> {
+pub(crate) fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
@@ -57,7 +57,7 @@ fn imds_token() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&r.body).into_owned())
 }
 
-fn credentials() -> Result<Credentials, String> {
+pub(crate) fn credentials() -> Result<Credentials, String> {
     if let (Some(key), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
         return Ok(Credentials {
             key,
@@ -91,7 +91,7 @@ fn credentials() -> Result<Credentials, String> {
     })
 }
 
-fn region() -> String {
+pub(crate) fn region() -> String {
     env("AWS_REGION")
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .or_else(|| {
@@ -135,27 +135,29 @@ fn hmac(key: &[u8], data: &str) -> Vec<u8> {
 }
 
 /// What a signature covers.
-struct Request<'a> {
-    method: &'a str,
-    host: &'a str,
+pub(crate) struct Request<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) host: &'a str,
     /// Already URI-encoded.
-    path: &'a str,
-    query: &'a [(&'a str, String)],
-    extra_headers: &'a [(String, String)],
-    payload_hash: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) query: &'a [(&'a str, String)],
+    pub(crate) extra_headers: &'a [(String, String)],
+    pub(crate) payload_hash: &'a str,
     /// `YYYYMMDDTHHMMSSZ`
-    amz_date: &'a str,
-    region: &'a str,
+    pub(crate) amz_date: &'a str,
+    pub(crate) region: &'a str,
+    /// `s3`, `ssm`, …
+    pub(crate) service: &'a str,
 }
 
-struct Signed {
-    query_string: String,
+pub(crate) struct Signed {
+    pub(crate) query_string: String,
     /// Headers to send, `authorization` included (`host` is set by the HTTP client).
-    headers: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
 }
 
-/// Signature Version 4 for S3, per the AWS documentation.
-fn sign(r: &Request<'_>, creds: &Credentials) -> Signed {
+/// Signature Version 4, per the AWS documentation.
+pub(crate) fn sign(r: &Request<'_>, creds: &Credentials) -> Signed {
     let date = &r.amz_date[..8];
     let mut q: Vec<(String, String)> = r
         .query
@@ -185,14 +187,14 @@ fn sign(r: &Request<'_>, creds: &Credentials) -> Signed {
         "{}\n{}\n{query_string}\n{canonical_headers}\n{signed_headers}\n{}",
         r.method, r.path, r.payload_hash
     );
-    let scope = format!("{date}/{}/s3/aws4_request", r.region);
+    let scope = format!("{date}/{}/{}/aws4_request", r.region, r.service);
     let to_sign = format!(
         "AWS4-HMAC-SHA256\n{}\n{scope}\n{}",
         r.amz_date,
         hex::encode(Sha256::digest(canonical.as_bytes()))
     );
     let mut key_bytes = hmac(format!("AWS4{}", creds.secret).as_bytes(), date);
-    for part in [r.region, "s3", "aws4_request"] {
+    for part in [r.region, r.service, "aws4_request"] {
         key_bytes = hmac(&key_bytes, part);
     }
     let signature = hex::encode(hmac(&key_bytes, &to_sign));
@@ -271,6 +273,7 @@ impl Bucket {
             payload_hash: &payload_hash,
             amz_date: &amz_date,
             region: &self.region,
+            service: "s3",
         };
         let signed = sign(&request, &self.creds);
         let full = if signed.query_string.is_empty() {
@@ -475,6 +478,7 @@ mod tests {
             payload_hash: &empty,
             amz_date: "20130524T000000Z",
             region: "us-east-1",
+            service: "s3",
         };
         // WHEN signed THEN the signature is the documented one
         let signed = sign(&r, &creds);

@@ -704,3 +704,98 @@ fn s3_upload_and_download_against_a_moto_server() {
     assert_eq!(r.step("Missing").0, "failed");
     assert!(r.stdout.contains("HTTP 404 NoSuchKey"), "{}", r.stdout);
 }
+
+/// #14 part 6: `{{ ssm-secure:/name }}` is read on the instance (here: moto's SSM, with the
+/// agent's own SigV4 client), used by the step, and masked in the report, the logs and stdout.
+#[test]
+fn an_ssm_secure_parameter_is_used_and_masked_in_everything_the_agent_writes() {
+    // GIVEN a SecureString and a plain String in SSM
+    let moto = crate::support::Moto::start();
+    let secret = "s3cr3t-\"quoted\"-$(not run)";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ssm = aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+            .endpoint_url(moto.endpoint())
+            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .build(),
+    );
+    rt.block_on(async {
+        for (name, value, kind) in [
+            (
+                "/db/password",
+                secret,
+                aws_sdk_ssm::types::ParameterType::SecureString,
+            ),
+            (
+                "/db/plain",
+                "visible",
+                aws_sdk_ssm::types::ParameterType::String,
+            ),
+        ] {
+            ssm.put_parameter()
+                .name(name)
+                .value(value)
+                .r#type(kind)
+                .send()
+                .await
+                .expect("PutParameter");
+        }
+    });
+    let document = "name: t\nschemaVersion: 1.0\nparameters:\n  - Password:\n      type: string\nphases:\n  - name: build\n    steps:\n      - name: Use\n        action: ExecuteBash\n        inputs:\n          commands:\n            - printf '%s' '{{ Password }}' > @DIR@/used.txt\n            - echo 'connecting with {{ Password }}'\n";
+    let run = |name: &str| {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join("params.json"),
+            format!(r#"[{{"Password": "{{{{ ssm-secure:{name} }}}}"}}]"#),
+        )
+        .expect("params");
+        let params = dir.path().join("params.json").display().to_string();
+        let logs = dir.path().join("logs").display().to_string();
+        std::fs::write(
+            dir.path().join("doc.yaml"),
+            document.replace("@DIR@", &dir.path().display().to_string()),
+        )
+        .expect("doc");
+        let (code, stdout, stderr) = invoke(
+            dir.path(),
+            &["--parameters-file", &params, "--log-dir", &logs],
+            &moto.env(),
+        );
+        Run {
+            dir,
+            code,
+            stdout,
+            stderr,
+        }
+    };
+    // WHEN a component gets the SecureString
+    let r = run("/db/password");
+    // THEN the step used the value, and nothing the agent wrote or printed holds it
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.read("used.txt"), secret);
+    let report = r.read("report.json");
+    assert!(!report.contains("s3cr3t"), "{report}");
+    assert!(report.contains("connecting with ****"), "{report}");
+    let mut logged = String::new();
+    for e in std::fs::read_dir(r.path("logs")).expect("logs").flatten() {
+        logged.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    assert!(logged.contains("connecting with ****"), "{logged}");
+    assert!(!logged.contains("s3cr3t"), "{logged}");
+    assert!(!r.stdout.contains("s3cr3t") && !r.stderr.contains("s3cr3t"));
+    // AND a plain String is refused: ssm-secure references only SecureStrings
+    let r = run("/db/plain");
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("is a String, not a SecureString"),
+        "{}",
+        r.stderr
+    );
+}

@@ -729,3 +729,42 @@ fn collect_strings(json: &Json, path: &mut Vec<Seg>, found: &mut Vec<(Vec<Seg>, 
         _ => {}
     }
 }
+
+/// The SSM parameter a component parameter value references as `{{ ssm-secure:/name }}` (the
+/// whole value), if it does; the agent reads it on the instance.
+pub fn secure_reference(value: &str) -> Option<&str> {
+    let inner = value
+        .trim()
+        .strip_prefix("{{")?
+        .strip_suffix("}}")?
+        .trim()
+        .strip_prefix("ssm-secure:")?
+        .trim();
+    Some(inner)
+}
+
+/// A value that mentions `ssm-secure:` must be exactly one reference to a parameter path.
+pub fn check_secure_reference(value: &str) -> Result<(), String> {
+    if !value.contains("ssm-secure:") {
+        return Ok(());
+    }
+    let Some(name) = secure_reference(value) else {
+        return Err(
+            "an SSM SecureString is referenced as the whole value: `{{ ssm-secure:/path/name }}`"
+                .into(),
+        );
+    };
+    let shaped = name.starts_with('/')
+        && name.len() <= 2048
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b))
+        && !name.contains("//");
+    if shaped {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not an SSM parameter path (`/` then letters, digits, `_`, `.`, `-`, `/`)"
+        ))
+    }
+}

@@ -484,6 +484,14 @@ fn check_parameters(
 ) {
     let declared: Vec<&str> = doc.parameter_names().collect();
     for (name, value) in given {
+        if let Err(e) = component::check_secure_reference(value) {
+            out.at(&[at, &[key("parameters"), key(name)]].concat(), e);
+            continue;
+        }
+        if component::secure_reference(value).is_some() {
+            // Resolved on the instance; allowedValues cannot be checked here.
+            continue;
+        }
         if let Some(allowed) = doc.parameter(name).and_then(|s| s.allowed_values.as_ref()) {
             if !allowed.contains(value) {
                 out.at_with_allowed(
