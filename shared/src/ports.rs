@@ -161,11 +161,7 @@ pub trait Compute: Send + Sync {
         from_region: &'a str,
         image: &'a ImageId,
         to_region: &'a str,
-        name: &'a str,
-        client_token: &'a str,
-        tags: &'a BTreeMap<String, String>,
-        // The key the copy's snapshots are encrypted with (the region's default EBS key when None).
-        kms_key_id: Option<&'a str>,
+        copy: CopySpec<'a>,
     ) -> PortResult<'a, ImageId>;
     fn share_image<'a>(
         &'a self,
@@ -204,6 +200,18 @@ pub trait Compute: Send + Sync {
         image: &'a ImageId,
         at: DateTime<Utc>,
     ) -> PortResult<'a, ()>;
+}
+
+/// What a copy of an image into another region is made with.
+#[derive(Debug, Clone, Copy)]
+pub struct CopySpec<'a> {
+    pub name: &'a str,
+    /// Idempotency token: copying twice with it makes one copy.
+    pub client_token: &'a str,
+    /// On the copy and its snapshots, set at creation.
+    pub tags: &'a BTreeMap<String, String>,
+    /// The key the copy's snapshots are encrypted with (the region's default EBS key when None).
+    pub kms_key_id: Option<&'a str>,
 }
 
 /// What a customize or test command runs.

@@ -525,11 +525,14 @@ impl Compute for MemoryCloud {
         _from: &'a str,
         image: &'a ImageId,
         to: &'a str,
-        name: &'a str,
-        token: &'a str,
-        tags: &'a BTreeMap<String, String>,
-        _kms_key_id: Option<&'a str>,
+        copy: CopySpec<'a>,
     ) -> PortResult<'a, ImageId> {
+        let CopySpec {
+            name,
+            client_token: token,
+            tags,
+            ..
+        } = copy;
         let now = Clock::now(self);
         ok(self.with(|c| {
             if let Some(existing) = c.tokens.get(token) {

@@ -2187,12 +2187,18 @@ mod ssm_scripts {
         out.stdout
     }
 
-    #[test]
-    fn leave_nothing_of_kiln_sanitize_the_image_and_the_test_instance_proves_it() {
+    /// A home, moto with the agent pinned, a build id and its two scripts.
+    fn setup() -> (Home, Aws, BuildId, Vec<String>, Vec<String>) {
         let home = Home::new();
         let aws = aws();
         let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
         let (customize, test) = aws.scripts(&build);
+        (home, aws, build, customize, test)
+    }
+
+    #[test]
+    fn leave_nothing_of_kiln_sanitize_the_image_and_the_test_instance_proves_it() {
+        let (home, aws, build, customize, test) = setup();
         // GIVEN the scripts hold the build id, pins and quoted URLs, and none of the values
         let text = customize.join("\n") + &test.join("\n");
         assert!(!text.contains("touch /pwned"), "a value reached the script");
@@ -2286,10 +2292,7 @@ mod ssm_scripts {
 
     #[test]
     fn a_builder_file_back_in_the_image_fails_the_clean_image_test() {
-        let home = Home::new();
-        let aws = aws();
-        let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
-        let (customize, test) = aws.scripts(&build);
+        let (home, aws, build, customize, test) = setup();
         // GIVEN a component after the customize script that puts the builder's host key back
         let file = pipeline(
             &home,
@@ -2322,10 +2325,7 @@ mod ssm_scripts {
 
     #[test]
     fn a_tampered_agent_in_the_bucket_is_refused_before_it_runs() {
-        let home = Home::new();
-        let aws = aws();
-        let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
-        let (customize, test) = aws.scripts(&build);
+        let (home, aws, build, customize, test) = setup();
         // GIVEN someone who can write the bucket replaced the agent
         let evil = home.path().join("evil-agent");
         std::fs::write(&evil, "#!/bin/sh\ntouch /tampered-agent-ran\nexit 0\n").expect("write");

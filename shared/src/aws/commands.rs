@@ -209,32 +209,22 @@ impl AwsPorts {
 
     async fn get_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let url = self
-            .s3
-            .get_object()
-            .bucket(&self.settings.bucket)
-            .key(key)
+        let get = self.s3.get_object().bucket(&self.settings.bucket).key(key);
+        let req = get
             .presigned(cfg)
             .await
-            .map_err(|e| sdk_error("presign GetObject", e))?
-            .uri()
-            .to_string();
-        quoted(&url)
+            .map_err(|e| sdk_error("presign GetObject", e))?;
+        quoted(req.uri())
     }
 
     async fn put_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let url = self
-            .s3
-            .put_object()
-            .bucket(&self.settings.bucket)
-            .key(key)
+        let put = self.s3.put_object().bucket(&self.settings.bucket).key(key);
+        let req = put
             .presigned(cfg)
             .await
-            .map_err(|e| sdk_error("presign PutObject", e))?
-            .uri()
-            .to_string();
-        quoted(&url)
+            .map_err(|e| sdk_error("presign PutObject", e))?;
+        quoted(req.uri())
     }
 
     /// Uploads the plan's files and returns the shell script that runs it. The script holds

@@ -16,7 +16,9 @@ use super::{sdk_error, AwsPorts};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, ImageId, InstanceId};
 use crate::model::pipeline::{Imdsv2, LaunchPermission, ParentFilter, VolumeType};
-use crate::ports::{Compute, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult};
+use crate::ports::{
+    Compute, CopySpec, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult,
+};
 
 fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
     tags.iter()
@@ -531,11 +533,14 @@ impl Compute for AwsPorts {
         from_region: &'a str,
         image: &'a ImageId,
         to_region: &'a str,
-        name: &'a str,
-        client_token: &'a str,
-        tags: &'a BTreeMap<String, String>,
-        kms_key_id: Option<&'a str>,
+        copy: CopySpec<'a>,
     ) -> PortResult<'a, ImageId> {
+        let CopySpec {
+            name,
+            client_token,
+            tags,
+            kms_key_id,
+        } = copy;
         Box::pin(async move {
             let client = self.ec2(to_region);
             // The copy and its snapshots are tagged in the same call, so that clean-up and

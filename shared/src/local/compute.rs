@@ -17,7 +17,9 @@ use super::{io_error, ready, LocalCloud};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, ImageId, InstanceId};
 use crate::model::pipeline::{glob_match, LaunchPermission, Network, ParentFilter};
-use crate::ports::{Compute, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult};
+use crate::ports::{
+    Compute, CopySpec, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult,
+};
 
 /// `instances/<id>/instance.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -747,11 +749,15 @@ impl Compute for LocalCloud {
         from_region: &'a str,
         image: &'a ImageId,
         to_region: &'a str,
-        name: &'a str,
-        client_token: &'a str,
-        tags: &'a BTreeMap<String, String>,
-        _kms_key_id: Option<&'a str>,
+        copy: CopySpec<'a>,
     ) -> PortResult<'a, ImageId> {
+        // Embedded images are not encrypted: the key is not used.
+        let CopySpec {
+            name,
+            client_token,
+            tags,
+            ..
+        } = copy;
         ready((|| {
             if let Some(id) = self.token(client_token) {
                 return Ok(ImageId(id));

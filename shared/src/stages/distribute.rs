@@ -6,7 +6,7 @@
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{Build, BuildStatus, RegionImage, RegionState};
 use crate::model::pipeline::{render_name, Distribution, NameContext};
-use crate::ports::{build_tags, ImageState, PipelineRecord, Ports};
+use crate::ports::{build_tags, CopySpec, ImageState, PipelineRecord, Ports};
 
 use super::{record, stage_finished, stage_started, transition};
 
@@ -60,10 +60,12 @@ pub async fn start(
             &build.home_region,
             &image,
             region,
-            &name,
-            &build.id.token(&format!("copy-{region}")),
-            &tags,
-            d.kms_key_id.as_deref(),
+            CopySpec {
+                name: &name,
+                client_token: &build.id.token(&format!("copy-{region}")),
+                tags: &tags,
+                kms_key_id: d.kms_key_id.as_deref(),
+            },
         )
         .await?;
     Ok(RegionImage {
