@@ -720,8 +720,30 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
             .expect("DescribeImages");
         let img = described.images().first().expect("the image");
         assert!(has_os(img.tags()), "{region}: image tags {:?}", img.tags());
+        let shared_with = if *region == "us-east-1" {
+            "111122223333"
+        } else {
+            "444455556666"
+        };
         for s in snaps.snapshots() {
             assert!(has_os(s.tags()), "{region}: snapshot tags {:?}", s.tags());
+            // AND the accounts the image is shared with may read its snapshots (to copy it)
+            let attr = rt
+                .block_on(
+                    ec2.describe_snapshot_attribute()
+                        .snapshot_id(s.snapshot_id().unwrap_or_default())
+                        .attribute(
+                            aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission,
+                        )
+                        .send(),
+                )
+                .expect("DescribeSnapshotAttribute");
+            let users: Vec<&str> = attr
+                .create_volume_permissions()
+                .iter()
+                .filter_map(|p| p.user_id())
+                .collect();
+            assert_eq!(users, [shared_with], "{region}: {:?}", s.snapshot_id());
         }
     }
     // AND the instances were launched as a reviewer wants them (raw DescribeInstances and

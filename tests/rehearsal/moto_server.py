@@ -323,6 +323,7 @@ def map_ec2(region, params):
         "EnableImageDeprecation": lambda: [params.get("ImageId", "")],
         "DisableImageDeprecation": lambda: [params.get("ImageId", "")],
         "ModifyImageAttribute": lambda: [params.get("ImageId", "")],
+        "ModifySnapshotAttribute": lambda: [params.get("SnapshotId", "")],
         "DeleteSnapshot": lambda: [params.get("SnapshotId", "")],
         "CreateLaunchTemplateVersion": lambda: [params.get("LaunchTemplateId", "")],
         "ModifyLaunchTemplate": lambda: [params.get("LaunchTemplateId", "")],

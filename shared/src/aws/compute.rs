@@ -616,6 +616,36 @@ impl Compute for AwsPorts {
                 .send()
                 .await
                 .map_err(|e| sdk_error("ModifyImageAttribute", e))?;
+            // The accounts may also read the snapshots, so that they can copy the image (and
+            // re-encrypt it with a key of their own); snapshots cannot be shared with an
+            // organization or an OU, nor made public by kiln.
+            if !permission.accounts.is_empty() {
+                let client = self.ec2(region);
+                let described = client
+                    .describe_images()
+                    .image_ids(image.as_str())
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("DescribeImages", e))?;
+                let snapshots = described
+                    .images()
+                    .iter()
+                    .flat_map(|i| i.block_device_mappings())
+                    .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()));
+                for snapshot in snapshots {
+                    client
+                        .modify_snapshot_attribute()
+                        .snapshot_id(snapshot)
+                        .attribute(
+                            aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission,
+                        )
+                        .operation_type(aws_sdk_ec2::types::OperationType::Add)
+                        .set_user_ids(Some(permission.accounts.clone()))
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error("ModifySnapshotAttribute", e))?;
+                }
+            }
             Ok(())
         })
     }
