@@ -232,6 +232,47 @@ impl MemoryCloud {
         }
     }
 
+    /// The triggers the ports use: SQLite's schedules when the store is SQLite.
+    pub fn triggers(&self) -> &dyn Triggers {
+        match &self.real_store {
+            Some((s, _)) => s,
+            None => self,
+        }
+    }
+
+    /// Gives `pipeline` an enabled weekly schedule (in SQLite when the store is SQLite).
+    pub fn add_schedule(&self, pipeline: &str) {
+        match &self.real_store {
+            Some((s, _)) => s
+                .put_schedule(&kiln::local::ScheduleRow {
+                    pipeline: pipeline.into(),
+                    cron: "cron(0 3 ? * MON *)".into(),
+                    timezone: "UTC".into(),
+                    enabled: true,
+                    disabled_reason: None,
+                    next_run: None,
+                })
+                .expect("schedule"),
+            None => {
+                self.with(|c| c.schedules.insert(pipeline.into(), None));
+            }
+        }
+    }
+
+    /// Why `pipeline`'s schedule is disabled, if it is (read back from where it is kept).
+    pub fn schedule_disabled(&self, pipeline: &str) -> Option<String> {
+        match &self.real_store {
+            Some((s, _)) => s
+                .schedules()
+                .expect("schedules")
+                .into_iter()
+                .find(|r| r.pipeline == pipeline)
+                .filter(|r| !r.enabled)
+                .map(|r| r.disabled_reason.unwrap_or_default()),
+            None => self.with(|c| c.schedules.get(pipeline).cloned().flatten()),
+        }
+    }
+
     /// Whether another build could take `pipeline`'s lock now (asked through the store).
     pub fn lock_free(&self, pipeline: &str) -> bool {
         let probe = BuildId("lock-probe".into());
@@ -251,7 +292,7 @@ impl MemoryCloud {
             store: self.store(),
             events: self,
             parameters: self,
-            triggers: self,
+            triggers: self.triggers(),
             clock: self,
         }
     }

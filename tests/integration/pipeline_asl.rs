@@ -349,12 +349,13 @@ fn the_schedule_is_disabled_after_the_configured_number_of_failed_scheduled_buil
             )
         });
     };
-    cloud.with(|c| c.schedules.insert("al2023-base".into(), None));
+    // The schedule is SQLite's, as the embedded mode keeps it.
+    cloud.add_schedule("al2023-base");
     fail(
         &cloud,
         "component harden, build/DisableRootLogin: exit code 2",
     );
-    let disabled = |cloud: &Arc<MemoryCloud>| cloud.with(|c| c.schedules["al2023-base"].is_some());
+    let disabled = |cloud: &Arc<MemoryCloud>| cloud.schedule_disabled("al2023-base").is_some();
     let scheduled = json!({"pipeline": "al2023-base", "trigger": {"kind": "schedule"}});
     // WHEN two scheduled builds fail, the schedule stays
     for n in 1..=2 {
@@ -390,10 +391,8 @@ fn the_schedule_is_disabled_after_the_configured_number_of_failed_scheduled_buil
         Some("schedule disabled after 3 consecutive failed builds (disableAfterFailures: 3)")
     );
     // AND a scheduled success resets the count: one failure after it leaves the schedule on
-    cloud.with(|c| {
-        c.schedules.insert("al2023-base".into(), None);
-        c.faults.command_fails.clear();
-    });
+    cloud.add_schedule("al2023-base");
+    cloud.with(|c| c.faults.command_fails.clear());
     // (image names carry the build's second: not the same as manual-ok's image)
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(

@@ -27,7 +27,7 @@ use crate::errors::{ErrorKind, StageError};
 use crate::ports::{BuildEvent, Clock, Events, Parameters, PortResult, Ports, PortsProvider};
 
 pub use compute::{network_supported, InstanceRecord, Job, USER_NET_PROGRAM};
-pub use store::SqliteStore;
+pub use store::{ScheduleRow, SqliteStore};
 
 /// Something told about every event as it happens (the progress display).
 pub type Observer = Box<dyn Fn(&BuildEvent) + Send + Sync>;
