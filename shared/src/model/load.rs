@@ -145,6 +145,7 @@ fn check_fields(p: &Pipeline, out: &mut Collector<'_>) {
     check_block_devices(p, out);
     check_infrastructure(p, out);
     check_distribution(p, out);
+    check_secrets_reachable(p, out);
     if let Some(s) = &p.schedule {
         if let Some(cron) = &s.cron {
             report(out, &[key("schedule"), key("cron")], Cron::parse(cron));
@@ -297,6 +298,35 @@ fn check_infrastructure(p: &Pipeline, out: &mut Collector<'_>) {
                 format!("tag `{k}`: the `kiln:` and `aws:` prefixes are reserved"),
                 Vec::new(),
             );
+        }
+    }
+}
+
+/// `{{ ssm-secure:… }}` is read by the agent with the instance's AWS credentials, which embedded
+/// instances do not have.
+fn check_secrets_reachable(p: &Pipeline, out: &mut Collector<'_>) {
+    if !matches!(p.parent, Parent::Local(_)) {
+        return;
+    }
+    let lists = [
+        ("components", &p.components),
+        ("tests", &p.tests.components),
+    ];
+    for (list, refs) in lists {
+        for (i, r) in refs.iter().enumerate() {
+            for (name, value) in &r.parameters {
+                if component::secure_reference(value).is_some() {
+                    let mut at = vec![key(list)];
+                    if list == "tests" {
+                        at.push(key("components"));
+                    }
+                    at.extend([Seg::Index(i), key("parameters"), key(name)]);
+                    out.at(
+                        &at,
+                        "an SSM SecureString is read with the instance's AWS credentials, which embedded instances (parent.local) do not have: pass the value another way, or build on AWS",
+                    );
+                }
+            }
         }
     }
 }
