@@ -120,11 +120,13 @@ impl Moto {
             .spawn()
             .expect("moto_server starts");
         let moto = Moto { child, port };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // Generous: on a loaded 2-core machine moto's imports (and the rehearsal's evaluator)
+        // took over 30 s once, which failed a fault campaign at a re-deploy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "moto_server did not listen on {port} within 30s"
+                "moto_server did not listen on {port} within 120s"
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
