@@ -62,6 +62,32 @@ impl AwsPorts {
         all
     }
 
+    /// The EBS snapshots an image's block device mappings name; None when the image is gone.
+    async fn snapshots_of(
+        &self,
+        region: &str,
+        image: &ImageId,
+    ) -> Result<Option<Vec<String>>, StageError> {
+        match self
+            .ec2(region)
+            .describe_images()
+            .image_ids(image.as_str())
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(
+                out.images()
+                    .iter()
+                    .flat_map(|i| i.block_device_mappings())
+                    .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
+                    .map(str::to_string)
+                    .collect(),
+            )),
+            Err(e) if e.code() == Some("InvalidAMIID.NotFound") => Ok(None),
+            Err(e) => Err(sdk_error("DescribeImages", e)),
+        }
+    }
+
     /// The security group instances get when the pipeline names none: `kiln-<stack>` (or `kiln`)
     /// in the instance's VPC (the subnet's, or the region's default), with no inbound rule and
     /// EC2's default outbound rule, made the first time and kept (one per region and VPC). The
@@ -621,17 +647,7 @@ impl Compute for AwsPorts {
             // organization or an OU, nor made public by kiln.
             if !permission.accounts.is_empty() {
                 let client = self.ec2(region);
-                let described = client
-                    .describe_images()
-                    .image_ids(image.as_str())
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error("DescribeImages", e))?;
-                let snapshots = described
-                    .images()
-                    .iter()
-                    .flat_map(|i| i.block_device_mappings())
-                    .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()));
+                let snapshots = self.snapshots_of(region, image).await?.unwrap_or_default();
                 for snapshot in snapshots {
                     client
                         .modify_snapshot_attribute()
@@ -653,21 +669,8 @@ impl Compute for AwsPorts {
     fn delete_image<'a>(&'a self, region: &'a str, image: &'a ImageId) -> PortResult<'a, ()> {
         Box::pin(async move {
             let client = self.ec2(region);
-            let snapshots: Vec<String> = match client
-                .describe_images()
-                .image_ids(image.as_str())
-                .send()
-                .await
-            {
-                Ok(out) => out
-                    .images()
-                    .iter()
-                    .flat_map(|i| i.block_device_mappings())
-                    .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
-                    .map(str::to_string)
-                    .collect(),
-                Err(e) if e.code() == Some("InvalidAMIID.NotFound") => return Ok(()),
-                Err(e) => return Err(sdk_error("DescribeImages", e)),
+            let Some(snapshots) = self.snapshots_of(region, image).await? else {
+                return Ok(());
             };
             match client
                 .deregister_image()
