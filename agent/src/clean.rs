@@ -9,12 +9,10 @@
 //! A test instance makes its own host keys, machine-id and cloud-init state at boot, which differ.
 
 use std::fs;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use kiln::model::pipeline::SanitizeItem;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::report::{DocumentReport, Failure, PhaseReport, Status, StepReport};
 
@@ -170,20 +168,6 @@ fn expand(root: &Path, pattern: &str) -> Vec<PathBuf> {
     found
 }
 
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Every non-empty regular file at or below `host` (links not followed), with the instance's path.
 fn files_below(host: &Path, shown: &Path, out: &mut Vec<(PathBuf, PathBuf)>) {
     let Ok(meta) = host.symlink_metadata() else {
@@ -213,7 +197,8 @@ pub fn sanitize(root: &Path, items: &[SanitizeItem]) -> Result<Record, String> {
                 let mut files = Vec::new();
                 files_below(&host, &shown, &mut files);
                 for (h, s) in &files {
-                    let sha256 = sha256_of(h).map_err(|e| format!("read {}: {e}", s.display()))?;
+                    let sha256 = kiln::digest::sha256_file(h)
+                        .map_err(|e| format!("read {}: {e}", s.display()))?;
                     record.removed.push(Removed {
                         item,
                         path: s.display().to_string(),
@@ -393,7 +378,7 @@ pub fn verify(
                         Check::Exists => here.symlink_metadata().is_ok(),
                         Check::Content => {
                             here.symlink_metadata().is_ok_and(|m| m.is_file())
-                                && sha256_of(&here).is_ok_and(|h| h == r.sha256)
+                                && kiln::digest::sha256_file(&here).is_ok_and(|h| h == r.sha256)
                         }
                     }
                 })

@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod component;
 pub mod diag;
+pub mod digest;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod errors;

@@ -146,7 +146,7 @@ fn env_on(moto: Moto) -> Env {
     let agent = crate::support::built_binary("kiln-agent");
     ports.pin_agent(
         std::env::consts::ARCH,
-        &kiln::aws::sha256_file(&agent).expect("agent digest"),
+        &kiln::digest::sha256_file(&agent).expect("agent digest"),
     );
     rt.block_on(ports.bootstrap()).expect("table and bucket");
     Env {

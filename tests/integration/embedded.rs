@@ -2202,7 +2202,9 @@ mod ssm_scripts {
         // GIVEN the scripts hold the build id, pins and quoted URLs, and none of the values
         let text = customize.join("\n") + &test.join("\n");
         assert!(!text.contains("touch /pwned"), "a value reached the script");
-        assert!(text.contains(&kiln::aws::sha256_file(&built_binary("kiln-agent")).expect("sha")));
+        assert!(
+            text.contains(&kiln::digest::sha256_file(&built_binary("kiln-agent")).expect("sha"))
+        );
         // WHEN a build runs them on its builder and its test instance
         let file = pipeline(&home, "ssm-clean", &customize, &[], &test);
         let (code, summary, err) = home.run(&file);

@@ -52,16 +52,13 @@ pub fn parse_agent_pins(text: &str) -> Result<BTreeMap<String, String>, String> 
     Ok(pins)
 }
 
-/// The SHA-256 of a file, lowercase hex.
-pub fn sha256_file(path: &std::path::Path) -> Result<String, StageError> {
-    use sha2::Digest as _;
-    let bytes = std::fs::read(path).map_err(|e| {
+fn read_agent(path: &std::path::Path) -> Result<Vec<u8>, StageError> {
+    std::fs::read(path).map_err(|e| {
         StageError::new(
             ErrorKind::InvalidPipeline,
             format!("read {}: {e}", path.display()),
         )
-    })?;
-    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+    })
 }
 
 /// How long the URLs of a plan live: its stage's timeout and five minutes (a command cannot
@@ -161,7 +158,8 @@ impl AwsPorts {
                 .map_err(|e| sdk_error("CreateBucket", e))?;
         }
         let arch = std::env::consts::ARCH;
-        let sha = sha256_file(agent)?;
+        let body = read_agent(agent)?;
+        let sha = crate::digest::sha256_hex(&body);
         let key = format!("{AGENT_KEY}-{arch}");
         let present = self
             .s3
@@ -173,7 +171,7 @@ impl AwsPorts {
             .ok()
             .and_then(|h| h.metadata().and_then(|m| m.get("sha256")).cloned());
         if present.as_deref() != Some(sha.as_str()) {
-            self.upload_agent(agent, arch).await?;
+            self.put_agent(body, &sha, arch).await?;
         }
         self.pin_agent(arch, &sha);
         Ok(())
@@ -187,24 +185,25 @@ impl AwsPorts {
         agent: &std::path::Path,
         arch: &str,
     ) -> Result<(String, String), StageError> {
+        let body = read_agent(agent)?;
+        let sha = crate::digest::sha256_hex(&body);
+        let key = self.put_agent(body, &sha, arch).await?;
+        Ok((key, sha))
+    }
+
+    /// Puts the agent's bytes with their digest as metadata; returns the key.
+    async fn put_agent(&self, body: Vec<u8>, sha: &str, arch: &str) -> Result<String, StageError> {
         let key = format!("{AGENT_KEY}-{arch}");
-        let sha = sha256_file(agent)?;
-        let body = std::fs::read(agent).map_err(|e| {
-            StageError::new(
-                ErrorKind::InvalidPipeline,
-                format!("read {}: {e}", agent.display()),
-            )
-        })?;
         self.s3
             .put_object()
             .bucket(&self.settings.bucket)
             .key(&key)
-            .metadata("sha256", &sha)
+            .metadata("sha256", sha)
             .body(body.into())
             .send()
             .await
             .map_err(|e| sdk_error("PutObject", e))?;
-        Ok((key, sha))
+        Ok(key)
     }
 
     async fn get_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
@@ -236,7 +235,9 @@ impl AwsPorts {
         let build = checked_build(plan)?;
         let kind = kind(plan);
         let life = url_lifetime(plan);
-        let pins = self.agent_pins();
+        let pins = self.agent_pins().map_err(|e| {
+            StageError::new(ErrorKind::InvalidPipeline, e).with_code("AgentNotPinned")
+        })?;
         if pins.is_empty() {
             return Err(StageError::new(
                 ErrorKind::InvalidPipeline,
@@ -500,5 +501,41 @@ impl Commands for AwsPorts {
                 }
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_arch_and_lowercase_sha256() {
+        let hex = "a".repeat(64);
+        let pins = parse_agent_pins(&format!("x86_64={hex}, aarch64={hex}")).unwrap();
+        assert_eq!(pins.len(), 2);
+        assert_eq!(parse_agent_pins("").unwrap().len(), 0);
+        for bad in [
+            format!("x86_64:{hex}"),
+            format!("riscv64={hex}"),
+            format!("x86_64={}", "A".repeat(64)),
+            "x86_64=abc".to_string(),
+        ] {
+            assert!(parse_agent_pins(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_a_url_is_quoted_into_a_script() {
+        let ok = "https://b.s3.us-east-1.amazonaws.com/builds/X/p.json?X-Amz-Expires=2100&X-Amz-Signature=ab%2F";
+        assert_eq!(quoted(ok).unwrap(), format!("'{ok}'"));
+        for bad in [
+            "https://h/a'; reboot; '",
+            "https://h/a b",
+            "https://h/a\nreboot",
+            "file:///etc/passwd",
+            "https://h/$(reboot)",
+        ] {
+            assert!(quoted(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! Every error keeps the service's error code, classified into the `Kiln.*` kinds.
 
 mod commands;
-pub use commands::{parse_agent_pins, sha256_file, AGENT_SHA256_ENV};
+pub use commands::{parse_agent_pins, AGENT_SHA256_ENV};
 mod compute;
 #[cfg(feature = "control")]
 pub mod control;
@@ -53,7 +53,8 @@ pub struct AwsPorts {
     events: aws_sdk_eventbridge::Client,
     /// The SHA-256 of kiln-agent per architecture, which the commands check before running it
     /// (from `KILN_AGENT_SHA256`, or pinned by `prepare_artifacts`).
-    agent_pins: Mutex<std::collections::BTreeMap<String, String>>,
+    /// A malformed `KILN_AGENT_SHA256` is kept as its error: every command then says so.
+    agent_pins: Mutex<Result<std::collections::BTreeMap<String, String>, String>>,
 }
 
 impl std::fmt::Debug for AwsPorts {
@@ -91,23 +92,27 @@ impl AwsPorts {
             config,
             agent_pins: Mutex::new(
                 std::env::var(AGENT_SHA256_ENV)
-                    .ok()
-                    .and_then(|v| parse_agent_pins(&v).ok())
-                    .unwrap_or_default(),
+                    .map_or_else(|_| Ok(Default::default()), |v| parse_agent_pins(&v))
+                    .map_err(|e| format!("{AGENT_SHA256_ENV} is malformed: {e}")),
             ),
         }
     }
 
-    /// Pins kiln-agent of `arch` (x86_64, aarch64) to `sha256`.
+    /// Pins kiln-agent of `arch` (x86_64, aarch64) to `sha256` (not over a malformed
+    /// `KILN_AGENT_SHA256`, which stays an error).
     pub fn pin_agent(&self, arch: &str, sha256: &str) {
-        self.agent_pins
+        if let Ok(pins) = self
+            .agent_pins
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(arch.to_string(), sha256.to_string());
+            .as_mut()
+        {
+            pins.insert(arch.to_string(), sha256.to_string());
+        }
     }
 
-    /// The pinned agent digests.
-    pub fn agent_pins(&self) -> std::collections::BTreeMap<String, String> {
+    /// The pinned agent digests, or why they cannot be read.
+    pub fn agent_pins(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
         self.agent_pins
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
