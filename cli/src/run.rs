@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln::engine::{clock::RealClock, definition, substitute, Engine, Outcome, StateError, Status};
+use kiln::engine::clock::{Clock, RealClock};
+use kiln::engine::{Engine, Outcome, Status};
+use kiln::execution::{self, LongPoll, StageTaskAdapter, Timeline};
 use kiln::local::LocalCloud;
 use kiln::model::build::{Build, BuildStatus};
 use kiln::model::pipeline::Parent;
 use kiln::ports::{PipelineRecord, Ports, PortsProvider};
-use kiln::stages::handler::{local_substitutions, Function, StageTasks, DEFINITION};
+use kiln::stages::handler::{local_substitutions, DEFINITION};
 use serde_json::{json, Value as Json};
 
 use crate::{exit, Output};
@@ -154,112 +156,10 @@ impl<R: PortsProvider> PortsProvider for Mixed<R> {
     }
 }
 
-/// What the progress display and the summary learn from each task.
-#[derive(Debug, Default)]
-struct Progress {
-    started: Option<Instant>,
-    stages: Vec<(String, Instant, Option<Instant>)>,
-    current: String,
-    output_log: Option<PathBuf>,
-    build: Option<Build>,
-}
-
-fn stage_of(function: Function) -> &'static str {
-    match function {
-        Function::LaunchBuilder => "launch",
-        Function::Customize => "build",
-        Function::Snapshot => "snapshot",
-        Function::TestImage => "test",
-        Function::Distribute => "distribute",
-        Function::Cleanup => "cleanup",
-    }
-}
-
-impl Progress {
-    fn task(&mut self, function: Function) {
-        let stage = stage_of(function);
-        let now = Instant::now();
-        self.started.get_or_insert(now);
-        if self.current != stage {
-            if let Some(last) = self.stages.last_mut() {
-                last.2.get_or_insert(now);
-            }
-            self.stages.push((stage.to_string(), now, None));
-            self.current = stage.to_string();
-        }
-    }
-
-    fn finish(&mut self) {
-        let now = Instant::now();
-        if let Some(last) = self.stages.last_mut() {
-            last.2.get_or_insert(now);
-        }
-    }
-}
-
-/// The stage tasks, long-polling `check` operations for up to a second (10 ms apart) so that the
-/// state machine's Wait states can be 0 seconds without spinning the execution history.
-struct EmbeddedTasks<P> {
-    inner: StageTasks<P>,
-    progress: Arc<Mutex<Progress>>,
-    home: PathBuf,
-}
-
-fn settled(result: &Json) -> bool {
-    if let Some(ready) = result.get("ready").and_then(Json::as_bool) {
-        return ready;
-    }
-    match result.get("state").and_then(Json::as_str) {
-        Some(state) => state == "shared",
-        None => true,
-    }
-}
-
-impl<P: PortsProvider + 'static> kiln::engine::Tasks for EmbeddedTasks<P> {
-    fn invoke<'a>(
-        &'a self,
-        resource: &'a str,
-        state: &'a str,
-        input: Json,
-    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
-        Box::pin(async move {
-            let function = resource
-                .rsplit_once(":function:kiln-")
-                .and_then(|(_, n)| Function::by_name(n));
-            if let Some(f) = function {
-                lock(&self.progress).task(f);
-            }
-            let is_check = input.get("op").and_then(Json::as_str) == Some("check");
-            let deadline = Instant::now() + Duration::from_secs(1);
-            let mut input = input;
-            loop {
-                let out = self.inner.invoke(resource, state, input.clone()).await?;
-                if let Ok(b) = serde_json::from_value::<Build>(out.clone()) {
-                    let mut p = lock(&self.progress);
-                    p.output_log = output_log(&self.home, &b);
-                    p.build = Some(b);
-                }
-                if !is_check || settled(&out) || Instant::now() >= deadline {
-                    return Ok(out);
-                }
-                // The next check sees what this one returned, as the state machine would pass it.
-                let key = if input.get("entry").is_some() {
-                    "entry"
-                } else {
-                    "build"
-                };
-                input[key] = out;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The output log of the command a build is running (embedded instances only).
 fn output_log(home: &Path, b: &Build) -> Option<PathBuf> {
     let (instance, command) = match b.status {
         BuildStatus::Testing => (b.test_instance.as_ref()?, b.test_command.as_ref()?),
@@ -470,22 +370,22 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
 ) -> anyhow::Result<i32> {
     let p = &record.pipeline;
     let local = provider.local();
-    let definition: Json = serde_json::from_str(DEFINITION)?;
-    let machine = definition::parse(&substitute(&definition, &local_substitutions()))
-        .map_err(|e| anyhow::anyhow!("the built-in state machine is invalid: {e:?}"))?;
-    let progress = Arc::new(Mutex::new(Progress::default()));
-    let tasks = Arc::new(EmbeddedTasks {
-        inner: StageTasks(provider.clone()),
-        progress: progress.clone(),
-        home: local.home.clone(),
-    });
-    let engine = Engine::new(tasks, Arc::new(RealClock), false);
+    let machine = execution::machine(DEFINITION, &local_substitutions())
+        .map_err(|e| anyhow::anyhow!("the built-in state machine: {e}"))?;
+    let timeline = Arc::new(Mutex::new(Timeline::default()));
+    let clock: Arc<dyn Clock> = Arc::new(RealClock);
+    let tasks = Arc::new(StageTaskAdapter::new(
+        provider.clone(),
+        timeline.clone(),
+        clock.clone(),
+        Some(LongPoll {
+            limit: Duration::from_secs(1),
+            interval: Duration::from_millis(10),
+        }),
+    ));
+    let engine = Engine::new(tasks, clock.clone(), false);
     let request = format!("kiln-run-{}", uuid::Uuid::new_v4().simple());
-    let input = json!({
-        "pipeline": p.name,
-        "trigger": args.trigger,
-        "waitSeconds": 0
-    });
+    let input = execution::input(&p.name, &args.trigger, Some(0));
     let interactive = args.output == Output::Text && std::io::stderr().is_terminal();
     let started = Instant::now();
     writeln!(
@@ -505,23 +405,28 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
             .join(", ")
     )?;
     let claim = local.claim_run(&request)?;
-    let display = Display::start(progress.clone(), interactive);
-    let outcome: Result<Outcome, i32> = runtime.block_on(async {
-        let run = engine.run(&machine, input, &request);
-        tokio::select! {
-            biased;
-            code = args.shutdown.received() => Err(code),
-            out = run => Ok(out),
-        }
-    });
+    let display = Display::start(timeline.clone(), local.home.clone(), interactive);
+    let outcome: Result<Outcome, i32> = runtime.block_on(execution::run(
+        &engine,
+        &machine,
+        input,
+        &request,
+        &timeline,
+        clock.as_ref(),
+        args.shutdown.received(),
+    ));
     display.stop();
-    lock(&progress).finish();
     let _ = std::fs::remove_file(&claim);
     let outcome = match outcome {
         Ok(o) => o,
         Err(code) => {
             writeln!(stderr, "interrupted: cleaning up")?;
-            let build = runtime.block_on(cancel(&provider.ports(), &p.name, &request));
+            let build = runtime.block_on(execution::cancel(
+                &provider.ports(),
+                &p.name,
+                &request,
+                "interrupted by the user (kiln run)",
+            ));
             // A snapshot or copy in flight discards itself once written; wait for it.
             if !local.wait_for_jobs(Duration::from_secs(300)) {
                 writeln!(
@@ -537,17 +442,11 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
     };
     // The build as the store has it now (the execution's output on success, the record after
     // cleanup on failure).
-    let build = runtime
-        .block_on(kiln::ports::Store::builds(&local.store, &p.name))
-        .ok()
-        .and_then(|all| {
-            all.into_iter()
-                .find(|b| b.request_id.as_deref() == Some(request.as_str()))
-        });
+    let build = runtime.block_on(execution::build_of(&provider.ports(), &p.name, &request));
     let summary = summary(
         &outcome,
         build.as_ref(),
-        &lock(&progress),
+        &lock(&timeline),
         local,
         started.elapsed(),
     );
@@ -605,23 +504,6 @@ impl Shutdown {
     }
 }
 
-/// Cleans up the build an interrupted execution started: instances terminated, partial images
-/// removed, build CANCELLED, lock released.
-async fn cancel(ports: &Ports<'_>, pipeline: &str, request: &str) -> Option<Build> {
-    let build = kiln::ports::Store::builds(ports.store, pipeline)
-        .await
-        .ok()?
-        .into_iter()
-        .find(|b| b.request_id.as_deref() == Some(request))?;
-    let event = json!({
-        "op": "run",
-        "build": build,
-        "error": {"Error": "Kiln.Cancelled", "Cause": "interrupted by the user (kiln run)"}
-    });
-    let out = kiln::stages::handler::handle(ports, Function::Cleanup, event).await;
-    out.ok().and_then(|j| serde_json::from_value(j).ok())
-}
-
 /// The live display: a spinner per stage on a terminal, plain lines otherwise.
 struct Display {
     stop: std::sync::mpsc::Sender<()>,
@@ -629,7 +511,7 @@ struct Display {
 }
 
 impl Display {
-    fn start(progress: Arc<Mutex<Progress>>, interactive: bool) -> Display {
+    fn start(timeline: Arc<Mutex<Timeline>>, home: PathBuf, interactive: bool) -> Display {
         // Stopping wakes the thread at once (a build's wall time should not wait for a tick).
         let (stop, wake) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -644,26 +526,27 @@ impl Display {
                 b.enable_steady_tick(Duration::from_millis(100));
                 b
             });
-            let mut shown = 0;
+            let mut shown = std::collections::BTreeSet::new();
             let mut done = false;
             loop {
                 let (stages, current, log) = {
-                    let p = lock(&progress);
-                    (p.stages.clone(), p.current.clone(), p.output_log.clone())
-                };
-                // Finished stages, one line each.
-                while shown + 1 < stages.len() || (done && shown < stages.len()) {
-                    let (name, start, end) = &stages[shown];
-                    let secs = end
-                        .unwrap_or_else(Instant::now)
-                        .duration_since(*start)
-                        .as_secs_f64();
-                    let line = format!("  ✓ {name:<10} {secs:>6.1}s");
-                    match &bar {
-                        Some(b) => b.println(line),
-                        None => eprintln!("{line}"),
+                    let t = lock(&timeline);
+                    let log = t.build.as_ref().and_then(|b| output_log(&home, b));
+                    let mut stages = t.stages(chrono::Utc::now());
+                    if done {
+                        stages.iter_mut().for_each(|s| s.finished = true);
                     }
-                    shown += 1;
+                    (stages, t.current().unwrap_or_default(), log)
+                };
+                // Finished stages, one line each, in the order they started.
+                for s in stages.iter().filter(|s| s.finished) {
+                    if shown.insert(s.name) {
+                        let line = format!("  ✓ {:<10} {:>6.1}s", s.name, s.seconds());
+                        match &bar {
+                            Some(b) => b.println(line),
+                            None => eprintln!("{line}"),
+                        }
+                    }
                 }
                 if done {
                     if let Some(b) = &bar {
@@ -674,7 +557,7 @@ impl Display {
                 if let Some(b) = &bar {
                     if b.prefix() != current {
                         b.reset_elapsed();
-                        b.set_prefix(current.clone());
+                        b.set_prefix(current);
                     }
                     let line = log.as_deref().map(last_line).unwrap_or_default();
                     b.set_message(line.chars().take(100).collect::<String>());
@@ -703,20 +586,14 @@ impl Display {
 fn summary(
     outcome: &Outcome,
     build: Option<&Build>,
-    progress: &Progress,
+    timeline: &Timeline,
     local: &LocalCloud,
     wall: Duration,
 ) -> Json {
-    let stages: serde_json::Map<String, Json> = progress
-        .stages
+    let stages: serde_json::Map<String, Json> = timeline
+        .stages(chrono::Utc::now())
         .iter()
-        .map(|(name, start, end)| {
-            let secs = end
-                .unwrap_or_else(Instant::now)
-                .duration_since(*start)
-                .as_secs_f64();
-            (name.clone(), json!((secs * 1000.0).round() / 1000.0))
-        })
+        .map(|s| (s.name.to_string(), json!(s.seconds())))
         .collect();
     let images: BTreeMap<String, String> = build
         .map(|b| {

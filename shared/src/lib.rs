@@ -9,6 +9,8 @@ pub mod digest;
 #[cfg(feature = "engine")]
 pub mod engine;
 pub mod errors;
+#[cfg(feature = "engine")]
+pub mod execution;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 #[cfg(feature = "local")]

@@ -59,3 +59,31 @@ impl Clock for VirtualClock {
         Box::pin(async {})
     }
 }
+
+/// Tokio's clock, read as wall time from `start`: virtual when the runtime's time is paused (it
+/// then jumps to the next timer whenever every task waits, so concurrent branches wait side by
+/// side, as in AWS), real otherwise. Make it inside the runtime.
+#[derive(Debug)]
+pub struct TokioClock {
+    start: DateTime<Utc>,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn starting_at(start: DateTime<Utc>) -> Self {
+        TokioClock {
+            start,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now() - self.origin;
+        self.start + chrono::Duration::from_std(elapsed).unwrap_or(chrono::Duration::MAX)
+    }
+    fn sleep(&self, d: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}

@@ -1,0 +1,337 @@
+//! One build's execution by the embedded engine, as `kiln run`, `kiln serve` and `kiln simulate`
+//! drive it: the state machine built from the one definition, the stage code behind its Task
+//! states, what a display learns while it runs (the timeline), and the cleanup of an
+//! interrupted build. The front ends only show it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde_json::{json, Value as Json};
+
+use crate::engine::clock::Clock;
+use crate::engine::definition::{self, Machine};
+use crate::engine::{substitute, Engine, Outcome, StateError, Tasks};
+use crate::model::build::Build;
+use crate::ports::{Ports, PortsProvider};
+use crate::stages::handler::{Function, StageTasks};
+
+/// The state machine of `definition` (ASL text) with its `${...}` placeholders replaced.
+pub fn machine(definition: &str, substitutions: &HashMap<String, String>) -> Result<Machine, String> {
+    let text: Json = serde_json::from_str(definition)
+        .map_err(|e| format!("the state machine definition is not JSON: {e}"))?;
+    definition::parse(&substitute(&text, substitutions))
+        .map_err(|e| format!("the state machine definition is invalid: {e:?}"))
+}
+
+/// The stage a function's tasks belong to, as a user reads it.
+pub fn stage_of(function: Function) -> &'static str {
+    match function {
+        Function::LaunchBuilder => "launch",
+        Function::Customize => "build",
+        Function::Snapshot => "snapshot",
+        Function::TestImage => "test",
+        Function::Distribute => "distribute",
+        Function::Cleanup => "cleanup",
+    }
+}
+
+/// The name the build record keeps a stage's times under.
+fn record_name(stage: &str) -> &str {
+    match stage {
+        "build" => "customize",
+        s => s,
+    }
+}
+
+/// One Task invocation: which function, from which state, when (by the engine's clock).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpan {
+    pub function: Function,
+    pub state: String,
+    pub started: DateTime<Utc>,
+    pub ended: Option<DateTime<Utc>>,
+}
+
+/// A stage's span: from its first task's start to its last task's end. Stages may overlap
+/// (the copies run beside the test).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSpan {
+    pub name: &'static str,
+    pub started: DateTime<Utc>,
+    pub ended: DateTime<Utc>,
+    /// The build record says the stage finished (or the execution has ended).
+    pub finished: bool,
+}
+
+impl StageSpan {
+    pub fn seconds(&self) -> f64 {
+        (self.ended - self.started).num_milliseconds() as f64 / 1000.0
+    }
+}
+
+/// What an execution has done so far: every task, and the build as the last task returned it.
+#[derive(Debug, Default, Clone)]
+pub struct Timeline {
+    pub tasks: Vec<TaskSpan>,
+    pub build: Option<Build>,
+    /// When the execution ended (every stage counts as finished from then on).
+    pub ended: Option<DateTime<Utc>>,
+}
+
+impl Timeline {
+    /// The stages in the order they started; `now` ends the spans of tasks still running.
+    pub fn stages(&self, now: DateTime<Utc>) -> Vec<StageSpan> {
+        let mut spans: Vec<StageSpan> = Vec::new();
+        for t in &self.tasks {
+            let name = stage_of(t.function);
+            let ended = t.ended.unwrap_or(now);
+            match spans.iter_mut().find(|s| s.name == name) {
+                Some(s) => s.ended = s.ended.max(ended),
+                None => spans.push(StageSpan {
+                    name,
+                    started: t.started,
+                    ended,
+                    finished: false,
+                }),
+            }
+        }
+        let finished_in_record = |name: &str| {
+            self.build.as_ref().is_some_and(|b| {
+                b.stages
+                    .get(record_name(name))
+                    .is_some_and(|s| s.finished.is_some())
+            })
+        };
+        for s in &mut spans {
+            s.finished = self.ended.is_some() || finished_in_record(s.name);
+        }
+        spans
+    }
+
+    /// The stage whose task started last.
+    pub fn current(&self) -> Option<&'static str> {
+        self.tasks.last().map(|t| stage_of(t.function))
+    }
+
+    /// Task invocations by function (Lambda invocations in AWS).
+    pub fn invocations(&self) -> BTreeMap<&'static str, usize> {
+        let mut by = BTreeMap::new();
+        for t in &self.tasks {
+            *by.entry(t.function.name()).or_default() += 1;
+        }
+        by
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether a check's result says the work it waits for is done.
+fn settled(result: &Json) -> bool {
+    if let Some(ready) = result.get("ready").and_then(Json::as_bool) {
+        return ready;
+    }
+    match result.get("state").and_then(Json::as_str) {
+        Some(state) => state == "shared" || state == "copied",
+        None => true,
+    }
+}
+
+/// The stage code behind the Task states, recording each invocation in the timeline.
+///
+/// With `long_poll`, a `check` operation repeats (every `interval`, for up to `limit`) until
+/// what it waits for is done, so that the embedded runs' Wait states can be 0 seconds without
+/// spinning the execution history. Without it every check is one invocation, as in AWS.
+pub struct StageTaskAdapter<P> {
+    inner: StageTasks<P>,
+    timeline: Arc<Mutex<Timeline>>,
+    clock: Arc<dyn Clock>,
+    long_poll: Option<LongPoll>,
+}
+
+/// How long an embedded check keeps asking.
+#[derive(Debug, Clone, Copy)]
+pub struct LongPoll {
+    pub limit: Duration,
+    pub interval: Duration,
+}
+
+impl<P> std::fmt::Debug for StageTaskAdapter<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageTaskAdapter")
+            .field("long_poll", &self.long_poll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> StageTaskAdapter<P> {
+    pub fn new(
+        provider: Arc<P>,
+        timeline: Arc<Mutex<Timeline>>,
+        clock: Arc<dyn Clock>,
+        long_poll: Option<LongPoll>,
+    ) -> Self {
+        StageTaskAdapter {
+            inner: StageTasks(provider),
+            timeline,
+            clock,
+            long_poll,
+        }
+    }
+}
+
+impl<P: PortsProvider + 'static> Tasks for StageTaskAdapter<P> {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            let function = resource
+                .rsplit_once(":function:kiln-")
+                .and_then(|(_, n)| Function::by_name(n));
+            let span = function.map(|f| {
+                let mut t = lock(&self.timeline);
+                t.tasks.push(TaskSpan {
+                    function: f,
+                    state: state.to_string(),
+                    started: self.clock.now(),
+                    ended: None,
+                });
+                t.tasks.len() - 1
+            });
+            let is_check = input.get("op").and_then(Json::as_str) == Some("check");
+            let deadline = self.long_poll.map(|p| self.clock.now() + p.limit);
+            let mut input = input;
+            let result = loop {
+                let out = self.inner.invoke(resource, state, input.clone()).await;
+                let out = match out {
+                    Ok(o) => o,
+                    Err(e) => break Err(e),
+                };
+                if let Ok(b) = serde_json::from_value::<Build>(out.clone()) {
+                    lock(&self.timeline).build = Some(b);
+                }
+                let (Some(poll), Some(deadline)) = (self.long_poll, deadline) else {
+                    break Ok(out);
+                };
+                if !is_check || settled(&out) || self.clock.now() >= deadline {
+                    break Ok(out);
+                }
+                // The next check sees what this one returned, as the state machine would pass it.
+                let key = if input.get("entry").is_some() {
+                    "entry"
+                } else {
+                    "build"
+                };
+                input[key] = out;
+                self.clock.sleep(poll.interval).await;
+            };
+            if let Some(i) = span {
+                if let Some(t) = lock(&self.timeline).tasks.get_mut(i) {
+                    t.ended = Some(self.clock.now());
+                }
+            }
+            result
+        })
+    }
+}
+
+/// The execution's input: which pipeline, why, how long the Wait states wait (None: the
+/// definition's default, AWS's poll interval).
+pub fn input(pipeline: &str, trigger: &Json, wait_seconds: Option<u64>) -> Json {
+    let mut input = json!({"pipeline": pipeline, "trigger": trigger});
+    if let Some(w) = wait_seconds {
+        input["waitSeconds"] = json!(w);
+    }
+    input
+}
+
+/// Runs one execution named `request` until it ends or `interrupted` resolves first (its value,
+/// e.g. an exit code, is returned as the error; the caller then cleans up with [`cancel`]).
+pub async fn run<I>(
+    engine: &Engine,
+    machine: &Machine,
+    input: Json,
+    request: &str,
+    timeline: &Mutex<Timeline>,
+    clock: &dyn Clock,
+    interrupted: impl std::future::Future<Output = I>,
+) -> Result<Outcome, I> {
+    let run = engine.run(machine, input, request);
+    let result = tokio::select! {
+        biased;
+        i = interrupted => Err(i),
+        out = run => Ok(out),
+    };
+    lock(timeline).ended = Some(clock.now());
+    result
+}
+
+/// The build an execution started, as the store has it now.
+pub async fn build_of(ports: &Ports<'_>, pipeline: &str, request: &str) -> Option<Build> {
+    ports
+        .store
+        .builds(pipeline)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|b| b.request_id.as_deref() == Some(request))
+}
+
+/// Cleans up the build an interrupted execution started: instances terminated, partial images
+/// removed, build CANCELLED, lock released.
+pub async fn cancel(ports: &Ports<'_>, pipeline: &str, request: &str, why: &str) -> Option<Build> {
+    let build = build_of(ports, pipeline, request).await?;
+    let event = json!({
+        "op": "run",
+        "build": build,
+        "error": {"Error": "Kiln.Cancelled", "Cause": why}
+    });
+    let out = crate::stages::handler::handle(ports, Function::Cleanup, event).await;
+    out.ok().and_then(|j| serde_json::from_value(j).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).expect("a time")
+    }
+
+    #[test]
+    fn overlapping_stages_keep_one_span_each() {
+        let span = |f, a, b| TaskSpan {
+            function: f,
+            state: String::new(),
+            started: at(a),
+            ended: b.map(at),
+        };
+        let t = Timeline {
+            tasks: vec![
+                span(Function::Snapshot, 0, Some(5)),
+                span(Function::TestImage, 5, Some(6)),
+                span(Function::Distribute, 6, Some(7)),
+                span(Function::TestImage, 30, Some(31)),
+                span(Function::Distribute, 40, None),
+            ],
+            build: None,
+            ended: None,
+        };
+        let stages = t.stages(at(50));
+        let names: Vec<_> = stages.iter().map(|s| (s.name, s.seconds())).collect();
+        assert_eq!(
+            names,
+            vec![("snapshot", 5.0), ("test", 26.0), ("distribute", 44.0)]
+        );
+        assert!(stages.iter().all(|s| !s.finished));
+        assert_eq!(t.current(), Some("distribute"));
+        assert_eq!(t.invocations()["test-image"], 2);
+    }
+}
