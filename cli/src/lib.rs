@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub mod local_cmds;
 pub mod run;
 pub mod serve;
+pub mod simulate;
 #[cfg(feature = "aws")]
 pub mod stack;
 
@@ -62,6 +63,10 @@ pub enum Command {
     },
     /// Build, test and distribute an image: the state machine run by kiln's engine.
     Run(run::RunArgs),
+    /// A build in AWS before running it: its time (p50/p90), critical path, waits and cost,
+    /// from the real state machine and stage code in virtual time over latencies drawn from a
+    /// table of published figures.
+    Simulate(simulate::SimulateArgs),
     /// The embedded cloud's images.
     Image {
         #[command(subcommand)]
@@ -251,6 +256,7 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
     let home = run::home(cli.home.as_deref());
     match cli.command {
         Command::Run(args) => run::run(args, cli.home.as_deref(), stdout, stderr),
+        Command::Simulate(args) => simulate::simulate(args, stdout, stderr),
         Command::Image { command } => local_cmds::image(command, &home, stdout, stderr),
         #[cfg(feature = "aws")]
         Command::Builds {

@@ -19,7 +19,10 @@ use crate::ports::{Ports, PortsProvider};
 use crate::stages::handler::{Function, StageTasks};
 
 /// The state machine of `definition` (ASL text) with its `${...}` placeholders replaced.
-pub fn machine(definition: &str, substitutions: &HashMap<String, String>) -> Result<Machine, String> {
+pub fn machine(
+    definition: &str,
+    substitutions: &HashMap<String, String>,
+) -> Result<Machine, String> {
     let text: Json = serde_json::from_str(definition)
         .map_err(|e| format!("the state machine definition is not JSON: {e}"))?;
     definition::parse(&substitute(&text, substitutions))

@@ -18,6 +18,8 @@ pub mod local;
 pub mod model;
 pub mod ports;
 pub mod report;
+#[cfg(feature = "engine")]
+pub mod simulate;
 pub mod stages;
 pub mod typed;
 pub mod userns;
