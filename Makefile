@@ -81,7 +81,7 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/python infra/expand.py infra/template.yaml -o $(EXPANDED)
-	$(KILN_CFN_LINT) $(EXPANDED)
+	$(KILN_PYTHON) infra/cfn_lint.py $(EXPANDED)
 	$(VENV)/bin/checkov --config-file infra/checkov.yaml --framework cloudformation -f $(EXPANDED)
 	rm -rf $(TARGET_DIR)/infra/policies && $(VENV)/bin/python infra/policies.py $(EXPANDED) $(TARGET_DIR)/infra/policies
 	$(VENV)/bin/parliament --config infra/parliament.yaml --directory $(TARGET_DIR)/infra/policies --include_policy_extension json

@@ -14,7 +14,7 @@ use kiln::execution::{self, LongPoll, StageTaskAdapter, Timeline};
 use kiln::local::LocalCloud;
 use kiln::model::build::{Build, BuildStatus};
 use kiln::model::pipeline::Parent;
-use kiln::ports::{PipelineRecord, Ports, PortsProvider};
+use kiln::ports::{PipelineRecord, PortsProvider};
 use kiln::stages::handler::{local_substitutions, DEFINITION};
 use serde_json::{json, Value as Json};
 
@@ -142,9 +142,9 @@ impl<R> HasLocal for Mixed<R> {
 
 #[cfg(feature = "aws")]
 impl<R: PortsProvider> PortsProvider for Mixed<R> {
-    fn ports(&self) -> Ports<'_> {
+    fn ports(&self) -> kiln::ports::Ports<'_> {
         let r = self.remote.ports();
-        Ports {
+        kiln::ports::Ports {
             compute: r.compute,
             commands: r.commands,
             parameters: r.parameters,
@@ -379,7 +379,7 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
         timeline.clone(),
         clock.clone(),
         Some(LongPoll {
-            limit: Duration::from_secs(1),
+            limit: Duration::from_secs(10),
             interval: Duration::from_millis(10),
         }),
     ));

@@ -187,7 +187,7 @@ fn simulate_once(
         let timeline = Arc::new(Mutex::new(Timeline::default()));
         let adapter = StageTaskAdapter::new(sim.clone(), timeline.clone(), clock.clone(), None);
         let tasks = Arc::new(SimTasks::new(adapter, table.clone(), clock.clone(), seed));
-        let engine = Engine::new(tasks.clone(), clock.clone(), false);
+        let engine = Engine::new(tasks.clone(), clock.clone(), false).with_jitter_seed(seed);
         let machine = execution::machine(definition, &local_substitutions())?;
         let request = format!("simulate-{seed}");
         let trigger = json!({"kind": "manual", "detail": "kiln simulate"});

@@ -15,4 +15,5 @@ mod infra;
 mod lambda;
 mod pipeline_asl;
 mod rehearsal;
+mod simulate;
 mod stages;

@@ -75,6 +75,102 @@ pub async fn start(
     })
 }
 
+/// Ready (state Available) once the copy is available: what the copies beside the test wait for.
+/// Nothing is shared or published until the test has passed.
+async fn copied(ports: &Ports<'_>, mut entry: RegionImage) -> Result<RegionImage, StageError> {
+    if entry.state != RegionState::Copying {
+        return Ok(entry);
+    }
+    let image = entry
+        .image
+        .clone()
+        .ok_or_else(|| StageError::new(ErrorKind::Internal, "no image for the region"))?;
+    match ports.compute.image_state(&entry.region, &image).await? {
+        ImageState::Pending => {}
+        ImageState::Failed(why) => {
+            return Err(StageError::new(
+                ErrorKind::Internal,
+                format!("copy of the image to {} failed: {why}", entry.region),
+            ))
+        }
+        ImageState::Available => entry.state = RegionState::Available,
+    }
+    Ok(entry)
+}
+
+/// The target regions, before the copies start beside the test (the build is not saved: the
+/// test stage owns the record until it has passed).
+pub async fn plan(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageError> {
+    let record = record(ports, &build.pipeline).await?;
+    if build.regions.is_empty() {
+        build.regions = record
+            .pipeline
+            .distribution
+            .iter()
+            .map(|d| RegionImage {
+                region: d.region.clone(),
+                image: None,
+                state: RegionState::Copying,
+            })
+            .collect();
+    }
+    Ok(build)
+}
+
+/// The copies beside the test: every target region's entry, and whether all are available.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Copies {
+    pub regions: Vec<RegionImage>,
+    pub ready: bool,
+}
+
+/// Starts the copy to every target region (client tokens: a retried start copies nothing twice).
+pub async fn start_copies(ports: &Ports<'_>, build: &Build) -> Result<Copies, StageError> {
+    let mut regions = Vec::new();
+    for r in &build.regions {
+        regions.push(start(ports, build, &r.region).await?);
+    }
+    Ok(Copies {
+        regions,
+        ready: false,
+    })
+}
+
+/// Checks every copy still in flight; ready once all are available.
+pub async fn await_copies(
+    ports: &Ports<'_>,
+    build: &Build,
+    regions: Vec<RegionImage>,
+) -> Result<Copies, StageError> {
+    let mut out = Vec::new();
+    for entry in regions {
+        out.push(copied(ports, entry).await?);
+    }
+    let ready = out.iter().all(|r| r.state != RegionState::Copying);
+    if !ready {
+        // The copies started with the test: their time counts from its start.
+        let record = record(ports, &build.pipeline).await?;
+        let minutes = record.pipeline.timeouts.distribute_minutes;
+        let started = build
+            .stages
+            .get("test")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.started).ok());
+        if let Some(started) = started {
+            let waited = ports.clock.now() - started.with_timezone(&chrono::Utc);
+            if waited > chrono::Duration::minutes(i64::from(minutes)) {
+                return Err(StageError::new(
+                    ErrorKind::Timeout,
+                    format!("the copies took longer than {minutes} minutes (timeouts.distributeMinutes)"),
+                ));
+            }
+        }
+    }
+    Ok(Copies {
+        regions: out,
+        ready,
+    })
+}
+
 /// Ready (state Shared) once the copy is available and shared and published.
 pub async fn check(
     ports: &Ports<'_>,

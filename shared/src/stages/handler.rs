@@ -153,6 +153,14 @@ pub async fn handle(
             )
             .await?,
         ),
+        (Function::Distribute, "plan") => to_json(&distribute::plan(ports, build()?).await?),
+        (Function::Distribute, "copies") => {
+            to_json(&distribute::start_copies(ports, &build()?).await?)
+        }
+        (Function::Distribute, "await") => to_json(
+            &distribute::await_copies(ports, &build()?, e.regions.clone().unwrap_or_default())
+                .await?,
+        ),
         (Function::Distribute, "finish") => to_json(
             &distribute::finish(ports, build()?, e.regions.clone().unwrap_or_default()).await?,
         ),
