@@ -143,13 +143,17 @@ pub async fn run(
         }
     }
     if !build.status.is_final() {
-        let stage = build
-            .stages
+        // The stage that failed: the first, in the order they run, that started and did not
+        // finish; else the first that had not started (a copy beside the test that failed
+        // once the test had passed counts for distribute).
+        const ORDER: [&str; 5] = ["launch", "customize", "snapshot", "test", "distribute"];
+        let unfinished = ORDER
             .iter()
-            .filter(|(_, t)| t.finished.is_none())
-            .map(|(k, _)| k.clone())
-            .next()
-            .unwrap_or_else(|| "launch".into());
+            .find(|s| build.stages.get(**s).is_some_and(|t| t.finished.is_none()));
+        let not_started = ORDER.iter().find(|s| !build.stages.contains_key(**s));
+        let stage = unfinished
+            .or(not_started)
+            .map_or_else(|| "distribute".to_string(), |s| (*s).to_string());
         let cancelled = error == ErrorKind::Cancelled.error_type();
         build.failure = Some(FailureContext {
             stage,

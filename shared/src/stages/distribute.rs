@@ -216,20 +216,8 @@ pub async fn check(
 }
 
 /// Marks the stage started and lists the target regions (the state machine maps over them).
-pub async fn begin(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageError> {
-    let record = record(ports, &build.pipeline).await?;
-    if build.regions.is_empty() {
-        build.regions = record
-            .pipeline
-            .distribution
-            .iter()
-            .map(|d| RegionImage {
-                region: d.region.clone(),
-                image: None,
-                state: RegionState::Copying,
-            })
-            .collect();
-    }
+pub async fn begin(ports: &Ports<'_>, build: Build) -> Result<Build, StageError> {
+    let mut build = plan(ports, build).await?;
     stage_started(ports, &mut build, STAGE);
     transition(ports, &mut build, BuildStatus::Distributing).await?;
     Ok(build)
