@@ -82,8 +82,6 @@ struct Cost {
     total: f64,
 }
 
-const LAMBDA_GIB: f64 = 0.25; // MemorySize 256 in infra/template.yaml
-
 fn read(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -221,7 +219,8 @@ fn simulate_once(
             // Lambda bills each invocation in 1 ms steps.
             .map(|s| (s * 1000.0).ceil() / 1000.0)
             .collect();
-        let gb_seconds = billed.iter().sum::<f64>() * LAMBDA_GIB;
+        let gb_seconds =
+            billed.iter().sum::<f64>() * f64::from(kiln::simulate::LAMBDA_MEMORY_MB) / 1024.0;
         let prices = &table.prices;
         let mut cost = Cost::default();
         for (ty, secs) in &usage.instance_seconds {
@@ -261,7 +260,7 @@ fn simulate_once(
             idle: sim
                 .waits()
                 .iter()
-                .filter_map(|w| w.idle_seconds().map(|s| (w.what.to_string(), s)))
+                .map(|w| (w.what.to_string(), w.idle_seconds()))
                 .collect(),
             cost,
         })
@@ -288,11 +287,32 @@ fn critical_path(stages: &[StageSpan]) -> Vec<StageSpan> {
     path
 }
 
+/// `{"p50", "p90", "count"}` of `values`.
+fn quantiles(values: &[f64]) -> Json {
+    json!({
+        "p50": round(percentile(values, 50.0)),
+        "p90": round(percentile(values, 90.0)),
+        "count": values.len(),
+    })
+}
+
+/// Quantiles per key, over every run's `(key, value)` pairs; keys in the order first seen.
+fn quantiles_by<'r, I: IntoIterator<Item = (String, f64)>>(
+    runs: &'r [RunResult],
+    pairs: impl Fn(&'r RunResult) -> I,
+) -> serde_json::Map<String, Json> {
+    let mut by: Vec<(String, Vec<f64>)> = Vec::new();
+    for (k, v) in runs.iter().flat_map(pairs) {
+        match by.iter_mut().find(|(key, _)| *key == k) {
+            Some((_, values)) => values.push(v),
+            None => by.push((k, vec![v])),
+        }
+    }
+    by.iter().map(|(k, v)| (k.clone(), quantiles(v))).collect()
+}
+
 fn summarize(name: &str, runs: &[RunResult]) -> Json {
-    let q = |f: &dyn Fn(&RunResult) -> f64| {
-        let v: Vec<f64> = runs.iter().map(f).collect();
-        json!({"p50": round(percentile(&v, 50.0)), "p90": round(percentile(&v, 90.0))})
-    };
+    let q = |f: &dyn Fn(&RunResult) -> f64| quantiles(&runs.iter().map(f).collect::<Vec<_>>());
     // The run at the median makespan shows the critical path.
     let mut by_time: Vec<&RunResult> = runs.iter().collect();
     by_time.sort_by(|a, b| a.makespan.total_cmp(&b.makespan));
@@ -305,52 +325,15 @@ fn summarize(name: &str, runs: &[RunResult]) -> Json {
                    "seconds": round(s.seconds())})
         })
         .collect();
-    let stage_names: Vec<&str> = median.stages.iter().map(|s| s.name).collect();
-    let stages: serde_json::Map<String, Json> = stage_names
-        .iter()
-        .map(|n| {
-            let v: Vec<f64> = runs
-                .iter()
-                .filter_map(|r| {
-                    r.stages
-                        .iter()
-                        .find(|s| s.name == *n)
-                        .map(StageSpan::seconds)
-                })
-                .collect();
-            (
-                n.to_string(),
-                json!({"p50": round(percentile(&v, 50.0)), "p90": round(percentile(&v, 90.0))}),
-            )
-        })
-        .collect();
-    let mut idle: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for r in runs {
-        for (what, s) in &r.idle {
-            idle.entry(what.clone()).or_default().push(*s);
-        }
-    }
-    let idle: serde_json::Map<String, Json> = idle
-        .iter()
-        .map(|(k, v)| {
-            (k.clone(), json!({"p50": round(percentile(v, 50.0)), "p90": round(percentile(v, 90.0)), "count": v.len()}))
-        })
-        .collect();
-    let mut types: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for r in runs {
-        for (t, s) in &r.instance_seconds {
-            types.entry(t.clone()).or_default().push(*s);
-        }
-    }
-    let types: serde_json::Map<String, Json> = types
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                json!({"p50": round(percentile(v, 50.0)), "p90": round(percentile(v, 90.0))}),
-            )
-        })
-        .collect();
+    let stages = quantiles_by(runs, |r| {
+        r.stages.iter().map(|s| (s.name.to_string(), s.seconds()))
+    });
+    let mut idle = quantiles_by(runs, |r| r.idle.iter().cloned());
+    idle.sort_keys();
+    let mut types = quantiles_by(runs, |r| {
+        r.instance_seconds.iter().map(|(k, v)| (k.clone(), *v))
+    });
+    types.sort_keys();
     let mut statuses: std::collections::BTreeMap<String, usize> = Default::default();
     for r in runs {
         *statuses.entry(r.status.clone()).or_default() += 1;

@@ -212,9 +212,7 @@ impl<P: PortsProvider + 'static> Tasks for StageTaskAdapter<P> {
         input: Json,
     ) -> BoxFuture<'a, Result<Json, StateError>> {
         Box::pin(async move {
-            let function = resource
-                .rsplit_once(":function:kiln-")
-                .and_then(|(_, n)| Function::by_name(n));
+            let function = Function::of_resource(resource);
             let span = function.map(|f| {
                 let mut t = lock(&self.timeline);
                 t.tasks.push(TaskSpan {

@@ -132,3 +132,18 @@ fn the_template_substitutes_every_function_the_definition_names_and_builds_each_
         );
     }
 }
+
+#[test]
+fn kiln_simulate_bills_the_functions_memory_the_template_gives_them() {
+    let template = std::fs::read_to_string(repo().join("infra/template.yaml")).expect("template");
+    let sizes: Vec<&str> = template
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("MemorySize:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![kiln::simulate::LAMBDA_MEMORY_MB.to_string()],
+        "one MemorySize for every function, the one kiln simulate bills"
+    );
+}

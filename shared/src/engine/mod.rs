@@ -10,6 +10,7 @@ pub mod intrinsic;
 pub mod mock;
 pub mod path;
 pub mod payload;
+pub mod rng;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -166,9 +167,9 @@ pub struct Engine {
     /// Whether `clock` is virtual: task timeouts are then measured on it.
     pub virtual_time: bool,
     pub max_events: usize,
-    /// Where full jitter's fractions come from: random, or a seeded sequence (splitmix64) for
+    /// Where full jitter's fractions come from: random, or a seeded sequence ([`rng::Rng`]) for
     /// reproducible runs (`kiln simulate`).
-    pub jitter_seed: Option<Mutex<u64>>,
+    pub jitter_seed: Option<Mutex<rng::Rng>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -229,21 +230,17 @@ impl Engine {
 
     /// Full jitter from a seeded sequence: the same retries wait the same on every run.
     pub fn with_jitter_seed(mut self, seed: u64) -> Engine {
-        self.jitter_seed = Some(Mutex::new(seed));
+        self.jitter_seed = Some(Mutex::new(rng::Rng::seeded(seed)));
         self
     }
 
     /// A fraction in [0, 1) for full jitter.
     fn jitter(&self) -> f64 {
         match &self.jitter_seed {
-            Some(m) => {
-                let mut s = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = *s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-            }
+            Some(m) => m
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unit(),
             None => (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0,
         }
     }

@@ -17,10 +17,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::clock::{Clock as EngineClock, TokioClock};
+pub use crate::engine::rng::Rng;
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, CommandId, ImageId, InstanceId};
 use crate::model::pipeline::{LaunchPermission, ParentFilter};
 use crate::ports::*;
+
+/// The stage functions' memory (`Globals.Function.MemorySize` in infra/template.yaml; a test
+/// keeps the two equal), what their GB-seconds are billed at.
+pub const LAMBDA_MEMORY_MB: u32 = 256;
 
 /// The built-in table.
 pub const LATENCIES: &str = include_str!("latencies.json");
@@ -128,46 +133,19 @@ impl Table {
     }
 }
 
-/// splitmix64: small, seeded, the same draws on every machine.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn seeded(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1).
-    pub fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
-
 /// A wait a stage did: when AWS was done, and when kiln noticed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Wait {
     pub what: &'static str,
     pub resource: String,
     pub ready: DateTime<Utc>,
-    pub noticed: Option<DateTime<Utc>>,
+    pub noticed: DateTime<Utc>,
 }
 
 impl Wait {
     /// Seconds between AWS being done and kiln noticing.
-    pub fn idle_seconds(&self) -> Option<f64> {
-        self.noticed
-            .map(|n| (n - self.ready).num_milliseconds().max(0) as f64 / 1000.0)
+    pub fn idle_seconds(&self) -> f64 {
+        (self.noticed - self.ready).num_milliseconds().max(0) as f64 / 1000.0
     }
 }
 
@@ -318,18 +296,17 @@ impl<P: PortsProvider> SimCloud<P> {
     fn noticed(&self, what: &'static str, resource: &str, ready: DateTime<Utc>) {
         let now = self.now();
         let mut s = lock(&self.state);
-        match s
+        if !s
             .waits
-            .iter_mut()
-            .find(|w| w.what == what && w.resource == resource)
+            .iter()
+            .any(|w| w.what == what && w.resource == resource)
         {
-            Some(_) => {}
-            None => s.waits.push(Wait {
+            s.waits.push(Wait {
                 what,
                 resource: resource.to_string(),
                 ready,
-                noticed: Some(now),
-            }),
+                noticed: now,
+            });
         }
     }
 
@@ -840,10 +817,10 @@ impl<T: crate::engine::Tasks> crate::engine::Tasks for SimTasks<T> {
         input: serde_json::Value,
     ) -> futures::future::BoxFuture<'a, Result<serde_json::Value, crate::engine::StateError>> {
         Box::pin(async move {
-            let function = resource
-                .rsplit_once(":function:")
-                .map_or(resource, |(_, n)| n)
-                .to_string();
+            let function = match crate::stages::handler::Function::of_resource(resource) {
+                Some(f) => f.name().to_string(),
+                None => resource.to_string(),
+            };
             let cold = !lock(&self.billed).contains_key(&function);
             let (overhead, init) = {
                 let mut rng = lock(&self.rng);

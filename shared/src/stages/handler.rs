@@ -59,6 +59,15 @@ impl Function {
     pub fn by_name(name: &str) -> Option<Function> {
         Function::ALL.into_iter().find(|f| f.name() == name)
     }
+
+    /// The function a Task state's resource names: a Lambda ARN ending in
+    /// `function:kiln-<name>`, or the bare name.
+    pub fn of_resource(resource: &str) -> Option<Function> {
+        let name = resource
+            .rsplit_once(":function:kiln-")
+            .map_or(resource, |(_, n)| n);
+        Function::by_name(name)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,11 +259,7 @@ impl<P: crate::ports::PortsProvider + 'static> crate::engine::Tasks for StageTas
         input: Json,
     ) -> futures::future::BoxFuture<'a, Result<Json, crate::engine::StateError>> {
         Box::pin(async move {
-            let name = resource
-                .rsplit_once(":function:kiln-")
-                .map(|(_, n)| n)
-                .unwrap_or(resource);
-            let function = Function::by_name(name).ok_or_else(|| {
+            let function = Function::of_resource(resource).ok_or_else(|| {
                 crate::engine::StateError::new(
                     "States.Runtime",
                     format!("no stage function for resource `{resource}`"),
