@@ -95,6 +95,10 @@ pub struct Cloud {
     /// Pipelines whose schedule runs, and why a disabled one was disabled.
     pub schedules: BTreeMap<String, Option<String>>,
     pub launches: u32,
+    /// Copies made (CopyImage calls that made an image).
+    pub copies: u32,
+    /// Every launch permission granted, in order (kept after the image is deleted).
+    pub shares: Vec<(ImageId, LaunchPermission)>,
     pub faults: Faults,
     next: u64,
 }
@@ -597,6 +601,7 @@ impl Compute for MemoryCloud {
                 copy.architecture = architecture;
             }
             c.tokens.insert(token.into(), id.0.clone());
+            c.copies += 1;
             Ok(id)
         }))
     }
@@ -615,6 +620,7 @@ impl Compute for MemoryCloud {
             if !i.shared_with.contains(permission) {
                 i.shared_with.push(permission.clone());
             }
+            c.shares.push((image.clone(), permission.clone()));
             Ok(())
         }))
     }

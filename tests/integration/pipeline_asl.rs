@@ -273,6 +273,62 @@ fn a_failure_at_every_stage_ends_the_execution_with_its_error_after_cleanup() {
 }
 
 #[test]
+fn a_failed_test_shares_and_publishes_nothing_and_its_copies_are_removed() {
+    // GIVEN the two-region example (shares with accounts and an organization, publishes to SSM
+    // and a launch template) and a test that fails
+    let cloud = cloud();
+    cloud.with(|c| {
+        c.faults.command_fails.insert(
+            "test".into(),
+            CommandStatus::Failed {
+                message: "component smoke, test/SshdConfigValid: exit code 255".into(),
+                output_tail: String::new(),
+            },
+        );
+    });
+    // WHEN it runs
+    let out = execute(&cloud, "exec-1", input());
+    // THEN it fails the test
+    assert_eq!(
+        out.error.as_deref(),
+        Some("Kiln.TestFailed"),
+        "{:?}",
+        out.cause
+    );
+    // AND the copy to eu-central-1 was made beside the test, then removed with its snapshot
+    assert_eq!(cloud.with(|c| c.copies), 1);
+    assert!(
+        cloud.build_images().is_empty(),
+        "{:?}",
+        cloud.build_images()
+    );
+    let orphans = cloud.with(|c| {
+        c.snapshots
+            .iter()
+            .filter(|(_, s)| !c.images.contains_key(&s.image))
+            .count()
+    });
+    assert_eq!(orphans, 0, "snapshots of deleted images left");
+    // AND nothing was shared, published to SSM or written to a launch template
+    assert_eq!(cloud.with(|c| c.shares.clone()), vec![]);
+    let published: Vec<_> = cloud.with(|c| {
+        c.parameters
+            .keys()
+            .filter(|(_, name)| name.starts_with("/images/"))
+            .cloned()
+            .collect()
+    });
+    assert!(published.is_empty(), "{published:?}");
+    assert!(cloud.with(|c| c.launch_templates.is_empty()));
+    // AND the failure names the test stage
+    let builds = futures::executor::block_on(cloud.store().builds("al2023-base")).expect("builds");
+    assert_eq!(
+        builds[0].failure.as_ref().map(|f| f.stage.as_str()),
+        Some("test")
+    );
+}
+
+#[test]
 fn two_starts_at_once_make_one_build_and_the_second_names_the_holder() {
     // GIVEN two executions started together, commands that take a while, real 1 s waits (so
     // that the executions interleave)

@@ -144,8 +144,8 @@ pub async fn run(
     }
     if !build.status.is_final() {
         // The stage that failed: the first, in the order they run, that started and did not
-        // finish; else the first that had not started (a copy beside the test that failed
-        // once the test had passed counts for distribute).
+        // finish (the copies start distribute beside the test: while the test runs, a
+        // failure counts for the test); else the first that had not started.
         const ORDER: [&str; 5] = ["launch", "customize", "snapshot", "test", "distribute"];
         let unfinished = ORDER
             .iter()

@@ -8,7 +8,7 @@ use crate::model::build::{Build, BuildStatus, RegionImage, RegionState};
 use crate::model::pipeline::{render_name, Distribution, NameContext};
 use crate::ports::{build_tags, CopySpec, ImageState, PipelineRecord, Ports};
 
-use super::{record, stage_finished, stage_started, transition};
+use super::{check_deadline, record, stage_finished, stage_started, transition};
 
 const STAGE: &str = "distribute";
 
@@ -75,8 +75,8 @@ pub async fn start(
     })
 }
 
-/// Ready (state Available) once the copy is available: what the copies beside the test wait for.
-/// Nothing is shared or published until the test has passed.
+/// Ready (state Available) once the copy is available: what the copies beside the test wait
+/// for, and the first half of [`check`]. Nothing is shared or published here.
 async fn copied(ports: &Ports<'_>, mut entry: RegionImage) -> Result<RegionImage, StageError> {
     if entry.state != RegionState::Copying {
         return Ok(entry);
@@ -98,8 +98,9 @@ async fn copied(ports: &Ports<'_>, mut entry: RegionImage) -> Result<RegionImage
     Ok(entry)
 }
 
-/// The target regions, before the copies start beside the test (the build is not saved: the
-/// test stage owns the record until it has passed).
+/// The target regions, before the copies start beside the test, and the stage started (its
+/// timeout counts from the copies' start). The build is not saved: the test stage owns the
+/// record until it has passed, and saves it with this.
 pub async fn plan(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageError> {
     let record = record(ports, &build.pipeline).await?;
     if build.regions.is_empty() {
@@ -114,6 +115,7 @@ pub async fn plan(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageErr
             })
             .collect();
     }
+    stage_started(ports, &mut build, STAGE);
     Ok(build)
 }
 
@@ -148,22 +150,13 @@ pub async fn await_copies(
     }
     let ready = out.iter().all(|r| r.state != RegionState::Copying);
     if !ready {
-        // The copies started with the test: their time counts from its start.
         let record = record(ports, &build.pipeline).await?;
-        let minutes = record.pipeline.timeouts.distribute_minutes;
-        let started = build
-            .stages
-            .get("test")
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.started).ok());
-        if let Some(started) = started {
-            let waited = ports.clock.now() - started.with_timezone(&chrono::Utc);
-            if waited > chrono::Duration::minutes(i64::from(minutes)) {
-                return Err(StageError::new(
-                    ErrorKind::Timeout,
-                    format!("the copies took longer than {minutes} minutes (timeouts.distributeMinutes)"),
-                ));
-            }
-        }
+        check_deadline(
+            ports,
+            build,
+            STAGE,
+            record.pipeline.timeouts.distribute_minutes,
+        )?;
     }
     Ok(Copies {
         regions: out,
@@ -175,27 +168,21 @@ pub async fn await_copies(
 pub async fn check(
     ports: &Ports<'_>,
     build: &Build,
-    mut entry: RegionImage,
+    entry: RegionImage,
 ) -> Result<RegionImage, StageError> {
     if entry.state == RegionState::Shared {
         return Ok(entry);
     }
     let record = record(ports, &build.pipeline).await?;
     let d = target(&record, &entry.region)?;
+    let mut entry = copied(ports, entry).await?;
+    if entry.state != RegionState::Available {
+        return Ok(entry);
+    }
     let image = entry
         .image
         .clone()
         .ok_or_else(|| StageError::new(ErrorKind::Internal, "no image for the region"))?;
-    match ports.compute.image_state(&entry.region, &image).await? {
-        ImageState::Pending => return Ok(entry),
-        ImageState::Failed(why) => {
-            return Err(StageError::new(
-                ErrorKind::Internal,
-                format!("copy of the image to {} failed: {why}", entry.region),
-            ))
-        }
-        ImageState::Available => {}
-    }
     if let Some(lp) = &d.launch_permission {
         ports.compute.share_image(&entry.region, &image, lp).await?;
     }
