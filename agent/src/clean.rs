@@ -454,6 +454,32 @@ mod tests {
     }
 
     #[test]
+    fn a_linked_home_folder_is_not_followed_out_of_the_tree() {
+        // GIVEN /home/evil, a link to a folder outside the image holding a history and keys
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, "/home/ec2-user/.bash_history", "mine");
+        let outside = tempfile::tempdir().unwrap();
+        write(outside.path(), "/.bash_history", "the host's");
+        write(outside.path(), "/.ssh/authorized_keys", "the host's keys");
+        std::os::unix::fs::symlink(outside.path(), root.join("home/evil")).unwrap();
+        // WHEN the image is sanitized
+        let record = sanitize(root, &SanitizeItem::ALL).unwrap();
+        // THEN the image's own history goes, and nothing behind the link is touched or recorded
+        assert!(!root.join("home/ec2-user/.bash_history").exists());
+        assert!(outside.path().join(".bash_history").exists());
+        assert!(outside.path().join(".ssh/authorized_keys").exists());
+        assert!(
+            !record
+                .removed
+                .iter()
+                .any(|r| r.path.starts_with("/home/evil")),
+            "{:?}",
+            record.removed
+        );
+    }
+
+    #[test]
     fn verify_names_the_builders_files_still_in_the_image() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();

@@ -261,7 +261,8 @@ where
             let mut secrets = Vec::new();
             for spec in &mut plan.0 {
                 for (name, value) in spec.parameters.iter_mut() {
-                    let Some(reference) = crate::secrets::reference(value).map(str::to_string)
+                    let Some(reference) =
+                        kiln::component::secure_reference(value).map(str::to_string)
                     else {
                         continue;
                     };

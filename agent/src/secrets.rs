@@ -11,11 +11,6 @@ use sha2::{Digest, Sha256};
 use crate::http;
 use crate::s3::{credentials, env, region, sign, Request};
 
-/// The parameter name a value references, if it is a reference.
-pub fn reference(value: &str) -> Option<&str> {
-    kiln::component::secure_reference(value)
-}
-
 /// GetParameter with decryption; the value of a SecureString.
 pub fn get_secure(name: &str) -> Result<String, String> {
     let creds = credentials()?;

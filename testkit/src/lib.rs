@@ -263,16 +263,28 @@ impl MemoryCloud {
         }
     }
 
-    /// Why `pipeline`'s schedule is disabled, if it is (read back from where it is kept).
+    /// Why `pipeline`'s schedule is disabled, if it is: read back from where it is kept, SQLite's
+    /// rows read raw by `sqlite3` rather than through kiln's store.
     pub fn schedule_disabled(&self, pipeline: &str) -> Option<String> {
         match &self.real_store {
-            Some((s, _)) => s
-                .schedules()
-                .expect("schedules")
-                .into_iter()
-                .find(|r| r.pipeline == pipeline)
-                .filter(|r| !r.enabled)
-                .map(|r| r.disabled_reason.unwrap_or_default()),
+            Some((_, dir)) => {
+                let quoted = pipeline.replace('\'', "''");
+                let out = std::process::Command::new("sqlite3")
+                    .arg(dir.path().join("state.db"))
+                    .arg(format!(
+                        "SELECT enabled, coalesce(disabled_reason, '') FROM schedules WHERE pipeline = '{quoted}'"
+                    ))
+                    .output()
+                    .expect("sqlite3 (installed by make setup)");
+                assert!(
+                    out.status.success(),
+                    "sqlite3: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let row = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+                let (enabled, reason) = row.split_once('|')?;
+                (enabled == "0").then(|| reason.to_string())
+            }
             None => self.with(|c| c.schedules.get(pipeline).cloned().flatten()),
         }
     }

@@ -2109,7 +2109,20 @@ mod ssm_scripts {
             };
             let c = self.rt.block_on(self.ports.command_script(&customize));
             let t = self.rt.block_on(self.ports.command_script(&test));
-            (c.expect("customize script"), t.expect("test script"))
+            let (c, t) = (c.expect("customize script"), t.expect("test script"));
+            // Every URL lives the stage's timeout (30 min) and five minutes, not S3's default.
+            let lifetimes: Vec<&str> = c
+                .iter()
+                .chain(&t)
+                .flat_map(|line| line.split("X-Amz-Expires=").skip(1))
+                .map(|rest| rest.split('&').next().unwrap_or_default())
+                .collect();
+            assert!(!lifetimes.is_empty(), "no presigned URL in the scripts");
+            assert!(
+                lifetimes.iter().all(|l| *l == "2100"),
+                "URL lifetimes {lifetimes:?}"
+            );
+            (c, t)
         }
     }
 
