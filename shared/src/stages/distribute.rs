@@ -75,16 +75,21 @@ pub async fn start(
     })
 }
 
+/// The image a region's entry holds (its copy, or in the build region the image itself).
+fn image_of(entry: &RegionImage) -> Result<crate::model::build::ImageId, StageError> {
+    entry
+        .image
+        .clone()
+        .ok_or_else(|| StageError::new(ErrorKind::Internal, "no image for the region"))
+}
+
 /// Ready (state Available) once the copy is available: what the copies beside the test wait
 /// for, and the first half of [`check`]. Nothing is shared or published here.
 async fn copied(ports: &Ports<'_>, mut entry: RegionImage) -> Result<RegionImage, StageError> {
     if entry.state != RegionState::Copying {
         return Ok(entry);
     }
-    let image = entry
-        .image
-        .clone()
-        .ok_or_else(|| StageError::new(ErrorKind::Internal, "no image for the region"))?;
+    let image = image_of(&entry)?;
     match ports.compute.image_state(&entry.region, &image).await? {
         ImageState::Pending => {}
         ImageState::Failed(why) => {
@@ -179,10 +184,7 @@ pub async fn check(
     if entry.state != RegionState::Available {
         return Ok(entry);
     }
-    let image = entry
-        .image
-        .clone()
-        .ok_or_else(|| StageError::new(ErrorKind::Internal, "no image for the region"))?;
+    let image = image_of(&entry)?;
     if let Some(lp) = &d.launch_permission {
         ports.compute.share_image(&entry.region, &image, lp).await?;
     }
