@@ -20,7 +20,7 @@ DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 # The Lambda functions; arm64 when the aarch64 standard library is installed, else x86_64.
-FUNCTIONS := launch-builder customize snapshot test-image distribute cleanup trigger
+FUNCTIONS := launch-builder customize snapshot test-image distribute cleanup trigger wake
 HAS_ARM64 := $(filter aarch64-unknown-linux-gnu,$(shell rustup target list --installed 2>/dev/null))
 LAMBDA_ARCH := $(if $(HAS_ARM64),arm64,x86-64)
 SAM_ARCH := $(if $(HAS_ARM64),arm64,x86_64)

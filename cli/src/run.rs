@@ -151,6 +151,7 @@ impl<R: PortsProvider> PortsProvider for Mixed<R> {
             triggers: &self.local.store,
             store: &self.local.store,
             events: &self.local,
+            wakeups: &self.local.wakeups,
             clock: &self.local,
         }
     }
@@ -383,9 +384,12 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
             interval: Duration::from_millis(10),
         }),
     ));
-    let engine = Engine::new(tasks, clock.clone(), false);
+    let engine = Engine::new(tasks, clock.clone(), false).with_tokens(local.wakeups.tokens());
     let request = format!("kiln-run-{}", uuid::Uuid::new_v4().simple());
-    let input = execution::input(&p.name, &args.trigger, Some(0));
+    // A wait for a local state change ends by the event source above (it reads the local cloud
+    // every 10 ms), a wait with no event by the check's long poll; five seconds is the bound of
+    // either when neither ends it.
+    let input = execution::input(&p.name, &args.trigger, Some(5));
     let interactive = args.output == Output::Text && std::io::stderr().is_terminal();
     let started = Instant::now();
     writeln!(
@@ -412,8 +416,10 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
         input,
         &request,
         &timeline,
-        clock.as_ref(),
         args.shutdown.received(),
+        local
+            .wakeups
+            .serve(provider.as_ref(), Duration::from_millis(10)),
     ));
     display.stop();
     let _ = std::fs::remove_file(&claim);
@@ -642,6 +648,7 @@ fn summary(
         "imageWriteSeconds": (image_io * 1000.0).round() / 1000.0,
         "stateTransitions": outcome.state_transitions(),
         "taskInvocations": outcome.task_invocations(),
+        "waits": execution::waits(outcome),
         "aws": {
             "minStateTransitions": aws_floor.0,
             "minLambdaInvocations": aws_floor.1,

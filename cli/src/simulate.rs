@@ -185,7 +185,9 @@ fn simulate_once(
         let timeline = Arc::new(Mutex::new(Timeline::default()));
         let adapter = StageTaskAdapter::new(sim.clone(), timeline.clone(), clock.clone(), None);
         let tasks = Arc::new(SimTasks::new(adapter, table.clone(), clock.clone(), seed));
-        let engine = Engine::new(tasks.clone(), clock.clone(), false).with_jitter_seed(seed);
+        let engine = Engine::new(tasks.clone(), clock.clone(), false)
+            .with_jitter_seed(seed)
+            .with_tokens(sim.task_tokens());
         let machine = execution::machine(definition, &local_substitutions())?;
         let request = format!("simulate-{seed}");
         let trigger = json!({"kind": "manual", "detail": "kiln simulate"});
@@ -197,8 +199,8 @@ fn simulate_once(
             input,
             &request,
             &timeline,
-            clock.as_ref(),
             futures::future::pending::<()>(),
+            sim.deliver_events(),
         )
         .await
         .map_err(|()| "interrupted".to_string())?;

@@ -38,6 +38,7 @@ pub fn stage_of(function: Function) -> &'static str {
         Function::TestImage => "test",
         Function::Distribute => "distribute",
         Function::Cleanup => "cleanup",
+        Function::Wake => "wake",
     }
 }
 
@@ -238,7 +239,9 @@ impl<P: PortsProvider + 'static> Tasks for StageTaskAdapter<P> {
                 let (Some(poll), Some(deadline)) = (self.long_poll, deadline) else {
                     break Ok(out);
                 };
-                if !is_check || settled(&out) || self.clock.now() >= deadline {
+                // A wait an event ends is the state machine's (`…Await`), not the long poll's.
+                let awaits_event = out.get("awaiting").is_some_and(|a| !a.is_null());
+                if !is_check || settled(&out) || awaits_event || self.clock.now() >= deadline {
                     break Ok(out);
                 }
                 // The next check sees what this one returned, as the state machine would pass it.
@@ -260,6 +263,19 @@ impl<P: PortsProvider + 'static> Tasks for StageTaskAdapter<P> {
     }
 }
 
+/// How the execution's event waits (`…Await` states) ended: by their event, or by their
+/// timeout (the bounded poll).
+pub fn waits(outcome: &Outcome) -> Json {
+    let count = |kind: &str| {
+        outcome
+            .history
+            .iter()
+            .filter(|e| e.kind == kind && e.state.as_deref().is_some_and(|s| s.ends_with("Await")))
+            .count()
+    };
+    json!({"byEvent": count("TaskSucceeded"), "byTimeout": count("TaskTimedOut")})
+}
+
 /// The execution's input: which pipeline, why, how long the Wait states wait (None: the
 /// definition's default, AWS's poll interval).
 pub fn input(pipeline: &str, trigger: &Json, wait_seconds: Option<u64>) -> Json {
@@ -272,22 +288,30 @@ pub fn input(pipeline: &str, trigger: &Json, wait_seconds: Option<u64>) -> Json 
 
 /// Runs one execution named `request` until it ends or `interrupted` resolves first (its value,
 /// e.g. an exit code, is returned as the error; the caller then cleans up with [`cancel`]).
+/// `events` is the event source that answers the execution's task tokens (see
+/// `stages::wake`), run beside it.
 pub async fn run<I>(
     engine: &Engine,
     machine: &Machine,
     input: Json,
     request: &str,
     timeline: &Mutex<Timeline>,
-    clock: &dyn Clock,
     interrupted: impl std::future::Future<Output = I>,
+    events: impl std::future::Future<Output = ()>,
 ) -> Result<Outcome, I> {
     let run = engine.run(machine, input, request);
+    // The event source runs as long as the execution; it ends only if it has nothing to offer.
+    let events = async {
+        events.await;
+        std::future::pending::<()>().await
+    };
     let result = tokio::select! {
         biased;
         i = interrupted => Err(i),
         out = run => Ok(out),
+        _ = events => unreachable!("the event source never ends"),
     };
-    lock(timeline).ended = Some(clock.now());
+    lock(timeline).ended = Some(engine.clock.now());
     result
 }
 

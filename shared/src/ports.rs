@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::PhaseName;
 use crate::errors::StageError;
-use crate::model::build::{Build, BuildId, BuildStatus, CommandId, ImageId, InstanceId};
+use crate::model::build::{Awaited, Build, BuildId, BuildStatus, CommandId, ImageId, InstanceId};
 use crate::model::pipeline::{
     BlockDevice, Infrastructure, LaunchPermission, ParentFilter, Pipeline,
 };
@@ -369,6 +369,27 @@ pub trait Triggers: Send + Sync {
     fn disable<'a>(&'a self, pipeline: &'a str, reason: &'a str) -> PortResult<'a, bool>;
 }
 
+/// Task tokens waiting for an event (see `stages::wake`): the stack keeps them in its table and
+/// answers them with Step Functions' SendTaskSuccess; the embedded engine keeps them in memory.
+pub trait Wakeups: Send + Sync {
+    /// Keeps `token` until an event announces one of `awaited.until`.
+    fn register<'a>(&'a self, token: &'a str, awaited: &'a Awaited) -> PortResult<'a, ()>;
+    /// The tokens kept for `region`'s resource `id`, with what each awaits.
+    fn registered<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a str,
+    ) -> PortResult<'a, Vec<(String, Awaited)>>;
+    /// Answers `token` with `output` (SendTaskSuccess) and forgets it; false when its task no
+    /// longer waits (answered already, timed out, its execution over).
+    fn wake<'a>(
+        &'a self,
+        token: &'a str,
+        awaited: &'a Awaited,
+        output: &'a serde_json::Value,
+    ) -> PortResult<'a, bool>;
+}
+
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
 }
@@ -391,6 +412,7 @@ pub struct Ports<'a> {
     pub events: &'a dyn Events,
     pub parameters: &'a dyn Parameters,
     pub triggers: &'a dyn Triggers,
+    pub wakeups: &'a dyn Wakeups,
     pub clock: &'a dyn Clock,
 }
 

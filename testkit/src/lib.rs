@@ -111,6 +111,8 @@ pub struct MemoryCloud {
     /// A real store in place of the in-memory one (SQLite, in its own folder), for tests whose
     /// subject is the stages rather than the store's faults.
     real_store: Option<(kiln::local::SqliteStore, tempfile::TempDir)>,
+    /// The task tokens waiting for a state change (see `kiln::stages::wake`).
+    pub wakeups: kiln::stages::wake::KeptTokens,
 }
 
 fn ok<'a, T: Send + 'a>(v: Result<T, StageError>) -> PortResult<'a, T> {
@@ -309,6 +311,7 @@ impl MemoryCloud {
             events: self,
             parameters: self,
             triggers: self.triggers(),
+            wakeups: &self.wakeups,
             clock: self,
         }
     }

@@ -381,6 +381,10 @@ fn hello_builds_tests_and_distributes_an_image_in_two_regions() {
         "{summary}"
     );
     assert_eq!(summary["aws"]["perPoll"]["stateTransitions"], 3);
+    // AND its waits for the commands ended by the local event source answering their task
+    // tokens, none by the bounded poll (the one definition's `.waitForTaskToken` path)
+    assert!(summary["waits"]["byEvent"].as_u64() >= Some(2), "{summary}");
+    assert_eq!(summary["waits"]["byTimeout"], 0, "{summary}");
     home.assert_nothing_left("hello");
 
     // WHEN it runs again unchanged (startCondition onChange)

@@ -18,7 +18,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use kiln::engine::{clock::VirtualClock, definition, Engine, StateError, Status, Tasks};
+use kiln::engine::{
+    clock::VirtualClock, definition, tokens::TaskTokens, Engine, StateError, Status, Tasks,
+};
 use serde_json::{json, Value as Json};
 
 use crate::support::{built_binary, repo, run_ok, Lcg, Moto};
@@ -64,6 +66,34 @@ pub(crate) struct Rehearsal {
     definition: Json,
     functions: HashMap<String, Deployed>,
     made_by_api: Vec<String>,
+    /// The task tokens of the executions, answered by the deployed functions' SendTaskSuccess
+    /// (moto_server.py hands each to [`forward_answers`]).
+    tokens: Arc<TaskTokens>,
+}
+
+/// Hands each SendTaskSuccess the deployed functions make (authorized, then appended to `file` by
+/// moto_server.py) to the engine that issued the token, as Step Functions would take it.
+fn forward_answers(file: PathBuf, tokens: Arc<TaskTokens>) {
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                return; // the rehearsal's folder is gone
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[seen.min(lines.len())..] {
+                if let Ok(a) = serde_json::from_str::<Json>(line) {
+                    let output = a["output"]
+                        .as_str()
+                        .and_then(|o| serde_json::from_str(o).ok())
+                        .unwrap_or(Json::Null);
+                    let _ = tokens.succeed(a["taskToken"].as_str().unwrap_or_default(), output);
+                }
+            }
+            seen = lines.len();
+        }
+    });
 }
 
 impl Rehearsal {
@@ -71,7 +101,11 @@ impl Rehearsal {
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("authz.jsonl");
         let faults = dir.path().join("faults.json");
-        let moto = Moto::start_authorizing(&log, &faults);
+        let answers = dir.path().join("answers.jsonl");
+        std::fs::write(&answers, "").expect("answers file");
+        let moto = Moto::start_authorizing(&log, &faults, &answers);
+        let tokens = Arc::new(TaskTokens::default());
+        forward_answers(answers, tokens.clone());
         let expanded = expand(dir.path());
         let bin_dir = built_binary("launch-builder")
             .parent()
@@ -131,6 +165,7 @@ impl Rehearsal {
             definition,
             functions,
             made_by_api,
+            tokens,
         }
     }
 
@@ -252,7 +287,8 @@ impl Rehearsal {
         stop: Arc<tokio::sync::Notify>,
     ) -> Option<kiln::engine::Outcome> {
         let machine = definition::parse(&self.definition).expect("the deployed definition parses");
-        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
+        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true)
+            .with_tokens(self.tokens.clone());
         let input = json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0});
         rt.block_on(async {
             tokio::select! {
@@ -270,7 +306,8 @@ impl Rehearsal {
         name: &str,
     ) -> kiln::engine::Outcome {
         let machine = definition::parse(&self.definition).expect("the deployed definition parses");
-        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true);
+        let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true)
+            .with_tokens(self.tokens.clone());
         rt.block_on(engine.run(&machine, input, name))
     }
 
@@ -364,6 +401,21 @@ impl Tasks for Bootstraps {
         input: Json,
     ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
         Box::pin(async move {
+            // The Lambda integration (`arn:aws:states:::lambda:invoke…`) names the function in
+            // its parameters and answers in `Payload`.
+            let integration = resource.starts_with("arn:aws:states:::lambda:invoke");
+            let (resource, input) = if integration {
+                (
+                    input["FunctionName"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    input["Payload"].clone(),
+                )
+            } else {
+                (resource.to_string(), input)
+            };
+            let resource = resource.as_str();
             let f = self.0.get(resource).cloned().ok_or_else(|| {
                 StateError::new(
                     "Lambda.ResourceNotFoundException",
@@ -385,7 +437,11 @@ impl Tasks for Bootstraps {
             .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?;
             let (path, body) = answer.answer;
             if path.ends_with("/response") {
-                Ok(body)
+                Ok(if integration {
+                    json!({"Payload": body, "StatusCode": 200})
+                } else {
+                    body
+                })
             } else {
                 Err(StateError::from_lambda(
                     body["errorType"].as_str().unwrap_or("Lambda.Unknown"),
@@ -1758,4 +1814,175 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-campaign.json"),
         report.to_string(),
     );
+}
+
+/// A wait ended by its event, through the deployed stack: the snapshot's image is pending when
+/// the check and the wake function look, so the SnapshotAwait task's token is kept in the table;
+/// the "EC2 AMI State Change" event AWS sends matches the deployed rule (by moto's EventBridge
+/// pattern matcher), the rule's target — the wake function's bootstrap, under its role —
+/// answers the token with SendTaskSuccess, and the execution goes on at once, not after
+/// waitSeconds. A forged event (a state the wait does not end in, for a resource no token
+/// awaits) wakes nothing. Every request is authorized.
+#[test]
+fn a_wait_ends_by_its_event_through_the_deployed_rule_and_the_wake_function() {
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    // GIVEN the image pending when the wake function looks (moto's are available at once)
+    r.inject(
+        json!([{"role": "WakeFunctionRole", "operation": "DescribeImages",
+                     "imageState": "pending", "count": 1}]),
+    );
+    let events = aws_sdk_eventbridge::Client::new(&admin);
+    let rules = rt
+        .block_on(events.list_rules().send())
+        .expect("ListRules")
+        .rules()
+        .to_vec();
+    let image_rule = rules
+        .iter()
+        .find(|rule| rule.name().unwrap_or_default().contains("ImageState"))
+        .unwrap_or_else(|| panic!("the deployed rules: {rules:?}"))
+        .clone();
+    let target = rt
+        .block_on(
+            events
+                .list_targets_by_rule()
+                .rule(image_rule.name().unwrap_or_default())
+                .send(),
+        )
+        .expect("ListTargetsByRule")
+        .targets()[0]
+        .arn()
+        .to_string();
+    let wake = r
+        .functions
+        .get(&target)
+        .cloned()
+        .expect("the rule's target is a deployed function");
+    assert_eq!(wake.binary, "wake");
+    // AND a watcher that, once a token is kept, sends what EventBridge would deliver
+    let table = r.outputs["TableName"].clone();
+    let dynamodb = aws_sdk_dynamodb::Client::new(&admin);
+    let pattern = image_rule.event_pattern().unwrap_or_default().to_string();
+    let delivered = std::thread::spawn(move || {
+        let rt = runtime();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            let items = rt
+                .block_on(dynamodb.scan().table_name(&table).send())
+                .expect("Scan")
+                .items()
+                .to_vec();
+            let kept = items.iter().find_map(|i| match i.get("pk") {
+                Some(AttributeValue::S(pk)) if pk.starts_with("WAKE#") => Some(pk.clone()),
+                _ => None,
+            });
+            if let Some(pk) = kept {
+                let image = pk.rsplit('#').next().unwrap_or_default().to_string();
+                let event = |state: &str, id: &str| {
+                    json!({"version": "0", "id": "7f2b1d9e-0000-4000-8000-000000000001",
+                        "detail-type": "EC2 AMI State Change", "source": "aws.ec2",
+                        "account": "123456789012", "time": "2026-12-02T00:00:00Z",
+                        "region": "us-east-1", "resources": [format!("arn:aws:ec2:us-east-1::image/{id}")],
+                        "detail": {"RequestId": "r-1", "ImageId": id, "State": state, "ErrorMessage": ""}})
+                };
+                // By moto's EventBridge matcher (its TestEventPattern answers nothing).
+                let matches = |e: &Json| {
+                    let mut cmd = Command::new(python());
+                    cmd.arg(repo().join("tests/rehearsal/events.py")).args([
+                        "match",
+                        &pattern,
+                        &e.to_string(),
+                    ]);
+                    run_ok(cmd).trim() == "true"
+                };
+                let real = event("available", &image);
+                // The rule lets through what ends a wait, and only that.
+                assert!(matches(&real), "the deployed rule {pattern} matches {real}");
+                assert!(
+                    !matches(&event("pending", &image)),
+                    "pending is filtered out"
+                );
+                let invoke = |e: &Json| {
+                    let env: Vec<(&str, String)> = wake
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.clone()))
+                        .collect();
+                    let answer = kiln_tests::runtime_api::invoke_once(
+                        &built_binary(&wake.binary),
+                        &wake.function_name,
+                        e,
+                        &env,
+                    )
+                    .expect("the wake bootstrap runs")
+                    .answer;
+                    assert!(answer.0.ends_with("/response"), "{answer:?}");
+                    answer.1
+                };
+                // A forged event for an image no token awaits wakes nothing.
+                let forged = invoke(&event("available", "ami-0forged000000000"));
+                let woken = invoke(&real);
+                return (forged, woken);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("no task token was kept within 120 s");
+    });
+    // WHEN a build runs with 60-second waits
+    let machine = definition::parse(&r.definition).expect("the deployed definition parses");
+    let engine = Engine::new(
+        Arc::new(Bootstraps(r.functions.clone())),
+        Arc::new(VirtualClock::default()),
+        true,
+    )
+    .with_tokens(r.tokens.clone());
+    let started = std::time::Instant::now();
+    let input =
+        json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 60});
+    let outcome = rt.block_on(engine.run(&machine, input, "woken-1"));
+    let took = started.elapsed();
+    r.inject(json!([]));
+    let (forged, woken) = delivered.join().expect("the event was delivered");
+    // THEN the build is AVAILABLE, the event's delivery woke one token, the forged one none
+    assert_eq!(outcome.status, Status::Succeeded, "{:?}", outcome.cause);
+    assert_eq!(woken["woken"], 1, "{woken}");
+    assert_eq!(forged["woken"], 0, "{forged}");
+    // AND the snapshot's wait ended by the event, not by its 60-second timeout
+    let await_ends: Vec<&Json> = outcome
+        .history
+        .iter()
+        .filter(|e| e.state.as_deref() == Some("SnapshotAwait"))
+        .map(|e| &e.details)
+        .collect();
+    let kinds: Vec<&str> = outcome
+        .history
+        .iter()
+        .filter(|e| e.state.as_deref() == Some("SnapshotAwait"))
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert!(kinds.contains(&"TaskSubmitted"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"TaskSucceeded") && !kinds.contains(&"TaskTimedOut"),
+        "{kinds:?}"
+    );
+    assert!(
+        await_ends
+            .iter()
+            .any(|d| d["output"] == json!({"state": "available", "by": "event"})),
+        "{await_ends:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(60),
+        "the build took {took:?}"
+    );
+    // AND every request — the watch, the event's answer — was authorized
+    let (_, by_role) = r.assert_all_allowed();
+    assert!(
+        by_role.get("WakeFunctionRole").copied().unwrap_or(0) > 0,
+        "{by_role:?}"
+    );
+    r.assert_lock_free(&rt, "al2023-moto", "after the woken build");
 }

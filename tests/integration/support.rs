@@ -90,7 +90,7 @@ impl Moto {
     /// against that role's policies by an IAM policy evaluator before moto runs it
     /// (tests/rehearsal/moto_server.py); each decision is appended to `log` as a JSON line.
     /// `faults` names the JSON file of injected faults (read on every request; may not exist).
-    pub fn start_authorizing(log: &Path, faults: &Path) -> Moto {
+    pub fn start_authorizing(log: &Path, faults: &Path, answers: &Path) -> Moto {
         let python = Moto::server_binary().with_file_name("python");
         let modules = std::env::var_os("KILN_NODE_MODULES")
             .map(PathBuf::from)
@@ -104,6 +104,7 @@ impl Moto {
         c.arg(repo().join("tests/rehearsal/moto_server.py"))
             .env("KILN_AUTHZ_LOG", log)
             .env("KILN_FAULTS", faults)
+            .env("KILN_TASK_ANSWERS", answers)
             .env("KILN_AUTHZ_MODULES", modules);
         Moto::launch(c)
     }

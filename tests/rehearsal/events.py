@@ -4,6 +4,10 @@
 Change" events with the queue as its target, and prints the queue URL. `events.py drain URL`
 prints the events the queue holds, in the order EventBridge delivered them, as a JSON list.
 Run with the moto server's environment (AWS_ENDPOINT_URL and credentials).
+
+`events.py match PATTERN EVENT` prints whether the rule pattern PATTERN (JSON) lets EVENT (JSON)
+through, by moto's EventBridge pattern matcher — the one that routes moto's PutEvents to rules
+(moto's TestEventPattern API is not implemented: it answers nothing).
 """
 
 import json
@@ -36,5 +40,14 @@ def drain(url):
     print(json.dumps(seen))
 
 
+def match(pattern, event):
+    from moto.events.models import EventPattern
+
+    print(json.dumps(EventPattern.load(pattern).matches_event(json.loads(event))))
+
+
 if __name__ == "__main__":
-    {"subscribe": subscribe, "drain": drain}[sys.argv[1]](sys.argv[2])
+    if sys.argv[1] == "match":
+        match(sys.argv[2], sys.argv[3])
+    else:
+        {"subscribe": subscribe, "drain": drain}[sys.argv[1]](sys.argv[2])

@@ -26,6 +26,9 @@ an authorized request whose role name contains `role` and whose operation is `op
 A fault with "count": N applies to the first N matching requests only (a transient fault).
 Each applied fault is recorded in the log as {"fault": ...}.
 
+SendTaskSuccess (authorized like any call) is appended to $KILN_TASK_ANSWERS for the test's
+engine, which runs the executions in place of moto's Step Functions.
+
 Also DescribeInstanceInformation, which moto lacks (tests/conformance/moto_gaps.py).
 
 Run as `python moto_server.py -H 127.0.0.1 -p PORT` with KILN_AUTHZ_LOG, KILN_AUTHZ_NODE (node)
@@ -416,6 +419,9 @@ def map_json(service, region, target, body):
         return None
     if service == "states":
         action = f"states:{op}"
+        if op in ("SendTaskSuccess", "SendTaskFailure", "SendTaskHeartbeat"):
+            # No resource type: the token is the authority.
+            return [(action, "*", {})]
         arn = p.get("stateMachineArn") or p.get("executionArn")
         return [(action, arn, {})] if arn else None
     return None
@@ -613,6 +619,20 @@ def images_in_state(app, environ, start_response, state):
 ORIGINAL_CALL = DomainDispatcherApplication.__call__
 
 
+def task_answer(environ, start_response, body):
+    """SendTaskSuccess, authorized: the rehearsal's executions run in kiln's engine, not moto's
+    Step Functions, so the answer is appended to $KILN_TASK_ANSWERS (one JSON line) for the test
+    to hand to its engine, and answered as Step Functions answers it."""
+    with ANSWERS_LOCK, open(os.environ["KILN_TASK_ANSWERS"], "a", encoding="utf-8") as f:
+        f.write(body.decode("utf-8") + "\n")
+    data = b"{}"
+    start_response("200 OK", [("Content-Type", "application/x-amz-json-1.0"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+ANSWERS_LOCK = threading.Lock()
+
+
 def authorized_call(self, environ, start_response):
     # Every AWS SDK request is TLS in AWS; moto sees plain HTTP on loopback. The bucket policy's
     # TLS-only deny (aws:SecureTransport), which moto evaluates, must see what AWS would.
@@ -673,6 +693,8 @@ def authorized_call(self, environ, start_response):
                 environ,
                 f"User: {principal} is not authorized to perform: {action} on resource: {resource} ({decision['result']})",
             )
+    if operation.endswith(".SendTaskSuccess") and os.environ.get("KILN_TASK_ANSWERS"):
+        return task_answer(environ, start_response, body)
     fault = fault_for(function, operation, region)
     if fault is not None:
         record({"role": function, "operation": operation, "region": region, "fault": fault})

@@ -8,6 +8,7 @@ mod compute;
 #[cfg(feature = "control")]
 pub mod control;
 mod store;
+mod wake;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -51,6 +52,8 @@ pub struct AwsPorts {
     pub(crate) dynamodb: aws_sdk_dynamodb::Client,
     pub(crate) s3: aws_sdk_s3::Client,
     events: aws_sdk_eventbridge::Client,
+    /// Step Functions, to answer the task tokens events wake (SendTaskSuccess).
+    sfn: aws_sdk_sfn::Client,
     /// The SHA-256 of kiln-agent per architecture, which the commands check before running it
     /// (from `KILN_AGENT_SHA256`, or pinned by `prepare_artifacts`).
     /// A malformed `KILN_AGENT_SHA256` is kept as its error: every command then says so.
@@ -85,6 +88,7 @@ impl AwsPorts {
         AwsPorts {
             dynamodb: aws_sdk_dynamodb::Client::new(&config),
             events: aws_sdk_eventbridge::Client::new(&config),
+            sfn: aws_sdk_sfn::Client::new(&config),
             s3,
             ec2: Mutex::new(HashMap::new()),
             ssm: Mutex::new(HashMap::new()),
@@ -187,6 +191,7 @@ impl AwsPorts {
             events: self,
             parameters: self,
             triggers: self,
+            wakeups: self,
             clock: &crate::ports::SystemClock,
         }
     }

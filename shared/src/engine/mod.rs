@@ -11,6 +11,7 @@ pub mod mock;
 pub mod path;
 pub mod payload;
 pub mod rng;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -170,6 +171,8 @@ pub struct Engine {
     /// Where full jitter's fractions come from: random, or a seeded sequence ([`rng::Rng`]) for
     /// reproducible runs (`kiln simulate`).
     pub jitter_seed: Option<Mutex<rng::Rng>>,
+    /// The tokens `.waitForTaskToken` tasks wait on: answer them here (SendTaskSuccess).
+    pub tokens: Arc<tokens::TaskTokens>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -217,6 +220,11 @@ fn is_lambda(resource: &str) -> bool {
         || resource.starts_with("arn:aws:states:::lambda:invoke")
 }
 
+/// A service integration that waits for a task token (`arn:aws:states:::….waitForTaskToken`).
+pub fn waits_for_token(resource: &str) -> bool {
+    resource.starts_with("arn:aws:states:::") && resource.ends_with(".waitForTaskToken")
+}
+
 impl Engine {
     pub fn new(tasks: Arc<dyn Tasks>, clock: Arc<dyn Clock>, virtual_time: bool) -> Engine {
         Engine {
@@ -225,12 +233,19 @@ impl Engine {
             virtual_time,
             max_events: MAX_HISTORY_EVENTS,
             jitter_seed: None,
+            tokens: Arc::default(),
         }
     }
 
     /// Full jitter from a seeded sequence: the same retries wait the same on every run.
     pub fn with_jitter_seed(mut self, seed: u64) -> Engine {
         self.jitter_seed = Some(Mutex::new(rng::Rng::seeded(seed)));
+        self
+    }
+
+    /// Answers to this engine's task tokens go to `tokens` (shared with whoever answers them).
+    pub fn with_tokens(mut self, tokens: Arc<tokens::TaskTokens>) -> Engine {
+        self.tokens = tokens;
         self
     }
 
@@ -643,7 +658,23 @@ impl Run<'_> {
                 timeout,
                 heartbeat,
             } => {
-                let input = params(&effective)?;
+                // A task that waits for a token gets it in `$$.Task.Token` (a new one for each
+                // attempt, as in AWS).
+                let token = waits_for_token(resource).then(|| self.engine.tokens.issue());
+                let input = match &token {
+                    Some((t, _)) => {
+                        let mut c = match ctx {
+                            Json::Object(_) => ctx.clone(),
+                            _ => json!({}),
+                        };
+                        c["Task"] = json!({"Token": t});
+                        match &state.parameters {
+                            Some(p) => payload::apply(p, &effective, &c)?,
+                            None => effective.clone(),
+                        }
+                    }
+                    None => params(&effective)?,
+                };
                 // The task's deadline: TimeoutSeconds, or HeartbeatSeconds when shorter (kiln's
                 // handlers send no heartbeats, so a task silent that long has missed one).
                 let timeout = timeout
@@ -660,7 +691,8 @@ impl Run<'_> {
                     (Some(t), _) => Some((t, "States.Timeout")),
                     (None, None) => None,
                 };
-                let lambda = is_lambda(resource);
+                // A service integration's events are Task*, the Lambda ARN's LambdaFunction*.
+                let lambda = is_lambda(resource) && token.is_none();
                 let (scheduled, started, succeeded, failed, timed_out) = if lambda {
                     (
                         "LambdaFunctionScheduled",
@@ -685,9 +717,25 @@ impl Run<'_> {
                 );
                 self.event(started, Some(&state.name), Json::Null);
                 let before = self.engine.clock.now();
-                let call = self.engine.tasks.invoke(resource, &state.name, input);
+                let invoked = self.engine.tasks.invoke(resource, &state.name, input);
+                let (token, answer) = token.unzip();
+                let call = async {
+                    let result = invoked.await;
+                    match answer {
+                        // The invocation's own result is not the state's: the token's answer is.
+                        Some(answer) => {
+                            result?;
+                            self.event("TaskSubmitted", Some(&state.name), Json::Null);
+                            answer.await.unwrap_or_else(|_| {
+                                Err(runtime("the task token was dropped unanswered"))
+                            })
+                        }
+                        None => result,
+                    }
+                };
                 let outcome = match limit {
-                    Some((secs, name)) if !self.engine.virtual_time => {
+                    // A token's answer comes from outside the engine, in real (or tokio's) time.
+                    Some((secs, name)) if !self.engine.virtual_time || token.is_some() => {
                         match tokio::time::timeout(Duration::from_secs_f64(secs), call).await {
                             Ok(r) => r,
                             Err(_) => Err(StateError::new(
@@ -711,6 +759,11 @@ impl Run<'_> {
                     }
                     None => call.await,
                 };
+                if let Some(t) = &token {
+                    let timed_out = matches!(&outcome, Err(e)
+                        if e.error == "States.Timeout" || e.error == "States.HeartbeatTimeout");
+                    self.engine.tokens.expire(t, timed_out);
+                }
                 match outcome {
                     Ok(result) if over_payload_limit(&result) => {
                         let e = StateError::new(

@@ -44,6 +44,8 @@ pub struct LocalCloud {
     files: Mutex<()>,
     /// The agent folder, once prepared by this process.
     agent_dir: std::sync::OnceLock<PathBuf>,
+    /// The task tokens waiting for a local state change (see `stages::wake`).
+    pub wakeups: crate::stages::wake::KeptTokens,
 }
 
 impl std::fmt::Debug for LocalCloud {
@@ -116,6 +118,7 @@ impl LocalCloud {
             commands: Arc::default(),
             files: Mutex::new(()),
             agent_dir: std::sync::OnceLock::new(),
+            wakeups: Default::default(),
             home,
         };
         Ok(cloud)
@@ -380,6 +383,7 @@ impl PortsProvider for LocalCloud {
             events: self,
             parameters: self,
             triggers: &self.store,
+            wakeups: &self.wakeups,
             clock: self,
         }
     }

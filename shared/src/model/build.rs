@@ -176,6 +176,89 @@ pub struct StageTimes {
     pub finished: Option<String>,
 }
 
+/// What a check waits on that AWS announces with an EventBridge event — an instance's state, an
+/// image's state, a command's status — and the states (as the event and Describe* name them)
+/// that end the wait. The state machine then waits for a task token the event answers, not a
+/// fixed time (see `stages::wake`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Awaited {
+    pub kind: AwaitedKind,
+    pub region: String,
+    /// The instance, image or command.
+    pub id: String,
+    /// A command's instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub until: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AwaitedKind {
+    /// "EC2 Instance State-change Notification": `detail.instance-id`, `detail.state`.
+    Instance,
+    /// "EC2 AMI State Change": `detail.ImageId`, `detail.State`.
+    Image,
+    /// "EC2 Command Status-change Notification": `detail.command-id`, `detail.status`.
+    Command,
+}
+
+impl Awaited {
+    /// An instance until it is running (or gone).
+    pub fn running(region: &str, instance: &InstanceId) -> Awaited {
+        Awaited::instance(
+            region,
+            instance,
+            &["running", "shutting-down", "terminated"],
+        )
+    }
+
+    /// An instance until it has stopped (or gone).
+    pub fn stopped(region: &str, instance: &InstanceId) -> Awaited {
+        Awaited::instance(
+            region,
+            instance,
+            &["stopped", "shutting-down", "terminated"],
+        )
+    }
+
+    fn instance(region: &str, instance: &InstanceId, until: &[&str]) -> Awaited {
+        Awaited {
+            kind: AwaitedKind::Instance,
+            region: region.into(),
+            id: instance.as_str().into(),
+            instance: None,
+            until: until.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// An image until it is available or failed.
+    pub fn image(region: &str, image: &ImageId) -> Awaited {
+        Awaited {
+            kind: AwaitedKind::Image,
+            region: region.into(),
+            id: image.as_str().into(),
+            instance: None,
+            until: vec!["available".into(), "failed".into()],
+        }
+    }
+
+    /// A command until it has ended, however it ended.
+    pub fn command(region: &str, instance: &InstanceId, command: &CommandId) -> Awaited {
+        Awaited {
+            kind: AwaitedKind::Command,
+            region: region.into(),
+            id: command.as_str().into(),
+            instance: Some(instance.as_str().into()),
+            until: ["Success", "Failed", "Cancelled", "TimedOut"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
 /// Why a build failed, for the record, the event and the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -224,6 +307,9 @@ pub struct Build {
     /// Set by `check` operations: the state machine's Choice moves on when true.
     #[serde(default)]
     pub ready: bool,
+    /// When not ready: what an event will announce, if AWS announces it (cleared by each check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<Awaited>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureContext>,
     /// UTC, `YYYYMMDDhhmmss`, for image names.

@@ -72,7 +72,7 @@ pub struct Table {
 }
 
 /// The operations the simulated cloud draws; a table must have each.
-pub const OPERATIONS: [&str; 12] = [
+pub const OPERATIONS: [&str; 13] = [
     "api.call",
     "ec2.run-instances.api",
     "ec2.instance.running",
@@ -85,6 +85,7 @@ pub const OPERATIONS: [&str; 12] = [
     "ec2.describe.consistency",
     "lambda.invoke",
     "lambda.cold-start",
+    "events.delivery",
 ];
 
 impl Table {
@@ -200,6 +201,13 @@ pub struct SimCloud<P> {
     volume_gib: f64,
     data_gib: f64,
     step_seconds: Option<f64>,
+    /// The simulated EventBridge: the tokens kept, the events on their way, the share lost.
+    kept: crate::stages::wake::KeptTokens,
+    deliveries: Mutex<Vec<(DateTime<Utc>, crate::stages::wake::Announced)>>,
+    delivery_added: tokio::sync::Notify,
+    lost_events: f64,
+    /// Events delivered (each a wake function invocation by its rule), and events lost.
+    events: Mutex<(usize, usize)>,
 }
 
 /// The sizes a simulated build's image has.
@@ -262,6 +270,88 @@ impl<P: PortsProvider> SimCloud<P> {
             volume_gib: sizes.volume_gib,
             data_gib: sizes.data_gib,
             step_seconds,
+            kept: Default::default(),
+            deliveries: Mutex::new(Vec::new()),
+            delivery_added: tokio::sync::Notify::new(),
+            lost_events: 0.0,
+            events: Mutex::new((0, 0)),
+        }
+    }
+
+    /// A share (0 to 1) of the events AWS sends that never arrive (they are best effort): the
+    /// waits for them end by the Task's timeout, the bounded poll.
+    pub fn with_lost_events(mut self, share: f64) -> Self {
+        self.lost_events = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// The tokens the engine's `.waitForTaskToken` tasks wait on, answered by this cloud's events.
+    pub fn task_tokens(&self) -> Arc<crate::engine::tokens::TaskTokens> {
+        self.kept.tokens()
+    }
+
+    /// Events delivered and events lost.
+    pub fn events(&self) -> (usize, usize) {
+        *lock(&self.events)
+    }
+
+    /// When what `awaited` names reaches a state its wait ends in, and that state, as far as
+    /// this cloud has decided it (an instance not yet told to stop has no stop time).
+    fn settles(&self, awaited: &crate::model::build::Awaited) -> Option<(DateTime<Utc>, String)> {
+        use crate::model::build::AwaitedKind;
+        let s = lock(&self.state);
+        let until = |state: &str| awaited.until.iter().any(|u| u == state);
+        match awaited.kind {
+            AwaitedKind::Instance => {
+                let i = s.instances.get(&InstanceId(awaited.id.clone()))?;
+                if until("stopped") {
+                    i.stopped.map(|t| (t, "stopped".into()))
+                } else if until("running") {
+                    Some((i.running, "running".into()))
+                } else {
+                    None
+                }
+            }
+            AwaitedKind::Image => s
+                .images
+                .get(&ImageId(awaited.id.clone()))
+                .map(|i| (i.available, "available".into())),
+            AwaitedKind::Command => s
+                .commands
+                .get(&CommandId(awaited.id.clone()))
+                .map(|t| (*t, "Success".into())),
+        }
+    }
+
+    /// The simulated EventBridge: delivers each event when its time comes, to the rule's
+    /// target (the wake code). Runs beside the execution; never returns.
+    pub async fn deliver_events(&self)
+    where
+        P: PortsProvider,
+    {
+        loop {
+            let next = lock(&self.deliveries).iter().map(|(t, _)| *t).min();
+            match next {
+                None => self.delivery_added.notified().await,
+                Some(t) => {
+                    let wait = (t - self.now()).to_std().unwrap_or_default();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.delivery_added.notified() => continue,
+                    }
+                    let now = self.now();
+                    let due: Vec<_> = {
+                        let mut d = lock(&self.deliveries);
+                        let (due, later) = d.drain(..).partition(|(t, _)| *t <= now);
+                        *d = later;
+                        due
+                    };
+                    for (_, a) in due {
+                        lock(&self.events).0 += 1;
+                        let _ = crate::stages::wake::announce(&self.ports(), &a).await;
+                    }
+                }
+            }
         }
     }
 
@@ -765,6 +855,59 @@ impl<P: PortsProvider> Clock for SimCloud<P> {
     }
 }
 
+impl<P: PortsProvider> Wakeups for SimCloud<P> {
+    /// Keeps the token, and schedules the event AWS will send for what it awaits: at the time
+    /// this cloud settles it, plus EventBridge's delivery (`events.delivery`) — or never, for
+    /// the share of events lost.
+    fn register<'a>(
+        &'a self,
+        token: &'a str,
+        awaited: &'a crate::model::build::Awaited,
+    ) -> PortResult<'a, ()> {
+        Box::pin(async move {
+            self.kept.register(token, awaited).await?;
+            if let Some((t, state)) = self.settles(awaited) {
+                let lost = lock(&self.rng).unit() < self.lost_events;
+                if lost {
+                    lock(&self.events).1 += 1;
+                } else {
+                    let already = lock(&self.deliveries)
+                        .iter()
+                        .any(|(_, a)| a.id == awaited.id && a.state == state);
+                    if !already {
+                        let when = at(t.max(self.now()), self.draw("events.delivery", 0.0, 1.0));
+                        let a = crate::stages::wake::Announced {
+                            region: awaited.region.clone(),
+                            id: awaited.id.clone(),
+                            state,
+                        };
+                        lock(&self.deliveries).push((when, a));
+                        self.delivery_added.notify_one();
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn registered<'a>(
+        &'a self,
+        region: &'a str,
+        id: &'a str,
+    ) -> PortResult<'a, Vec<(String, crate::model::build::Awaited)>> {
+        self.kept.registered(region, id)
+    }
+
+    fn wake<'a>(
+        &'a self,
+        token: &'a str,
+        awaited: &'a crate::model::build::Awaited,
+        output: &'a serde_json::Value,
+    ) -> PortResult<'a, bool> {
+        self.kept.wake(token, awaited, output)
+    }
+}
+
 impl<P: PortsProvider> PortsProvider for SimCloud<P> {
     fn ports(&self) -> Ports<'_> {
         let inner = self.inner.ports();
@@ -775,6 +918,7 @@ impl<P: PortsProvider> PortsProvider for SimCloud<P> {
             events: inner.events,
             parameters: inner.parameters,
             triggers: inner.triggers,
+            wakeups: self,
             clock: self,
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::component::PhaseName;
 use crate::errors::{ErrorKind, StageError};
-use crate::model::build::{Build, BuildStatus};
+use crate::model::build::{Awaited, Build, BuildStatus};
 use crate::ports::{CommandPlan, CommandStatus, Ports};
 
 use super::{check_deadline, record, stage_finished, stage_started};
@@ -60,6 +60,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
             ))
         }
     };
+    build.awaiting = None;
     match ports
         .commands
         .status(&build.home_region, &builder.id, &command)
@@ -67,6 +68,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
     {
         CommandStatus::InProgress => {
             build.ready = false;
+            build.awaiting = Some(Awaited::command(&build.home_region, &builder.id, &command));
             check_deadline(
                 ports,
                 &build,

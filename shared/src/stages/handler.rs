@@ -20,16 +20,20 @@ pub enum Function {
     TestImage,
     Distribute,
     Cleanup,
+    /// Ends waits by events: the `.waitForTaskToken` tasks' `watch`, the EventBridge rules'
+    /// target (see [`super::wake`]).
+    Wake,
 }
 
 impl Function {
-    pub const ALL: [Function; 6] = [
+    pub const ALL: [Function; 7] = [
         Function::LaunchBuilder,
         Function::Customize,
         Function::Snapshot,
         Function::TestImage,
         Function::Distribute,
         Function::Cleanup,
+        Function::Wake,
     ];
 
     /// The function's name: the Lambda package and the `functions/` folder.
@@ -41,6 +45,7 @@ impl Function {
             Function::TestImage => "test-image",
             Function::Distribute => "distribute",
             Function::Cleanup => "cleanup",
+            Function::Wake => "wake",
         }
     }
 
@@ -53,6 +58,7 @@ impl Function {
             Function::TestImage => "TestImageFunctionArn",
             Function::Distribute => "DistributeFunctionArn",
             Function::Cleanup => "CleanupFunctionArn",
+            Function::Wake => "WakeFunctionArn",
         }
     }
 
@@ -84,6 +90,11 @@ struct Event {
     entry: Option<RegionImage>,
     #[serde(default)]
     regions: Option<Vec<RegionImage>>,
+    /// Wake: the task token, and what it waits for.
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    awaiting: Option<crate::model::build::Awaited>,
     /// Cleanup: the error the state machine caught (`{"Error", "Cause"}`).
     #[serde(default)]
     error: Option<CaughtError>,
@@ -111,6 +122,9 @@ pub async fn handle(
     function: Function,
     event: Json,
 ) -> Result<Json, StageError> {
+    if function == Function::Wake && event.get("detail-type").is_some() {
+        return super::wake::on_event(ports, &event).await;
+    }
     let e: Event = serde_json::from_value(event)
         .map_err(|e| bad(format!("invalid {} event: {e}", function.name())))?;
     let build = || {
@@ -190,6 +204,12 @@ pub async fn handle(
                 (None, None) => Ok(json!(null)),
             }
         }
+        (Function::Wake, "watch") => match (&e.token, &e.awaiting) {
+            (Some(token), Some(awaited)) => super::wake::watch(ports, token, awaited).await,
+            _ => Err(bad(
+                "wake watch: the event needs a token and what it awaits",
+            )),
+        },
         (f, op) => Err(bad(format!("{} has no operation `{op}`", f.name()))),
     }
 }
@@ -259,16 +279,35 @@ impl<P: crate::ports::PortsProvider + 'static> crate::engine::Tasks for StageTas
         input: Json,
     ) -> futures::future::BoxFuture<'a, Result<Json, crate::engine::StateError>> {
         Box::pin(async move {
-            let function = Function::of_resource(resource).ok_or_else(|| {
+            // The Lambda service integration (`arn:aws:states:::lambda:invoke[.waitForTaskToken]`)
+            // names the function and the payload in its parameters, and answers in `Payload`.
+            let integration = resource.starts_with("arn:aws:states:::lambda:invoke");
+            let (name, event) = if integration {
+                (
+                    input["FunctionName"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    input["Payload"].clone(),
+                )
+            } else {
+                (resource.to_string(), input)
+            };
+            let function = Function::of_resource(&name).ok_or_else(|| {
                 crate::engine::StateError::new(
                     "States.Runtime",
-                    format!("no stage function for resource `{resource}`"),
+                    format!("no stage function for resource `{resource}` (`{name}`)"),
                 )
             })?;
             let ports = self.0.ports();
-            handle(&ports, function, input)
-                .await
-                .map_err(|e| crate::engine::StateError::from_lambda(e.error_type(), &e.to_string()))
+            let out = handle(&ports, function, event).await.map_err(|e| {
+                crate::engine::StateError::from_lambda(e.error_type(), &e.to_string())
+            })?;
+            Ok(if integration {
+                json!({"Payload": out, "StatusCode": 200})
+            } else {
+                out
+            })
         })
     }
 }

@@ -3,7 +3,7 @@
 //! command channel online.
 
 use crate::errors::{ErrorKind, StageError};
-use crate::model::build::{Build, BuildId, BuildStatus, ImageId, InstanceRef};
+use crate::model::build::{Awaited, Build, BuildId, BuildStatus, ImageId, InstanceRef};
 use crate::model::fingerprint;
 use crate::model::pipeline::{BlockDevice, Parent, StartCondition};
 use crate::ports::{
@@ -93,6 +93,7 @@ pub async fn start(ports: &Ports<'_>, req: &StartRequest) -> Result<Build, Stage
         regions: Vec::new(),
         stages: Default::default(),
         ready: false,
+        awaiting: None,
         failure: None,
         build_date: now.format("%Y%m%d%H%M%S").to_string(),
     };
@@ -272,6 +273,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
         .builder
         .clone()
         .ok_or_else(|| StageError::new(ErrorKind::Internal, "the build has no builder instance"))?;
+    build.awaiting = None;
     build.ready = match ports
         .compute
         .instance_state(&build.home_region, &builder.id)
@@ -283,7 +285,10 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                 .agent_online(&build.home_region, &builder.id)
                 .await?
         }
-        InstanceState::Pending => false,
+        InstanceState::Pending => {
+            build.awaiting = Some(Awaited::running(&build.home_region, &builder.id));
+            false
+        }
         other => {
             return Err(StageError::new(
                 ErrorKind::Internal,

@@ -11,6 +11,7 @@ pub mod launch_builder;
 pub mod lifecycle;
 pub mod snapshot;
 pub mod test_image;
+pub mod wake;
 
 use serde::{Deserialize, Serialize};
 

@@ -2,7 +2,7 @@
 //! wait until it is available, terminate the builder.
 
 use crate::errors::{ErrorKind, StageError};
-use crate::model::build::{Build, BuildStatus};
+use crate::model::build::{Awaited, Build, BuildStatus};
 use crate::model::pipeline::{render_name, NameContext};
 use crate::ports::{build_tags, ImageState, InstanceState, Ports};
 
@@ -32,6 +32,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
         .clone()
         .ok_or_else(|| StageError::new(ErrorKind::Internal, "the build has no builder instance"))?;
     build.ready = false;
+    build.awaiting = None;
     match build.image.clone() {
         None => {
             // Look the image up by tag first: a retried check must not create a second one.
@@ -77,6 +78,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                         )
                     }
                     InstanceState::Stopping | InstanceState::Running | InstanceState::Pending => {
+                        build.awaiting = Some(Awaited::stopped(&region, &builder.id));
                         None
                     }
                     InstanceState::Terminated => {
@@ -91,6 +93,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                 },
             };
             if let Some(i) = image {
+                build.awaiting = Some(Awaited::image(&region, &i));
                 build.image = Some(i);
                 ports
                     .store
@@ -108,7 +111,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
                     .save_build(&build, BuildStatus::Snapshotting)
                     .await?;
             }
-            ImageState::Pending => {}
+            ImageState::Pending => build.awaiting = Some(Awaited::image(&region, &image)),
             ImageState::Failed(why) => {
                 return Err(StageError::new(
                     ErrorKind::Internal,

@@ -3,7 +3,7 @@
 
 use crate::component::PhaseName;
 use crate::errors::{ErrorKind, StageError};
-use crate::model::build::{Build, BuildStatus, InstanceRef};
+use crate::model::build::{Awaited, Build, BuildStatus, InstanceRef};
 use crate::ports::{build_tags, CommandPlan, CommandStatus, InstanceState, LaunchSpec, Ports};
 
 use super::{check_deadline, record, stage_finished, stage_started, transition};
@@ -58,6 +58,7 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
         return Ok(build);
     };
     build.ready = false;
+    build.awaiting = None;
     if build.test_command.is_none() {
         // A retried invocation whose first attempt sent the command: the store knows it.
         build.test_command = super::stored(ports, &build)
@@ -66,7 +67,11 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
     }
     match build.test_command.clone() {
         None => {
-            if ports.compute.instance_state(&region, &instance.id).await? == InstanceState::Running
+            let state = ports.compute.instance_state(&region, &instance.id).await?;
+            if state == InstanceState::Pending {
+                build.awaiting = Some(Awaited::running(&region, &instance.id));
+            }
+            if state == InstanceState::Running
                 && ports.commands.agent_online(&region, &instance.id).await?
             {
                 let plan = CommandPlan {
@@ -87,7 +92,9 @@ pub async fn check(ports: &Ports<'_>, mut build: Build) -> Result<Build, StageEr
             .status(&region, &instance.id, &command)
             .await?
         {
-            CommandStatus::InProgress => {}
+            CommandStatus::InProgress => {
+                build.awaiting = Some(Awaited::command(&region, &instance.id, &command));
+            }
             CommandStatus::Success => {
                 ports.compute.terminate(&region, &instance.id).await?;
                 build.ready = true;

@@ -1,0 +1,10 @@
+//! The wake function: keeps the task tokens of the state machine's waits and answers them when
+//! EventBridge delivers the EC2 or SSM event that ends them. Wiring only; the code lives in
+//! `kiln::stages::wake`.
+
+use kiln::stages::handler::Function;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    kiln::lambda::run(Function::Wake).await
+}
