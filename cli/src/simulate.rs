@@ -43,6 +43,10 @@ pub struct SimulateArgs {
     /// Seconds each component step runs (default: the table's `command.step`).
     #[arg(long, value_name = "SECONDS")]
     pub step_seconds: Option<f64>,
+    /// The share (0 to 1) of AWS's state-change events that never arrive (they are best effort;
+    /// AWS publishes no rate): those waits end by their timeout, the bounded poll.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
+    pub lost_events: f64,
     /// The Lambda functions' architecture, for their price (the stack's `Architecture`).
     #[arg(long, value_parser = ["arm64", "x86_64"], default_value = "arm64")]
     pub lambda_arch: String,
@@ -67,6 +71,8 @@ struct RunResult {
     volume_gib_seconds: f64,
     copied_gib: f64,
     requests: usize,
+    /// State-change events delivered, and lost.
+    events: (usize, usize),
     idle: Vec<(String, f64)>,
     cost: Cost,
 }
@@ -145,9 +151,7 @@ fn simulate_once(
     definition: &str,
     table: &Table,
     seed: u64,
-    step_seconds: Option<f64>,
-    image_gib: f64,
-    lambda_arch: &str,
+    args: &SimulateArgs,
 ) -> Result<RunResult, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -172,16 +176,19 @@ fn simulate_once(
             .map_err(|e| e.to_string())?;
         let sizes = Sizes {
             volume_gib: volume_gib(record),
-            data_gib: image_gib,
+            data_gib: args.image_gib,
         };
-        let sim = Arc::new(SimCloud::new(
-            memory,
-            table.clone(),
-            clock.clone(),
-            seed,
-            sizes,
-            step_seconds,
-        ));
+        let sim = Arc::new(
+            SimCloud::new(
+                memory,
+                table.clone(),
+                clock.clone(),
+                seed,
+                sizes,
+                args.step_seconds,
+            )
+            .with_lost_events(args.lost_events),
+        );
         let timeline = Arc::new(Mutex::new(Timeline::default()));
         let adapter = StageTaskAdapter::new(sim.clone(), timeline.clone(), clock.clone(), None);
         let tasks = Arc::new(SimTasks::new(adapter, table.clone(), clock.clone(), seed));
@@ -219,6 +226,8 @@ fn simulate_once(
             .values()
             .flatten()
             // Lambda bills each invocation in 1 ms steps.
+            // And the wake function's invocations by the events' rules.
+            .chain(sim.event_invocations().iter())
             .map(|s| (s * 1000.0).ceil() / 1000.0)
             .collect();
         let gb_seconds =
@@ -236,7 +245,7 @@ fn simulate_once(
         cost.lambda = gb_seconds
             * prices
                 .lambda_gib_second
-                .get(lambda_arch)
+                .get(args.lambda_arch.as_str())
                 .copied()
                 .unwrap_or(0.0)
             + billed.len() as f64 * prices.lambda_request;
@@ -253,12 +262,13 @@ fn simulate_once(
             stages: t.stages(end),
             start,
             transitions: outcome.state_transitions(),
-            invocations: outcome.task_invocations(),
+            invocations: outcome.task_invocations() + sim.event_invocations().len(),
             gb_seconds,
             instance_seconds: usage.instance_seconds,
             volume_gib_seconds: usage.volume_gib_seconds,
             copied_gib: usage.copied_gib,
             requests: usage.requests.values().sum(),
+            events: sim.events(),
             idle: sim
                 .waits()
                 .iter()
@@ -352,6 +362,10 @@ fn summarize(name: &str, runs: &[RunResult]) -> Json {
         "lambdaInvocations": q(&|r| r.invocations as f64),
         "lambdaGbSeconds": q(&|r| r.gb_seconds),
         "apiRequests": q(&|r| r.requests as f64),
+        "events": {
+            "delivered": q(&|r| r.events.0 as f64),
+            "lost": q(&|r| r.events.1 as f64),
+        },
         "instanceSeconds": types,
         "volumeGibSeconds": q(&|r| r.volume_gib_seconds),
         "copiedGib": q(&|r| r.copied_gib),
@@ -424,6 +438,12 @@ fn write_text(out: &mut dyn Write, s: &Json) -> std::io::Result<()> {
             .collect();
         writeln!(out, "  idle after AWS was done (p50): {}", parts.join(", "))?;
     }
+    let (d50, _) = p(&s["events"]["delivered"]);
+    let (x50, _) = p(&s["events"]["lost"]);
+    writeln!(
+        out,
+        "  state-change events (p50): {d50} delivered to the wake function, {x50} lost (their waits poll)"
+    )?;
     let (t50, _) = p(&s["stateTransitions"]);
     let (l50, _) = p(&s["lambdaInvocations"]);
     let (g50, _) = p(&s["lambdaGbSeconds"]);
@@ -472,6 +492,14 @@ pub fn simulate(
         writeln!(stderr, "kiln simulate: --runs must be at least 1")?;
         return Ok(exit::INVALID);
     }
+    if !(0.0..=1.0).contains(&args.lost_events) {
+        writeln!(
+            stderr,
+            "kiln simulate: --lost-events {} is not a share: give 0 to 1 (0.05 loses one event in twenty)",
+            args.lost_events
+        )?;
+        return Ok(exit::INVALID);
+    }
     let json_out = args.output == Output::Json;
     let Some(loaded) = crate::run::load_or_report(&args.pipeline, json_out, stdout, stderr)? else {
         return Ok(exit::INVALID);
@@ -503,9 +531,7 @@ pub fn simulate(
                 text,
                 &table,
                 args.seed.wrapping_add(u64::from(i)),
-                args.step_seconds,
-                args.image_gib,
-                &args.lambda_arch,
+                &args,
             ) {
                 Ok(r) => runs.push(r),
                 Err(e) => {

@@ -10,6 +10,8 @@ use crate::support::{built_binary, repo};
 
 /// The previous definition (test, then copy), kept to compare with.
 const SEQUENTIAL: &str = "tests/data/simulate/pipeline-sequential.asl.json";
+/// The definition before events (copies beside the test, every wait a 30-second poll).
+const POLLING: &str = "tests/data/simulate/pipeline-polling.asl.json";
 
 fn simulate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(built_binary("kiln"))
@@ -185,4 +187,63 @@ fn what_it_cannot_model_is_refused_with_exit_2() {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("invalid"), "{err}");
+    // A share of lost events that is not a share.
+    let (code, _, err) = simulate(&["examples/aws-minimal/pipeline.yaml", "--lost-events", "2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give 0 to 1"), "{err}");
+}
+
+/// The one-region build (what Image Builder's figures measure): its waits end by events, so
+/// each idles for the event's delivery, not up to the 30-second poll — within the goal of six
+/// minutes at p50. With every event lost, each wait ends by its timeout (the bounded poll) and
+/// the build still completes, as it did before events.
+#[test]
+fn waits_end_by_events_and_lost_events_by_the_bounded_poll() {
+    let args = [
+        "examples/aws-minimal/pipeline.yaml",
+        "--runs",
+        "40",
+        "--seed",
+        "20261202",
+        "--definition",
+        POLLING,
+        "--definition",
+        "builtin",
+    ];
+    let r = report(&args);
+    let polling = definition(&r, POLLING);
+    let events = definition(&r, "builtin");
+    for d in [polling, events] {
+        assert_eq!(d["statuses"]["AVAILABLE"], 40, "{d}");
+    }
+    let idle = |d: &Json, what: &str| p50(&d["idleAfterReadySeconds"][what]);
+    for what in [
+        "instance running",
+        "instance stopped",
+        "image available",
+        "command done",
+    ] {
+        assert!(idle(polling, what) > 8.0, "{what} polled: {polling}");
+        assert!(idle(events, what) < 4.0, "{what} by its event: {events}");
+    }
+    assert!(p50(&events["events"]["delivered"]) >= 4.0, "{events}");
+    assert_eq!(p50(&events["events"]["lost"]), 0.0, "{events}");
+    let (before, after) = (
+        p50(&polling["makespanSeconds"]),
+        p50(&events["makespanSeconds"]),
+    );
+    assert!(
+        after <= 360.0 && after < before - 60.0,
+        "{before} s → {after} s"
+    );
+    // WHEN every event is lost
+    let mut lost = args[..5].to_vec();
+    lost.extend(["--lost-events", "1"]);
+    let r = report(&lost);
+    let d = definition(&r, "builtin");
+    // THEN the waits fall back to the poll, and every build completes
+    assert_eq!(d["statuses"]["AVAILABLE"], 40, "{d}");
+    assert_eq!(p50(&d["events"]["delivered"]), 0.0, "{d}");
+    assert!(p50(&d["events"]["lost"]) >= 4.0, "{d}");
+    assert!(idle(d, "image available") > 8.0, "{d}");
 }

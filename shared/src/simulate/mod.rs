@@ -208,6 +208,8 @@ pub struct SimCloud<P> {
     lost_events: f64,
     /// Events delivered (each a wake function invocation by its rule), and events lost.
     events: Mutex<(usize, usize)>,
+    /// The billed seconds of the wake function's invocations by the rules (one per event).
+    event_billed: Mutex<Vec<f64>>,
 }
 
 /// The sizes a simulated build's image has.
@@ -275,6 +277,7 @@ impl<P: PortsProvider> SimCloud<P> {
             delivery_added: tokio::sync::Notify::new(),
             lost_events: 0.0,
             events: Mutex::new((0, 0)),
+            event_billed: Mutex::new(Vec::new()),
         }
     }
 
@@ -293,6 +296,11 @@ impl<P: PortsProvider> SimCloud<P> {
     /// Events delivered and events lost.
     pub fn events(&self) -> (usize, usize) {
         *lock(&self.events)
+    }
+
+    /// The billed seconds of each invocation of the wake function by an event's rule.
+    pub fn event_invocations(&self) -> Vec<f64> {
+        lock(&self.event_billed).clone()
     }
 
     /// When what `awaited` names reaches a state its wait ends in, and that state, as far as
@@ -348,6 +356,9 @@ impl<P: PortsProvider> SimCloud<P> {
                     };
                     for (_, a) in due {
                         lock(&self.events).0 += 1;
+                        // The rule's target runs: a Lambda invocation, billed as one.
+                        let billed = self.draw("lambda.invoke", 0.0, 1.0).as_secs_f64();
+                        lock(&self.event_billed).push(billed);
                         let _ = crate::stages::wake::announce(&self.ports(), &a).await;
                     }
                 }
@@ -961,7 +972,12 @@ impl<T: crate::engine::Tasks> crate::engine::Tasks for SimTasks<T> {
         input: serde_json::Value,
     ) -> futures::future::BoxFuture<'a, Result<serde_json::Value, crate::engine::StateError>> {
         Box::pin(async move {
-            let function = match crate::stages::handler::Function::of_resource(resource) {
+            // The Lambda integration names its function in its parameters.
+            let name = match input["FunctionName"].as_str() {
+                Some(n) if resource.starts_with("arn:aws:states:::lambda:invoke") => n,
+                _ => resource,
+            };
+            let function = match crate::stages::handler::Function::of_resource(name) {
                 Some(f) => f.name().to_string(),
                 None => resource.to_string(),
             };
