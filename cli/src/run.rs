@@ -125,6 +125,11 @@ struct Mixed<R> {
 /// Providers that keep their state in an embedded cloud.
 pub trait HasLocal {
     fn local(&self) -> &LocalCloud;
+    /// How often the event source reads what the waits await: the local cloud's state is a
+    /// file or a process away; AWS's is an API call, throttled past a few per second.
+    fn event_interval(&self) -> Duration {
+        Duration::from_millis(10)
+    }
 }
 
 impl HasLocal for LocalCloud {
@@ -137,6 +142,9 @@ impl HasLocal for LocalCloud {
 impl<R> HasLocal for Mixed<R> {
     fn local(&self) -> &LocalCloud {
         &self.local
+    }
+    fn event_interval(&self) -> Duration {
+        Duration::from_secs(2)
     }
 }
 
@@ -419,7 +427,7 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
         args.shutdown.received(),
         local
             .wakeups
-            .serve(provider.as_ref(), Duration::from_millis(10)),
+            .serve(provider.as_ref(), provider.event_interval()),
     ));
     display.stop();
     let _ = std::fs::remove_file(&claim);

@@ -134,12 +134,139 @@ fn execute(cloud: &Arc<MemoryCloud>, name: &str, input: Json) -> kiln::engine::O
         Arc::new(StageTasks(cloud.clone())),
         Arc::new(VirtualClock::default()),
         true,
-    );
+    )
+    .with_tokens(cloud.wakeups.tokens());
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(engine.run(&machine, input, name))
+        .block_on(with_events(cloud, engine.run(&machine, input, name)))
+}
+
+/// `run` with the in-memory cloud's event source beside it: each awaited resource's state read
+/// every 10 ms and announced, as the embedded mode does.
+async fn with_events<T>(cloud: &Arc<MemoryCloud>, run: impl std::future::Future<Output = T>) -> T {
+    tokio::select! {
+        out = run => out,
+        () = cloud.wakeups.serve(cloud.as_ref(), std::time::Duration::from_millis(10)) => {
+            unreachable!("the event source never ends")
+        }
+    }
+}
+
+/// One `…Await` state as the definition writes it, over the in-memory cloud: the wake
+/// function's `watch` keeps the token and, when what it awaits has already reached its state
+/// (the event came before the token), answers it at once; otherwise only an event answers it
+/// (`stages::wake::announce`, as the stack's rules deliver it) — or its timeout.
+fn await_state(
+    cloud: &Arc<MemoryCloud>,
+    awaiting: Json,
+    announce: Option<(&str, &str)>,
+) -> kiln::engine::Outcome {
+    let d = definition_json();
+    let mut state = d["States"]["SnapshotAwait"].clone();
+    state["TimeoutSecondsPath"] = json!("$.waitSeconds");
+    state["Catch"] = json!([]);
+    state.as_object_mut().expect("a state").remove("Next");
+    state["End"] = json!(true);
+    state["ResultPath"] = json!("$.woken");
+    let machine = json!({"StartAt": "SnapshotAwait", "States": {"SnapshotAwait": state}});
+    let machine = definition::parse(&substitute(&machine, &local_substitutions())).expect("valid");
+    let engine = Engine::new(
+        Arc::new(StageTasks(cloud.clone())),
+        Arc::new(VirtualClock::default()),
+        true,
+    )
+    .with_tokens(cloud.wakeups.tokens());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let run = engine.run(
+            &machine,
+            json!({"build": {"awaiting": awaiting}, "waitSeconds": 3}),
+            "await-1",
+        );
+        let event = async {
+            if let Some((id, state)) = announce {
+                while cloud.wakeups.awaited().is_empty() {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                let a = kiln::stages::wake::Announced {
+                    region: "us-east-1".into(),
+                    id: id.into(),
+                    state: state.into(),
+                };
+                kiln::stages::wake::announce(&cloud.ports(), &a)
+                    .await
+                    .expect("announce");
+            }
+        };
+        let (out, ()) = futures::join!(run, event);
+        out
+    })
+}
+
+#[test]
+fn a_wait_ends_by_its_event_or_at_once_when_the_state_came_first_and_else_by_its_timeout() {
+    let cloud = cloud();
+    let image = cloud.add_image("us-east-1", "kiln-made");
+    let awaiting = |id: &str| json!({"kind": "image", "region": "us-east-1", "id": id, "until": ["available", "failed"]});
+    // The image is available already: watch answers its own token.
+    let out = await_state(&cloud, awaiting(image.as_str()), None);
+    assert_eq!(out.status, Status::Succeeded, "{:?}", out.cause);
+    assert_eq!(
+        out.output.as_ref().map(|o| o["woken"].clone()),
+        Some(json!({"state": "available", "by": "watch"}))
+    );
+    let kinds: Vec<&str> = out.history.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"TaskSubmitted") && kinds.contains(&"TaskSucceeded"),
+        "{kinds:?}"
+    );
+    let answered = out
+        .history
+        .iter()
+        .find(|e| e.kind == "TaskSucceeded")
+        .expect("answered");
+    assert_eq!(
+        answered.details["output"],
+        json!({"state": "available", "by": "watch"})
+    );
+    // An image the cloud does not know yet (pending, say): the event answers the token …
+    let out = await_state(
+        &cloud,
+        awaiting("ami-0notyet0000000000"),
+        Some(("ami-0notyet0000000000", "available")),
+    );
+    let answered = out
+        .history
+        .iter()
+        .find(|e| e.kind == "TaskSucceeded")
+        .expect("answered");
+    assert_eq!(
+        answered.details["output"],
+        json!({"state": "available", "by": "event"})
+    );
+    // … an event of a state the wait does not end in does not (nor one for another image) …
+    let started = std::time::Instant::now();
+    let out = await_state(
+        &cloud,
+        awaiting("ami-0notyet0000000000"),
+        Some(("ami-0notyet0000000000", "pending")),
+    );
+    assert_eq!(out.status, Status::Failed);
+    assert_eq!(
+        out.error.as_deref(),
+        Some("States.Timeout"),
+        "{:?}",
+        out.cause
+    );
+    assert!(out.history.iter().any(|e| e.kind == "TaskTimedOut"));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3));
+    // … and no token outlives its task.
+    assert_eq!(cloud.wakeups.tokens().waiting(), 0);
 }
 
 fn input() -> Json {
@@ -174,8 +301,11 @@ fn the_state_machine_builds_and_distributes_an_image() {
         .history
         .iter()
         .any(|e| e.kind == "LambdaFunctionScheduled"));
+    // (the image's wait ends by its event: the token of SnapshotAwait)
     assert!(
-        out.history.iter().any(|e| e.kind == "WaitStateEntered"),
+        out.history
+            .iter()
+            .any(|e| e.kind == "TaskSubmitted" && e.state.as_deref() == Some("SnapshotAwait")),
         "pending images made it wait"
     );
     assert!(
@@ -354,7 +484,8 @@ fn two_starts_at_once_make_one_build_and_the_second_names_the_holder() {
         Arc::new(StageTasks(cloud.clone())),
         Arc::new(kiln::engine::clock::RealClock),
         false,
-    );
+    )
+    .with_tokens(cloud.wakeups.tokens());
     let mut input = input();
     input["waitSeconds"] = json!(1);
     let (a, b) = tokio::runtime::Builder::new_multi_thread()
@@ -362,10 +493,14 @@ fn two_starts_at_once_make_one_build_and_the_second_names_the_holder() {
         .build()
         .expect("runtime")
         .block_on(async {
-            futures::join!(
-                engine.run(&machine, input.clone(), "exec-a"),
-                engine.run(&machine, input.clone(), "exec-b")
+            with_events(
+                &cloud,
+                futures::future::join(
+                    engine.run(&machine, input.clone(), "exec-a"),
+                    engine.run(&machine, input.clone(), "exec-b"),
+                ),
             )
+            .await
         });
     // THEN one succeeds, the other fails Kiln.Locked naming the first's build, and one build exists
     let (won, lost) = if a.status == Status::Succeeded {

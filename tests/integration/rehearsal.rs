@@ -633,7 +633,7 @@ fn a_build_runs_through_the_deployed_stack_with_every_request_authorized() {
         vec!["ArtifactsBucketPolicy", "CleanupFunctionDailyLifecycle"],
         "the resources moto's CloudFormation cannot create (listed in the README)"
     );
-    assert_eq!(r.functions.len(), 7, "{:?}", r.functions.keys());
+    assert_eq!(r.functions.len(), 8, "{:?}", r.functions.keys());
     assert!(r.outputs["StateMachineArn"].ends_with(":stateMachine:kiln-pipeline"));
     // AND the pipeline applied to it by its administrator
     r.apply(&moto_pipeline());

@@ -33,12 +33,18 @@ pub async fn watch(ports: &Ports<'_>, token: &str, awaited: &Awaited) -> Result<
         ));
     }
     ports.wakeups.register(token, awaited).await?;
-    let state = current(ports, awaited).await?;
-    let woken = awaited.until.contains(&state)
-        && ports
-            .wakeups
-            .wake(token, awaited, &json!({"state": state, "by": "watch"}))
-            .await?;
+    // A look that fails (a new image Describe does not know yet, a throttled call) leaves the
+    // token to the event and the timeout.
+    let state = current(ports, awaited).await.ok();
+    let woken = match &state {
+        Some(s) if awaited.until.contains(s) => {
+            ports
+                .wakeups
+                .wake(token, awaited, &json!({"state": s, "by": "watch"}))
+                .await?
+        }
+        _ => false,
+    };
     Ok(json!({"state": state, "woken": woken}))
 }
 
