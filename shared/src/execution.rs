@@ -224,7 +224,9 @@ impl<P: PortsProvider + 'static> Tasks for StageTaskAdapter<P> {
                 });
                 t.tasks.len() - 1
             });
-            let is_check = input.get("op").and_then(Json::as_str) == Some("check");
+            // The checks, and the copies' `await` (whose waits end by no event here).
+            let op = input.get("op").and_then(Json::as_str).unwrap_or_default();
+            let is_check = op == "check" || op == "await";
             let deadline = self.long_poll.map(|p| self.clock.now() + p.limit);
             let mut input = input;
             let result = loop {
@@ -245,12 +247,13 @@ impl<P: PortsProvider + 'static> Tasks for StageTaskAdapter<P> {
                     break Ok(out);
                 }
                 // The next check sees what this one returned, as the state machine would pass it.
-                let key = if input.get("entry").is_some() {
-                    "entry"
+                if input.get("regions").is_some() {
+                    input["regions"] = out["regions"].clone();
+                } else if input.get("entry").is_some() {
+                    input["entry"] = out;
                 } else {
-                    "build"
-                };
-                input[key] = out;
+                    input["build"] = out;
+                }
                 self.clock.sleep(poll.interval).await;
             };
             if let Some(i) = span {

@@ -401,21 +401,9 @@ impl Tasks for Bootstraps {
         input: Json,
     ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
         Box::pin(async move {
-            // The Lambda integration (`arn:aws:states:::lambda:invoke…`) names the function in
-            // its parameters and answers in `Payload`.
-            let integration = resource.starts_with("arn:aws:states:::lambda:invoke");
-            let (resource, input) = if integration {
-                (
-                    input["FunctionName"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    input["Payload"].clone(),
-                )
-            } else {
-                (resource.to_string(), input)
-            };
-            let resource = resource.as_str();
+            let call = kiln::engine::LambdaCall::of(resource, input);
+            let resource = call.function.as_str();
+            let input = call.payload.clone();
             let f = self.0.get(resource).cloned().ok_or_else(|| {
                 StateError::new(
                     "Lambda.ResourceNotFoundException",
@@ -437,11 +425,7 @@ impl Tasks for Bootstraps {
             .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?;
             let (path, body) = answer.answer;
             if path.ends_with("/response") {
-                Ok(if integration {
-                    json!({"Payload": body, "StatusCode": 200})
-                } else {
-                    body
-                })
+                Ok(call.result(body))
             } else {
                 Err(StateError::from_lambda(
                     body["errorType"].as_str().unwrap_or("Lambda.Unknown"),

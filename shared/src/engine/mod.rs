@@ -220,6 +220,46 @@ fn is_lambda(resource: &str) -> bool {
         || resource.starts_with("arn:aws:states:::lambda:invoke")
 }
 
+/// A Task's Lambda invocation: the function and the event, as the resource names them — the
+/// Lambda service integration (`arn:aws:states:::lambda:invoke[.waitForTaskToken]`) in its
+/// `FunctionName` and `Payload` parameters, a Lambda ARN as the resource with the input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LambdaCall {
+    pub function: String,
+    pub payload: Json,
+    integration: bool,
+}
+
+impl LambdaCall {
+    pub fn of(resource: &str, input: Json) -> LambdaCall {
+        if resource.starts_with("arn:aws:states:::lambda:invoke") {
+            LambdaCall {
+                function: input["FunctionName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                payload: input["Payload"].clone(),
+                integration: true,
+            }
+        } else {
+            LambdaCall {
+                function: resource.to_string(),
+                payload: input,
+                integration: false,
+            }
+        }
+    }
+
+    /// The Task's result for the function's answer: the integration wraps it in `Payload`.
+    pub fn result(&self, answer: Json) -> Json {
+        if self.integration {
+            json!({"Payload": answer, "StatusCode": 200})
+        } else {
+            answer
+        }
+    }
+}
+
 /// A service integration that waits for a task token (`arn:aws:states:::….waitForTaskToken`).
 pub fn waits_for_token(resource: &str) -> bool {
     resource.starts_with("arn:aws:states:::") && resource.ends_with(".waitForTaskToken")

@@ -972,12 +972,8 @@ impl<T: crate::engine::Tasks> crate::engine::Tasks for SimTasks<T> {
         input: serde_json::Value,
     ) -> futures::future::BoxFuture<'a, Result<serde_json::Value, crate::engine::StateError>> {
         Box::pin(async move {
-            // The Lambda integration names its function in its parameters.
-            let name = match input["FunctionName"].as_str() {
-                Some(n) if resource.starts_with("arn:aws:states:::lambda:invoke") => n,
-                _ => resource,
-            };
-            let function = match crate::stages::handler::Function::of_resource(name) {
+            let name = crate::engine::LambdaCall::of(resource, input.clone()).function;
+            let function = match crate::stages::handler::Function::of_resource(&name) {
                 Some(f) => f.name().to_string(),
                 None => resource.to_string(),
             };

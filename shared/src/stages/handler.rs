@@ -279,35 +279,23 @@ impl<P: crate::ports::PortsProvider + 'static> crate::engine::Tasks for StageTas
         input: Json,
     ) -> futures::future::BoxFuture<'a, Result<Json, crate::engine::StateError>> {
         Box::pin(async move {
-            // The Lambda service integration (`arn:aws:states:::lambda:invoke[.waitForTaskToken]`)
-            // names the function and the payload in its parameters, and answers in `Payload`.
-            let integration = resource.starts_with("arn:aws:states:::lambda:invoke");
-            let (name, event) = if integration {
-                (
-                    input["FunctionName"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    input["Payload"].clone(),
-                )
-            } else {
-                (resource.to_string(), input)
-            };
-            let function = Function::of_resource(&name).ok_or_else(|| {
+            let call = crate::engine::LambdaCall::of(resource, input);
+            let function = Function::of_resource(&call.function).ok_or_else(|| {
                 crate::engine::StateError::new(
                     "States.Runtime",
-                    format!("no stage function for resource `{resource}` (`{name}`)"),
+                    format!(
+                        "no stage function for resource `{resource}` (`{}`)",
+                        call.function
+                    ),
                 )
             })?;
             let ports = self.0.ports();
-            let out = handle(&ports, function, event).await.map_err(|e| {
-                crate::engine::StateError::from_lambda(e.error_type(), &e.to_string())
-            })?;
-            Ok(if integration {
-                json!({"Payload": out, "StatusCode": 200})
-            } else {
-                out
-            })
+            let out = handle(&ports, function, call.payload.clone())
+                .await
+                .map_err(|e| {
+                    crate::engine::StateError::from_lambda(e.error_type(), &e.to_string())
+                })?;
+            Ok(call.result(out))
         })
     }
 }
