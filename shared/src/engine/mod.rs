@@ -231,13 +231,19 @@ pub struct LambdaCall {
 }
 
 impl LambdaCall {
+    /// The function a Task's resource and input name.
+    pub fn function_of<'a>(resource: &'a str, input: &'a Json) -> &'a str {
+        if resource.starts_with("arn:aws:states:::lambda:invoke") {
+            input["FunctionName"].as_str().unwrap_or_default()
+        } else {
+            resource
+        }
+    }
+
     pub fn of(resource: &str, input: Json) -> LambdaCall {
         if resource.starts_with("arn:aws:states:::lambda:invoke") {
             LambdaCall {
-                function: input["FunctionName"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
+                function: LambdaCall::function_of(resource, &input).to_string(),
                 payload: input["Payload"].clone(),
                 integration: true,
             }
@@ -702,7 +708,8 @@ impl Run<'_> {
                 // attempt, as in AWS).
                 let token = waits_for_token(resource).then(|| self.engine.tokens.issue());
                 let input = match &token {
-                    Some((t, _)) => {
+                    Some((ticket, _)) => {
+                        let t = ticket.token();
                         let mut c = match ctx {
                             Json::Object(_) => ctx.clone(),
                             _ => json!({}),
@@ -758,7 +765,7 @@ impl Run<'_> {
                 self.event(started, Some(&state.name), Json::Null);
                 let before = self.engine.clock.now();
                 let invoked = self.engine.tasks.invoke(resource, &state.name, input);
-                let (token, answer) = token.unzip();
+                let (mut ticket, answer) = token.unzip();
                 let call = async {
                     let result = invoked.await;
                     match answer {
@@ -775,7 +782,7 @@ impl Run<'_> {
                 };
                 let outcome = match limit {
                     // A token's answer comes from outside the engine, in real (or tokio's) time.
-                    Some((secs, name)) if !self.engine.virtual_time || token.is_some() => {
+                    Some((secs, name)) if !self.engine.virtual_time || ticket.is_some() => {
                         match tokio::time::timeout(Duration::from_secs_f64(secs), call).await {
                             Ok(r) => r,
                             Err(_) => Err(StateError::new(
@@ -799,11 +806,14 @@ impl Run<'_> {
                     }
                     None => call.await,
                 };
-                if let Some(t) = &token {
-                    let timed_out = matches!(&outcome, Err(e)
-                        if e.error == "States.Timeout" || e.error == "States.HeartbeatTimeout");
-                    self.engine.tokens.expire(t, timed_out);
+                if let Some(t) = ticket.as_mut() {
+                    if matches!(&outcome, Err(e)
+                        if e.error == "States.Timeout" || e.error == "States.HeartbeatTimeout")
+                    {
+                        t.timed_out();
+                    }
                 }
+                drop(ticket);
                 match outcome {
                     Ok(result) if over_payload_limit(&result) => {
                         let e = StateError::new(

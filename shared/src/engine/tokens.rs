@@ -43,8 +43,10 @@ pub struct TaskTokens {
 }
 
 impl TaskTokens {
-    /// A new token, and where its answer arrives.
-    pub(crate) fn issue(&self) -> (String, oneshot::Receiver<Answer>) {
+    /// A new token, and where its answer arrives. The token is forgotten when the ticket is
+    /// dropped: when its task ends, however it ends (answered, timed out, or its execution
+    /// stopped or its branch abandoned while it waited).
+    pub(crate) fn issue(&self) -> (Ticket<'_>, oneshot::Receiver<Answer>) {
         let token = format!(
             "kiln-task-{}{}",
             uuid::Uuid::new_v4().simple(),
@@ -52,11 +54,18 @@ impl TaskTokens {
         );
         let (tx, rx) = oneshot::channel();
         self.lock_waiting().insert(token.clone(), tx);
-        (token, rx)
+        (
+            Ticket {
+                tokens: self,
+                token,
+                timed_out: false,
+            },
+            rx,
+        )
     }
 
     /// The task of `token` gave up waiting (timed out, or its execution ended).
-    pub(crate) fn expire(&self, token: &str, timed_out: bool) {
+    fn expire(&self, token: &str, timed_out: bool) {
         if self.lock_waiting().remove(token).is_some() && timed_out {
             self.timed_out
                 .lock()
@@ -104,6 +113,31 @@ impl TaskTokens {
     }
 }
 
+/// A token a task waits on (see [`TaskTokens::issue`]).
+#[derive(Debug)]
+pub(crate) struct Ticket<'a> {
+    tokens: &'a TaskTokens,
+    token: String,
+    timed_out: bool,
+}
+
+impl Ticket<'_> {
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The task timed out: a later answer is told `TaskTimedOut`.
+    pub(crate) fn timed_out(&mut self) {
+        self.timed_out = true;
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.tokens.expire(&self.token, self.timed_out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +146,8 @@ mod tests {
     #[tokio::test]
     async fn a_token_is_answered_once_and_a_stale_one_is_named() {
         let t = TaskTokens::default();
-        let (token, rx) = t.issue();
+        let (ticket, rx) = t.issue();
+        let token = ticket.token().to_string();
         assert_eq!(t.waiting(), 1);
         t.succeed(&token, json!({"state": "running"})).unwrap();
         assert_eq!(rx.await.unwrap().unwrap(), json!({"state": "running"}));
@@ -120,13 +155,20 @@ mod tests {
             t.succeed(&token, json!({})),
             Err(TokenError::TaskDoesNotExist)
         );
+        drop(ticket);
         assert_eq!(
             t.fail("never-issued", "E", "c"),
             Err(TokenError::TaskDoesNotExist)
         );
-        let (late, _rx) = t.issue();
-        t.expire(&late, true);
-        assert_eq!(t.succeed(&late, json!({})), Err(TokenError::TaskTimedOut));
+        let (mut late, _rx) = t.issue();
+        let token = late.token().to_string();
+        late.timed_out();
+        drop(late);
+        assert_eq!(t.succeed(&token, json!({})), Err(TokenError::TaskTimedOut));
+        // A task dropped while it waits (its execution stopped) forgets its token.
+        let (abandoned, _rx) = t.issue();
+        assert_eq!(t.waiting(), 1);
+        drop(abandoned);
         assert_eq!(t.waiting(), 0);
     }
 }
