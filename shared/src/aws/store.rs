@@ -15,7 +15,7 @@ use crate::ports::{PipelineRecord, PortResult, Store};
 
 type Item = HashMap<String, AttributeValue>;
 
-fn s(v: impl Into<String>) -> AttributeValue {
+pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 

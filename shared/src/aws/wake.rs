@@ -6,6 +6,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use sha2::{Digest, Sha256};
 
+use super::store::s;
 use super::{sdk_error, AwsPorts};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::Awaited;
@@ -17,10 +18,6 @@ const KEEP_SECONDS: i64 = 24 * 3600;
 
 fn key(region: &str, id: &str) -> String {
     format!("WAKE#{region}#{id}")
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
 }
 
 /// A token is up to 1024 characters (Step Functions), too long for a sort key beside the others:

@@ -972,8 +972,8 @@ impl<T: crate::engine::Tasks> crate::engine::Tasks for SimTasks<T> {
         input: serde_json::Value,
     ) -> futures::future::BoxFuture<'a, Result<serde_json::Value, crate::engine::StateError>> {
         Box::pin(async move {
-            let name = crate::engine::LambdaCall::of(resource, input.clone()).function;
-            let function = match crate::stages::handler::Function::of_resource(&name) {
+            let name = crate::engine::LambdaCall::function_of(resource, &input);
+            let function = match crate::stages::handler::Function::of_resource(name) {
                 Some(f) => f.name().to_string(),
                 None => resource.to_string(),
             };
