@@ -312,6 +312,30 @@ fn the_state_machine_builds_and_distributes_an_image() {
     );
 }
 
+/// Without `waitSeconds` of at least one second there is no bound for an event wait
+/// (TimeoutSeconds must be a positive integer): the checks poll, as the rehearsal's executions
+/// (waitSeconds 0) do.
+#[test]
+fn with_no_wait_seconds_the_checks_poll_and_nothing_waits_for_an_event() {
+    let cloud = cloud();
+    cloud.with(|c| {
+        c.faults.image_pending_checks = 2;
+        c.faults.command_in_progress_checks = 2;
+    });
+    let mut input = input();
+    input["waitSeconds"] = json!(0);
+    let out = execute(&cloud, "exec-0", input);
+    assert_eq!(out.status, Status::Succeeded, "{:?}", out.cause);
+    let awaits: Vec<&str> = out
+        .history
+        .iter()
+        .filter_map(|e| e.state.as_deref())
+        .filter(|s| s.ends_with("Await"))
+        .collect();
+    assert!(awaits.is_empty(), "{awaits:?}");
+    assert!(out.history.iter().any(|e| e.kind == "WaitStateEntered"));
+}
+
 #[test]
 fn an_unchanged_pipeline_is_skipped_and_the_execution_succeeds() {
     let cloud = cloud();
