@@ -27,6 +27,12 @@ pub fn invoke_once(
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let start = Instant::now();
+    let log_path = std::env::temp_dir().join(format!(
+        "kiln-invoke-{}-{}.stderr",
+        std::process::id(),
+        addr.port()
+    ));
+    let log = std::fs::File::create(&log_path)?;
     let mut child = std::process::Command::new(binary)
         .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
         .env("AWS_LAMBDA_FUNCTION_NAME", function)
@@ -36,13 +42,23 @@ pub fn invoke_once(
         .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        // Into a file, not a pipe nobody reads: what the function said, should it fail.
+        .stderr(log)
         .spawn()?;
     let result = serve(&listener, &mut child, function, event);
     let elapsed = start.elapsed();
     let _ = child.kill();
     let _ = child.wait();
-    result.map(|answer| Invocation { answer, elapsed })
+    let result = result
+        .map(|answer| Invocation { answer, elapsed })
+        .map_err(|e| {
+            let said = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = said.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            std::io::Error::other(format!("{e}; its stderr:\n{tail}"))
+        });
+    let _ = std::fs::remove_file(&log_path);
+    result
 }
 
 /// The next connection, or an error when the function exits first or 30 s pass.
