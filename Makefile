@@ -97,7 +97,10 @@ package: setup
 	@echo "packaging the Lambda functions for $(SAM_ARCH)$(if $(HAS_ARM64),, (no aarch64 standard library here: \`rustup target add aarch64-unknown-linux-gnu\` for arm64))"
 	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --release --$(LAMBDA_ARCH) $(addprefix -p ,$(FUNCTIONS))
 	$(CARGO) build --release -p kiln-agent
-	@for f in $(FUNCTIONS); do printf "  %-15s %10s bytes\n" $$f $$(stat -c %s $(TARGET_DIR)/lambda/$$f/bootstrap); done
+	@echo "  bootstrap        bytes       the AWS SDK clients linked (operations)"
+	@for f in $(FUNCTIONS); do b=$(TARGET_DIR)/lambda/$$f/bootstrap; printf "  %-15s %10s  " $$f $$(stat -c %s $$b); \
+	  strings $$b | grep -oE 'aws-sdk-[a-z0-9]+-[0-9.]+/src/operation/[a-z0-9_]+' | sed -E 's|^aws-sdk-([a-z0-9]+)-[0-9.]+/src/operation/|\1 |' | sort -u | \
+	  awk '{n[$$1]++} END {for (c in n) printf "%s(%d) ", c, n[c]; print ""}'; done
 	@printf "  %-15s %10s bytes\n" kiln-agent $$(stat -c %s $(TARGET_DIR)/release/kiln-agent)
 
 ## deploy: sam build + sam deploy --guided (stack $(STACK)) with the release agent's SHA-256 pinned
@@ -116,7 +119,9 @@ bench: package
 	$(CARGO) bench -p kiln-agent --bench steps
 	$(CARGO) build --release -p kiln-agent
 	@echo "kiln-agent release binary: $$(stat -c %s $(TARGET_DIR)/release/kiln-agent) bytes"
-	$(CARGO) run --release -q -p kiln-tests --bin kiln-cold-start -- $(TARGET_DIR)/lambda
+	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --release --$(LAMBDA_ARCH) -p kiln-lambda-baseline
+	$(CARGO) build --workspace --bins
+	KILN_LAMBDA_DIR=$(abspath $(TARGET_DIR))/lambda $(CARGO) nextest run -p kiln-tests --run-ignored only --no-capture -E 'test(lambda_cold_start_bench)'
 	@if [ "$$(id -u)" = 0 ]; then \
 	  $(CARGO) build --release -p kiln-cli -p kiln-agent --no-default-features && \
 	  $(CARGO) run --release -q -p kiln-tests --bin kiln-embedded-bench -- $(TARGET_DIR)/release/kiln .; \

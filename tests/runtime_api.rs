@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 
 /// What one invocation returned.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Invocation {
     /// The path the function posted to (`…/response` or `…/error`) and the body it posted.
     pub answer: (String, Json),
     /// From spawning the process to receiving its answer.
     pub elapsed: Duration,
+    /// From spawning the process to its first `/invocation/next`: the function's init.
+    pub init: Duration,
 }
 
 /// Spawns `binary` as Lambda function `function`, serves `event` once, returns its answer.
@@ -47,10 +49,15 @@ pub fn invoke_once(
         .spawn()?;
     let result = serve(&listener, &mut child, function, event);
     let elapsed = start.elapsed();
+    let result = result.map(|(answer, next_at)| (answer, next_at.duration_since(start)));
     let _ = child.kill();
     let _ = child.wait();
     let result = result
-        .map(|answer| Invocation { answer, elapsed })
+        .map(|(answer, init)| Invocation {
+            answer,
+            elapsed,
+            init,
+        })
         .map_err(|e| {
             let said = std::fs::read_to_string(&log_path).unwrap_or_default();
             let lines: Vec<&str> = said.lines().collect();
@@ -95,9 +102,9 @@ fn serve(
     child: &mut std::process::Child,
     function: &str,
     event: &Json,
-) -> std::io::Result<(String, Json)> {
+) -> std::io::Result<((String, Json), Instant)> {
     let body = event.to_string();
-    let mut served = false;
+    let mut served = None;
     for _ in 0..3 {
         let mut s = accept(listener, child)?;
         let mut reader = BufReader::new(s.try_clone()?);
@@ -122,9 +129,10 @@ fn serve(
             .unwrap_or_default()
             .to_string();
         if path.ends_with("/invocation/next") {
-            if served {
+            if served.is_some() {
                 break;
             }
+            let next_at = Instant::now();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: req-1\r\nLambda-Runtime-Deadline-Ms: {}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:{function}\r\nContent-Length: {}\r\n\r\n",
                 chrono::Utc::now().timestamp_millis() + 60_000,
@@ -132,10 +140,11 @@ fn serve(
             );
             s.write_all(head.as_bytes())?;
             s.write_all(body.as_bytes())?;
-            served = true;
+            served = Some(next_at);
         } else {
             s.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")?;
-            return Ok((path, serde_json::from_slice(&payload).unwrap_or(Json::Null)));
+            let answer = (path, serde_json::from_slice(&payload).unwrap_or(Json::Null));
+            return Ok((answer, served.unwrap_or_else(Instant::now)));
         }
     }
     Err(std::io::Error::other("the function did not answer"))

@@ -7,6 +7,7 @@ use serde_json::Value as Json;
 
 use crate::aws::{AwsPorts, Settings};
 use crate::errors::StageError;
+use crate::ports::{Calls, Ports, Select, SystemClock};
 use crate::stages::handler::{handle, Function};
 
 /// The environment variables the functions read (set by infra/template.yaml).
@@ -62,6 +63,39 @@ impl From<LambdaError> for Diagnostic {
     }
 }
 
+/// The SDK configuration inside Lambda: the region, and the credentials Lambda puts in the
+/// environment (the function's role session), which aws-config's default chain would also find
+/// there first; `AWS_ENDPOINT_URL` (the tests' moto) and `AWS_MAX_ATTEMPTS` when set. Retries
+/// (standard, 3 attempts), the connect timeout (3.1 s) and the lazy identity cache are the ones
+/// aws-config sets for the latest behaviour version; the HTTP client is the SDK's default.
+///
+/// Not loading the default chain keeps its profile, SSO, web identity, ECS and IMDS providers,
+/// and the STS client they use, out of every bootstrap: Lambda has none of them.
+pub fn sdk_config(region: &str) -> aws_config::SdkConfig {
+    let attempts = std::env::var("AWS_MAX_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3);
+    let mut config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+        ))
+        .identity_cache(aws_config::identity::IdentityCache::lazy().build())
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(std::time::Duration::from_millis(3100))
+                .build(),
+        );
+    if let Some(url) = std::env::var("AWS_ENDPOINT_URL").ok().filter(|u| !u.is_empty()) {
+        config = config.endpoint_url(url);
+    }
+    config.build()
+}
+
 fn init_logs() {
     tracing_subscriber::fmt()
         .json()
@@ -77,10 +111,7 @@ pub async fn run_trigger() -> Result<(), lambda_runtime::Error> {
     let config = Config::from_env()?;
     let state_machine = std::env::var(env::STATE_MACHINE)
         .map_err(|_| format!("the environment variable {} is not set", env::STATE_MACHINE))?;
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(config.settings.region.clone()))
-        .load()
-        .await;
+    let aws = sdk_config(&config.settings.region);
     let s = config.settings;
     let control = crate::aws::control::Control::new(
         crate::aws::control::Stack {
@@ -107,15 +138,72 @@ pub async fn run_trigger() -> Result<(), lambda_runtime::Error> {
     .await
 }
 
-/// Runs `function` as a Lambda function until the runtime stops it.
-pub async fn run(function: Function) -> Result<(), lambda_runtime::Error> {
+/// A stage function's bootstrap: the function, and its ports made of the AWS ports.
+///
+/// Each function's `main` runs its own constant ([`LAUNCH_BUILDER`], …), whose `ports` is a
+/// [`Select`] of the calls of [`Function::uses`] over the AWS ports, resolved at compile time:
+/// the AWS operations of every other call, and the SDK clients only they use, are not linked
+/// into that bootstrap (`make package` lists the clients each one links).
+#[derive(Clone, Copy)]
+pub struct Bootstrap {
+    pub function: Function,
+    pub ports: fn(&'static AwsPorts) -> Ports<'static>,
+}
+
+impl std::fmt::Debug for Bootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bootstrap")
+            .field("function", &self.function)
+            .finish_non_exhaustive()
+    }
+}
+
+macro_rules! bootstraps {
+    ($($name:ident => $function:ident),* $(,)?) => {
+        $(
+            #[doc = concat!("The ", stringify!($function), " function's bootstrap.")]
+            pub const $name: Bootstrap = Bootstrap {
+                function: Function::$function,
+                ports: {
+                    fn ports(aws: &'static AwsPorts) -> Ports<'static> {
+                        const M: Calls = Function::$function.uses();
+                        // Made once per process, which lives as long as the function.
+                        let select: &'static Select<'static, AwsPorts, M> =
+                            Box::leak(Box::new(Select::new(aws, Function::$function.name())));
+                        select.ports(&SystemClock)
+                    }
+                    ports
+                },
+            };
+        )*
+        /// Every stage function's bootstrap (the tests; a function's `main` names its own).
+        pub const BOOTSTRAPS: [Bootstrap; Function::ALL.len()] = [$($name),*];
+    };
+}
+
+bootstraps! {
+    LAUNCH_BUILDER => LaunchBuilder,
+    CUSTOMIZE => Customize,
+    SNAPSHOT => Snapshot,
+    TEST_IMAGE => TestImage,
+    DISTRIBUTE => Distribute,
+    CLEANUP => Cleanup,
+    WAKE => Wake,
+}
+
+/// Runs a stage function until the runtime stops it.
+pub async fn run(bootstrap: Bootstrap) -> Result<(), lambda_runtime::Error> {
     init_logs();
     let config = Config::from_env()?;
-    let ports = AwsPorts::from_env(config.settings).await;
-    let ports = &ports;
+    let aws: &'static AwsPorts = Box::leak(Box::new(AwsPorts::new(
+        config.settings.clone(),
+        sdk_config(&config.settings.region),
+    )));
+    let function = bootstrap.function;
+    let ports = &*Box::leak(Box::new((bootstrap.ports)(aws)));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Json>| async move {
         let op = event.payload.get("op").and_then(Json::as_str).unwrap_or("-").to_string();
-        let result = handle(&ports.ports(), function, event.payload).await;
+        let result = handle(ports, function, event.payload).await;
         match &result {
             Ok(_) => tracing::info!(stage = function.name(), op = op.as_str(), "done"),
             Err(e) => tracing::error!(stage = function.name(), op = op.as_str(), error_type = e.error_type(), error = %e, "failed"),
@@ -123,4 +211,49 @@ pub async fn run(function: Function) -> Result<(), lambda_runtime::Error> {
         result.map_err(LambdaError)
     }))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bootstrap refuses, before any AWS request, a call its function does not declare.
+    #[test]
+    fn a_bootstrap_refuses_the_calls_its_function_does_not_declare() {
+        let aws: &'static AwsPorts = Box::leak(Box::new(AwsPorts::new(
+            Settings {
+                table: "t".into(),
+                bucket: "b".into(),
+                event_bus: "default".into(),
+                region: "us-east-1".into(),
+                stack: None,
+                instance_profile: None,
+            },
+            aws_config::SdkConfig::builder().build(),
+        )));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for (b, f) in BOOTSTRAPS.iter().zip(Function::ALL) {
+            assert_eq!(b.function, f);
+            let ports = (b.ports)(aws);
+            if f == Function::Distribute {
+                // It publishes image ids to parameters (declared; the call would go to AWS).
+                assert_ne!(f.uses() & crate::ports::calls::PARAMETERS_PUT, 0);
+            } else {
+                let refused = rt
+                    .block_on(ports.parameters.put("us-east-1", "/p", "v"))
+                    .expect_err("no function writes parameters but distribute");
+                assert_eq!(refused.error_type(), "Kiln.Internal");
+                assert_eq!(
+                    refused.to_string(),
+                    format!(
+                        "the {} function does not call parameters.put (declare it in Function::uses)",
+                        f.name()
+                    )
+                );
+            }
+        }
+    }
 }

@@ -422,6 +422,154 @@ impl std::fmt::Debug for Ports<'_> {
     }
 }
 
+/// The port calls a piece of code may make, one bit per method of the port traits
+/// ([`calls`]). Each stage function declares its own
+/// ([`crate::stages::handler::Function::uses`]): its Lambda bootstrap links the AWS operations
+/// of those calls and no others, and every run of the stage code (Lambda, embedded, the tests,
+/// the simulation) refuses the rest, so a call outside the declaration fails wherever it runs.
+pub type Calls = u64;
+
+/// Ports narrowed to the calls `M` names: each other call fails with `Kiln.Internal`, naming
+/// the function and the call. `P` is the ports' provider: the AWS ports in a Lambda bootstrap
+/// (calls resolved statically, so the refused calls' AWS code is not linked), or any
+/// [`Ports`] where the stage code runs elsewhere.
+pub struct Select<'p, P: ?Sized, const M: Calls> {
+    inner: &'p P,
+    /// The function that holds these calls.
+    holder: &'static str,
+}
+
+impl<P: ?Sized, const M: Calls> std::fmt::Debug for Select<'_, P, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Select({}, {M:#x})", self.holder)
+    }
+}
+
+impl<'p, P: ?Sized, const M: Calls> Select<'p, P, M> {
+    pub fn new(inner: &'p P, holder: &'static str) -> Select<'p, P, M> {
+        Select { inner, holder }
+    }
+
+    fn refuse<'r, T: Send + 'r>(&self, port: &str, call: &str) -> PortResult<'r, T> {
+        let message = format!(
+            "the {} function does not call {port}.{call} (declare it in Function::uses)",
+            self.holder
+        );
+        Box::pin(async move { Err(StageError::new(crate::errors::ErrorKind::Internal, message)) })
+    }
+}
+
+impl<'p, P, const M: Calls> Select<'p, P, M>
+where
+    P: ?Sized + Compute + Commands + Store + Events + Parameters + Triggers + Wakeups,
+{
+    /// The selected calls as ports (the clock is the inner one's, or the system's).
+    pub fn ports(&self, clock: &'p dyn Clock) -> Ports<'_> {
+        Ports {
+            compute: self,
+            commands: self,
+            store: self,
+            events: self,
+            parameters: self,
+            triggers: self,
+            wakeups: self,
+            clock,
+        }
+    }
+}
+
+/// From one list of the port traits' methods: the [`calls`] bits, the [`Select`] of each trait
+/// (a refused call never names the inner one's method), and each trait for [`Ports`] itself
+/// (forwarding to its field), so that [`Select`] narrows any ports.
+macro_rules! port_calls {
+    ($(
+        $trait:ident . $field:ident {
+            $( $bit:ident = $n:literal : fn $name:ident $(<$lt:lifetime>)? (& $($slt:lifetime)? self $(, $arg:ident : $ty:ty)* ) -> $ret:ty ; )*
+        }
+    )*) => {
+        /// One bit per port method: `COMPUTE_LAUNCH` is `compute.launch`.
+        pub mod calls {
+            use super::Calls;
+            $($( pub const $bit: Calls = 1 << $n; )*)*
+        }
+        $(
+            impl<P: ?Sized + $trait, const M: Calls> $trait for Select<'_, P, M> {
+                $(
+                    #[inline]
+                    fn $name $(<$lt>)? (& $($slt)? self $(, $arg: $ty)*) -> $ret {
+                        if M & calls::$bit != 0 {
+                            self.inner.$name($($arg),*)
+                        } else {
+                            self.refuse(stringify!($field), stringify!($name))
+                        }
+                    }
+                )*
+            }
+            impl $trait for Ports<'_> {
+                $(
+                    fn $name $(<$lt>)? (& $($slt)? self $(, $arg: $ty)*) -> $ret {
+                        self.$field.$name($($arg),*)
+                    }
+                )*
+            }
+        )*
+    };
+}
+
+port_calls! {
+    Compute.compute {
+        COMPUTE_LAUNCH = 0: fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> PortResult<'a, InstanceId>;
+        COMPUTE_INSTANCE_STATE = 1: fn instance_state<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, InstanceState>;
+        COMPUTE_STOP = 2: fn stop<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()>;
+        COMPUTE_TERMINATE = 3: fn terminate<'a>(&'a self, region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()>;
+        COMPUTE_INSTANCES_OF = 4: fn instances_of<'a>(&'a self, region: &'a str, build: &'a BuildId) -> PortResult<'a, Vec<InstanceId>>;
+        COMPUTE_CREATE_IMAGE = 5: fn create_image<'a>(&'a self, region: &'a str, instance: &'a InstanceId, name: &'a str, tags: &'a BTreeMap<String, String>) -> PortResult<'a, ImageId>;
+        COMPUTE_IMAGE_STATE = 6: fn image_state<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, ImageState>;
+        COMPUTE_DESCRIBE_IMAGE = 7: fn describe_image<'a>(&'a self, region: &'a str, id: &'a ImageId) -> PortResult<'a, Option<ImageFacts>>;
+        COMPUTE_INSTANCE_ARCHITECTURES = 8: fn instance_architectures<'a>(&'a self, region: &'a str, types: &'a [String]) -> PortResult<'a, BTreeMap<String, Vec<String>>>;
+        COMPUTE_IMAGES_OF = 9: fn images_of<'a>(&'a self, region: &'a str, build: &'a BuildId) -> PortResult<'a, Vec<ImageId>>;
+        COMPUTE_COPY_IMAGE = 10: fn copy_image<'a>(&'a self, from_region: &'a str, image: &'a ImageId, to_region: &'a str, copy: CopySpec<'a>) -> PortResult<'a, ImageId>;
+        COMPUTE_SHARE_IMAGE = 11: fn share_image<'a>(&'a self, region: &'a str, image: &'a ImageId, permission: &'a LaunchPermission) -> PortResult<'a, ()>;
+        COMPUTE_DELETE_IMAGE = 12: fn delete_image<'a>(&'a self, region: &'a str, image: &'a ImageId) -> PortResult<'a, ()>;
+        COMPUTE_LATEST_IMAGE = 13: fn latest_image<'a>(&'a self, region: &'a str, filter: &'a ParentFilter) -> PortResult<'a, Option<ImageId>>;
+        COMPUTE_IMAGE_NAMED = 14: fn image_named<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<ImageId>>;
+        COMPUTE_NEW_LAUNCH_TEMPLATE_VERSION = 15: fn new_launch_template_version<'a>(&'a self, region: &'a str, template: &'a str, image: &'a ImageId, set_default: bool) -> PortResult<'a, ()>;
+        COMPUTE_PIPELINE_IMAGES = 16: fn pipeline_images<'a>(&'a self, region: &'a str, pipeline: &'a str) -> PortResult<'a, Vec<ImageInfo>>;
+        COMPUTE_DEPRECATE_IMAGE = 17: fn deprecate_image<'a>(&'a self, region: &'a str, image: &'a ImageId, at: DateTime<Utc>) -> PortResult<'a, ()>;
+    }
+    Commands.commands {
+        COMMANDS_AGENT_ONLINE = 18: fn agent_online<'a>(&'a self, region: &'a str, instance: &'a InstanceId) -> PortResult<'a, bool>;
+        COMMANDS_SEND = 19: fn send<'a>(&'a self, region: &'a str, instance: &'a InstanceId, plan: &'a CommandPlan) -> PortResult<'a, CommandId>;
+        COMMANDS_STATUS = 20: fn status<'a>(&'a self, region: &'a str, instance: &'a InstanceId, command: &'a CommandId) -> PortResult<'a, CommandStatus>;
+    }
+    Store.store {
+        STORE_PUT_PIPELINE = 21: fn put_pipeline<'a>(&'a self, record: &'a PipelineRecord) -> PortResult<'a, ()>;
+        STORE_PIPELINE = 22: fn pipeline<'a>(&'a self, name: &'a str) -> PortResult<'a, Option<PipelineRecord>>;
+        STORE_PIPELINE_NAMES = 23: fn pipeline_names(&self) -> PortResult<'_, Vec<String>>;
+        STORE_CREATE_BUILD = 24: fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()>;
+        STORE_SAVE_BUILD = 25: fn save_build<'a>(&'a self, build: &'a Build, expected: BuildStatus) -> PortResult<'a, ()>;
+        STORE_BUILD = 26: fn build<'a>(&'a self, pipeline: &'a str, id: &'a BuildId) -> PortResult<'a, Option<Build>>;
+        STORE_BUILDS = 27: fn builds<'a>(&'a self, pipeline: &'a str) -> PortResult<'a, Vec<Build>>;
+        STORE_LOCK = 28: fn lock<'a>(&'a self, pipeline: &'a str, build: &'a BuildId, now: DateTime<Utc>, ttl_seconds: i64) -> PortResult<'a, ()>;
+        STORE_UNLOCK = 29: fn unlock<'a>(&'a self, pipeline: &'a str, build: &'a BuildId) -> PortResult<'a, ()>;
+    }
+    Events.events {
+        EVENTS_EMIT = 30: fn emit<'a>(&'a self, event: &'a BuildEvent) -> PortResult<'a, ()>;
+    }
+    Parameters.parameters {
+        PARAMETERS_GET = 31: fn get<'a>(&'a self, region: &'a str, name: &'a str) -> PortResult<'a, Option<String>>;
+        PARAMETERS_PUT = 32: fn put<'a>(&'a self, region: &'a str, name: &'a str, value: &'a str) -> PortResult<'a, ()>;
+    }
+    Triggers.triggers {
+        TRIGGERS_DISABLE = 33: fn disable<'a>(&'a self, pipeline: &'a str, reason: &'a str) -> PortResult<'a, bool>;
+    }
+    Wakeups.wakeups {
+        WAKEUPS_REGISTER = 34: fn register<'a>(&'a self, token: &'a str, awaited: &'a Awaited) -> PortResult<'a, ()>;
+        WAKEUPS_REGISTERED = 35: fn registered<'a>(&'a self, region: &'a str, id: &'a str) -> PortResult<'a, Vec<(String, Awaited)>>;
+        WAKEUPS_WAKE = 36: fn wake<'a>(&'a self, token: &'a str, awaited: &'a Awaited, output: &'a serde_json::Value) -> PortResult<'a, bool>;
+    }
+}
+
 /// Something that offers the ports (the AWS clients, the embedded cloud, the in-memory cloud).
 pub trait PortsProvider: Send + Sync {
     fn ports(&self) -> Ports<'_>;

@@ -6,6 +6,7 @@ mod agent;
 mod aws;
 mod bad_input;
 mod cli;
+mod cold_start;
 mod control;
 mod embedded;
 mod engine;

@@ -51,9 +51,12 @@ pub(crate) fn expand(dir: &Path) -> PathBuf {
 /// A function as deployed: its bootstrap, environment and role credentials.
 #[derive(Debug, Clone)]
 pub(crate) struct Deployed {
-    function_name: String,
+    pub(crate) function_name: String,
     binary: String,
-    env: Vec<(String, String)>,
+    /// The bootstrap an invocation runs: the debug build of `binary`, or the release one
+    /// (`Rehearsal::deploy_running`).
+    pub(crate) path: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 /// The deployed stack on an authorizing moto server.
@@ -64,7 +67,7 @@ pub(crate) struct Rehearsal {
     _dir: tempfile::TempDir,
     pub outputs: BTreeMap<String, String>,
     definition: Json,
-    functions: HashMap<String, Deployed>,
+    pub(crate) functions: HashMap<String, Deployed>,
     made_by_api: Vec<String>,
     /// The task tokens of the executions, answered by the deployed functions' SendTaskSuccess
     /// (moto_server.py hands each to [`forward_answers`]).
@@ -98,6 +101,12 @@ fn forward_answers(file: PathBuf, tokens: Arc<TaskTokens>) {
 
 impl Rehearsal {
     pub fn deploy() -> Rehearsal {
+        Rehearsal::deploy_running(None)
+    }
+
+    /// The stack deployed, its invocations running the bootstraps `make package` built in
+    /// `lambda_dir` (`<function>/bootstrap`) in place of the debug ones.
+    pub fn deploy_running(lambda_dir: Option<&Path>) -> Rehearsal {
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("authz.jsonl");
         let faults = dir.path().join("faults.json");
@@ -132,11 +141,17 @@ impl Rehearsal {
                 ("AWS_ENDPOINT_URL".into(), moto.endpoint()),
                 ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
             ]);
+            let binary: String = f["binary"].as_str().unwrap_or_default().into();
+            let path = match lambda_dir {
+                Some(dir) => dir.join(&binary).join("bootstrap"),
+                None => built_binary(&binary),
+            };
             functions.insert(
                 arn.clone(),
                 Deployed {
                     function_name: f["functionName"].as_str().unwrap_or_default().into(),
-                    binary: f["binary"].as_str().unwrap_or_default().into(),
+                    binary,
+                    path,
                     env,
                 },
             );
@@ -204,7 +219,7 @@ impl Rehearsal {
         let f = self.function(logical);
         let env: Vec<(&str, String)> = f.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let (path, body) = kiln_tests::runtime_api::invoke_once(
-            &built_binary(&f.binary),
+            &f.path,
             &f.function_name,
             &event,
             &env,
@@ -240,7 +255,7 @@ impl Rehearsal {
     ) -> kiln::engine::Outcome {
         self.execute_with(
             rt,
-            Arc::new(Bootstraps(self.functions.clone())),
+            Arc::new(Bootstraps(self.functions.clone(), None)),
             pipeline,
             name,
         )
@@ -255,14 +270,14 @@ impl Rehearsal {
     ) -> kiln::engine::Outcome {
         self.run_input(
             rt,
-            Arc::new(Bootstraps(self.functions.clone())),
+            Arc::new(Bootstraps(self.functions.clone(), None)),
             json!({"pipeline": pipeline, "trigger": {"kind": "schedule"}, "waitSeconds": 0}),
             name,
         )
     }
 
     /// One execution of the deployed definition with its Tasks delivered by `tasks`.
-    fn execute_with(
+    pub(crate) fn execute_with(
         &self,
         rt: &tokio::runtime::Runtime,
         tasks: Arc<dyn Tasks>,
@@ -391,7 +406,19 @@ impl Drop for Rehearsal {
 
 /// Task states as Lambda runs them: the function's bootstrap, one invocation each, over the
 /// Runtime API, with the deployed environment and the function's role credentials.
-struct Bootstraps(HashMap<String, Deployed>);
+pub(crate) struct Bootstraps(
+    pub(crate) HashMap<String, Deployed>,
+    /// Each invocation's timing, when kept (the cold-start bench).
+    pub(crate) Option<Arc<std::sync::Mutex<Vec<Timing>>>>,
+);
+
+/// One invocation as the bench times it.
+#[derive(Debug, Clone)]
+pub(crate) struct Timing {
+    pub(crate) function: String,
+    pub(crate) op: String,
+    pub(crate) invocation: kiln_tests::runtime_api::Invocation,
+}
 
 impl Tasks for Bootstraps {
     fn invoke<'a>(
@@ -410,19 +437,23 @@ impl Tasks for Bootstraps {
                     format!("no deployed function {resource}"),
                 )
             })?;
+            let op = input["op"].as_str().unwrap_or("-").to_string();
+            let binary = f.binary.clone();
             let answer = tokio::task::spawn_blocking(move || {
                 let env: Vec<(&str, String)> =
                     f.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                kiln_tests::runtime_api::invoke_once(
-                    &built_binary(&f.binary),
-                    &f.function_name,
-                    &input,
-                    &env,
-                )
+                kiln_tests::runtime_api::invoke_once(&f.path, &f.function_name, &input, &env)
             })
             .await
             .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?
             .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?;
+            if let Some(log) = &self.1 {
+                log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Timing {
+                    function: binary,
+                    op,
+                    invocation: answer.clone(),
+                });
+            }
             let (path, body) = answer.answer;
             if path.ends_with("/response") {
                 Ok(call.result(body))
@@ -569,11 +600,11 @@ fn granted_but_unused(expanded: &Json, decisions: &[Json]) -> BTreeMap<String, V
     out
 }
 
-fn moto_pipeline() -> String {
+pub(crate) fn moto_pipeline() -> String {
     std::fs::read_to_string(repo().join("tests/data/aws/moto-al2023/pipeline.yaml")).expect("read")
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1388,7 +1419,7 @@ fn every_task_delivered_twice_with_its_original_input_does_its_work_once() {
     let before = inventory(&rt, &admin);
     // WHEN a build runs with every Task delivered twice
     let twice = Chaos {
-        inner: Bootstraps(r.functions.clone()),
+        inner: Bootstraps(r.functions.clone(), None),
         twice: true,
         crash_at: None,
         calls: Default::default(),
@@ -1673,7 +1704,7 @@ fn fault_campaign_on_the_deployed_stack_leaves_nothing_behind() {
         let stopped = Arc::new(tokio::sync::Notify::new());
         let stop_at = (kind == "cancelled").then(|| rng.below(14) as usize);
         let tasks = Chaos {
-            inner: Bootstraps(r.functions.clone()),
+            inner: Bootstraps(r.functions.clone(), None),
             twice: kind == "delivered-twice",
             crash_at: (kind == "crash-after-call").then(|| rng.below(12) as usize),
             calls: Default::default(),
@@ -1896,7 +1927,7 @@ fn a_wait_ends_by_its_event_through_the_deployed_rule_and_the_wake_function() {
                         .map(|(k, v)| (k.as_str(), v.clone()))
                         .collect();
                     let answer = kiln_tests::runtime_api::invoke_once(
-                        &built_binary(&wake.binary),
+                        &wake.path,
                         &wake.function_name,
                         e,
                         &env,
@@ -1918,7 +1949,7 @@ fn a_wait_ends_by_its_event_through_the_deployed_rule_and_the_wake_function() {
     // WHEN a build runs with 60-second waits
     let machine = definition::parse(&r.definition).expect("the deployed definition parses");
     let engine = Engine::new(
-        Arc::new(Bootstraps(r.functions.clone())),
+        Arc::new(Bootstraps(r.functions.clone(), None)),
         Arc::new(VirtualClock::default()),
         true,
     )

@@ -2,9 +2,7 @@
 //! EventBridge delivers the EC2 or SSM event that ends them. Wiring only; the code lives in
 //! `kiln::stages::wake`.
 
-use kiln::stages::handler::Function;
-
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    kiln::lambda::run(Function::Wake).await
+    kiln::lambda::run(kiln::lambda::WAKE).await
 }

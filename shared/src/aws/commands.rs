@@ -119,7 +119,7 @@ fn quoted(url: &str) -> Result<String, StageError> {
 
 impl AwsPorts {
     pub(crate) async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), StageError> {
-        self.s3
+        self.s3()
             .put_object()
             .bucket(&self.settings.bucket)
             .key(key)
@@ -135,14 +135,14 @@ impl AwsPorts {
     /// that very binary already.
     pub async fn prepare_artifacts(&self, agent: &std::path::Path) -> Result<(), StageError> {
         if self
-            .s3
+            .s3()
             .head_bucket()
             .bucket(&self.settings.bucket)
             .send()
             .await
             .is_err()
         {
-            let mut create = self.s3.create_bucket().bucket(&self.settings.bucket);
+            let mut create = self.s3().create_bucket().bucket(&self.settings.bucket);
             if self.settings.region != "us-east-1" {
                 create = create.create_bucket_configuration(
                     aws_sdk_s3::types::CreateBucketConfiguration::builder()
@@ -162,7 +162,7 @@ impl AwsPorts {
         let sha = crate::digest::sha256_hex(&body);
         let key = format!("{AGENT_KEY}-{arch}");
         let present = self
-            .s3
+            .s3()
             .head_object()
             .bucket(&self.settings.bucket)
             .key(&key)
@@ -194,7 +194,7 @@ impl AwsPorts {
     /// Puts the agent's bytes with their digest as metadata; returns the key.
     async fn put_agent(&self, body: Vec<u8>, sha: &str, arch: &str) -> Result<String, StageError> {
         let key = format!("{AGENT_KEY}-{arch}");
-        self.s3
+        self.s3()
             .put_object()
             .bucket(&self.settings.bucket)
             .key(&key)
@@ -208,7 +208,7 @@ impl AwsPorts {
 
     async fn get_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let get = self.s3.get_object().bucket(&self.settings.bucket).key(key);
+        let get = self.s3().get_object().bucket(&self.settings.bucket).key(key);
         let req = get
             .presigned(cfg)
             .await
@@ -218,7 +218,7 @@ impl AwsPorts {
 
     async fn put_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let put = self.s3.put_object().bucket(&self.settings.bucket).key(key);
+        let put = self.s3().put_object().bucket(&self.settings.bucket).key(key);
         let req = put
             .presigned(cfg)
             .await
@@ -364,7 +364,7 @@ impl AwsPorts {
         let (build, kind) = comment.strip_prefix("kiln ")?.split_once(' ')?;
         let key = format!("builds/{build}/{kind}/report.json");
         let out = self
-            .s3
+            .s3()
             .get_object()
             .bucket(&self.settings.bucket)
             .key(&key)

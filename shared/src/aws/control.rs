@@ -116,9 +116,11 @@ impl Stack {
 pub struct Control {
     pub stack: Stack,
     pub ports: AwsPorts,
-    sfn: aws_sdk_sfn::Client,
-    scheduler: aws_sdk_scheduler::Client,
-    events: aws_sdk_eventbridge::Client,
+    // Made at first use: the trigger function's bootstrap links only what it calls.
+    config: aws_config::SdkConfig,
+    sfn: std::sync::OnceLock<aws_sdk_sfn::Client>,
+    scheduler: std::sync::OnceLock<aws_sdk_scheduler::Client>,
+    events: std::sync::OnceLock<aws_sdk_eventbridge::Client>,
 }
 
 /// The execution input that starts a build.
@@ -154,11 +156,26 @@ impl Control {
     pub fn new(stack: Stack, config: &aws_config::SdkConfig) -> Control {
         Control {
             ports: AwsPorts::new(stack.settings(), config.clone()),
-            sfn: aws_sdk_sfn::Client::new(config),
-            scheduler: aws_sdk_scheduler::Client::new(config),
-            events: aws_sdk_eventbridge::Client::new(config),
+            config: config.clone(),
+            sfn: Default::default(),
+            scheduler: Default::default(),
+            events: Default::default(),
             stack,
         }
+    }
+
+    fn sfn(&self) -> &aws_sdk_sfn::Client {
+        self.sfn.get_or_init(|| aws_sdk_sfn::Client::new(&self.config))
+    }
+
+    fn scheduler(&self) -> &aws_sdk_scheduler::Client {
+        self.scheduler
+            .get_or_init(|| aws_sdk_scheduler::Client::new(&self.config))
+    }
+
+    fn events(&self) -> &aws_sdk_eventbridge::Client {
+        self.events
+            .get_or_init(|| aws_sdk_eventbridge::Client::new(&self.config))
     }
 
     /// Stores the pipeline version, uploads its components, creates or updates its schedule and
@@ -254,14 +271,14 @@ impl Control {
             .build()
             .map_err(|e| invalid(e.to_string()))?;
         let exists = self
-            .scheduler
+            .scheduler()
             .get_schedule()
             .name(name)
             .send()
             .await
             .is_ok();
         if exists {
-            self.scheduler
+            self.scheduler()
                 .update_schedule()
                 .name(name)
                 .schedule_expression(expression)
@@ -273,7 +290,7 @@ impl Control {
                 .await
                 .map_err(|e| sdk_error("UpdateSchedule", e))?;
         } else {
-            self.scheduler
+            self.scheduler()
                 .create_schedule()
                 .name(name)
                 .schedule_expression(expression)
@@ -289,14 +306,14 @@ impl Control {
 
     async fn delete_schedule(&self, name: &str) -> Result<(), StageError> {
         if self
-            .scheduler
+            .scheduler()
             .get_schedule()
             .name(name)
             .send()
             .await
             .is_ok()
         {
-            self.scheduler
+            self.scheduler()
                 .delete_schedule()
                 .name(name)
                 .send()
@@ -323,7 +340,7 @@ impl Control {
             "detail-type": ["Parameter Store Change"],
             "detail": {"name": [parameter], "operation": ["Create", "Update"]}
         });
-        self.events
+        self.events()
             .put_rule()
             .name(rule)
             .event_bus_name(&self.stack.event_bus)
@@ -345,7 +362,7 @@ impl Control {
             .input_transformer(transformer)
             .build()
             .map_err(|e| invalid(e.to_string()))?;
-        self.events
+        self.events()
             .put_targets()
             .rule(rule)
             .event_bus_name(&self.stack.event_bus)
@@ -358,7 +375,7 @@ impl Control {
 
     async fn delete_rule(&self, rule: &str) -> Result<(), StageError> {
         let exists = self
-            .events
+            .events()
             .describe_rule()
             .name(rule)
             .event_bus_name(&self.stack.event_bus)
@@ -366,7 +383,7 @@ impl Control {
             .await
             .is_ok();
         if exists {
-            self.events
+            self.events()
                 .remove_targets()
                 .rule(rule)
                 .event_bus_name(&self.stack.event_bus)
@@ -374,7 +391,7 @@ impl Control {
                 .send()
                 .await
                 .map_err(|e| sdk_error("RemoveTargets", e))?;
-            self.events
+            self.events()
                 .delete_rule()
                 .name(rule)
                 .event_bus_name(&self.stack.event_bus)
@@ -392,7 +409,7 @@ impl Control {
         // StartExecution itself (same name and input while running: the same execution).
         let existing = self.stack.execution_arn(name);
         if self
-            .sfn
+            .sfn()
             .describe_execution()
             .execution_arn(&existing)
             .send()
@@ -402,7 +419,7 @@ impl Control {
             return Ok((existing, false));
         }
         match self
-            .sfn
+            .sfn()
             .start_execution()
             .state_machine_arn(&self.stack.state_machine_arn)
             .name(name)
@@ -424,7 +441,7 @@ impl Control {
     /// The execution's status (`RUNNING`, `SUCCEEDED`, `FAILED`, `ABORTED`, …) and output.
     pub async fn execution(&self, arn: &str) -> Result<(String, Option<String>), StageError> {
         let out = self
-            .sfn
+            .sfn()
             .describe_execution()
             .execution_arn(arn)
             .send()
@@ -456,7 +473,7 @@ impl Control {
         if let Some(name) = &build.request_id {
             let arn = self.stack.execution_arn(name);
             if let Err(e) = self
-                .sfn
+                .sfn()
                 .stop_execution()
                 .execution_arn(&arn)
                 .error("Kiln.Cancelled")
@@ -520,6 +537,13 @@ pub async fn trigger(control: &Control, event: &Json) -> Result<Json, StageError
     Ok(json!({"pipelines": results}))
 }
 
+/// The port calls the trigger function's code makes beside its own: the pipeline's parent image
+/// resolved as the build will resolve it (a parameter, an image filter or name).
+pub const TRIGGER_CALLS: crate::ports::Calls = {
+    use crate::ports::calls::*;
+    PARAMETERS_GET | COMPUTE_LATEST_IMAGE | COMPUTE_IMAGE_NAMED
+};
+
 async fn trigger_pipeline(control: &Control, event: &Json) -> Result<Json, StageError> {
     let ports = &control.ports;
     let pipeline = event["pipeline"]
@@ -531,7 +555,13 @@ async fn trigger_pipeline(control: &Control, event: &Json) -> Result<Json, Stage
         .ok_or_else(|| invalid(format!("trigger: pipeline `{pipeline}` is not applied")))?;
     let region = record.pipeline.home_region().to_string();
     let parent =
-        crate::stages::launch_builder::resolve_parent(&ports.ports(), &record, &region).await?;
+        crate::stages::launch_builder::resolve_parent(
+            &crate::ports::Select::<AwsPorts, TRIGGER_CALLS>::new(ports, "trigger")
+                .ports(&crate::ports::SystemClock),
+            &record,
+            &region,
+        )
+        .await?;
     let fp = crate::model::fingerprint::of_record(&record, parent.as_str());
     let detail = event["event"]["detail"]["name"]
         .as_str()

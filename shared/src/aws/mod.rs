@@ -11,7 +11,7 @@ mod store;
 mod wake;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
@@ -49,11 +49,13 @@ pub struct AwsPorts {
     config: aws_config::SdkConfig,
     ec2: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
     ssm: Mutex<HashMap<String, aws_sdk_ssm::Client>>,
-    pub(crate) dynamodb: aws_sdk_dynamodb::Client,
-    pub(crate) s3: aws_sdk_s3::Client,
-    events: aws_sdk_eventbridge::Client,
+    // The clients are made at first use, so that a function's bootstrap links (and starts)
+    // only the clients of the ports it holds (`Function::uses`).
+    dynamodb: OnceLock<aws_sdk_dynamodb::Client>,
+    s3: OnceLock<aws_sdk_s3::Client>,
+    events: OnceLock<aws_sdk_eventbridge::Client>,
     /// Step Functions, to answer the task tokens events wake (SendTaskSuccess).
-    sfn: aws_sdk_sfn::Client,
+    sfn: OnceLock<aws_sdk_sfn::Client>,
     /// The SHA-256 of kiln-agent per architecture, which the commands check before running it
     /// (from `KILN_AGENT_SHA256`, or pinned by `prepare_artifacts`).
     /// A malformed `KILN_AGENT_SHA256` is kept as its error: every command then says so.
@@ -79,17 +81,11 @@ impl AwsPorts {
     }
 
     pub fn new(settings: Settings, config: aws_config::SdkConfig) -> AwsPorts {
-        // Path-style S3 addressing works with custom endpoints (moto) as well as with AWS.
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&config)
-                .force_path_style(true)
-                .build(),
-        );
         AwsPorts {
-            dynamodb: aws_sdk_dynamodb::Client::new(&config),
-            events: aws_sdk_eventbridge::Client::new(&config),
-            sfn: aws_sdk_sfn::Client::new(&config),
-            s3,
+            dynamodb: OnceLock::new(),
+            events: OnceLock::new(),
+            sfn: OnceLock::new(),
+            s3: OnceLock::new(),
             ec2: Mutex::new(HashMap::new()),
             ssm: Mutex::new(HashMap::new()),
             settings,
@@ -126,9 +122,9 @@ impl AwsPorts {
     /// Creates the table and the bucket if they do not exist (tests, and `kiln run --backend aws`
     /// without a deployed stack).
     pub async fn bootstrap(&self) -> Result<(), StageError> {
-        store::create_table(&self.dynamodb, &self.settings.table).await?;
+        store::create_table(self.dynamodb(), &self.settings.table).await?;
         match self
-            .s3
+            .s3()
             .create_bucket()
             .bucket(&self.settings.bucket)
             .send()
@@ -145,6 +141,31 @@ impl AwsPorts {
             }
             Err(e) => Err(sdk_error("CreateBucket", e)),
         }
+    }
+
+    pub(crate) fn dynamodb(&self) -> &aws_sdk_dynamodb::Client {
+        self.dynamodb
+            .get_or_init(|| aws_sdk_dynamodb::Client::new(&self.config))
+    }
+
+    pub(crate) fn s3(&self) -> &aws_sdk_s3::Client {
+        // Path-style S3 addressing works with custom endpoints (moto) as well as with AWS.
+        self.s3.get_or_init(|| {
+            aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&self.config)
+                    .force_path_style(true)
+                    .build(),
+            )
+        })
+    }
+
+    fn events(&self) -> &aws_sdk_eventbridge::Client {
+        self.events
+            .get_or_init(|| aws_sdk_eventbridge::Client::new(&self.config))
+    }
+
+    fn sfn(&self) -> &aws_sdk_sfn::Client {
+        self.sfn.get_or_init(|| aws_sdk_sfn::Client::new(&self.config))
     }
 
     /// The EC2 client of a region.
@@ -231,7 +252,7 @@ impl crate::ports::Triggers for AwsPorts {
     fn disable<'a>(&'a self, pipeline: &'a str, _reason: &'a str) -> PortResult<'a, bool> {
         Box::pin(async move {
             let rules = self
-                .events
+                .events()
                 .list_rules()
                 .name_prefix(format!("kiln-{pipeline}-"))
                 .event_bus_name(&self.settings.event_bus)
@@ -247,7 +268,7 @@ impl crate::ports::Triggers for AwsPorts {
             }
             for rule in rules.rules() {
                 if let Some(name) = rule.name() {
-                    self.events
+                    self.events()
                         .disable_rule()
                         .name(name)
                         .event_bus_name(&self.settings.event_bus)
@@ -302,7 +323,7 @@ impl Events for AwsPorts {
                 .resources(format!("kiln:build/{}", event.build))
                 .build();
             let out = self
-                .events
+                .events()
                 .put_events()
                 .entries(entry)
                 .send()

@@ -109,7 +109,7 @@ pub async fn create_table(client: &aws_sdk_dynamodb::Client, name: &str) -> Resu
 impl AwsPorts {
     async fn get_item(&self, pk: String, sk: String) -> Result<Option<Item>, StageError> {
         let out = self
-            .dynamodb
+            .dynamodb()
             .get_item()
             .table_name(&self.settings.table)
             .key("pk", s(pk))
@@ -130,7 +130,7 @@ impl Store for AwsPorts {
             let pk = format!("PIPELINE#{}", p.name);
             // Definition versions are immutable: the same version with other content is refused.
             let put = self
-                .dynamodb
+                .dynamodb()
                 .put_item()
                 .table_name(&self.settings.table)
                 .item("pk", s(&pk))
@@ -154,7 +154,7 @@ impl Store for AwsPorts {
                 }
                 Err(e) => return Err(sdk_error("PutItem", e)),
             }
-            self.dynamodb
+            self.dynamodb()
                 .put_item()
                 .table_name(&self.settings.table)
                 .item("pk", s(&pk))
@@ -209,7 +209,7 @@ impl Store for AwsPorts {
     fn create_build<'a>(&'a self, build: &'a Build) -> PortResult<'a, ()> {
         Box::pin(async move {
             let r = self
-                .dynamodb
+                .dynamodb()
                 .put_item()
                 .table_name(&self.settings.table)
                 .set_item(Some(build_item(build)?))
@@ -243,7 +243,7 @@ impl Store for AwsPorts {
                 )));
             }
             let r = self
-                .dynamodb
+                .dynamodb()
                 .put_item()
                 .table_name(&self.settings.table)
                 .set_item(Some(build_item(build)?))
@@ -286,7 +286,7 @@ impl Store for AwsPorts {
             let mut start: Option<Item> = None;
             loop {
                 let page = self
-                    .dynamodb
+                    .dynamodb()
                     .query()
                     .table_name(&self.settings.table)
                     .key_condition_expression("pk = :pk AND begins_with(sk, :b)")
@@ -319,7 +319,7 @@ impl Store for AwsPorts {
         Box::pin(async move {
             let pk = format!("PIPELINE#{pipeline}");
             let r = self
-                .dynamodb
+                .dynamodb()
                 .put_item()
                 .table_name(&self.settings.table)
                 .item("pk", s(&pk))
@@ -356,7 +356,7 @@ impl Store for AwsPorts {
     fn unlock<'a>(&'a self, pipeline: &'a str, build: &'a BuildId) -> PortResult<'a, ()> {
         Box::pin(async move {
             let r = self
-                .dynamodb
+                .dynamodb()
                 .delete_item()
                 .table_name(&self.settings.table)
                 .key("pk", s(format!("PIPELINE#{pipeline}")))
@@ -383,7 +383,7 @@ impl AwsPorts {
         let mut start: Option<Item> = None;
         loop {
             let page = self
-                .dynamodb
+                .dynamodb()
                 .scan()
                 .table_name(&self.settings.table)
                 .filter_expression(filter)

@@ -32,7 +32,7 @@ impl Wakeups for AwsPorts {
             let body = serde_json::to_string(awaited)
                 .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?;
             let expires = chrono::Utc::now().timestamp() + KEEP_SECONDS;
-            self.dynamodb
+            self.dynamodb()
                 .put_item()
                 .table_name(&self.settings.table)
                 .item("pk", s(key(&awaited.region, &awaited.id)))
@@ -54,7 +54,7 @@ impl Wakeups for AwsPorts {
     ) -> PortResult<'a, Vec<(String, Awaited)>> {
         Box::pin(async move {
             let out = self
-                .dynamodb
+                .dynamodb()
                 .query()
                 .table_name(&self.settings.table)
                 .key_condition_expression("pk = :pk")
@@ -86,7 +86,7 @@ impl Wakeups for AwsPorts {
     ) -> PortResult<'a, bool> {
         Box::pin(async move {
             let sent = self
-                .sfn
+                .sfn()
                 .send_task_success()
                 .task_token(token)
                 .output(output.to_string())
@@ -105,7 +105,7 @@ impl Wakeups for AwsPorts {
                 }
                 Err(e) => return Err(sdk_error("SendTaskSuccess", e)),
             };
-            self.dynamodb
+            self.dynamodb()
                 .delete_item()
                 .table_name(&self.settings.table)
                 .key("pk", s(key(&awaited.region, &awaited.id)))

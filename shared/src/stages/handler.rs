@@ -7,7 +7,8 @@ use serde_json::{json, Value as Json};
 
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{Build, RegionImage};
-use crate::ports::Ports;
+use crate::ports::calls::*;
+use crate::ports::{Calls, Ports, Select};
 
 use super::{cleanup, customize, distribute, launch_builder, snapshot, test_image, StartRequest};
 
@@ -59,6 +60,86 @@ impl Function {
             Function::Distribute => "DistributeFunctionArn",
             Function::Cleanup => "CleanupFunctionArn",
             Function::Wake => "WakeFunctionArn",
+        }
+    }
+
+    /// The port calls the function's code makes: its bootstrap links the AWS operations of
+    /// those calls only (`kiln::lambda`), and [`handle`] refuses the others wherever the stage
+    /// code runs, so every test of a stage holds it to this declaration.
+    pub const fn uses(self) -> Calls {
+        // What every stage's bookkeeping calls (the build record, the pipeline's version).
+        const BOOKS: Calls = STORE_PIPELINE | STORE_BUILD | STORE_SAVE_BUILD;
+        match self {
+            Function::LaunchBuilder => {
+                BOOKS
+                    | STORE_BUILDS
+                    | STORE_CREATE_BUILD
+                    | STORE_LOCK
+                    | STORE_UNLOCK
+                    | EVENTS_EMIT
+                    | PARAMETERS_GET
+                    | COMPUTE_LATEST_IMAGE
+                    | COMPUTE_IMAGE_NAMED
+                    | COMPUTE_DESCRIBE_IMAGE
+                    | COMPUTE_INSTANCE_ARCHITECTURES
+                    | COMPUTE_LAUNCH
+                    | COMPUTE_INSTANCE_STATE
+                    | COMMANDS_AGENT_ONLINE
+            }
+            Function::Customize => BOOKS | COMMANDS_SEND | COMMANDS_STATUS | EVENTS_EMIT,
+            Function::Snapshot => {
+                BOOKS
+                    | EVENTS_EMIT
+                    | COMPUTE_INSTANCE_STATE
+                    | COMPUTE_STOP
+                    | COMPUTE_IMAGES_OF
+                    | COMPUTE_CREATE_IMAGE
+                    | COMPUTE_IMAGE_STATE
+                    | COMPUTE_TERMINATE
+            }
+            Function::TestImage => {
+                BOOKS
+                    | EVENTS_EMIT
+                    | COMPUTE_LAUNCH
+                    | COMPUTE_INSTANCE_STATE
+                    | COMPUTE_TERMINATE
+                    | COMMANDS_AGENT_ONLINE
+                    | COMMANDS_SEND
+                    | COMMANDS_STATUS
+            }
+            Function::Distribute => {
+                BOOKS
+                    | STORE_UNLOCK
+                    | EVENTS_EMIT
+                    | PARAMETERS_PUT
+                    | COMPUTE_COPY_IMAGE
+                    | COMPUTE_IMAGE_STATE
+                    | COMPUTE_SHARE_IMAGE
+                    | COMPUTE_DELETE_IMAGE
+                    | COMPUTE_NEW_LAUNCH_TEMPLATE_VERSION
+            }
+            Function::Cleanup => {
+                BOOKS
+                    | STORE_BUILDS
+                    | STORE_PIPELINE_NAMES
+                    | STORE_UNLOCK
+                    | EVENTS_EMIT
+                    | TRIGGERS_DISABLE
+                    | COMPUTE_INSTANCES_OF
+                    | COMPUTE_TERMINATE
+                    | COMPUTE_IMAGES_OF
+                    | COMPUTE_DELETE_IMAGE
+                    | COMPUTE_PIPELINE_IMAGES
+                    | COMPUTE_DEPRECATE_IMAGE
+            }
+            Function::Wake => {
+                WAKEUPS_REGISTER
+                    | WAKEUPS_REGISTERED
+                    | WAKEUPS_WAKE
+                    | COMPUTE_INSTANCE_STATE
+                    | COMPUTE_IMAGE_STATE
+                    | COMMANDS_STATUS
+            }
         }
     }
 
@@ -116,8 +197,27 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Json, StageError> {
     serde_json::to_value(v).map_err(|e| bad(e.to_string()))
 }
 
-/// Runs one invocation of `function`.
+/// Runs one invocation of `function`, its ports narrowed to the calls it declares.
 pub async fn handle(
+    ports: &Ports<'_>,
+    function: Function,
+    event: Json,
+) -> Result<Json, StageError> {
+    macro_rules! narrowed {
+        ($($f:ident),*) => {
+            match function {
+                $(Function::$f => {
+                    const M: Calls = Function::$f.uses();
+                    let select = Select::<Ports<'_>, M>::new(ports, Function::$f.name());
+                    dispatch(&select.ports(ports.clock), function, event).await
+                })*
+            }
+        };
+    }
+    narrowed!(LaunchBuilder, Customize, Snapshot, TestImage, Distribute, Cleanup, Wake)
+}
+
+async fn dispatch(
     ports: &Ports<'_>,
     function: Function,
     event: Json,
