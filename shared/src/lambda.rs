@@ -90,7 +90,10 @@ pub fn sdk_config(region: &str) -> aws_config::SdkConfig {
                 .connect_timeout(std::time::Duration::from_millis(3100))
                 .build(),
         );
-    if let Some(url) = std::env::var("AWS_ENDPOINT_URL").ok().filter(|u| !u.is_empty()) {
+    if let Some(url) = std::env::var("AWS_ENDPOINT_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
         config = config.endpoint_url(url);
     }
     config.build()

@@ -416,6 +416,25 @@ pub struct Ports<'a> {
     pub clock: &'a dyn Clock,
 }
 
+impl<'a> Ports<'a> {
+    /// Every port from one provider that implements them all.
+    pub fn all<P>(provider: &'a P, clock: &'a dyn Clock) -> Ports<'a>
+    where
+        P: Compute + Commands + Store + Events + Parameters + Triggers + Wakeups,
+    {
+        Ports {
+            compute: provider,
+            commands: provider,
+            store: provider,
+            events: provider,
+            parameters: provider,
+            triggers: provider,
+            wakeups: provider,
+            clock,
+        }
+    }
+}
+
 impl std::fmt::Debug for Ports<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Ports")
@@ -465,16 +484,7 @@ where
 {
     /// The selected calls as ports (the clock is the inner one's, or the system's).
     pub fn ports(&self, clock: &'p dyn Clock) -> Ports<'_> {
-        Ports {
-            compute: self,
-            commands: self,
-            store: self,
-            events: self,
-            parameters: self,
-            triggers: self,
-            wakeups: self,
-            clock,
-        }
+        Ports::all(self, clock)
     }
 }
 

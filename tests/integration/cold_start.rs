@@ -136,10 +136,18 @@ fn lambda_cold_start_bench() {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|e| Some((e["region"].as_str()?.to_string(), e["image"].as_str()?.to_string()))),
+                .filter_map(|e| {
+                    Some((
+                        e["region"].as_str()?.to_string(),
+                        e["image"].as_str()?.to_string(),
+                    ))
+                }),
         );
     }
-    let mut timings: Vec<Timing> = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let mut timings: Vec<Timing> = log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     // The two functions a build run without waits does not invoke, each with its real work:
     // the wake function given an AMI State Change of the build's image (a Query of the tokens
     // kept for it), the trigger given a parent-image event (the pipeline read, its parent
@@ -159,8 +167,17 @@ fn lambda_cold_start_bench() {
                     invocation.answer.1
                 );
                 Timing {
-                    function: f.path.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                    op: event["op"].as_str().or(event["detail-type"].as_str()).unwrap_or("event").to_string(),
+                    function: f
+                        .path
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    op: event["op"]
+                        .as_str()
+                        .or(event["detail-type"].as_str())
+                        .unwrap_or("event")
+                        .to_string(),
                     invocation,
                 }
             })
@@ -179,18 +196,34 @@ fn lambda_cold_start_bench() {
     timings.extend(timed("TriggerFunction", &parent, runs));
     // The baselines, under the cleanup function's role (it may GetItem the table).
     let cleanup = r.function("CleanupFunction");
-    let env: Vec<(&str, String)> = cleanup.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let env: Vec<(&str, String)> = cleanup
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
     let key = json!({"pk": "PIPELINE#al2023-moto", "sk": "DEF#LATEST"});
     for name in ["baseline-echo", "baseline-dynamodb"] {
         let path = bootstrap(name);
         for _ in 0..runs {
             let invocation = kiln_tests::runtime_api::invoke_once(&path, name, &key, &env)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!(invocation.answer.0.ends_with("/response"), "{name}: {}", invocation.answer.1);
+            assert!(
+                invocation.answer.0.ends_with("/response"),
+                "{name}: {}",
+                invocation.answer.1
+            );
             if name == "baseline-dynamodb" {
-                assert_eq!(invocation.answer.1, json!({"found": true}), "the GetItem read the pipeline");
+                assert_eq!(
+                    invocation.answer.1,
+                    json!({"found": true}),
+                    "the GetItem read the pipeline"
+                );
             }
-            timings.push(Timing { function: name.into(), op: "-".into(), invocation });
+            timings.push(Timing {
+                function: name.into(),
+                op: "-".into(),
+                invocation,
+            });
         }
     }
     r.assert_all_allowed();
@@ -199,7 +232,11 @@ fn lambda_cold_start_bench() {
     for t in &timings {
         by_function.entry(t.function.as_str()).or_default().push(t);
     }
-    let size = |name: &str| std::fs::metadata(bootstrap(name)).map(|m| m.len()).unwrap_or(0);
+    let size = |name: &str| {
+        std::fs::metadata(bootstrap(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
     let rows: BTreeMap<&str, Row> = by_function
         .iter()
         .map(|(f, ts)| (*f, row(ts, size(f))))
@@ -229,7 +266,10 @@ fn lambda_cold_start_bench() {
     let mut report = Vec::new();
     for name in order {
         let Some(row) = rows.get(name) else {
-            panic!("no invocation of {name}: {:?}", rows.keys().collect::<Vec<_>>());
+            panic!(
+                "no invocation of {name}: {:?}",
+                rows.keys().collect::<Vec<_>>()
+            );
         };
         let ops: Vec<String> = row.ops.iter().map(|(op, n)| format!("{op}×{n}")).collect();
         println!(
@@ -251,7 +291,10 @@ fn lambda_cold_start_bench() {
         }));
     }
     if let Some(out) = std::env::var_os("KILN_BENCH_JSON") {
-        std::fs::write(out, serde_json::to_string_pretty(&report).unwrap_or_default())
-            .expect("write the bench's JSON");
+        std::fs::write(
+            out,
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )
+        .expect("write the bench's JSON");
     }
 }

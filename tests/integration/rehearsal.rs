@@ -218,14 +218,10 @@ impl Rehearsal {
     pub fn invoke(&self, logical: &str, event: Json) -> (bool, Json) {
         let f = self.function(logical);
         let env: Vec<(&str, String)> = f.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let (path, body) = kiln_tests::runtime_api::invoke_once(
-            &f.path,
-            &f.function_name,
-            &event,
-            &env,
-        )
-        .expect("the function answered")
-        .answer;
+        let (path, body) =
+            kiln_tests::runtime_api::invoke_once(&f.path, &f.function_name, &event, &env)
+                .expect("the function answered")
+                .answer;
         (path.ends_with("/response"), body)
     }
 
@@ -448,11 +444,13 @@ impl Tasks for Bootstraps {
             .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?
             .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?;
             if let Some(log) = &self.1 {
-                log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Timing {
-                    function: binary,
-                    op,
-                    invocation: answer.clone(),
-                });
+                log.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Timing {
+                        function: binary,
+                        op,
+                        invocation: answer.clone(),
+                    });
             }
             let (path, body) = answer.answer;
             if path.ends_with("/response") {

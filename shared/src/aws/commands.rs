@@ -208,7 +208,11 @@ impl AwsPorts {
 
     async fn get_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let get = self.s3().get_object().bucket(&self.settings.bucket).key(key);
+        let get = self
+            .s3()
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(key);
         let req = get
             .presigned(cfg)
             .await
@@ -218,7 +222,11 @@ impl AwsPorts {
 
     async fn put_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
         let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let put = self.s3().put_object().bucket(&self.settings.bucket).key(key);
+        let put = self
+            .s3()
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(key);
         let req = put
             .presigned(cfg)
             .await

@@ -165,7 +165,8 @@ impl Control {
     }
 
     fn sfn(&self) -> &aws_sdk_sfn::Client {
-        self.sfn.get_or_init(|| aws_sdk_sfn::Client::new(&self.config))
+        self.sfn
+            .get_or_init(|| aws_sdk_sfn::Client::new(&self.config))
     }
 
     fn scheduler(&self) -> &aws_sdk_scheduler::Client {
@@ -554,14 +555,13 @@ async fn trigger_pipeline(control: &Control, event: &Json) -> Result<Json, Stage
         .await?
         .ok_or_else(|| invalid(format!("trigger: pipeline `{pipeline}` is not applied")))?;
     let region = record.pipeline.home_region().to_string();
-    let parent =
-        crate::stages::launch_builder::resolve_parent(
-            &crate::ports::Select::<AwsPorts, TRIGGER_CALLS>::new(ports, "trigger")
-                .ports(&crate::ports::SystemClock),
-            &record,
-            &region,
-        )
-        .await?;
+    let parent = crate::stages::launch_builder::resolve_parent(
+        &crate::ports::Select::<AwsPorts, TRIGGER_CALLS>::new(ports, "trigger")
+            .ports(&crate::ports::SystemClock),
+        &record,
+        &region,
+    )
+    .await?;
     let fp = crate::model::fingerprint::of_record(&record, parent.as_str());
     let detail = event["event"]["detail"]["name"]
         .as_str()

@@ -165,7 +165,8 @@ impl AwsPorts {
     }
 
     fn sfn(&self) -> &aws_sdk_sfn::Client {
-        self.sfn.get_or_init(|| aws_sdk_sfn::Client::new(&self.config))
+        self.sfn
+            .get_or_init(|| aws_sdk_sfn::Client::new(&self.config))
     }
 
     /// The EC2 client of a region.
@@ -205,16 +206,7 @@ impl AwsPorts {
     }
 
     pub fn ports(&self) -> crate::ports::Ports<'_> {
-        crate::ports::Ports {
-            compute: self,
-            commands: self,
-            store: self,
-            events: self,
-            parameters: self,
-            triggers: self,
-            wakeups: self,
-            clock: &crate::ports::SystemClock,
-        }
+        crate::ports::Ports::all(self, &crate::ports::SystemClock)
     }
 }
 

@@ -86,7 +86,7 @@ impl Function {
                     | COMPUTE_INSTANCE_STATE
                     | COMMANDS_AGENT_ONLINE
             }
-            Function::Customize => BOOKS | COMMANDS_SEND | COMMANDS_STATUS | EVENTS_EMIT,
+            Function::Customize => BOOKS | COMMANDS_SEND | COMMANDS_STATUS,
             Function::Snapshot => {
                 BOOKS
                     | EVENTS_EMIT
@@ -115,7 +115,6 @@ impl Function {
                     | COMPUTE_COPY_IMAGE
                     | COMPUTE_IMAGE_STATE
                     | COMPUTE_SHARE_IMAGE
-                    | COMPUTE_DELETE_IMAGE
                     | COMPUTE_NEW_LAUNCH_TEMPLATE_VERSION
             }
             Function::Cleanup => {
@@ -214,14 +213,18 @@ pub async fn handle(
             }
         };
     }
-    narrowed!(LaunchBuilder, Customize, Snapshot, TestImage, Distribute, Cleanup, Wake)
+    narrowed!(
+        LaunchBuilder,
+        Customize,
+        Snapshot,
+        TestImage,
+        Distribute,
+        Cleanup,
+        Wake
+    )
 }
 
-async fn dispatch(
-    ports: &Ports<'_>,
-    function: Function,
-    event: Json,
-) -> Result<Json, StageError> {
+async fn dispatch(ports: &Ports<'_>, function: Function, event: Json) -> Result<Json, StageError> {
     if function == Function::Wake && event.get("detail-type").is_some() {
         return super::wake::on_event(ports, &event).await;
     }
