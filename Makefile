@@ -121,7 +121,7 @@ bench: package
 	@echo "kiln-agent release binary: $$(stat -c %s $(TARGET_DIR)/release/kiln-agent) bytes"
 	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --release --$(LAMBDA_ARCH) -p kiln-lambda-baseline
 	$(CARGO) build --workspace --bins
-	KILN_LAMBDA_DIR=$(abspath $(TARGET_DIR))/lambda $(CARGO) nextest run -p kiln-tests --run-ignored only --no-capture -E 'test(lambda_cold_start_bench)'
+	KILN_LAMBDA_DIR=$(abspath $(TARGET_DIR))/lambda $(CARGO) nextest run -p kiln-tests --no-capture -E 'test(lambda_cold_start_bench)'
 	@if [ "$$(id -u)" = 0 ]; then \
 	  $(CARGO) build --release -p kiln-cli -p kiln-agent --no-default-features && \
 	  $(CARGO) run --release -q -p kiln-tests --bin kiln-embedded-bench -- $(TARGET_DIR)/release/kiln .; \

@@ -97,6 +97,9 @@ fn accept(
     }
 }
 
+// Each answer closes its connection (`Connection: close`): this emulator takes one request per
+// connection, and a client that kept the connection for its next request met the closed socket
+// (hyper's IncompleteMessage, the function exiting without answering).
 fn serve(
     listener: &TcpListener,
     child: &mut std::process::Child,
@@ -134,7 +137,7 @@ fn serve(
             }
             let next_at = Instant::now();
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: req-1\r\nLambda-Runtime-Deadline-Ms: {}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:{function}\r\nContent-Length: {}\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nLambda-Runtime-Aws-Request-Id: req-1\r\nLambda-Runtime-Deadline-Ms: {}\r\nLambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:{function}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 chrono::Utc::now().timestamp_millis() + 60_000,
                 body.len()
             );
@@ -142,7 +145,9 @@ fn serve(
             s.write_all(body.as_bytes())?;
             served = Some(next_at);
         } else {
-            s.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")?;
+            s.write_all(
+                b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
             let answer = (path, serde_json::from_slice(&payload).unwrap_or(Json::Null));
             return Ok((answer, served.unwrap_or_else(Instant::now)));
         }

@@ -52,7 +52,7 @@ pub(crate) fn expand(dir: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub(crate) struct Deployed {
     pub(crate) function_name: String,
-    binary: String,
+    pub(crate) binary: String,
     /// The bootstrap an invocation runs: the debug build of `binary`, or the release one
     /// (`Rehearsal::deploy_running`).
     pub(crate) path: PathBuf,
