@@ -84,6 +84,7 @@ pub fn sdk_config(region: &str) -> aws_config::SdkConfig {
             aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
         ))
         .identity_cache(aws_config::identity::IdentityCache::lazy().build())
+        .http_client(https_client())
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts))
         .timeout_config(
             aws_config::timeout::TimeoutConfig::builder()
@@ -97,6 +98,16 @@ pub fn sdk_config(region: &str) -> aws_config::SdkConfig {
         config = config.endpoint_url(url);
     }
     config.build()
+}
+
+/// The functions' HTTPS client: hyper 1 and rustls over ring, the CA certificates from the
+/// system (the Lambda runtime's bundle). The SDK's own default (aws-lc) is not compiled into the
+/// functions; see the workspace's Cargo.toml.
+fn https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .build_https()
 }
 
 fn init_logs() {

@@ -1999,3 +1999,131 @@ fn a_wait_ends_by_its_event_through_the_deployed_rule_and_the_wake_function() {
     );
     r.assert_lock_free(&rt, "al2023-moto", "after the woken build");
 }
+
+/// One plain HTTP/1.1 request to moto on loopback: (status, body).
+fn raw_http(method: &str, url: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    s.write_all(body).expect("body");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+#[test]
+fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
+    // GIVEN the deployed stack, an object in its bucket, and the customize function's own
+    // credentials (its role's, as Lambda hands them over)
+    let r = Rehearsal::deploy();
+    let rt = runtime();
+    let bucket = r.outputs["ArtifactsBucketName"].clone();
+    let key = "builds/01JBPROBE/customize/report.json";
+    let admin_s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&r.admin(&rt))
+            .force_path_style(true)
+            .build(),
+    );
+    rt.block_on(
+        admin_s3
+            .put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(b"{}".to_vec().into())
+            .send(),
+    )
+    .expect("put as the administrator");
+    let f = r.function("CustomizeFunction");
+    let env = |k: &str| {
+        f.env
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} not in the function's environment"))
+    };
+    let s3_as = |secret: &str| {
+        let creds = aws_sdk_s3::config::Credentials::new(
+            env("AWS_ACCESS_KEY_ID"),
+            secret,
+            Some(env("AWS_SESSION_TOKEN")),
+            None,
+            "role",
+        );
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&r.admin(&rt))
+                .credentials_provider(creds)
+                .force_path_style(true)
+                .build(),
+        )
+    };
+    let presigned = |secret: &str, start: std::time::SystemTime, life: u64| {
+        let cfg = aws_sdk_s3::presigning::PresigningConfig::builder()
+            .start_time(start)
+            .expires_in(std::time::Duration::from_secs(life))
+            .build()
+            .expect("config");
+        rt.block_on(s3_as(secret).get_object().bucket(&bucket).key(key).presigned(cfg))
+            .expect("presign")
+            .uri()
+            .to_string()
+    };
+    let secret = env("AWS_SECRET_ACCESS_KEY");
+    let now = std::time::SystemTime::now();
+
+    // WHEN the SDK signs for the role: THEN the request is let through (the verifier agrees with
+    // the SDK's signer), in the headers and presigned
+    rt.block_on(s3_as(&secret).get_object().bucket(&bucket).key(key).send())
+        .expect("a header-signed GetObject of the role");
+    let good = presigned(&secret, now, 600);
+    let (status, answer) = raw_http("GET", &good, b"");
+    assert_eq!(status, 200, "{answer}");
+
+    // WHEN the signature is made with another secret, or the URL is altered after signing
+    let e = rt
+        .block_on(s3_as("not-the-roles-secret").get_object().bucket(&bucket).key(key).send())
+        .expect_err("a request signed with the wrong secret was let through");
+    assert_eq!(
+        aws_sdk_s3::error::ProvideErrorMetadata::code(&e),
+        Some("SignatureDoesNotMatch"),
+        "{e:?}"
+    );
+    let (status, answer) = raw_http("GET", &presigned("not-the-roles-secret", now, 600), b"");
+    assert!(status == 403 && answer.contains("SignatureDoesNotMatch"), "{answer}");
+    let other = good.replace("customize/report.json", "test/report.json");
+    let (status, answer) = raw_http("GET", &other, b"");
+    assert!(status == 403 && answer.contains("SignatureDoesNotMatch"), "{answer}");
+    let (status, answer) = raw_http("PUT", &good, b"{\"forged\": true}");
+    assert!(status == 403 && answer.contains("SignatureDoesNotMatch"), "{answer}");
+
+    // OR the URL has expired (signed two hours ago for one hour)
+    let old = presigned(&secret, now - std::time::Duration::from_secs(7200), 3600);
+    let (status, answer) = raw_http("GET", &old, b"");
+    assert!(status == 403 && answer.contains("Request has expired"), "{answer}");
+
+    // THEN each refusal is in the log, and moto ran none of them: the object is as it was
+    let refused: Vec<Json> = r
+        .decisions()
+        .into_iter()
+        .filter(|d| d["result"] == "SignatureRefused")
+        .collect();
+    assert_eq!(refused.len(), 5, "{refused:#?}");
+    let body = rt
+        .block_on(async {
+            let out = admin_s3.get_object().bucket(&bucket).key(key).send().await?;
+            Ok::<_, Box<dyn std::error::Error>>(out.body.collect().await?.into_bytes())
+        })
+        .expect("the object");
+    assert_eq!(&body[..], b"{}");
+}

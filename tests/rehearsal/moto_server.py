@@ -10,6 +10,12 @@ gets AWS's AccessDenied answer and moto never runs it. Every decision is appende
 to $KILN_AUTHZ_LOG; a request this module cannot map is recorded as `Unmapped` and denied, so a
 new call cannot slip through unchecked.
 
+Every request signed with an assumed role's key has its SigV4 signature verified first, header or
+presigned, as AWS verifies it (the canonical request rebuilt from what arrived, the role's secret
+key, the 15-minute clock skew, a presigned URL's expiry): a wrong one gets SignatureDoesNotMatch
+(or AccessDenied "Request has expired") and is recorded as such. moto checks no signature, and
+kiln signs its artifact-bucket calls itself (shared/src/aws/objects.rs).
+
 Requests signed with any other key (the test's own administrator) pass unchecked, as an account
 administrator's would.
 
@@ -35,6 +41,9 @@ Run as `python moto_server.py -H 127.0.0.1 -p PORT` with KILN_AUTHZ_LOG, KILN_AU
 and KILN_AUTHZ_MODULES (a node_modules folder holding @cloud-copilot/iam-simulate).
 """
 
+import datetime
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -112,6 +121,83 @@ def signer(environ, query):
         if len(parts) >= 4:
             return parts[0], parts[2], parts[3]
     return None, None, None
+
+
+
+# --- is the signature right ----------------------------------------------------------------------
+
+UNRESERVED = "-_.~"
+
+
+def uri_encode(text, keep_slash=False):
+    return urllib.parse.quote(text, safe=UNRESERVED + ("/" if keep_slash else ""))
+
+
+def canonical_query(raw, drop=()):
+    pairs = []
+    for part in raw.split("&") if raw else []:
+        name, _, value = part.partition("=")
+        name, value = urllib.parse.unquote(name), urllib.parse.unquote(value)
+        if name not in drop:
+            pairs.append((uri_encode(name), uri_encode(value)))
+    return "&".join(f"{n}={v}" for n, v in sorted(pairs))
+
+
+def header_value(environ, name):
+    key = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}.get(
+        name, "HTTP_" + name.upper().replace("-", "_"))
+    return " ".join((environ.get(key) or "").split())
+
+
+def signature_problem(environ, body, query, service, secret):
+    """None if the request's SigV4 signature is the one its secret key makes, else why not."""
+    raw_uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/")
+    raw_path, _, raw_query = raw_uri.partition("?")
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if auth:
+        m = re.match(r"AWS4-HMAC-SHA256 Credential=([^,]+), ?SignedHeaders=([^,]+), ?Signature=([0-9a-f]+)$", auth)
+        if not m:
+            return "the Authorization header is not SigV4's"
+        credential, signed, signature = m.groups()
+        amz_date = environ.get("HTTP_X_AMZ_DATE", "")
+        payload = environ.get("HTTP_X_AMZ_CONTENT_SHA256") or hashlib.sha256(body).hexdigest()
+        if re.fullmatch("[0-9a-f]{64}", payload) and payload != hashlib.sha256(body).hexdigest():
+            return "x-amz-content-sha256 is not the body's SHA-256"
+        query_text = canonical_query(raw_query)
+        try:
+            at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+        except ValueError:
+            return "x-amz-date is missing or malformed"
+        if abs((now - at).total_seconds()) > 900:
+            return "the signature's time is more than 15 minutes from the server's"
+    else:
+        credential = query.get("X-Amz-Credential", "")
+        signed = query.get("X-Amz-SignedHeaders", "")
+        signature = query.get("X-Amz-Signature", "")
+        amz_date = query.get("X-Amz-Date", "")
+        payload = "UNSIGNED-PAYLOAD"
+        query_text = canonical_query(raw_query, drop=("X-Amz-Signature",))
+        try:
+            at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+            expires = int(query.get("X-Amz-Expires", ""))
+        except ValueError:
+            return "X-Amz-Date or X-Amz-Expires is missing or malformed"
+        if expires > 7 * 24 * 3600:
+            return "X-Amz-Expires must be less than a week (in seconds)"
+        if (now - at).total_seconds() > expires:
+            return "Request has expired"
+    scope = credential.split("/", 1)[1] if "/" in credential else ""
+    path = raw_path if service == "s3" else uri_encode(raw_path, keep_slash=True)
+    headers = "".join(f"{h}:{header_value(environ, h)}\n" for h in signed.split(";"))
+    canonical = "\n".join([environ.get("REQUEST_METHOD", "GET"), path, query_text, headers, signed, payload])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret).encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    if hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest() != signature:
+        return "The request signature we calculated does not match the signature you provided"
+    return None
 
 
 def assumed_role(access_key):
@@ -647,6 +733,12 @@ def authorized_call(self, environ, start_response):
         return ORIGINAL_CALL(self, environ, start_response)
     function, policies = role_policies(role.role_arn)
     principal = f"arn:{PARTITION}:sts::{ACCOUNT}:assumed-role/{function}/{role.session_name}"
+    problem = signature_problem(environ, body, query, service, role.secret_access_key)
+    if problem is not None:
+        code = "AccessDenied" if problem == "Request has expired" else "SignatureDoesNotMatch"
+        record({"role": function, "service": service, "result": "SignatureRefused", "code": code, "why": problem,
+                "operation": environ.get("HTTP_X_AMZ_TARGET") or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"})
+        return error_answer(start_response, service, environ, 403, code, problem)
     asks = map_request(service, region, environ, body, query)
     operation = environ.get("HTTP_X_AMZ_TARGET") or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
     if service == "ec2":

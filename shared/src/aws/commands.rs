@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_ssm::error::ProvideErrorMetadata as _;
 use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter};
 
+use super::objects::Method;
 use super::{sdk_error, AwsPorts};
 use crate::component::PhaseName;
 use crate::errors::{ErrorKind, StageError};
@@ -119,15 +119,7 @@ fn quoted(url: &str) -> Result<String, StageError> {
 
 impl AwsPorts {
     pub(crate) async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), StageError> {
-        self.s3()
-            .put_object()
-            .bucket(&self.settings.bucket)
-            .key(key)
-            .body(body.into())
-            .send()
-            .await
-            .map_err(|e| sdk_error("PutObject", e))?;
-        Ok(())
+        self.objects().put(key, body).await
     }
 
     /// For runs without a deployed stack: creates the artifacts bucket when missing, pins this
@@ -207,31 +199,11 @@ impl AwsPorts {
     }
 
     async fn get_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
-        let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let get = self
-            .s3()
-            .get_object()
-            .bucket(&self.settings.bucket)
-            .key(key);
-        let req = get
-            .presigned(cfg)
-            .await
-            .map_err(|e| sdk_error("presign GetObject", e))?;
-        quoted(req.uri())
+        quoted(&self.objects().presign(Method::Get, key, life).await?)
     }
 
     async fn put_url(&self, key: &str, life: Duration) -> Result<String, StageError> {
-        let cfg = PresigningConfig::expires_in(life).map_err(internal)?;
-        let put = self
-            .s3()
-            .put_object()
-            .bucket(&self.settings.bucket)
-            .key(key);
-        let req = put
-            .presigned(cfg)
-            .await
-            .map_err(|e| sdk_error("presign PutObject", e))?;
-        quoted(req.uri())
+        quoted(&self.objects().presign(Method::Put, key, life).await?)
     }
 
     /// Uploads the plan's files and returns the shell script that runs it. The script holds
@@ -371,15 +343,7 @@ impl AwsPorts {
     async fn report_failure(&self, comment: &str) -> Option<(String, String)> {
         let (build, kind) = comment.strip_prefix("kiln ")?.split_once(' ')?;
         let key = format!("builds/{build}/{kind}/report.json");
-        let out = self
-            .s3()
-            .get_object()
-            .bucket(&self.settings.bucket)
-            .key(&key)
-            .send()
-            .await
-            .ok()?;
-        let bytes = out.body.collect().await.ok()?.into_bytes();
+        let bytes = self.objects().get(&key).await.ok()?;
         let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         crate::ports::report_failure(&report)
     }

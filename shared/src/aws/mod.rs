@@ -5,6 +5,7 @@
 mod commands;
 pub use commands::{parse_agent_pins, AGENT_SHA256_ENV};
 mod compute;
+mod objects;
 #[cfg(feature = "control")]
 pub mod control;
 mod store;
@@ -53,6 +54,8 @@ pub struct AwsPorts {
     // only the clients of the ports it holds (`Function::uses`).
     dynamodb: OnceLock<aws_sdk_dynamodb::Client>,
     s3: OnceLock<aws_sdk_s3::Client>,
+    /// The artifacts bucket's objects as the stages use them (no aws-sdk-s3 client).
+    objects: OnceLock<objects::Objects>,
     events: OnceLock<aws_sdk_eventbridge::Client>,
     /// Step Functions, to answer the task tokens events wake (SendTaskSuccess).
     sfn: OnceLock<aws_sdk_sfn::Client>,
@@ -86,6 +89,7 @@ impl AwsPorts {
             events: OnceLock::new(),
             sfn: OnceLock::new(),
             s3: OnceLock::new(),
+            objects: OnceLock::new(),
             ec2: Mutex::new(HashMap::new()),
             ssm: Mutex::new(HashMap::new()),
             settings,
@@ -156,6 +160,12 @@ impl AwsPorts {
                     .force_path_style(true)
                     .build(),
             )
+        })
+    }
+
+    pub(crate) fn objects(&self) -> &objects::Objects {
+        self.objects.get_or_init(|| {
+            objects::Objects::new(&self.config, &self.settings.bucket, &self.settings.region)
         })
     }
 
