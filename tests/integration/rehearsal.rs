@@ -2074,10 +2074,16 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
             .expires_in(std::time::Duration::from_secs(life))
             .build()
             .expect("config");
-        rt.block_on(s3_as(secret).get_object().bucket(&bucket).key(key).presigned(cfg))
-            .expect("presign")
-            .uri()
-            .to_string()
+        rt.block_on(
+            s3_as(secret)
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .presigned(cfg),
+        )
+        .expect("presign")
+        .uri()
+        .to_string()
     };
     let secret = env("AWS_SECRET_ACCESS_KEY");
     let now = std::time::SystemTime::now();
@@ -2092,7 +2098,13 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
 
     // WHEN the signature is made with another secret, or the URL is altered after signing
     let e = rt
-        .block_on(s3_as("not-the-roles-secret").get_object().bucket(&bucket).key(key).send())
+        .block_on(
+            s3_as("not-the-roles-secret")
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .send(),
+        )
         .expect_err("a request signed with the wrong secret was let through");
     assert_eq!(
         aws_sdk_s3::error::ProvideErrorMetadata::code(&e),
@@ -2100,17 +2112,29 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
         "{e:?}"
     );
     let (status, answer) = raw_http("GET", &presigned("not-the-roles-secret", now, 600), b"");
-    assert!(status == 403 && answer.contains("SignatureDoesNotMatch"), "{answer}");
+    assert!(
+        status == 403 && answer.contains("SignatureDoesNotMatch"),
+        "{answer}"
+    );
     let other = good.replace("customize/report.json", "test/report.json");
     let (status, answer) = raw_http("GET", &other, b"");
-    assert!(status == 403 && answer.contains("SignatureDoesNotMatch"), "{answer}");
+    assert!(
+        status == 403 && answer.contains("SignatureDoesNotMatch"),
+        "{answer}"
+    );
     let (status, answer) = raw_http("PUT", &good, b"{\"forged\": true}");
-    assert!(status == 403 && answer.contains("SignatureDoesNotMatch"), "{answer}");
+    assert!(
+        status == 403 && answer.contains("SignatureDoesNotMatch"),
+        "{answer}"
+    );
 
     // OR the URL has expired (signed two hours ago for one hour)
     let old = presigned(&secret, now - std::time::Duration::from_secs(7200), 3600);
     let (status, answer) = raw_http("GET", &old, b"");
-    assert!(status == 403 && answer.contains("Request has expired"), "{answer}");
+    assert!(
+        status == 403 && answer.contains("Request has expired"),
+        "{answer}"
+    );
 
     // THEN each refusal is in the log, and moto ran none of them: the object is as it was
     let refused: Vec<Json> = r
@@ -2121,7 +2145,12 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
     assert_eq!(refused.len(), 5, "{refused:#?}");
     let body = rt
         .block_on(async {
-            let out = admin_s3.get_object().bucket(&bucket).key(key).send().await?;
+            let out = admin_s3
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await?;
             Ok::<_, Box<dyn std::error::Error>>(out.body.collect().await?.into_bytes())
         })
         .expect("the object");

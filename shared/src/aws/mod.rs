@@ -5,9 +5,9 @@
 mod commands;
 pub use commands::{parse_agent_pins, AGENT_SHA256_ENV};
 mod compute;
-mod objects;
 #[cfg(feature = "control")]
 pub mod control;
+mod objects;
 mod store;
 mod wake;
 

@@ -158,10 +158,7 @@ impl Objects {
             credentials: config.credentials_provider(),
             cached: Mutex::new(None),
             connector,
-            attempts: config
-                .retry_config()
-                .map_or(3, |r| r.max_attempts())
-                .max(1),
+            attempts: config.retry_config().map_or(3, |r| r.max_attempts()).max(1),
         }
     }
 
@@ -331,10 +328,11 @@ impl Objects {
             .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?
             .into_parts();
         let mut request = aws_smithy_runtime_api::http::Request::new(SdkBody::from(body.to_vec()));
-        let internal = |e: &dyn std::fmt::Display| {
-            StageError::new(ErrorKind::Internal, format!("{op}: {e}"))
-        };
-        request.set_method(method.as_str()).map_err(|e| internal(&e))?;
+        let internal =
+            |e: &dyn std::fmt::Display| StageError::new(ErrorKind::Internal, format!("{op}: {e}"));
+        request
+            .set_method(method.as_str())
+            .map_err(|e| internal(&e))?;
         request.set_uri(url).map_err(|e| internal(&e))?;
         request
             .headers_mut()
@@ -440,11 +438,17 @@ mod tests {
         let url = match method {
             Method::Get => {
                 let get = s3.get_object().bucket("kiln-art").key(key);
-                get.presigned(cfg).await.map(uri).map_err(|e| format!("{e:?}"))
+                get.presigned(cfg)
+                    .await
+                    .map(uri)
+                    .map_err(|e| format!("{e:?}"))
             }
             Method::Put => {
                 let put = s3.put_object().bucket("kiln-art").key(key);
-                put.presigned(cfg).await.map(uri).map_err(|e| format!("{e:?}"))
+                put.presigned(cfg)
+                    .await
+                    .map(uri)
+                    .map_err(|e| format!("{e:?}"))
             }
         };
         url.unwrap_or_else(|e| panic!("{e}"))
@@ -511,6 +515,9 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Internal);
         assert_eq!(e.code.as_deref(), Some("AccessDenied"));
         let e = response_error("GetObject", 500, b"");
-        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::Retryable, "GetObject: HTTP 500"));
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::Retryable, "GetObject: HTTP 500")
+        );
     }
 }
