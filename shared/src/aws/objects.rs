@@ -17,7 +17,8 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
     sign, PayloadChecksumKind, PercentEncodingMode, SessionTokenMode, SignableBody,
-    SignableRequest, SignatureLocation, SigningSettings, UriPathNormalizationMode,
+    SignableRequest, SignatureLocation, SigningInstructions, SigningSettings,
+    UriPathNormalizationMode,
 };
 use aws_smithy_runtime_api::client::http::HttpConnector;
 use aws_smithy_runtime_api::client::identity::Identity;
@@ -88,12 +89,15 @@ fn default_endpoint(region: &str) -> String {
     format!("https://s3.{region}.{suffix}")
 }
 
-/// A key as a URI path: every byte but the unreserved ones and `/` percent-encoded, as S3 and
-/// the SDK encode it.
-fn encode_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+/// `text` percent-encoded as S3 and the SDK encode it: every byte but RFC 3986's unreserved
+/// ones (and `/` in a key, which is a URI path) as `%XX`.
+fn percent_encode(text: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && b == b'/')
+        {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -163,7 +167,12 @@ impl Objects {
     }
 
     fn url(&self, key: &str) -> String {
-        format!("{}/{}/{}", self.endpoint, self.bucket, encode_key(key))
+        format!(
+            "{}/{}/{}",
+            self.endpoint,
+            self.bucket,
+            percent_encode(key, true)
+        )
     }
 
     /// The credentials, cached until shortly before they expire.
@@ -197,16 +206,46 @@ impl Objects {
         Ok(creds)
     }
 
-    /// The SigV4 settings the SDK signs S3 requests with.
-    fn settings(location: SignatureLocation, expires: Option<Duration>) -> SigningSettings {
-        let mut s = SigningSettings::default();
-        s.percent_encoding_mode = PercentEncodingMode::Single;
-        s.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        s.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        s.session_token_mode = SessionTokenMode::Include;
-        s.signature_location = location;
-        s.expires_in = expires;
-        s
+    /// The signature of `method url` by aws-sigv4 with the settings the SDK signs S3 requests
+    /// with (single URI encoding, no path normalisation, `x-amz-content-sha256`, the session
+    /// token signed), in the headers or the query (`where_`, with the URL's lifetime).
+    fn instructions(
+        &self,
+        creds: Credentials,
+        method: Method,
+        url: &str,
+        body: SignableBody<'_>,
+        where_: (SignatureLocation, Option<Duration>),
+        time: SystemTime,
+    ) -> Result<SigningInstructions, StageError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            StageError::new(
+                ErrorKind::Internal,
+                format!("{}: signing: {e}", method.operation()),
+            )
+        };
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        settings.session_token_mode = SessionTokenMode::Include;
+        (settings.signature_location, settings.expires_in) = where_;
+        let identity: Identity = creds.into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("s3")
+            .time(time)
+            .settings(settings)
+            .build()
+            .map_err(|e| failed(&e))?
+            .into();
+        let request = SignableRequest::new(method.as_str(), url, std::iter::empty(), body)
+            .map_err(|e| failed(&e))?;
+        Ok(sign(request, &params)
+            .map_err(|e| failed(&e))?
+            .into_parts()
+            .0)
     }
 
     /// A presigned URL for `method` on `key`, valid for `life` from `now`: what the SDK's
@@ -229,32 +268,20 @@ impl Objects {
             ));
         }
         let url = format!("{}?x-id={}", self.url(key), method.operation());
-        let identity: Identity = creds.into();
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("s3")
-            .time(now)
-            .settings(Self::settings(SignatureLocation::QueryParams, Some(life)))
-            .build()
-            .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?
-            .into();
-        let request = SignableRequest::new(
-            method.as_str(),
-            url.as_str(),
-            std::iter::empty(),
+        let instructions = self.instructions(
+            creds,
+            method,
+            &url,
             SignableBody::UnsignedPayload,
-        )
-        .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?;
-        let (instructions, _) = sign(request, &params)
-            .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?
-            .into_parts();
+            (SignatureLocation::QueryParams, Some(life)),
+            now,
+        )?;
         let mut out = url;
         for (name, value) in instructions.params() {
             out.push('&');
             out.push_str(name);
             out.push('=');
-            out.push_str(&encode_query(value));
+            out.push_str(&percent_encode(value, false));
         }
         Ok(out)
     }
@@ -307,26 +334,14 @@ impl Objects {
     async fn attempt(&self, method: Method, url: &str, body: &[u8]) -> Result<Vec<u8>, StageError> {
         let op = method.operation();
         let creds = self.credentials().await?;
-        let identity: Identity = creds.into();
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(Self::settings(SignatureLocation::Headers, None))
-            .build()
-            .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?
-            .into();
-        let signable = SignableRequest::new(
-            method.as_str(),
+        let instructions = self.instructions(
+            creds,
+            method,
             url,
-            std::iter::empty(),
             SignableBody::Bytes(body),
-        )
-        .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| StageError::new(ErrorKind::Internal, e.to_string()))?
-            .into_parts();
+            (SignatureLocation::Headers, None),
+            SystemTime::now(),
+        )?;
         let mut request = aws_smithy_runtime_api::http::Request::new(SdkBody::from(body.to_vec()));
         let internal =
             |e: &dyn std::fmt::Display| StageError::new(ErrorKind::Internal, format!("{op}: {e}"));
@@ -372,20 +387,6 @@ impl Objects {
             Err(response_error(op, status, &bytes))
         }
     }
-}
-
-/// A query value percent-encoded as the SDK's query writer encodes it (RFC 3986 unreserved
-/// characters kept).
-fn encode_query(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The standard retry mode's backoff: a random fraction of min(20 s, 1 s × 2^(attempt-1)).
