@@ -143,11 +143,13 @@ impl Objects {
             .filter(|u| !u.is_empty())
             .or_else(|| config.endpoint_url().map(str::to_string))
             .unwrap_or_else(|| default_endpoint(region));
-        let mut settings = aws_smithy_runtime_api::client::http::HttpConnectorSettings::builder()
-            .connect_timeout(Duration::from_millis(3100));
-        if let Some(t) = config.timeout_config().and_then(|t| t.connect_timeout()) {
-            settings = settings.connect_timeout(t);
-        }
+        // The configuration's connect timeout (kiln::lambda sets 3.1 s, as aws-config does).
+        let connect = config
+            .timeout_config()
+            .and_then(|t| t.connect_timeout())
+            .unwrap_or(Duration::from_millis(3100));
+        let settings = aws_smithy_runtime_api::client::http::HttpConnectorSettings::builder()
+            .connect_timeout(connect);
         let connector = aws_smithy_http_client::Connector::builder()
             .connector_settings(settings.build())
             .sleep_impl(aws_smithy_async::rt::sleep::TokioSleep::new())
@@ -473,6 +475,72 @@ mod tests {
                 assert_eq!(ours, sdk_url(endpoint, method, key, life).await, "{key}");
             }
         }
+    }
+
+    /// A server on loopback answering each request with the next of `answers` (status, body);
+    /// returns its endpoint and the requests it read.
+    fn server(answers: Vec<(u16, &'static str)>) -> (String, std::sync::mpsc::Receiver<String>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let endpoint = format!(
+            "http://{}",
+            listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for (status, body) in answers {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    return;
+                };
+                let mut buf = vec![0u8; 65536];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).to_string());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (endpoint, rx)
+    }
+
+    #[tokio::test]
+    async fn a_throttled_put_is_retried_and_a_denied_one_is_not() {
+        let slow = (
+            503,
+            "<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>",
+        );
+        let denied = (
+            403,
+            "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
+        );
+        let (endpoint, seen) = server(vec![slow, (200, "")]);
+        let objects = Objects::new(&config(Some(&endpoint)), "kiln-art", "eu-west-1");
+        objects
+            .put("builds/b/docs/0.json", b"{}".to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let requests: Vec<String> = seen.try_iter().collect();
+        assert_eq!(requests.len(), 2, "{requests:#?}");
+        assert!(requests
+            .iter()
+            .all(|r| r.starts_with("PUT /kiln-art/builds/b/docs/0.json ")
+                && r.contains("x-amz-security-token:")
+                && r.contains("authorization: AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")));
+
+        let (endpoint, seen) = server(vec![denied, (200, "")]);
+        let objects = Objects::new(&config(Some(&endpoint)), "kiln-art", "eu-west-1");
+        let e = objects
+            .get("builds/b/test/report.json")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a denied GetObject succeeded"));
+        assert_eq!(
+            (e.code.as_deref(), e.message.as_str()),
+            (Some("AccessDenied"), "GetObject: Access Denied")
+        );
+        assert_eq!(seen.try_iter().count(), 1);
     }
 
     #[test]
