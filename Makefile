@@ -4,19 +4,30 @@ CARGO ?= cargo
 # `kiln` as built by this checkout (honours CARGO_TARGET_DIR).
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 KILN := $(TARGET_DIR)/debug/kiln
-# Python tools the tests use (moto server), in a virtualenv: .venv, or $KILN_VENV.
+# The tools the tests use, pinned by the lock files in tests/tools/ and installed by `make setup`
+# under .venv (or $KILN_VENV): one Python environment per tool whose pins conflict (python: moto
+# server, cfn-lint, aws-sam-translator, cargo-lambda; sam: the SAM CLI; checkov: checkov and
+# parliament), node: the npm tools.
 VENV := $(abspath $(or $(KILN_VENV),.venv))
-export KILN_MOTO_SERVER := $(VENV)/bin/moto_server
-export KILN_CFN_LINT := $(VENV)/bin/cfn-lint
-export KILN_SAM := $(VENV)/bin/sam
-export KILN_ASL_VALIDATOR := $(VENV)/node/node_modules/.bin/asl-validator
+TOOLS := tests/tools
+export KILN_VENV := $(VENV)
+export KILN_MOTO_SERVER := $(VENV)/python/bin/moto_server
+export KILN_CFN_LINT := $(VENV)/python/bin/cfn-lint
+export KILN_PYTHON := $(VENV)/python/bin/python
+export KILN_SAM := $(VENV)/sam/bin/sam
+export KILN_CHECKOV := $(VENV)/checkov/bin/checkov
+export KILN_PARLIAMENT := $(VENV)/checkov/bin/parliament
 export KILN_NODE_MODULES := $(VENV)/node/node_modules
-export KILN_PYTHON := $(VENV)/bin/python
+export KILN_ASL_VALIDATOR := $(KILN_NODE_MODULES)/.bin/asl-validator
+# cargo-nextest, as `cargo install --locked` installs it when the machine's differs.
+NEXTEST_VERSION := 0.9.143
 # The template CloudFormation runs: infra/template.yaml through aws-sam-translator (infra/expand.py).
 EXPANDED := $(TARGET_DIR)/infra/template.expanded.json
 
 # Debian packages are installed as root (sudo when not root).
-DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap
+DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap iproute2 curl bsdutils
+# A command of each package, to tell whether it is installed.
+DEBIAN_COMMANDS := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns newuidmap ip curl script nftables iproute2
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 # The Lambda functions; arm64 when the aarch64 standard library is installed, else x86_64.
@@ -24,25 +35,42 @@ FUNCTIONS := launch-builder customize snapshot test-image distribute cleanup tri
 HAS_ARM64 := $(filter aarch64-unknown-linux-gnu,$(shell rustup target list --installed 2>/dev/null))
 LAMBDA_ARCH := $(if $(HAS_ARM64),arm64,x86-64)
 SAM_ARCH := $(if $(HAS_ARM64),arm64,x86_64)
+# The functions as `make test` builds them for the rehearsal: this machine's architecture.
+HOST_LAMBDA_ARCH := $(if $(filter aarch64,$(shell uname -m)),arm64,x86-64)
+# What ships, built by `make test` with the shipped features, apart from the workspace build (whose
+# feature unification would hide a missing one): the functions as `make package` builds them,
+# the CLI as `make run` builds it.
+SHIPPED_DIR := $(TARGET_DIR)/shipped
+export KILN_SHIPPED_DIR := $(abspath $(SHIPPED_DIR))
 STACK ?= kiln
-TOOLS_PATH := $(VENV)/bin:$(PATH)
+TOOLS_PATH := $(VENV)/python/bin:$(VENV)/sam/bin:$(PATH)
 
 .PHONY: setup run test lint fmt bench build package deploy chaos
 
-## setup: install what the build and the tests need (Rust components, cargo-nextest; moto server, cfn-lint, SAM CLI from PyPI; asl-validator from npm)
+## setup: install what the build and the tests need, each at the version its lock pins: Rust
+## components, cargo-nextest; from PyPI (hash-checked, tests/tools/*.txt) moto server, cfn-lint,
+## aws-sam-translator, cargo-lambda, the SAM CLI, checkov, parliament; from npm (`npm ci`,
+## tests/tools/package-lock.json) asl-validator and @cloud-copilot/iam-simulate; Debian packages.
+## An environment whose lock changed is made anew (a stamp of the lock's hash).
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is required: install Rust from rustup.rs"; exit 1; }
 	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
 	@rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
-	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
-	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	@test -x $(VENV)/bin/moto_server || { echo "installing moto[server] into $(VENV)"; $(VENV)/bin/pip install --quiet 'moto[server]>=5.1,<6'; }
-	@test -x $(VENV)/bin/cfn-lint -a -x $(VENV)/bin/sam || { echo "installing cfn-lint and aws-sam-cli into $(VENV)"; $(VENV)/bin/pip install --quiet cfn-lint aws-sam-cli; }
-	@test -x $(VENV)/bin/cargo-lambda || { echo "installing cargo-lambda (PyPI, with zig) into $(VENV)"; $(VENV)/bin/pip install --quiet cargo-lambda; }
-	@test -x $(KILN_ASL_VALIDATOR) || { echo "installing asl-validator (npm) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node asl-validator@3 >/dev/null; }
-	@test -d $(KILN_NODE_MODULES)/@cloud-copilot/iam-simulate || { echo "installing @cloud-copilot/iam-simulate (npm, the rehearsal's IAM policy evaluator) into $(VENV)/node"; npm install --silent --no-audit --no-fund --prefix $(VENV)/node @cloud-copilot/iam-simulate@0.1.173 >/dev/null; }
-	@test -x $(VENV)/bin/checkov -a -x $(VENV)/bin/parliament || { echo "installing checkov and parliament into $(VENV)"; $(VENV)/bin/pip install --quiet checkov parliament; }
-	@command -v skopeo >/dev/null && command -v umoci >/dev/null && command -v mmdebstrap >/dev/null && command -v zstd >/dev/null && command -v sqlite3 >/dev/null && command -v slirp4netns >/dev/null && command -v newuidmap >/dev/null || { echo "installing $(DEBIAN_PACKAGES) (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; }; }
+	@$(CARGO) nextest --version 2>/dev/null | grep -q '^cargo-nextest $(NEXTEST_VERSION) ' || $(CARGO) install --locked --version $(NEXTEST_VERSION) cargo-nextest
+	@for env in python sam checkov; do \
+	  lock=$(TOOLS)/$$env.txt; stamp=$(VENV)/$$env/.lock-$$(sha256sum $$lock | cut -c1-16); \
+	  test -f $$stamp && continue; \
+	  echo "installing $$lock into $(VENV)/$$env"; rm -rf $(VENV)/$$env; \
+	  python3 -m venv $(VENV)/$$env && \
+	  $(VENV)/$$env/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $$lock && \
+	  touch $$stamp || exit 1; \
+	done
+	@stamp=$(VENV)/node/.lock-$$(cat $(TOOLS)/package.json $(TOOLS)/package-lock.json | sha256sum | cut -c1-16); \
+	test -f $$stamp || { echo "installing $(TOOLS)/package-lock.json into $(VENV)/node (npm ci)"; rm -rf $(VENV)/node && mkdir -p $(VENV)/node && \
+	  cp $(TOOLS)/package.json $(TOOLS)/package-lock.json $(VENV)/node/ && \
+	  npm ci --silent --no-audit --no-fund --prefix $(VENV)/node >/dev/null && touch $$stamp; }
+	@missing=; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	test -z "$$missing" || { echo "installing $(DEBIAN_PACKAGES) (Debian packages)"; $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; }; }
 	@# Embedded instances' private network (slirp4netns) opens /dev/net/tun as the user who runs kiln;
 	@# stock Debian has it 0666, some container hosts 0600.
 	@test ! -c /dev/net/tun || test "$$(stat -c %a /dev/net/tun)" = 666 || { test "$$(id -u)" = 0 && chmod 0666 /dev/net/tun && echo "made /dev/net/tun 0666, as on a stock Debian (embedded instances' private network)"; } || echo "note: /dev/net/tun is not 0666: only root's embedded instances get network: private"
@@ -60,9 +88,14 @@ run:
 	$(KILN) run examples/hello/pipeline.yaml
 
 ## test: every test of the workspace (unit, integration, snapshot, property). Binaries and tests
-## are built in one `--all-targets` pass, so dependencies compile once with one feature set.
+## are built in one `--all-targets` pass, so dependencies compile once with one feature set; then
+## what ships, in its own target dir with its own features: the eight functions by one `cargo
+## lambda build` as `make package` runs it (debug), which the rehearsal's main build runs, and the
+## CLI as `make run` builds it, which a test runs on examples/hello.
 test: setup
 	$(CARGO) build --workspace --all-targets
+	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --$(HOST_LAMBDA_ARCH) --target-dir $(SHIPPED_DIR) $(addprefix -p ,$(FUNCTIONS))
+	$(CARGO) build -p kiln-agent -p kiln-cli --no-default-features --target-dir $(SHIPPED_DIR)
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## chaos: the fault campaigns with more builds than make test runs: the deployed-stack rehearsal
@@ -80,11 +113,11 @@ chaos: setup
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/python infra/expand.py infra/template.yaml -o $(EXPANDED)
+	$(KILN_PYTHON) infra/expand.py infra/template.yaml -o $(EXPANDED)
 	$(KILN_PYTHON) infra/cfn_lint.py $(EXPANDED)
-	$(VENV)/bin/checkov --config-file infra/checkov.yaml --framework cloudformation -f $(EXPANDED)
-	rm -rf $(TARGET_DIR)/infra/policies && $(VENV)/bin/python infra/policies.py $(EXPANDED) $(TARGET_DIR)/infra/policies
-	$(VENV)/bin/parliament --config infra/parliament.yaml --directory $(TARGET_DIR)/infra/policies --include_policy_extension json
+	$(KILN_CHECKOV) --config-file infra/checkov.yaml --framework cloudformation -f $(EXPANDED)
+	rm -rf $(TARGET_DIR)/infra/policies && $(KILN_PYTHON) infra/policies.py $(EXPANDED) $(TARGET_DIR)/infra/policies
+	$(KILN_PARLIAMENT) --config infra/parliament.yaml --directory $(TARGET_DIR)/infra/policies --include_policy_extension json
 
 ## fmt: format the code
 fmt:
