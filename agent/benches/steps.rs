@@ -45,6 +45,7 @@ fn main() {
         phases: vec![PhaseName::Build],
         work_dir: dir.path().to_path_buf(),
         state_file: dir.path().join("state.json"),
+        scripts: dir.path().to_path_buf(),
         log_dir: None,
         echo: false,
     };

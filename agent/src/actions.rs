@@ -66,6 +66,8 @@ pub trait Nested {
 /// What an action needs from its surroundings.
 pub struct Context<'a> {
     pub work_dir: &'a Path,
+    /// Where ExecuteBash makes each script's private folder ([`exec::script_base`]).
+    pub scripts: &'a Path,
     /// Relative document paths (ExecuteDocument) resolve against this folder.
     pub document_dir: &'a Path,
     pub timeout: Option<Duration>,
@@ -205,31 +207,22 @@ fn process_result(f: exec::Finished, what: &str, timeout: Option<Duration>) -> A
 fn execute_bash(i: &schema::ExecuteBash, ctx: &Context<'_>) -> ActionResult {
     // The commands form one script, run by one bash: `cd` and variables carry over between lines,
     // and the script's exit status (its last command's, or an explicit `exit`) is the step's.
-    let dir = ctx.work_dir.join(".kiln-agent");
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        return ActionResult::fail(format!("cannot create {}: {e}", dir.display()));
-    }
-    let script = dir.join(format!("step-{}-{}.sh", std::process::id(), next_id()));
+    // The script never sits in the work folder: another user may share that one (`/tmp`).
     let body = format!("{}\n", i.commands.join("\n"));
-    if let Err(e) = std::fs::write(&script, body) {
-        return ActionResult::fail(format!("cannot write the script: {e}"));
-    }
+    let script = match exec::Script::create(ctx.scripts, body.as_bytes()) {
+        Ok(s) => s,
+        Err(e) => return ActionResult::fail(e),
+    };
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).envs(ctx.env.iter().map(|(k, v)| (k, v)));
+    cmd.arg(script.path())
+        .envs(ctx.env.iter().map(|(k, v)| (k, v)));
     let result = match exec::run(cmd, ctx.work_dir, ctx.timeout, ctx.echo) {
         Ok(f) => process_result(f, "the script", ctx.timeout),
         Err(e) => ActionResult::fail(format!("cannot start bash: {e}")),
     };
-    let _ = std::fs::remove_file(&script);
-    // Leave nothing behind in the work folder (it may end up in an image).
-    let _ = std::fs::remove_dir(&dir);
+    // Zeroes what is left of the script (it has no name since bash opened it).
+    drop(script);
     result
-}
-
-fn next_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn execute_binary(i: &schema::ExecuteBinary, ctx: &Context<'_>) -> ActionResult {

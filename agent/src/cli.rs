@@ -257,6 +257,30 @@ where
                     return exit::INVALID;
                 }
             };
+            let work_dir = work_dir
+                .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
+            if let Err(e) = std::fs::create_dir_all(&work_dir) {
+                let _ = writeln!(
+                    stderr,
+                    "cannot create the work folder {}: {e}",
+                    work_dir.display()
+                );
+                return exit::FAILED;
+            }
+            // Before any secret is read: folders another user controls are refused.
+            let state_dir = state_file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let scripts = match crate::exec::check_folder(&work_dir, "work folder")
+                .and_then(|()| crate::exec::script_base(state_dir))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = writeln!(stderr, "kiln-agent: {e}");
+                    return exit::INVALID;
+                }
+            };
             // `{{ ssm-secure:/name }}` values: read now, kept in memory, masked in what is written.
             let mut secrets = Vec::new();
             for spec in &mut plan.0 {
@@ -285,21 +309,12 @@ where
                     }
                 }
             }
-            let work_dir = work_dir
-                .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")));
-            if let Err(e) = std::fs::create_dir_all(&work_dir) {
-                let _ = writeln!(
-                    stderr,
-                    "cannot create the work folder {}: {e}",
-                    work_dir.display()
-                );
-                return exit::FAILED;
-            }
             let log_dir_for_mask = log_dir.clone();
             let opts = Options {
                 phases: plan.1.clone(),
                 work_dir,
                 state_file,
+                scripts,
                 log_dir,
                 echo: !quiet,
             };

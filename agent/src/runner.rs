@@ -28,6 +28,8 @@ pub struct Options {
     pub work_dir: PathBuf,
     /// Progress saved across a reboot; removed when the run ends.
     pub state_file: PathBuf,
+    /// Where each ExecuteBash step's script gets its private folder ([`crate::exec::script_base`]).
+    pub scripts: PathBuf,
     /// Full stdout/stderr of each step, when set.
     pub log_dir: Option<PathBuf>,
     /// Stream step output to the console.
@@ -374,6 +376,7 @@ impl Runner<'_> {
                         };
                         let ctx = actions::Context {
                             work_dir: &self.opts.work_dir,
+                            scripts: &self.opts.scripts,
                             document_dir: doc_dir,
                             timeout,
                             env: &env,
@@ -604,9 +607,24 @@ fn save(path: &Path, saved: &Saved) -> Result<(), String> {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
+    // The saved state holds step inputs (substituted values): a new file only root can read,
+    // never a link someone left in its place.
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(saved).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("cannot save progress to {}: {e}", tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    let written = {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&serde_json::to_vec(saved).map_err(std::io::Error::other)?)
+            })
+    };
+    written.map_err(|e| format!("cannot save progress to {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .map_err(|e| format!("cannot save progress to {}: {e}", path.display()))
 }

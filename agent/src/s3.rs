@@ -359,14 +359,26 @@ fn download_item(i: &S3Transfer, owner: Option<String>) -> Result<Json, String> 
         return Ok(json!({ "destination": dest }));
     }
     let prefix = key.trim_end_matches('*');
-    let mut written = Vec::new();
+    // Keys are whatever the bucket's writers chose: each becomes a path below the destination,
+    // and one with a `..` component fails the step before anything is downloaded.
+    let mut objects = Vec::new();
     for k in bucket
         .list(prefix)?
         .into_iter()
         .filter(|k| !k.ends_with('/'))
     {
         let rel = k.strip_prefix(prefix).unwrap_or(&k).trim_start_matches('/');
-        let dest = Path::new(&i.destination).join(rel);
+        let parts = kiln::relpath::components(Path::new(rel)).map_err(|_| {
+            format!(
+                "object key `{k}` leaves the destination {} (`..`); nothing was downloaded",
+                i.destination
+            )
+        })?;
+        let dest = Path::new(&i.destination).join(parts.iter().collect::<PathBuf>());
+        objects.push((k, dest));
+    }
+    let mut written = Vec::new();
+    for (k, dest) in objects {
         if dest.exists() && !overwrite {
             return Err(format!(
                 "{} already exists and overwrite is false",

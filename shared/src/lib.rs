@@ -17,6 +17,7 @@ pub mod lambda;
 pub mod local;
 pub mod model;
 pub mod ports;
+pub mod relpath;
 pub mod report;
 #[cfg(feature = "engine")]
 pub mod simulate;

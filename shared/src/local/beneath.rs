@@ -8,32 +8,14 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
-/// The components of a relative path (`.` dropped); an error for `..` or a root.
-pub fn components(rel: &Path) -> io::Result<Vec<OsString>> {
-    let mut out = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => out.push(n.to_os_string()),
-            Component::CurDir => {}
-            // A leading `/` in an archive names the same place as none.
-            Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{} leaves its folder (`..`)", rel.display()),
-                ))
-            }
-        }
-    }
-    Ok(out)
-}
+pub use crate::relpath::components;
 
 fn no_links(at: &Path, e: Errno) -> io::Error {
     match e {
