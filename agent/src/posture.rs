@@ -1,6 +1,8 @@
 //! What a process inside an embedded instance may do: podman's default capability set, no new
 //! privileges, and a seccomp filter compiled from containers-common's default profile
-//! (`data/seccomp.json`, see `data/NOTICE.md`) with Docker's namespace rules on top.
+//! (`data/seccomp.json`, see `data/NOTICE.md`) with Docker's namespace rules on top, and kiln's
+//! own refusals of what reaches past the namespaces: TIOCSTI and TIOCLINUX, the keyring calls,
+//! vsock sockets (EPERM, as a refusal, not ENOSYS, as a missing feature).
 //!
 //! Every process of an unprivileged instance goes through [`harden`] before it runs anything of
 //! the image: `init` after it mounted /proc, and `sandbox exec` after it joined the instance.
@@ -46,6 +48,20 @@ const CLONE_NAMESPACES: &[u64] = &[
 
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
+
+/// ioctl requests that act on a terminal from afar: TIOCSTI types into it (into the operator's
+/// shell, when an instance process reaches kiln's terminal), TIOCLINUX drives the console (it
+/// can paste a selection as input). Bubblewrap and Flatpak refuse both.
+const TERMINAL_INPUT: &[u64] = &[
+    0x5412, // TIOCSTI
+    0x541C, // TIOCLINUX
+];
+/// `socket(AF_VSOCK, …)`: vsock is not in the network namespace; on a VM host it reaches the
+/// hypervisor's agents whatever the instance's network.
+const AF_VSOCK: u64 = 40;
+/// The kernel's keyrings are not namespaced: a root instance would read and change the host
+/// root's user keyring (Docker's profile refuses these three).
+const KEYRING_CALLS: &[&str] = &["keyctl", "add_key", "request_key"];
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -115,7 +131,7 @@ type Rules = BTreeMap<Option<u32>, BTreeMap<i64, Vec<SeccompRule>>>;
 
 /// The filters for a process that keeps `kept` capabilities: one that allows what the profile
 /// allows (everything else fails with ENOSYS, as the profile says), then one per errno that
-/// fails what the profile and Docker's namespace rules refuse.
+/// fails what the profile, Docker's namespace rules and [`deny_host_reach`] refuse.
 pub fn filters(kept: &BTreeSet<String>) -> Result<Vec<BpfProgram>, String> {
     let profile: Profile =
         serde_json::from_str(PROFILE).map_err(|e| format!("seccomp profile: {e}"))?;
@@ -196,6 +212,7 @@ pub fn filters(kept: &BTreeSet<String>) -> Result<Vec<BpfProgram>, String> {
                 .insert(i64::from(s.id()), Vec::new());
         }
     }
+    deny_host_reach(rules.entry(Some(EPERM)).or_default())?;
     let default_errno = profile.default_errno_ret.unwrap_or(ENOSYS);
     let mut out = Vec::new();
     for (action, chains) in rules {
@@ -208,6 +225,45 @@ pub fn filters(kept: &BTreeSet<String>) -> Result<Vec<BpfProgram>, String> {
         out.push(BpfProgram::try_from(filter).map_err(|e| format!("seccomp: {e}"))?);
     }
     Ok(out)
+}
+
+/// Kiln's own refusals, on top of the profile's, for every unprivileged instance: the calls
+/// that reach past the instance's namespaces to the host's terminal, keyrings and hypervisor.
+/// `deny` holds the calls that fail with EPERM.
+fn deny_host_reach(deny: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), String> {
+    let nr = |name: &str| {
+        syscalls::Sysno::from_str(name)
+            .map(|s| i64::from(s.id()))
+            .map_err(|_| format!("seccomp: no system call {name} here"))
+    };
+    // The request and the address family are C ints: the kernel reads 32 bits, so the filter
+    // compares 32 bits (a request with high bits set is still TIOCSTI to the kernel).
+    let arg_is = |index: u8, value: u64| -> Result<SeccompRule, String> {
+        let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+            .map_err(|e| format!("seccomp: {e}"))?;
+        SeccompRule::new(vec![c]).map_err(|e| format!("seccomp: {e}"))
+    };
+    let ioctl = nr("ioctl")?;
+    for request in TERMINAL_INPUT {
+        push_rule(deny, ioctl, arg_is(1, *request)?);
+    }
+    push_rule(deny, nr("socket")?, arg_is(0, AF_VSOCK)?);
+    for name in KEYRING_CALLS {
+        deny.insert(nr(name)?, Vec::new());
+    }
+    Ok(())
+}
+
+/// Adds `rule` to the conditions under which `call` is refused, unless it is refused outright
+/// already (an empty chain), which a condition would narrow.
+fn push_rule(deny: &mut BTreeMap<i64, Vec<SeccompRule>>, call: i64, rule: SeccompRule) {
+    match deny.get_mut(&call) {
+        Some(chain) if chain.is_empty() => {}
+        Some(chain) => chain.push(rule),
+        None => {
+            deny.insert(call, vec![rule]);
+        }
+    }
 }
 
 /// Drops to [`KEEP`], sets no_new_privs and installs the seccomp filters; for the calling

@@ -8,8 +8,13 @@
 //!   instance's command folder at `/.kiln/cmd`; `pivot_root`; then it starts `init` as PID 1 of the
 //!   new PID namespace and waits for it. Every mount lives in the keeper's private mount
 //!   namespace, so nothing is left on the host when the instance ends.
-//! - `init`: PID 1 inside; mounts /proc, says `ready`, reaps orphans until killed.
+//! - `init`: PID 1 inside, run from the read-only `/.kiln` copy of the agent and not dumpable
+//!   (`/proc/1/exe`, its handles and ptrace are closed to the instance); mounts /proc, masks what
+//!   Docker masks, says `ready`, reaps orphans until killed.
 //! - `exec`: joins a running instance's namespaces and root, then runs the agent there.
+//!
+//! Every process of an instance starts in a session of its own, without a controlling terminal:
+//! kiln's terminal is the operator's, and TIOCSTI into it would type into their shell.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -42,7 +47,8 @@ pub struct Boot {
     pub lower: Vec<PathBuf>,
     pub hostname: String,
     pub network: Network,
-    /// The agent folder: `kiln-agent`, `ld.so`, `lib/`, an empty `cmd/`.
+    /// The agent folder: `kiln-agent`, `ld.so`, `lib/`, an empty `cmd/`. Also where init runs
+    /// from (through the read-only bind).
     pub agent_dir: PathBuf,
     /// Skip the posture (capabilities, no_new_privs, seccomp, masked /proc, nodev): the
     /// pipeline's explicit `infrastructure.privileged: true`.
@@ -264,7 +270,8 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         None,
     )?;
 
-    // /dev: a tmpfs with the host's harmless devices bound in.
+    // /dev: a tmpfs with the host's harmless devices bound in. Not /dev/tty: no instance
+    // process has a controlling terminal, and kiln's is the operator's.
     let dev = ensure_dir(&root, "/dev", &mut scaffold)?;
     mnt(
         Some("tmpfs"),
@@ -273,7 +280,7 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=755,size=65536k"),
     )?;
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+    for name in ["null", "zero", "full", "random", "urandom"] {
         let target = dev.join(name);
         File::create(&target).map_err(|e| fail(&format!("create /dev/{name}"), e))?;
         mnt(
@@ -325,12 +332,6 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
             None,
         )?;
     }
-    if !b.privileged {
-        let firmware = sys.join("firmware");
-        if firmware.is_dir() {
-            mnt(Some("tmpfs"), &firmware, Some("tmpfs"), ro, Some("size=0"))?;
-        }
-    }
     ensure_dir(&root, "/proc", &mut scaffold)?;
     // Name resolution: the host's servers when it shares the host's network, slirp4netns's
     // forwarder when private. A copy in the instance folder is what the instance sees, so
@@ -374,9 +375,10 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         .map_err(|e| fail("open init.pid", e))?;
 
     // init enters the root itself: it mounts /proc there first, while the host's /proc is still
-    // in view (in a user namespace the kernel allows a new proc only then).
-    let exe = std::env::current_exe().map_err(|e| fail("find kiln-agent", e))?;
-    let mut init = Command::new(exe);
+    // in view (in a user namespace the kernel allows a new proc only then). It runs from the
+    // read-only bind, not the host's kiln-agent: /proc/1/exe leads nowhere writable.
+    let mut init = Command::new(agent_at.join("kiln-agent"));
+    new_session(&mut init);
     instance_env(&mut init)
         .args(["sandbox", "init", "--root"])
         .arg(&root);
@@ -405,6 +407,23 @@ fn agent_command(args: &[&str]) -> Command {
     c
 }
 
+/// Starts `c` in a new session: it and everything it starts have no controlling terminal, so
+/// kiln's terminal (TIOCSTI types into the operator's shell) is out of their reach, and
+/// /dev/tty opens nothing.
+#[allow(unsafe_code)]
+fn new_session(c: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the forked child before exec; setsid is async-signal-safe and touches no
+    // memory.
+    unsafe {
+        c.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        })
+    }
+}
+
 /// The environment processes of an instance start with (none of kiln's).
 fn instance_env(c: &mut Command) -> &mut Command {
     c.env_clear()
@@ -421,20 +440,48 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-/// Parts of /proc an instance reads but must not write.
-const PROC_READ_ONLY: &[&str] = &["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"];
-/// Parts of /proc (and /sys) an instance does not see at all.
-const PROC_MASKED: &[&str] = &[
+/// Parts of /proc an instance reads but must not write (Docker's and podman's list).
+const PROC_READ_ONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+/// Parts of /proc and /sys an instance does not see at all: Docker's list (moby's
+/// `oci/defaults.go`) and podman's (containers-common's `DefaultMaskedPaths`) together, and
+/// each CPU's `thermal_throttle` ([`masked_paths`] adds those).
+const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
-    "/proc/timer_list",
-    "/proc/sched_debug",
     "/proc/latency_stats",
-    "/proc/acpi",
+    "/proc/sched_debug",
     "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/dev/block",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+    "/sys/fs/selinux",
 ];
 
-/// Read-only binds and masks over /proc, as OCI runtimes set them up.
+/// [`MASKED`] and the `thermal_throttle` folder of each CPU that has one.
+fn masked_paths() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = MASKED.iter().map(PathBuf::from).collect();
+    if let Ok(cpus) = fs::read_dir("/sys/devices/system/cpu") {
+        paths.extend(
+            cpus.flatten()
+                .map(|e| e.path().join("thermal_throttle"))
+                .filter(|p| p.is_dir()),
+        );
+    }
+    paths
+}
+
+/// Read-only binds and masks over /proc and /sys, as OCI runtimes set them up.
 fn mask_proc() -> Result<(), String> {
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     for p in PROC_READ_ONLY {
@@ -457,8 +504,8 @@ fn mask_proc() -> Result<(), String> {
             None,
         )?;
     }
-    for p in PROC_MASKED {
-        let path = Path::new(p);
+    for path in masked_paths() {
+        let path = path.as_path();
         match fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => mnt(Some("tmpfs"), path, Some("tmpfs"), ro, Some("size=0"))?,
             Ok(_) => mnt(Some("/dev/null"), path, None, MsFlags::MS_BIND, None)?,
@@ -474,6 +521,9 @@ pub fn init(privileged: bool, root: Option<&Path>) -> Result<i32, String> {
     // The instance ends with its keeper, however the keeper ends (a SIGKILL included).
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| fail("tie init to its keeper", e))?;
+    // Not dumpable: without CAP_SYS_PTRACE no process of the instance reads /proc/1/exe, fd/,
+    // mem or environ, nor ptraces init (which holds handles of the host's, console.log first).
+    nix::sys::prctl::set_dumpable(false).map_err(|e| fail("make init undumpable", e))?;
     let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     match root {
         Some(root) => {
@@ -553,6 +603,7 @@ pub fn exec(
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut c = agent_command(&args);
+    new_session(&mut c);
     if !cwd.is_empty() {
         c.current_dir(cwd);
     }

@@ -14,7 +14,7 @@ use serde_json::Value as Json;
 use crate::support::{built_binary, repo};
 
 /// A kiln home of its own for one test.
-struct Home {
+pub(crate) struct Home {
     dir: tempfile::TempDir,
 }
 
@@ -44,7 +44,7 @@ fn data(name: &str) -> PathBuf {
 }
 
 impl Home {
-    fn new() -> Home {
+    pub(crate) fn new() -> Home {
         require_root();
         Home {
             dir: tempfile::Builder::new()
@@ -54,7 +54,7 @@ impl Home {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
@@ -65,7 +65,7 @@ impl Home {
         c
     }
 
-    fn kiln(&self, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn kiln(&self, args: &[&str]) -> (i32, String, String) {
         let out = self.command(args).output().expect("run kiln");
         (
             out.status.code().unwrap_or(-1),
@@ -75,7 +75,7 @@ impl Home {
     }
 
     /// `kiln run FILE --output json`: the exit code and the summary.
-    fn run(&self, pipeline: &Path) -> (i32, Json, String) {
+    pub(crate) fn run(&self, pipeline: &Path) -> (i32, Json, String) {
         let (code, out, err) =
             self.kiln(&["run", &pipeline.display().to_string(), "--output", "json"]);
         let summary = serde_json::from_str(&out)
@@ -83,7 +83,7 @@ impl Home {
         (code, summary, err)
     }
 
-    fn layout(&self, region: &str) -> Layout {
+    pub(crate) fn layout(&self, region: &str) -> Layout {
         Layout::open(&self.path().join("regions").join(region).join("images")).expect("layout")
     }
 
@@ -116,7 +116,7 @@ impl Home {
     }
 
     /// kiln's tiny base, bootstrapped as the image `base` and exported as `base.tar`.
-    fn tiny_base_tarball(&self) -> PathBuf {
+    pub(crate) fn tiny_base_tarball(&self) -> PathBuf {
         let (code, out, err) = self.kiln(&["image", "bootstrap", "base", "--variant", "tiny"]);
         assert_eq!(code, 0, "{out}{err}");
         let id = out.split('\t').nth(1).expect("id").to_string();
@@ -127,7 +127,7 @@ impl Home {
     }
 
     /// Nothing of this home runs, is mounted or is half-written; the pipeline's lock is free.
-    fn assert_nothing_left(&self, pipeline: &str) {
+    pub(crate) fn assert_nothing_left(&self, pipeline: &str) {
         let home = self.path().display().to_string();
         // No process started for this home (keepers name their instance folder).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1104,7 +1104,7 @@ fn twenty_concurrent_runs_on_sqlite_make_one_build_and_name_the_holder() {
 }
 
 /// The text of the file whose path ends with `name` in the tarball `tar`.
-fn file_in_tar(tar: &Path, name: &str) -> String {
+pub(crate) fn file_in_tar(tar: &Path, name: &str) -> String {
     let out = Command::new("tar")
         .arg("-xOf")
         .arg(tar)
@@ -1132,7 +1132,7 @@ fn listed(tar: &Path, name: &str) -> String {
 
 /// The top layer of `image` (the build's own) in the OCI layout `layout`, decompressed into the
 /// plain tar `out`: found by skopeo and decompressed by zstd, not read back by kiln.
-fn top_layer(layout: &Path, image: &str, out: &Path) {
+pub(crate) fn top_layer(layout: &Path, image: &str, out: &Path) {
     let raw = Command::new("skopeo")
         .args(["inspect", "--raw"])
         .arg(format!("oci:{}:{image}", layout.display()))
@@ -1305,7 +1305,7 @@ fn a_hostile_component_finds_the_sandbox_closed() {
     }
     assert_eq!(
         probe["dev_nodes"].trim(),
-        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+        "fd full null ptmx pts random shm stderr stdin stdout urandom zero"
     );
     assert_eq!(probe["block_devices"], "0");
     // Its own network: loopback and slirp4netns's tap, its forwarder as resolver, outbound

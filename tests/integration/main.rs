@@ -10,6 +10,7 @@ mod cold_start;
 mod control;
 mod embedded;
 mod engine;
+mod escape;
 mod examples;
 mod fixtures;
 mod infra;
