@@ -53,8 +53,21 @@ impl Run {
 }
 
 fn invoke(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
-    let out = Command::new(built_binary("kiln-agent"))
-        .arg("run")
+    let out = agent_command(dir, extra, env)
+        .output()
+        .expect("kiln-agent runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kiln-agent run` on `dir/doc.yaml`, with `dir/work` as its work folder and `dir/state` as
+/// its state folder.
+fn agent_command(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(built_binary("kiln-agent"));
+    c.arg("run")
         .arg("--documents")
         .arg(dir.join("doc.yaml"))
         .arg("--report")
@@ -66,14 +79,8 @@ fn invoke(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> (i32, String, S
         .arg("--quiet")
         .args(extra)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(dir)
-        .output()
-        .expect("kiln-agent runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .current_dir(dir);
+    c
 }
 
 /// Writes `doc` (with `@DIR@` replaced by the scratch folder) and runs it.
@@ -712,42 +719,18 @@ fn an_ssm_secure_parameter_is_used_and_masked_in_everything_the_agent_writes() {
     // GIVEN a SecureString and a plain String in SSM
     let moto = crate::support::Moto::start();
     let secret = "s3cr3t-\"quoted\"-$(not run)";
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let ssm = aws_sdk_ssm::Client::from_conf(
-        aws_sdk_ssm::config::Builder::new()
-            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-            .region(aws_sdk_ssm::config::Region::new("us-east-1"))
-            .endpoint_url(moto.endpoint())
-            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-                "testing", "testing", None, None, "test",
-            ))
-            .build(),
+    put_parameter(
+        &moto,
+        "/db/password",
+        secret,
+        aws_sdk_ssm::types::ParameterType::SecureString,
     );
-    rt.block_on(async {
-        for (name, value, kind) in [
-            (
-                "/db/password",
-                secret,
-                aws_sdk_ssm::types::ParameterType::SecureString,
-            ),
-            (
-                "/db/plain",
-                "visible",
-                aws_sdk_ssm::types::ParameterType::String,
-            ),
-        ] {
-            ssm.put_parameter()
-                .name(name)
-                .value(value)
-                .r#type(kind)
-                .send()
-                .await
-                .expect("PutParameter");
-        }
-    });
+    put_parameter(
+        &moto,
+        "/db/plain",
+        "visible",
+        aws_sdk_ssm::types::ParameterType::String,
+    );
     let document = "name: t\nschemaVersion: 1.0\nparameters:\n  - Password:\n      type: string\nphases:\n  - name: build\n    steps:\n      - name: Use\n        action: ExecuteBash\n        inputs:\n          commands:\n            - printf '%s' '{{ Password }}' > @DIR@/used.txt\n            - echo 'connecting with {{ Password }}'\n";
     let run = |name: &str| {
         let dir = tempfile::tempdir().expect("dir");
@@ -798,4 +781,472 @@ fn an_ssm_secure_parameter_is_used_and_masked_in_everything_the_agent_writes() {
         "{}",
         r.stderr
     );
+}
+
+/// An ordinary user of the machine (nobody, uid 65534) running `python3 -c program` (the
+/// system's: root's PATH may lead to a python nobody cannot run).
+fn as_nobody(program: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg("-c").arg(program).uid(65534).gid(65534);
+    c
+}
+
+/// Review H-2 (#27 point 3): the work folder is `/tmp`-like (root's, 1777) and another user has
+/// made `.kiln-agent` in it first, with a FIFO and links named as the agent used to name its
+/// scripts (`step-<pid>-<n>.sh`) for every PID: to the FIFO (read root's script, hand bash
+/// another) and to a root-owned file (overwrite it as root).
+#[test]
+fn a_work_folder_shared_with_another_user_gives_them_neither_the_script_nor_a_run() {
+    use std::os::unix::fs::PermissionsExt;
+    // GIVEN a 1777 work folder of root's, a root-owned victim file, and the attacker's trap
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let work = d.join("work");
+    std::fs::create_dir(&work).expect("work");
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let victim = d.join("victim");
+    std::fs::write(&victim, "root's file\n").expect("victim");
+    std::fs::write(
+        d.join("doc.yaml"),
+        doc("      - name: Own\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo \"the component's own script\"\n"),
+    )
+    .expect("doc");
+    let trap = format!(
+        r#"
+import os
+os.chdir({work:?})
+os.mkdir(".kiln-agent", 0o777)
+os.mkfifo(".kiln-agent/fifo", 0o666)
+pid_max = int(open("/proc/sys/kernel/pid_max").read())
+for pid in range(2, pid_max + 1):
+    for n in range(3):
+        target = "fifo" if pid % 2 == 0 else {victim:?}
+        os.symlink(target, ".kiln-agent/step-%d-%d.sh" % (pid, n))
+"#,
+        work = work.display().to_string(),
+        victim = victim.display().to_string(),
+    );
+    let planted = as_nobody(&trap).status().expect("python3");
+    assert!(planted.success(), "the attacker could not plant the trap");
+    // The reader takes whatever is written into the FIFO, then feeds its own script to whoever
+    // opens it next.
+    let reader = format!(
+        r#"
+import os
+os.chdir({work:?})
+while True:
+    with open(".kiln-agent/fifo", "rb") as f:
+        got = f.read()
+    with open(".kiln-agent/captured", "ab") as f:
+        f.write(got)
+    with open(".kiln-agent/fifo", "wb") as f:
+        f.write(b"echo pwned-by-nobody; id > {work}/pwned\n")
+"#,
+        work = work.display(),
+    );
+    let mut attacker = as_nobody(&reader).spawn().expect("python3");
+    // WHEN root runs the one-line component there
+    let agent = agent_command(d, &[], &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln-agent runs");
+    let pid = agent.id();
+    let out = agent.wait_with_output().expect("kiln-agent");
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    // THEN the trap was aimed at this very run (a link for its PID was waiting)
+    let aimed = work.join(format!(".kiln-agent/step-{pid}-0.sh"));
+    assert!(
+        std::fs::symlink_metadata(&aimed).is_ok_and(|m| m.file_type().is_symlink()),
+        "{} was not planted",
+        aimed.display()
+    );
+    // AND the component's own script ran, and nothing of the attacker's
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let report = std::fs::read_to_string(d.join("report.json")).expect("report");
+    assert!(report.contains("the component's own script"), "{report}");
+    assert!(!report.contains("pwned-by-nobody"), "{report}");
+    assert!(
+        !work.join("pwned").exists(),
+        "the attacker's script ran as root"
+    );
+    // AND the attacker's reader got nothing, and the victim is as it was
+    let captured = std::fs::read(work.join(".kiln-agent/captured")).unwrap_or_default();
+    assert!(
+        captured.is_empty(),
+        "the attacker read: {}",
+        String::from_utf8_lossy(&captured)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+    // AND the agent left no script behind where it keeps them
+    let left: Vec<_> = std::fs::read_dir(d.join("state"))
+        .expect("state folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left in the state folder: {left:?}");
+}
+
+/// Review H-2's other half: a work or state folder another user owns, or may write without the
+/// sticky bit, is refused before any step runs; a `/tmp`-like one (root's, 1777) is accepted.
+#[test]
+fn a_work_or_state_folder_another_user_controls_is_refused_with_the_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let steps = "      - name: Ran\n        action: ExecuteBash\n        inputs:\n          commands:\n            - touch @DIR@/ran\n";
+    // One run per case: (what is made, the folder's owner, its mode, the words of the refusal).
+    let cases: [(&str, u32, u32, Option<&str>); 5] = [
+        ("work", 65534, 0o755, Some("is owned by uid 65534")),
+        ("state", 65534, 0o700, Some("is owned by uid 65534")),
+        (
+            "work",
+            0,
+            0o777,
+            Some("writable by others (mode 0777) without the sticky bit"),
+        ),
+        (
+            "state",
+            0,
+            0o775,
+            Some("writable by its group (mode 0775) without the sticky bit"),
+        ),
+        ("work", 0, 0o1777, None),
+    ];
+    for (folder, uid, mode, refusal) in cases {
+        // GIVEN the folder made that way before the agent starts
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = dir.path().join(folder);
+        std::fs::create_dir(&at).expect("mkdir");
+        std::os::unix::fs::chown(&at, Some(uid), Some(uid)).expect("chown");
+        std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::write(
+            dir.path().join("doc.yaml"),
+            doc(steps).replace("@DIR@", &dir.path().display().to_string()),
+        )
+        .expect("doc");
+        // WHEN root runs the agent
+        let (code, stdout, stderr) = invoke(dir.path(), &[], &[]);
+        let ran = dir.path().join("ran").exists();
+        match refusal {
+            // THEN it exits 2 naming the folder and why, and no step ran
+            Some(why) => {
+                assert_eq!(code, 2, "{folder} {uid} {mode:o}: {stdout}{stderr}");
+                assert!(
+                    stderr.contains(&format!("the {folder} folder {}", at.display()))
+                        && stderr.contains(why),
+                    "{folder} {uid} {mode:o}: {stderr}"
+                );
+                assert!(!ran, "{folder} {uid} {mode:o}: a step ran");
+            }
+            // THEN (the control) a /tmp-like folder is used as before
+            None => {
+                assert_eq!(code, 0, "{folder} {uid} {mode:o}: {stdout}{stderr}");
+                assert!(ran, "the step did not run");
+            }
+        }
+    }
+}
+
+/// Review M-8 (#27 point 5): S3Download of a prefix whose objects include `p/../../escape` fails
+/// the step naming the key, and writes nothing, inside or outside the destination; the same
+/// download without that key works (the control).
+#[test]
+fn s3_download_refuses_a_key_that_leaves_the_destination() {
+    // GIVEN a moto bucket with `p/ok` and, for the second run, `p/../../escape`
+    let moto = crate::support::Moto::start();
+    assert_eq!(moto.http("PUT", "/kiln-keys", b"").0, 200);
+    assert_eq!(moto.http("PUT", "/kiln-keys/p/ok", b"fine\n").0, 200);
+    let steps = "      - name: Download\n        action: S3Download\n        inputs:\n          - source: s3://kiln-keys/p/*\n            destination: \"@DIR@/a/b/dest\"\n";
+    // WHEN the prefix holds only well-formed keys (the control)
+    let r = run_doc_env(&doc(steps), &[], &moto.env());
+    // THEN they download into the destination
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.read("a/b/dest/ok"), "fine\n");
+    // WHEN a writer of the bucket adds a key with `..` components
+    let (status, body) = moto.http("PUT", "/kiln-keys/p/../../escape", b"escaped\n");
+    assert_eq!(status, 200, "{body}");
+    let listed = moto.http("GET", "/kiln-keys?list-type=2&prefix=p/", b"").1;
+    assert!(listed.contains("<Key>p/../../escape</Key>"), "{listed}");
+    let r = run_doc_env(&doc(steps), &[], &moto.env());
+    // THEN the step fails naming the key, and nothing was written anywhere
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let report = r.read("report.json");
+    assert!(
+        report.contains("object key `p/../../escape` leaves the destination"),
+        "{report}"
+    );
+    for p in ["a/escape", "a/b/escape", "escape", "a/b/dest/ok"] {
+        assert!(!r.path(p).exists(), "{p} was written");
+    }
+}
+
+/// A parameter in moto's SSM (`{{ ssm-secure:name }}` reads SecureStrings).
+fn put_parameter(
+    moto: &crate::support::Moto,
+    name: &str,
+    value: &str,
+    kind: aws_sdk_ssm::types::ParameterType,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ssm = aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+            .endpoint_url(moto.endpoint())
+            .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .build(),
+    );
+    rt.block_on(
+        ssm.put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(kind)
+            .send(),
+    )
+    .expect("PutParameter");
+}
+
+/// Review H-2, L-7 and #27's "on AWS": the customize command script exactly as kiln sends it to
+/// SSM (`AwsPorts::command_script`, moto's S3 behind its presigned URLs), run by bash in a
+/// scratch root (an overlay over this machine's `/` whose writes land in a folder of the test,
+/// with its own `/tmp` and `/var/tmp`), the agent fetched and pinned as on EC2, a reboot (exit
+/// 194, the script run again as SSM does) and every sanitize item. Whatever the run wrote or
+/// changed anywhere in that root is searched for the `ssm-secure` value the component used.
+mod command_script_in_a_scratch_root {
+    use super::*;
+    use kiln::aws::{AwsPorts, Settings};
+    use kiln::component::PhaseName;
+    use kiln::model::build::BuildId;
+    use kiln::model::pipeline::SanitizeItem;
+    use kiln::ports::{CommandPlan, ComponentSpec};
+    use serde_json::json;
+
+    const BUCKET: &str = "kiln-scratch";
+    const SECRET: &str = "kiln-secret-9f1c2e7a5b";
+
+    /// The component: checks it got the value (by digest, so the document does not hold it),
+    /// prints it (masked in the report), asks for one reboot, uses it again; `extra` lines last.
+    fn component(extra: &[&str]) -> ComponentSpec {
+        let digest = kiln::digest::sha256_hex(SECRET.as_bytes());
+        let check = format!(
+            "test \"$(printf %s '{{{{ Password }}}}' | sha256sum | cut -c1-64)\" = {digest}"
+        );
+        let mut again = vec![
+            check.clone(),
+            "echo used > /etc/kiln-used-the-secret".to_string(),
+        ];
+        again.extend(extra.iter().map(|l| l.to_string()));
+        ComponentSpec {
+            name: "uses-secret".into(),
+            document: json!({"name": "uses-secret", "schemaVersion": "1.0",
+                "parameters": [{"Password": {"type": "string"}}],
+                "phases": [{"name": "build", "steps": [
+                    {"name": "UseThenReboot", "action": "ExecuteBash", "inputs": {"commands": [
+                        check,
+                        "echo 'connecting with {{ Password }}'",
+                        "if [ ! -e /etc/kiln-rebooted ]; then touch /etc/kiln-rebooted; exit 194; fi"]}},
+                    {"name": "UseAgain", "action": "ExecuteBash", "inputs": {"commands": again}}]}]}),
+            parameters: [(
+                "Password".to_string(),
+                "{{ ssm-secure:/kiln/scratch/password }}".to_string(),
+            )]
+            .into(),
+        }
+    }
+
+    /// What one customize run left: the regular files (in the overlay's upper folder and the
+    /// scratch `/tmp`, `/var/tmp`) that hold the value, the report and the scratch folder.
+    struct Left {
+        holding_secret: Vec<PathBuf>,
+        report: Json,
+        scratch: tempfile::TempDir,
+        build: BuildId,
+    }
+
+    fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                files_under(&e.path(), out);
+            } else if t.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+
+    fn run_customize(extra: &[&str]) -> Left {
+        let moto = crate::support::Moto::start();
+        for (k, v) in moto.env() {
+            // Each nextest test runs in its own process: the environment is this test's alone.
+            std::env::set_var(k, v);
+        }
+        put_parameter(
+            &moto,
+            "/kiln/scratch/password",
+            SECRET,
+            aws_sdk_ssm::types::ParameterType::SecureString,
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ports = rt.block_on(AwsPorts::from_env(Settings {
+            table: String::new(),
+            bucket: BUCKET.into(),
+            event_bus: String::new(),
+            region: "us-east-1".into(),
+            stack: None,
+            instance_profile: None,
+        }));
+        rt.block_on(ports.prepare_artifacts(&built_binary("kiln-agent")))
+            .expect("artifacts");
+        let build = BuildId::new_at(chrono::Utc::now().timestamp_millis() as u64);
+        let plan = CommandPlan {
+            build: build.clone(),
+            phases: vec![PhaseName::Build, PhaseName::Validate],
+            components: vec![component(extra)],
+            working_directory: "/tmp".into(),
+            sanitize: SanitizeItem::ALL.to_vec(),
+            verify_clean: None,
+            timeout_minutes: 30,
+        };
+        let script = rt
+            .block_on(ports.command_script(&plan))
+            .expect("customize script");
+        // The scratch root's folders live on /dev/shm, another file system than `/`: overlayfs
+        // refuses an upper folder inside its lower one.
+        let scratch = tempfile::Builder::new()
+            .prefix("kiln-scratch-")
+            .tempdir_in("/dev/shm")
+            .expect("scratch");
+        let s = scratch.path();
+        for d in ["upper", "ovlwork", "root", "tmp", "vartmp"] {
+            std::fs::create_dir(s.join(d)).expect("mkdir");
+        }
+        std::fs::write(s.join("script.sh"), script.join("\n")).expect("script");
+        // Every mount is made in a private mount namespace and goes with it; `set -e` stops
+        // before `chroot` if any fails, so the script never runs on this machine's own root.
+        let wrapper = r#"set -eu
+S=$1
+mount -t overlay kiln-scratch -o "lowerdir=/,upperdir=$S/upper,workdir=$S/ovlwork" "$S/root"
+mount --bind "$S/tmp" "$S/root/tmp"
+mount --bind "$S/vartmp" "$S/root/var/tmp"
+mount --rbind /dev "$S/root/dev"
+mount -t proc proc "$S/root/proc"
+for attempt in 1 2 3; do
+  code=0
+  chroot "$S/root" /bin/bash /dev/fd/3 3<"$S/script.sh" || code=$?
+  [ "$code" = 194 ] || break
+  echo "reboot requested; running the command again"
+done
+echo "exit=$code"
+"#;
+        let out = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                wrapper,
+                "wrapper",
+            ])
+            .arg(s)
+            .output()
+            .expect("unshare");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("exit=0"),
+            "{stdout}\n{stderr}"
+        );
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(
+                &rt.block_on(aws_config::defaults(aws_config::BehaviorVersion::latest()).load()),
+            )
+            .force_path_style(true)
+            .build(),
+        );
+        let report = rt.block_on(async {
+            let o = s3
+                .get_object()
+                .bucket(BUCKET)
+                .key(format!("builds/{build}/customize/report.json"))
+                .send()
+                .await
+                .expect("report in the bucket");
+            o.body.collect().await.expect("body").into_bytes().to_vec()
+        });
+        let mut files = Vec::new();
+        for d in ["upper", "tmp", "vartmp"] {
+            files_under(&s.join(d), &mut files);
+        }
+        let needle = SECRET.as_bytes();
+        let holding_secret = files
+            .into_iter()
+            .filter(|f| {
+                std::fs::read(f).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            })
+            .collect();
+        Left {
+            holding_secret,
+            report: serde_json::from_slice(&report).expect("report JSON"),
+            scratch,
+            build,
+        }
+    }
+
+    #[test]
+    fn leaves_neither_the_script_nor_a_substituted_secret_anywhere() {
+        // GIVEN the customize script of a component that uses an ssm-secure value and reboots
+        // WHEN it runs to the end in the scratch root
+        let left = run_customize(&[]);
+        // THEN the run succeeded through the reboot, the value was used, and sanitizing ran
+        let r = &left.report;
+        assert_eq!(r["status"], "success", "{r}");
+        assert_eq!(r["reboots"], 1, "{r}");
+        let docs: Vec<&str> = r["documents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["name"].as_str())
+            .collect();
+        assert_eq!(docs, ["uses-secret", "kiln-sanitize"], "{r}");
+        let upper = left.scratch.path().join("upper");
+        assert!(upper.join("etc/kiln-used-the-secret").is_file());
+        assert!(r.to_string().contains("connecting with ****"), "{r}");
+        // AND no file anywhere the run wrote holds the value, and nothing of kiln's run is left
+        assert_eq!(left.holding_secret, Vec::<PathBuf>::new());
+        assert!(!upper.join(format!("var/lib/kiln/{}", left.build)).exists());
+        let mut agent_state = Vec::new();
+        files_under(&upper.join("var/lib/kiln-agent"), &mut agent_state);
+        assert_eq!(agent_state, Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn a_value_the_component_writes_itself_is_found_by_the_same_search() {
+        // GIVEN (the search's control) a component that writes the value into a file itself
+        // WHEN its customize script runs in the scratch root
+        let left = run_customize(&["printf %s '{{ Password }}' > /etc/kiln-leak"]);
+        // THEN the search finds that file, and only that one
+        assert_eq!(left.report["status"], "success", "{}", left.report);
+        assert_eq!(
+            left.holding_secret,
+            [left.scratch.path().join("upper/etc/kiln-leak")]
+        );
+    }
 }
