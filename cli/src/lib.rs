@@ -247,7 +247,15 @@ where
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(stderr, "error: {e:#}");
-            exit::FAILED
+            // A home kiln refuses is the caller's to fix, whichever command opened it.
+            let refused_home = e
+                .downcast_ref::<kiln::errors::StageError>()
+                .is_some_and(|s| s.code.as_deref() == Some(kiln::local::UNSAFE_HOME));
+            if refused_home {
+                exit::INVALID
+            } else {
+                exit::FAILED
+            }
         }
     }
 }

@@ -183,15 +183,17 @@ fn output_log(home: &Path, b: &Build) -> Option<PathBuf> {
     )
 }
 
+/// The last line of a command's output, from the end of the file only (the instance writes it:
+/// any size).
 fn last_line(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::to_string)
-        })
+    let end = std::fs::File::open(path)
+        .and_then(|f| kiln::local::beneath::read_end(f, 4096))
+        .unwrap_or_default();
+    String::from_utf8_lossy(&end)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_string)
         .unwrap_or_default()
 }
 
@@ -454,6 +456,27 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
             return Ok(code);
         }
     };
+    // An execution that ended on an error no Catch took (States.DataLimitExceeded,
+    // States.Runtime, …) skipped the state machine's cleanup: the same cleanup as an
+    // interruption's ends its instances, records it FAILED with the reason, releases the lock.
+    let build = runtime.block_on(execution::build_of(&provider.ports(), &p.name, &request));
+    if outcome.status != Status::Succeeded && build.as_ref().is_some_and(|b| !b.status.is_final()) {
+        let error = outcome.error.as_deref().unwrap_or("States.Runtime");
+        let cause = outcome.cause.as_deref().unwrap_or("the execution ended");
+        runtime.block_on(execution::reap(
+            &provider.ports(),
+            &p.name,
+            &request,
+            error,
+            cause,
+        ));
+        if !local.wait_for_jobs(Duration::from_secs(300)) {
+            writeln!(
+                stderr,
+                "an image is still being written; `kiln gc` removes it"
+            )?;
+        }
+    }
     // The build as the store has it now (the execution's output on success, the record after
     // cleanup on failure).
     let build = runtime.block_on(execution::build_of(&provider.ports(), &p.name, &request));

@@ -332,11 +332,26 @@ pub async fn build_of(ports: &Ports<'_>, pipeline: &str, request: &str) -> Optio
 /// Cleans up the build an interrupted execution started: instances terminated, partial images
 /// removed, build CANCELLED, lock released.
 pub async fn cancel(ports: &Ports<'_>, pipeline: &str, request: &str, why: &str) -> Option<Build> {
+    reap(ports, pipeline, request, "Kiln.Cancelled", why).await
+}
+
+/// Cleans up the build of an execution that ended without its own cleanup (interrupted, or
+/// ended by an error no Catch takes, such as States.DataLimitExceeded or States.Runtime): the
+/// cleanup stage run with `error` and `cause`, as the state machine's Catch would run it —
+/// instances terminated, partial images removed, the build CANCELLED (`Kiln.Cancelled`) or
+/// FAILED with the reason, the lock released. Idempotent.
+pub async fn reap(
+    ports: &Ports<'_>,
+    pipeline: &str,
+    request: &str,
+    error: &str,
+    cause: &str,
+) -> Option<Build> {
     let build = build_of(ports, pipeline, request).await?;
     let event = json!({
         "op": "run",
         "build": build,
-        "error": {"Error": "Kiln.Cancelled", "Cause": why}
+        "error": {"Error": error, "Cause": cause}
     });
     let out = crate::stages::handler::handle(ports, Function::Cleanup, event).await;
     out.ok().and_then(|j| serde_json::from_value(j).ok())

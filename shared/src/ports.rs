@@ -248,25 +248,52 @@ pub enum CommandStatus {
     },
 }
 
-/// The failed component and step a kiln-agent report names, and the tail of its output.
+/// The most bytes of one text field of a report (a name, a message, a tail) that kiln keeps:
+/// the report is written on the instance, and its fields go into the build record and the
+/// state machine's data (256 KiB at most there).
+pub const REPORT_FIELD_CAP: usize = 4096;
+
+/// The failed component and step a kiln-agent report names, and the tail of its output, each
+/// field cut to [`REPORT_FIELD_CAP`] bytes (the tail keeps its end).
 pub fn report_failure(report: &serde_json::Value) -> Option<(String, String)> {
     let f = report.get("failure")?;
-    let text = |k: &str| {
-        f.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let text = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    let head = |k: &str| cap_text(text(k), REPORT_FIELD_CAP, false);
     Some((
-        format!(
-            "component {}, {}/{}: {}",
-            text("document"),
-            text("phase"),
-            text("step"),
-            text("message")
+        cap_text(
+            &format!(
+                "component {}, {}/{}: {}",
+                head("document"),
+                head("phase"),
+                head("step"),
+                head("message")
+            ),
+            REPORT_FIELD_CAP,
+            false,
         ),
-        text("outputTail"),
+        cap_text(text("outputTail"), REPORT_FIELD_CAP, true),
     ))
+}
+
+/// `text` cut to `max` bytes on a character boundary, keeping its start (or, `keep_end`, its
+/// end), with a note of how much was cut.
+pub fn cap_text(text: &str, max: usize, keep_end: bool) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    if keep_end {
+        let mut start = text.len() - max;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        format!("({start} bytes before) …{}", &text[start..])
+    } else {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} more bytes)", &text[..end], text.len() - end)
+    }
 }
 
 /// Commands on instances (SSM Run Command with kiln-agent, or the embedded agent).
@@ -583,4 +610,39 @@ port_calls! {
 /// Something that offers the ports (the AWS clients, the embedded cloud, the in-memory cloud).
 pub trait PortsProvider: Send + Sync {
     fn ports(&self) -> Ports<'_>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_fields_are_capped_and_cut_on_character_boundaries() {
+        // GIVEN a report whose message and tail are 6,000 bytes of two-byte characters
+        let long = "é".repeat(3000);
+        let report = serde_json::json!({"failure": {
+            "document": "c", "phase": "build", "step": "s",
+            "message": long, "outputTail": format!("{long}the end"),
+        }});
+        // WHEN kiln reads its failure
+        let (message, tail) = report_failure(&report).expect("a failure");
+        // THEN both are cut near the cap, the message keeping its start, the tail its end
+        assert!(message.len() <= REPORT_FIELD_CAP + 64, "{}", message.len());
+        assert!(message.starts_with("component c, build/s: éé"));
+        assert!(message.contains("more bytes"), "{message}");
+        assert!(tail.len() <= REPORT_FIELD_CAP + 64, "{}", tail.len());
+        assert!(tail.ends_with("the end") && tail.contains("bytes before"));
+        // AND a small failure passes verbatim
+        let small = serde_json::json!({"failure": {
+            "document": "c", "phase": "build", "step": "s",
+            "message": "exit 3", "outputTail": "line 1\nline 2",
+        }});
+        assert_eq!(
+            report_failure(&small),
+            Some((
+                "component c, build/s: exit 3".to_string(),
+                "line 1\nline 2".to_string()
+            ))
+        );
+    }
 }

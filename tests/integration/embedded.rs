@@ -92,7 +92,7 @@ impl Home {
     }
 
     /// Exports `image` of `region` and lists its files.
-    fn files_of(&self, region: &str, image: &str) -> (PathBuf, Vec<String>) {
+    pub(crate) fn files_of(&self, region: &str, image: &str) -> (PathBuf, Vec<String>) {
         let tar = self.path().join(format!("{image}.tar"));
         let (code, out, err) = self.kiln(&[
             "image",
@@ -562,7 +562,7 @@ fn raw_status(home: &Home, pipeline: &str) -> Option<String> {
 }
 
 /// One query of the store, read raw by sqlite3 (rows one per line), while kiln runs or after.
-fn raw_query(home: &Home, sql: &str) -> Option<String> {
+pub(crate) fn raw_query(home: &Home, sql: &str) -> Option<String> {
     let db = home.path().join("state.db");
     if !db.exists() {
         return None;
@@ -1968,9 +1968,22 @@ fn an_image_cannot_bring_device_nodes_or_mount_points_that_lead_out() {
         std::fs::write(&path, text).expect("write");
         path
     };
-    // WHEN a build runs on the image with a device node THEN the node opens nothing (nodev root)
+    // WHEN a build runs on the image with a device node THEN the node opens nothing (it is no
+    // node in the instance: device entries are layer metadata only)
     let (code, summary, err) = home.run(&pipeline("with-device"));
     assert_eq!(code, 0, "{summary}\n{err}");
+    // AND the image the build made still holds the entry
+    let built = summary["images"]["us-east-1"].as_str().expect("image");
+    let (tar, _) = home.files_of("us-east-1", built);
+    let mut list = Command::new("tar");
+    list.args(["--numeric-owner", "-tvf"]).arg(&tar);
+    let listed = crate::support::run_ok(list);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with('c') && l.contains("1,5") && l.ends_with("var/zero")),
+        "{listed}"
+    );
     home.assert_nothing_left("on-with-device");
     // WHEN a build runs on the image whose /dev is a link THEN its builder does not start, and
     // the reason names the link

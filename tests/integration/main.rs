@@ -13,6 +13,7 @@ mod engine;
 mod escape;
 mod examples;
 mod fixtures;
+mod host_io;
 mod infra;
 mod lambda;
 mod pipeline_asl;

@@ -3,6 +3,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The longest Cause an error keeps, in characters: what Step Functions accepts for a task's
+/// failure (`SendTaskFailure`, a TaskFailed event). A longer one is cut, so that a state's error
+/// output stays far under the 256 KiB data limit that no catcher handles.
+pub const MAX_CAUSE_CHARS: usize = 32_768;
+
+/// `cause`, cut to [`MAX_CAUSE_CHARS`] characters.
+fn capped(mut cause: String) -> String {
+    if let Some((at, _)) = cause.char_indices().nth(MAX_CAUSE_CHARS) {
+        cause.truncate(at);
+    }
+    cause
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateError {
     pub error: String,
@@ -20,7 +33,7 @@ impl StateError {
     pub fn new(error: impl Into<String>, cause: impl Into<String>) -> Self {
         StateError {
             error: error.into(),
-            cause: cause.into(),
+            cause: capped(cause.into()),
             unset: (false, false),
             terminal: false,
         }
@@ -42,7 +55,7 @@ impl StateError {
         StateError {
             unset: (error.is_none(), cause.is_none()),
             error: error.unwrap_or_default(),
-            cause: cause.unwrap_or_default(),
+            cause: capped(cause.unwrap_or_default()),
             terminal: false,
         }
     }
@@ -60,8 +73,24 @@ impl StateError {
     /// The error a Lambda function's failure becomes: `errorType` is the Error, the error
     /// payload (as JSON text) is the Cause.
     pub fn from_lambda(error_type: &str, message: &str) -> Self {
-        let payload = serde_json::json!({ "errorType": error_type, "errorMessage": message });
-        StateError::new(error_type, payload.to_string())
+        // The message is shortened rather than the payload cut, so the Cause stays JSON.
+        let mut message: String = message.chars().take(MAX_CAUSE_CHARS).collect();
+        loop {
+            let payload =
+                serde_json::json!({ "errorType": error_type, "errorMessage": message }).to_string();
+            let over = payload.chars().count().saturating_sub(MAX_CAUSE_CHARS);
+            if over == 0 || message.is_empty() {
+                return StateError::new(error_type, payload);
+            }
+            let keep = message.chars().count().saturating_sub(over);
+            message = message.chars().take(keep).collect();
+        }
+    }
+
+    /// This error with `cause` (cut as every Cause is).
+    pub fn with_cause(mut self, cause: String) -> Self {
+        self.cause = capped(cause);
+        self
     }
 
     /// Whether a Retry or Catch with `names` handles this error.
@@ -91,3 +120,30 @@ impl std::fmt::Display for StateError {
 }
 
 impl std::error::Error for StateError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_of_100_kb_is_cut_to_32768_characters_as_aws_cuts_task_failures() {
+        // GIVEN causes of 100,000 characters, one- and two-byte
+        for unit in ["x", "é"] {
+            let long = unit.repeat(100_000);
+            // WHEN a task fails with it, a Fail state raises it, or a Lambda error carries it
+            let task = StateError::new("Kiln.ComponentFailed", long.clone());
+            let fail = StateError::fail_state(Some("E".into()), Some(long.clone()));
+            let lambda = StateError::from_lambda("Kiln.ComponentFailed", &long);
+            // THEN each Cause is 32,768 characters, the start kept
+            assert_eq!(task.cause.chars().count(), MAX_CAUSE_CHARS);
+            assert!(long.starts_with(&task.cause));
+            assert_eq!(fail.cause.chars().count(), MAX_CAUSE_CHARS);
+            assert_eq!(lambda.cause.chars().count(), MAX_CAUSE_CHARS);
+            // AND the Lambda error's Cause is still its JSON payload
+            let payload: serde_json::Value = serde_json::from_str(&lambda.cause).expect("JSON");
+            assert_eq!(payload["errorType"], "Kiln.ComponentFailed");
+        }
+        // AND a short cause is kept whole
+        assert_eq!(StateError::new("E", "short").cause, "short");
+    }
+}

@@ -1104,10 +1104,11 @@ fn in_aws_words(mut e: StateError, state: &str, entered: u64) -> StateError {
         "States.Runtime" | "States.IntrinsicFailure"
     ) && !e.cause.starts_with(PREFIX)
     {
-        e.cause = format!(
+        let cause = format!(
             "{PREFIX} '{state}' (entered at the event id #{entered}). {}",
             e.cause
         );
+        e = e.with_cause(cause);
     }
     e
 }

@@ -5,7 +5,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -142,19 +142,41 @@ impl Folder {
         .map_err(|e| no_links(&self.path.join(name), e))
     }
 
-    /// Reads the regular file at `rel`.
-    pub fn read(&self, rel: &Path) -> io::Result<Vec<u8>> {
+    /// Opens the regular file at `rel` to read (an error for anything else: a device, a FIFO).
+    fn open_file(&self, rel: &Path) -> io::Result<(File, PathBuf)> {
         let (dir, name) = self.parent_of(rel, false)?;
-        let mut f = dir.open_at(&name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0)?;
+        let f = dir.open_at(&name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0)?;
+        let at = dir.path.join(&name);
         if !f.metadata()?.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", dir.path.join(&name).display()),
+                format!("{} is not a regular file", at.display()),
             ));
         }
+        Ok((f, at))
+    }
+
+    /// Reads the regular file at `rel`, refused when it holds more than `limit` bytes: what an
+    /// instance writes is read into the host's memory.
+    pub fn read(&self, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        let (f, at) = self.open_file(rel)?;
         let mut out = Vec::new();
-        f.read_to_end(&mut out)?;
+        // (The size is checked on what is read, not on the size first seen: the file may grow.)
+        f.take(limit + 1).read_to_end(&mut out)?;
+        if out.len() as u64 > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is larger than {limit} bytes", at.display()),
+            ));
+        }
         Ok(out)
+    }
+
+    /// The last `limit` bytes of the regular file at `rel` (all of it when shorter), read from
+    /// there: a file of any size costs `limit` bytes.
+    pub fn read_end(&self, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        let (f, _) = self.open_file(rel)?;
+        read_end(f, limit)
     }
 
     /// Opens the file at `rel` to append to (created when missing).
@@ -240,13 +262,40 @@ impl Folder {
     }
 }
 
-/// The last `lines` lines of the file at `rel` under `folder` (empty when unreadable).
+/// How much of the end of a log is read for its tail.
+pub const TAIL_READ: u64 = 64 * 1024;
+
+/// The most bytes of an instance's text (a tail, a failure message) that reach a status, a
+/// build record or the engine.
+pub const TEXT_CAP: usize = 4096;
+
+/// The last `limit` bytes of an open file.
+pub fn read_end(mut f: File, limit: u64) -> io::Result<Vec<u8>> {
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(len.saturating_sub(limit)))?;
+    let mut out = Vec::new();
+    f.take(limit).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The last `lines` lines of the file at `rel` under `folder`, from its last [`TAIL_READ`]
+/// bytes and at most [`TEXT_CAP`] bytes long (empty when unreadable).
 pub fn tail(folder: &Folder, rel: &Path, lines: usize) -> String {
     let text = folder
-        .read(rel)
+        .read_end(rel, TAIL_READ)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
-    last_lines(&text, lines)
+    crate::ports::cap_text(&last_lines(&text, lines), TEXT_CAP, true)
+}
+
+/// The last `lines` lines of the file at `path` (a file kiln names; links followed), read as
+/// [`tail`] reads (empty when unreadable).
+pub fn tail_of(path: &Path, lines: usize) -> String {
+    let text = File::open(path)
+        .and_then(|f| read_end(f, TAIL_READ))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    crate::ports::cap_text(&last_lines(&text, lines), TEXT_CAP, true)
 }
 
 /// The last `n` lines of `text`.
@@ -274,8 +323,8 @@ mod tests {
         let f = Folder::open(&inside).unwrap();
 
         // a read through a link is refused, a read under a linked folder too
-        assert!(f.read(Path::new("status.json")).is_err());
-        assert!(f.read(Path::new("dir/secret")).is_err());
+        assert!(f.read(Path::new("status.json"), 1024).is_err());
+        assert!(f.read(Path::new("dir/secret"), 1024).is_err());
         // an append does not create the link's target
         assert!(f.append(Path::new("output.log")).is_err());
         assert!(!outside.join("log").exists());
@@ -296,5 +345,35 @@ mod tests {
         f.remove(OsStr::new("dir")).unwrap();
         assert!(outside.join("secret").exists());
         assert!(f.sub(Path::new("../outside"), false).is_err());
+    }
+
+    #[test]
+    fn reads_of_what_an_instance_writes_are_bounded() {
+        // GIVEN a 256 MiB sparse log ending in a line, and a report of 2 MiB
+        let t = tempfile::tempdir().unwrap();
+        let log = File::create(t.path().join("output.log")).unwrap();
+        log.set_len(256 << 20).unwrap();
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(t.path().join("output.log"))
+            .unwrap();
+        log.write_all(b"\nlast line\n").unwrap();
+        std::fs::write(t.path().join("report.json"), vec![b' '; 2 << 20]).unwrap();
+        std::fs::write(t.path().join("small.json"), b"{}").unwrap();
+        let f = Folder::open(t.path()).unwrap();
+        // WHEN the host reads them THEN the tail is the end, capped; the big report is refused
+        let tail = tail(&f, Path::new("output.log"), 20);
+        assert!(tail.len() <= TEXT_CAP + 64, "{}", tail.len());
+        assert!(
+            tail.ends_with("last line"),
+            "{:?}",
+            &tail[tail.len() - 20..]
+        );
+        let err = f.read(Path::new("report.json"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        // AND what is small passes whole
+        assert_eq!(f.read(Path::new("small.json"), 1 << 20).unwrap(), b"{}");
+        std::fs::write(t.path().join("short.log"), "one\ntwo\n").unwrap();
+        assert_eq!(super::tail(&f, Path::new("short.log"), 20), "one\ntwo");
     }
 }

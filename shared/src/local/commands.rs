@@ -16,6 +16,10 @@ use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{CommandId, InstanceId};
 use crate::ports::{CommandPlan, CommandStatus, Commands, InstanceState, PortResult};
 
+/// The largest `report.json` (or `status.json`) the host reads from a command folder: the
+/// instance writes there, and the host reads it into its memory.
+const REPORT_LIMIT: u64 = 1 << 20;
+
 /// The most reboots one command may ask for.
 const MAX_REBOOTS: u32 = 5;
 const REBOOT: i32 = 194;
@@ -55,7 +59,7 @@ fn run_to_end(
     };
     let output = Path::new("output.log");
     let failed = |message: String| CommandStatus::Failed {
-        message,
+        message: crate::ports::cap_text(&message, beneath::TEXT_CAP, false),
         output_tail: beneath::tail(&folder, output, 20),
     };
     // What every `sandbox exec` of this command is given: the instance's posture and cgroups
@@ -112,7 +116,7 @@ fn run_to_end(
             return CommandStatus::Success;
         }
         let report = folder
-            .read(Path::new("report.json"))
+            .read(Path::new("report.json"), REPORT_LIMIT)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
         return match report.as_ref().and_then(crate::ports::report_failure) {
@@ -241,7 +245,12 @@ impl Commands for LocalCloud {
             }
             // Started by another kiln process: what it recorded, if it finished.
             let read = Folder::open(&self.host().instance_dir(instance.as_str()).join("cmd"))
-                .and_then(|f| f.read(&Path::new(command.as_str()).join("status.json")));
+                .and_then(|f| {
+                    f.read(
+                        &Path::new(command.as_str()).join("status.json"),
+                        REPORT_LIMIT,
+                    )
+                });
             match read {
                 Ok(b) => serde_json::from_slice(&b).map_err(|e| io_error("command status", e)),
                 Err(_) => Err(StageError::new(

@@ -146,7 +146,7 @@ fn read_pid(path: &Path) -> Option<u32> {
 
 /// The last `lines` lines of a file.
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    super::beneath::last_lines(&fs::read_to_string(path).unwrap_or_default(), lines)
+    super::beneath::tail_of(path, lines)
 }
 
 impl Host {

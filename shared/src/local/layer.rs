@@ -1,9 +1,17 @@
 //! Image layers: a folder to a tar+zstd blob (overlay whiteouts turned into the OCI form), and a
 //! blob back to a folder (OCI whiteouts turned into overlay whiteouts, or applied as deletions).
+//!
+//! Device entries (character and block nodes) are never made on the host: an image's device node
+//! would be a real node of the host's disks. Unpacked for an overlay, they are left out (an
+//! instance's /dev does not come from its image, and the layer's blob keeps them); unpacked to be
+//! written again (an import, an export), they are kept as metadata in [`DEVICES_FILE`] at the
+//! folder's root, which writing the folder turns back into the same tar entries.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +26,124 @@ use std::os::fd::AsFd;
 const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// The device entries of a folder unpacked with [`Whiteouts::Apply`], at its root. No entry of a
+/// layer unpacks to a name starting with `.wh.` (those are whiteouts), so it names nothing of
+/// the image.
+pub const DEVICES_FILE: &str = ".wh..kiln-devices.json";
+
+/// A character or block device entry of a layer, as its tar header has it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Device {
+    /// `c` or `b`.
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub major: u32,
+    pub minor: u32,
+    pub mtime: u64,
+}
+
+/// The device entries of an unpacked folder, by their path in it (raw bytes: names need not be
+/// UTF-8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Devices(BTreeMap<PathBuf, Device>);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeviceLine {
+    path: Vec<u8>,
+    #[serde(flatten)]
+    device: Device,
+}
+
+impl Devices {
+    /// The devices recorded at the root of `dir` (none when it has no record).
+    pub fn read(dir: &Path) -> io::Result<Devices> {
+        let text = match fs::symlink_metadata(dir.join(DEVICES_FILE)) {
+            Ok(m) if m.is_file() => fs::read(dir.join(DEVICES_FILE))?,
+            Ok(_) => return Err(invalid(format!("{DEVICES_FILE} is not a file"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Devices::default()),
+            Err(e) => return Err(e),
+        };
+        let lines: Vec<DeviceLine> = serde_json::from_slice(&text)
+            .map_err(|e| invalid(format!("{}: {e}", dir.join(DEVICES_FILE).display())))?;
+        Ok(Devices(
+            lines
+                .into_iter()
+                .map(|l| (PathBuf::from(OsString::from_vec(l.path)), l.device))
+                .collect(),
+        ))
+    }
+
+    /// Records these devices at the root of `root` (the record is removed when there are none).
+    fn save(&self, root: &Folder) -> io::Result<()> {
+        if self.0.is_empty() {
+            return root.remove(std::ffi::OsStr::new(DEVICES_FILE));
+        }
+        let lines: Vec<DeviceLine> = self
+            .0
+            .iter()
+            .map(|(p, d)| DeviceLine {
+                path: p.as_os_str().as_bytes().to_vec(),
+                device: d.clone(),
+            })
+            .collect();
+        let text = serde_json::to_vec(&lines).map_err(io::Error::other)?;
+        root.write(Path::new(DEVICES_FILE), &text)
+    }
+
+    /// The device entries, by path.
+    pub fn entries(&self) -> &BTreeMap<PathBuf, Device> {
+        &self.0
+    }
+
+    /// Forgets the device at `rel` and every one below it.
+    fn forget(&mut self, rel: &Path) {
+        self.0.retain(|p, _| !p.starts_with(rel));
+    }
+
+    /// Forgets every device strictly below `rel` (an opaque folder).
+    fn forget_below(&mut self, rel: &Path) {
+        self.0.retain(|p, _| p == rel || !p.starts_with(rel));
+    }
+
+    /// Forgets a device where `rel` or one of its parents is (an entry placed there replaces it).
+    fn forget_at_and_above(&mut self, rel: &Path) {
+        for a in rel.ancestors() {
+            self.0.remove(a);
+        }
+    }
+
+    /// The names of the devices directly in folder `rel`.
+    fn names_in(&self, rel: &Path) -> Vec<OsString> {
+        self.0
+            .keys()
+            .filter(|p| p.parent() == Some(rel))
+            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+            .collect()
+    }
+
+    fn header(&self, rel: &Path) -> Option<io::Result<tar::Header>> {
+        let d = self.0.get(rel)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(if d.kind == 'b' {
+            tar::EntryType::Block
+        } else {
+            tar::EntryType::Char
+        });
+        h.set_mode(d.mode);
+        h.set_uid(d.uid);
+        h.set_gid(d.gid);
+        h.set_mtime(d.mtime);
+        h.set_size(0);
+        Some(
+            h.set_device_major(d.major)
+                .and_then(|()| h.set_device_minor(d.minor))
+                .map(|()| h),
+        )
+    }
+}
 
 /// A writer that hashes and counts what passes through.
 #[derive(Debug)]
@@ -92,7 +218,7 @@ pub fn write(
     let mut builder = tar::Builder::new(raw);
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
-    let mut walk = Walk::new(dir, overlay, exclude);
+    let mut walk = Walk::new(dir, overlay, exclude)?;
     walk.dir(&mut builder, Path::new(""))?;
     let entries = walk.entries;
     let raw = builder.into_inner()?;
@@ -115,16 +241,24 @@ pub fn write_plain(dir: &Path, out: impl Write) -> io::Result<u64> {
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
     let exclude = BTreeSet::new();
-    let mut walk = Walk::new(dir, false, &exclude);
+    let mut walk = Walk::new(dir, false, &exclude)?;
     walk.dir(&mut builder, Path::new(""))?;
     builder.into_inner()?.flush()?;
     Ok(walk.entries)
 }
 
 impl<'a> Walk<'a> {
-    fn new(root: &'a Path, overlay: bool, exclude: &'a BTreeSet<String>) -> Self {
-        Walk {
+    fn new(root: &'a Path, overlay: bool, exclude: &'a BTreeSet<String>) -> io::Result<Self> {
+        // An overlay upper dir is an instance's: its devices are nodes it made, and a record
+        // of devices there would be a file a component wrote.
+        let devices = if overlay {
+            Devices::default()
+        } else {
+            Devices::read(root)?
+        };
+        Ok(Walk {
             root,
+            devices,
             overlay,
             exclude,
             links: HashMap::new(),
@@ -135,7 +269,7 @@ impl<'a> Walk<'a> {
                     nix::unistd::getegid().as_raw(),
                 )
             }),
-        }
+        })
     }
 }
 
@@ -144,6 +278,8 @@ struct Walk<'a> {
     overlay: bool,
     exclude: &'a BTreeSet<String>,
     links: HashMap<(u64, u64), PathBuf>,
+    /// The devices recorded for the folder (see [`DEVICES_FILE`]).
+    devices: Devices,
     entries: u64,
     /// The user and group that are root inside (an ordinary user's instances).
     owner: Option<(u32, u32)>,
@@ -172,22 +308,35 @@ fn is_opaque(path: &Path) -> bool {
 impl Walk<'_> {
     fn dir<W: Write>(&mut self, b: &mut tar::Builder<W>, rel: &Path) -> io::Result<()> {
         let here = self.root.join(rel);
+        let at_root = rel.as_os_str().is_empty();
         let mut names: Vec<_> = fs::read_dir(&here)?
             .map(|e| e.map(|e| e.file_name()))
+            .filter(|n| !(at_root && !self.overlay && n.as_ref().is_ok_and(|n| n == DEVICES_FILE)))
             .collect::<io::Result<_>>()?;
+        names.extend(self.devices.names_in(rel));
         names.sort();
+        names.dedup();
         for name in names {
             let rel = rel.join(&name);
             if self.exclude.contains(rel.to_string_lossy().as_ref()) {
                 continue;
             }
             let path = self.root.join(&rel);
-            let meta = fs::symlink_metadata(&path)?;
+            let meta = match fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if let Some(h) = self.devices.header(&rel) {
+                        self.entries += 1;
+                        b.append_data(&mut h?, &rel, io::empty())?;
+                    }
+                    continue;
+                }
+                other => other?,
+            };
             let ft = meta.file_type();
             self.entries += 1;
             if self.overlay && ft.is_char_device() && meta.rdev() == 0 {
                 let mut wh = empty_header(tar::EntryType::Regular, 0o644);
-                let mut wh_name = std::ffi::OsString::from(WHITEOUT_PREFIX);
+                let mut wh_name = OsString::from(WHITEOUT_PREFIX);
                 wh_name.push(&name);
                 b.append_data(&mut wh, rel.with_file_name(wh_name), io::empty())?;
                 continue;
@@ -266,6 +415,11 @@ pub fn unpack(blob: &Path, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64>
 pub fn unpack_tar(input: impl Read, dest: &Path, whiteouts: Whiteouts) -> io::Result<u64> {
     fs::create_dir_all(dest)?;
     let root = Folder::open(dest)?;
+    // Applied over the layers below: their devices, as later entries leave them.
+    let mut devices = match whiteouts {
+        Whiteouts::Apply => Devices::read(dest)?,
+        Whiteouts::Overlay => Devices::default(),
+    };
     let privileged = Privilege {
         owners: nix::unistd::geteuid().is_root(),
         machine: !crate::userns::unprivileged(),
@@ -291,8 +445,12 @@ pub fn unpack_tar(input: impl Read, dest: &Path, whiteouts: Whiteouts) -> io::Re
             whiteouts,
             privileged,
             &mut folders,
+            &mut devices,
         )
         .map_err(refuse)?;
+    }
+    if whiteouts == Whiteouts::Apply {
+        devices.save(&root)?;
     }
     for (rel, mode, mtime) in folders.into_iter().rev() {
         let Ok(dir) = root.sub(&rel, false) else {
@@ -326,6 +484,7 @@ fn place<R: Read>(
     whiteouts: Whiteouts,
     privileged: Privilege,
     folders: &mut Vec<(PathBuf, u32, u64)>,
+    devices: &mut Devices,
 ) -> io::Result<()> {
     let parts = beneath::components(path)?;
     let Some(name) = parts.last().cloned() else {
@@ -333,9 +492,13 @@ fn place<R: Read>(
         return Ok(());
     };
     let parent_rel: PathBuf = parts[..parts.len() - 1].iter().collect();
+    let rel: PathBuf = parts.iter().collect();
+    // Folders are made on the way to the entry: a device recorded there is replaced.
+    devices.forget_at_and_above(&parent_rel);
     let parent = root.sub(&parent_rel, true)?;
     let name_text = name.to_string_lossy();
     if name_text == OPAQUE_MARKER {
+        devices.forget_below(&parent_rel);
         return match whiteouts {
             Whiteouts::Overlay => {
                 let name = if privileged.machine {
@@ -353,10 +516,15 @@ fn place<R: Read>(
         };
     }
     if let Some(hidden) = name_text.strip_prefix(WHITEOUT_PREFIX) {
-        let hidden = std::ffi::OsString::from(hidden);
+        let hidden = OsString::from(hidden);
         if hidden.is_empty() || hidden == "." || hidden == ".." {
             return Err(invalid(format!("`{name_text}` whites out no name")));
         }
+        if hidden.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            // No entry unpacks to a `.wh.` name (kiln's device record is one): nothing to hide.
+            return Ok(());
+        }
+        devices.forget(&parent_rel.join(&hidden));
         parent.remove(&hidden)?;
         if whiteouts == Whiteouts::Overlay {
             // A 0/0 character device: unprivileged users may make this one (Linux 5.8).
@@ -395,6 +563,11 @@ fn place<R: Read>(
         }
     };
     let existing = parent.stat(&name)?;
+    if kind.is_dir() {
+        devices.forget_at_and_above(&rel);
+    } else {
+        devices.forget(&rel);
+    }
     if kind.is_dir() {
         if existing.as_ref().is_some_and(|st| !beneath::is_dir(st)) {
             parent.remove(&name)?;
@@ -440,6 +613,12 @@ fn place<R: Read>(
                 .link_name()?
                 .ok_or_else(|| invalid("a hard link without a target".into()))?
                 .into_owned();
+            let target_rel: PathBuf = beneath::components(&target)?.iter().collect();
+            if let Some(d) = devices.0.get(&target_rel).cloned() {
+                // A second name of a device entry: a second record.
+                devices.0.insert(rel, d);
+                return Ok(());
+            }
             let (from, from_name) = root
                 .parent_of(&target, false)
                 .map_err(|e| invalid(format!("its target `{}`: {e}", target.display())))?;
@@ -460,27 +639,34 @@ fn place<R: Read>(
                 AtFlags::empty(),
             )?;
         }
-        tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-            let sflag = match kind {
-                tar::EntryType::Char => SFlag::S_IFCHR,
-                tar::EntryType::Block => SFlag::S_IFBLK,
-                _ => SFlag::S_IFIFO,
-            };
-            let dev = makedev(
-                u64::from(header.device_major()?.unwrap_or(0)),
-                u64::from(header.device_minor()?.unwrap_or(0)),
-            );
-            if sflag != SFlag::S_IFIFO && !privileged.machine {
-                // An ordinary user cannot make device nodes (neither can rootless podman); the
-                // instance's /dev does not come from the image anyway.
-                return Ok(());
+        tar::EntryType::Char | tar::EntryType::Block => {
+            // Metadata only (see the module's comment); an overlay lower dir leaves it out.
+            if whiteouts == Whiteouts::Apply {
+                devices.0.insert(
+                    rel,
+                    Device {
+                        kind: if kind == tar::EntryType::Block {
+                            'b'
+                        } else {
+                            'c'
+                        },
+                        mode: mode & 0o7777,
+                        uid: header.uid().unwrap_or(0),
+                        gid: header.gid().unwrap_or(0),
+                        major: header.device_major()?.unwrap_or(0),
+                        minor: header.device_minor()?.unwrap_or(0),
+                        mtime,
+                    },
+                );
             }
+        }
+        tar::EntryType::Fifo => {
             mknodat(
                 &parent,
                 name.as_os_str(),
-                sflag,
+                SFlag::S_IFIFO,
                 Mode::from_bits_truncate(mode & 0o7777),
-                dev,
+                makedev(0, 0),
             )?;
             chown_name(&name);
         }
@@ -641,12 +827,129 @@ mod tests {
         assert!(!t.path().join("escape").exists());
     }
 
+    /// The (kind, major, minor, mode) of every device entry of a plain tar, by path.
+    fn devices_in(tar_bytes: &[u8]) -> Vec<(String, tar::EntryType, u32, u32, u32)> {
+        let mut out = Vec::new();
+        for e in tar::Archive::new(tar_bytes).entries().unwrap() {
+            let e = e.unwrap();
+            let h = e.header();
+            let kind = h.entry_type();
+            if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+                out.push((
+                    e.path().unwrap().display().to_string(),
+                    kind,
+                    h.device_major().unwrap().unwrap(),
+                    h.device_minor().unwrap().unwrap(),
+                    h.mode().unwrap(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Every device node under `dir`, by a raw `lstat` walk.
+    fn device_nodes(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let ft = fs::symlink_metadata(e.path()).unwrap().file_type();
+                if ft.is_dir() {
+                    stack.push(e.path());
+                } else if ft.is_block_device()
+                    || (ft.is_char_device() && e.metadata().unwrap().rdev() != 0)
+                {
+                    out.push(e.path());
+                }
+            }
+        }
+        out
+    }
+
     #[test]
-    fn device_nodes_keep_their_numbers_through_a_layer() {
+    fn device_entries_are_kept_as_metadata_and_written_back_never_made_on_the_host() {
+        // GIVEN a layer with a block device (the host's disk 8:0, mode 0666) and a character
+        // device with a second name
+        let raw = crafted(&[
+            ("dev", tar::EntryType::Directory, "", ""),
+            ("dev/sda", tar::EntryType::Block, "", ""),
+            ("dev/disk", tar::EntryType::Link, "dev/sda", ""),
+            ("etc", tar::EntryType::Directory, "", ""),
+            ("etc/hostname", tar::EntryType::Regular, "", "x"),
+        ]);
+        let t = tempfile::tempdir().unwrap();
+        for whiteouts in [Whiteouts::Apply, Whiteouts::Overlay] {
+            // WHEN it is unpacked
+            let dest = t.path().join(format!("{whiteouts:?}"));
+            unpack_tar(raw.as_slice(), &dest, whiteouts).unwrap();
+            // THEN no device node is made, whoever unpacks it (root here)
+            assert_eq!(device_nodes(&dest), Vec::<PathBuf>::new(), "{whiteouts:?}");
+            assert!(!dest.join("dev/sda").exists() && dest.join("etc/hostname").is_file());
+        }
+        // AND written again (an import, an export), the folder gives the entries back
+        let mut plain = Vec::new();
+        write_plain(&t.path().join("Apply"), &mut plain).unwrap();
+        assert_eq!(
+            devices_in(&plain),
+            vec![
+                ("dev/disk".to_string(), tar::EntryType::Block, 8, 0, 0o644),
+                ("dev/sda".to_string(), tar::EntryType::Block, 8, 0, 0o644),
+            ]
+        );
+        let names: Vec<String> = tar::Archive::new(plain.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains(DEVICES_FILE)), "{names:?}");
+        // AND an overlay lower dir holds no record (it would be a file of the instance)
+        assert!(!t.path().join("Overlay").join(DEVICES_FILE).exists());
+    }
+
+    #[test]
+    fn a_later_layer_removes_or_replaces_a_device_entry_as_it_would_a_file() {
+        use tar::EntryType::{Block, Directory, Regular};
+        // GIVEN a layer with three devices, and a layer above that whites one out, makes another
+        // a file and makes the folder of the third opaque
+        let lower = crafted(&[
+            ("a", Directory, "", ""),
+            ("a/gone", Block, "", ""),
+            ("a/file", Block, "", ""),
+            ("b", Directory, "", ""),
+            ("b/hidden", Block, "", ""),
+            ("kept", Block, "", ""),
+        ]);
+        let upper = crafted(&[
+            ("a/.wh.gone", Regular, "", ""),
+            ("a/file", Regular, "", "now a file"),
+            ("b/.wh..wh..opq", Regular, "", ""),
+        ]);
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("flat");
+        // WHEN both are applied in order
+        unpack_tar(lower.as_slice(), &dest, Whiteouts::Apply).unwrap();
+        unpack_tar(upper.as_slice(), &dest, Whiteouts::Apply).unwrap();
+        // THEN only the untouched device is still recorded
+        let kept: Vec<_> = Devices::read(&dest)
+            .unwrap()
+            .entries()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(kept, vec![PathBuf::from("kept")]);
+        assert_eq!(
+            fs::read_to_string(dest.join("a/file")).unwrap(),
+            "now a file"
+        );
+    }
+
+    #[test]
+    fn device_nodes_a_folder_holds_keep_their_numbers_through_a_layer() {
         assert!(
             nix::unistd::geteuid().is_root(),
             "making a device node needs root: run the tests as root"
         );
+        // GIVEN a folder holding a real device node (an upper dir, a folder imported)
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("root");
         fs::create_dir_all(&dir).unwrap();
@@ -657,19 +960,19 @@ mod tests {
             makedev(1, 5),
         )
         .unwrap();
+        // WHEN it is written as a layer, unpacked, and exported as a plain tar
         let mut blob = Vec::new();
         write(&dir, false, &BTreeSet::new(), 1, &mut blob).unwrap();
         let out = t.path().join("out");
         unpack(&write_blob(t.path(), &blob), &out, Whiteouts::Apply).unwrap();
-        let meta = fs::symlink_metadata(out.join("zero")).unwrap();
-        assert!(meta.file_type().is_char_device());
+        let mut plain = Vec::new();
+        write_plain(&out, &mut plain).unwrap();
+        // THEN the entry keeps its numbers, and no node was made
         assert_eq!(
-            (
-                nix::sys::stat::major(meta.rdev()),
-                nix::sys::stat::minor(meta.rdev())
-            ),
-            (1, 5)
+            devices_in(&plain),
+            vec![("zero".to_string(), tar::EntryType::Char, 1, 5, 0o644)]
         );
+        assert!(fs::symlink_metadata(out.join("zero")).is_err());
     }
 
     fn write_blob(dir: &Path, bytes: &[u8]) -> PathBuf {
@@ -697,6 +1000,7 @@ mod tests {
                 if *kind == tar::EntryType::Block {
                     h.set_device_major(8).unwrap();
                     h.set_device_minor(0).unwrap();
+                    h.set_mode(0o644);
                 }
                 h.set_cksum();
                 b.append(&h, body.as_bytes()).unwrap();

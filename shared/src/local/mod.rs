@@ -64,6 +64,93 @@ pub(crate) fn ready<'a, T: Send + 'a>(v: Result<T, StageError>) -> PortResult<'a
     Box::pin(async move { v })
 }
 
+/// The folders kiln keeps in a home; each private to its user (0700), as the home is.
+const HOME_FOLDERS: [&str; 8] = [
+    "regions",
+    "instances",
+    "layers",
+    "layers/sha256",
+    "layers/tmp",
+    "tokens",
+    "runs",
+    "scratch",
+];
+
+/// The error code of a home kiln refuses to use (the CLI exits 2 on it).
+pub const UNSAFE_HOME: &str = "UnsafeHome";
+
+fn unsafe_home(message: String) -> StageError {
+    StageError::new(ErrorKind::InvalidPipeline, message).with_code(UNSAFE_HOME)
+}
+
+/// Makes `home` private to the user kiln runs as, in the spirit of ssh's StrictModes: a new
+/// home is made 0700; an existing one of this user that others can reach is tightened to 0700;
+/// one owned by another user is refused (it could hold that user's pipelines, `privileged: true`
+/// ones included, for this user to run). Layers hold setuid files and instances' upper dirs hold
+/// whatever a component made: nobody but this user may reach them (podman's storage is 0700).
+pub fn private_home(home: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let me = nix::unistd::geteuid().as_raw();
+    let meta = match fs::metadata(home) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(home)
+                .map_err(|e| io_error(format!("create the kiln home {}", home.display()), e))?;
+            fs::metadata(home).map_err(|e| io_error(home.display(), e))?
+        }
+        Err(e) => return Err(io_error(format!("the kiln home {}", home.display()), e)),
+    };
+    let shown = home.display();
+    if !meta.is_dir() {
+        return Err(unsafe_home(format!(
+            "the kiln home {shown} is not a folder; name another with --home or KILN_HOME"
+        )));
+    }
+    let loose = meta.mode() & 0o077 != 0;
+    if meta.uid() != me {
+        let chmod = if loose {
+            format!(" && chmod 700 {shown}")
+        } else {
+            String::new()
+        };
+        return Err(unsafe_home(format!(
+            "the kiln home {shown} belongs to uid {}, not to uid {me} that runs kiln: its pipelines \
+             and images are that user's to change, so kiln refuses to run them; use a home of your \
+             own (--home or KILN_HOME), or take this one over with `chown -R {me} {shown}{chmod}`",
+            meta.uid()
+        )));
+    }
+    if loose {
+        fs::set_permissions(home, fs::Permissions::from_mode(0o700)).map_err(|e| {
+            unsafe_home(format!(
+                "the kiln home {shown} is open to other users (mode {:o}) and could not be \
+                 tightened ({e}): run `chmod 700 {shown}`",
+                meta.mode() & 0o7777
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Creates (0700) or tightens to 0700 one of kiln's own folders in the home.
+fn private_folder(dir: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io_error(format!("create {}", dir.display()), e))?;
+    let meta = fs::metadata(dir).map_err(|e| io_error(dir.display(), e))?;
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_error(format!("make {} private", dir.display()), e))?;
+    }
+    Ok(())
+}
+
 /// `$KILN_HOME`, or `./.kiln`.
 pub fn default_home() -> PathBuf {
     std::env::var_os("KILN_HOME")
@@ -96,17 +183,12 @@ impl LocalCloud {
         }
     }
 
-    /// Opens (creating) the kiln home at `home`, using the kiln-agent binary at `agent`.
+    /// Opens (creating) the kiln home at `home`, using the kiln-agent binary at `agent`. The home
+    /// is made private first (see [`private_home`]): one that is not is refused.
     pub fn open(home: &Path, agent: &Path) -> Result<LocalCloud, StageError> {
-        for sub in [
-            "regions",
-            "instances",
-            "layers/sha256",
-            "layers/tmp",
-            "tokens",
-        ] {
-            fs::create_dir_all(home.join(sub))
-                .map_err(|e| io_error(format!("create {}", home.join(sub).display()), e))?;
+        private_home(home)?;
+        for sub in HOME_FOLDERS {
+            private_folder(&home.join(sub))?;
         }
         let home = fs::canonicalize(home).map_err(|e| io_error(home.display(), e))?;
         let store = SqliteStore::open(&home.join("state.db"))?;
@@ -243,7 +325,7 @@ impl LocalCloud {
     /// Records that this process runs the execution `request` (see `run_owner_alive`).
     pub fn claim_run(&self, request: &str) -> Result<PathBuf, StageError> {
         let dir = self.home.join("runs");
-        fs::create_dir_all(&dir).map_err(|e| io_error("create runs", e))?;
+        private_folder(&dir)?;
         let path = dir.join(request);
         fs::write(&path, std::process::id().to_string()).map_err(|e| io_error("claim run", e))?;
         Ok(path)
@@ -333,12 +415,13 @@ impl Events for LocalCloud {
             "detail-type": "Kiln Image State Change",
             "detail": event,
         });
-        let result = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.home.join("events.jsonl"))
-            .and_then(|mut f| writeln!(f, "{line}"))
-            .map_err(|e| io_error("write events.jsonl", e));
+        let result = std::os::unix::fs::OpenOptionsExt::mode(
+            OpenOptions::new().create(true).append(true),
+            0o600,
+        )
+        .open(self.home.join("events.jsonl"))
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(|e| io_error("write events.jsonl", e));
         if let Some(observer) = self
             .observer
             .lock()

@@ -56,14 +56,45 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 ";
 
+/// Creates the database file readable by its user only (0600), or tightens an existing one: it
+/// holds every pipeline's components and parameters.
+fn private_file(path: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    private_file_if_present(path)
+}
+
+fn private_file_if_present(path: &Path) -> Result<(), StageError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(m) if m.mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| internal(format!("make {} private: {e}", path.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StageError> {
+        private_file(path)?;
         let db = Connection::open(path).map_err(internal)?;
         db.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(internal)?;
         db.execute_batch("PRAGMA journal_mode = WAL;")
             .map_err(internal)?;
         db.execute_batch(SCHEMA).map_err(internal)?;
+        // SQLite gives its -wal and -shm files the database's mode; older ones are tightened.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_os_string();
+            side.push(suffix);
+            private_file_if_present(Path::new(&side))?;
+        }
         Ok(SqliteStore { db: Mutex::new(db) })
     }
 
