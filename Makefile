@@ -94,7 +94,7 @@ run:
 ## CLI as `make run` builds it, which a test runs on examples/hello.
 test: setup
 	$(CARGO) build --workspace --all-targets
-	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --$(HOST_LAMBDA_ARCH) --target-dir $(SHIPPED_DIR) $(addprefix -p ,$(FUNCTIONS))
+	CARGO_TARGET_DIR=$(abspath $(SHIPPED_DIR)) PATH="$(TOOLS_PATH)" $(CARGO) lambda build --$(HOST_LAMBDA_ARCH) $(addprefix -p ,$(FUNCTIONS))
 	$(CARGO) build -p kiln-agent -p kiln-cli --no-default-features --target-dir $(SHIPPED_DIR)
 	$(CARGO) nextest run --workspace --no-fail-fast
 

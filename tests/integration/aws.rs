@@ -10,7 +10,7 @@ use std::sync::Arc;
 use kiln::aws::{AwsPorts, Settings};
 use kiln::model::build::{BuildId, BuildStatus, Trigger, TriggerKind};
 use kiln::model::build::{CommandId, InstanceId};
-use kiln::model::pipeline::ParentFilter;
+use kiln::model::pipeline::{Architecture, ParentFilter};
 use kiln::ports::{CommandPlan, CommandStatus, Commands, Compute, PortResult, Ports, Store};
 use kiln::ports::{ImageState, InstanceState, PipelineRecord};
 use kiln::stages::{cleanup, customize, launch_builder, snapshot, StartRequest};
@@ -72,7 +72,9 @@ async fn parent_image(p: &Ports<'_>) -> kiln::model::build::ImageId {
     publish_public_ami(p, PARENT_PARAM).await
 }
 
-/// One of moto's public AMIs, published in the account's parameter `param` (us-east-1).
+/// One of moto's public x86_64 AMIs (the tests' pipelines run t3 instances), published in the
+/// account's parameter `param` (us-east-1). The architecture is asked for, not assumed: moto dates
+/// its stock images when it starts, so "the newest Amazon image" was arm64 on some machines.
 pub(crate) async fn publish_public_ami(p: &Ports<'_>, param: &str) -> kiln::model::build::ImageId {
     let any = p
         .compute
@@ -81,12 +83,12 @@ pub(crate) async fn publish_public_ami(p: &Ports<'_>, param: &str) -> kiln::mode
             &ParentFilter {
                 owners: vec!["amazon".into()],
                 name: "*".into(),
-                architecture: None,
+                architecture: Some(Architecture::X86_64),
             },
         )
         .await
         .expect("images")
-        .expect("moto has public AMIs");
+        .expect("moto has public x86_64 AMIs");
     p.parameters
         .put("us-east-1", param, any.as_str())
         .await
@@ -121,6 +123,44 @@ struct Env {
 
 fn env() -> Env {
     env_on(Moto::start())
+}
+
+/// Regression: on a fresh machine `make test` failed 2 of 195 with "the parent image … is arm64,
+/// which instance type t3.small cannot run": the tests published "the newest Amazon-owned image"
+/// of moto, and moto dates its stock images when it starts, so which one was newest depended on
+/// timing. Here a newer Amazon-owned arm64 image exists for sure.
+#[test]
+fn the_tests_publish_an_x86_64_parent_when_a_newer_amazon_arm64_image_exists() {
+    // GIVEN moto whose Amazon-owned images are an x86_64 one and a newer arm64 one
+    let e = env_on(Moto::start_with_images(
+        &repo().join("tests/data/aws/amis-newer-arm64.json"),
+    ));
+    let p = e.ports.ports();
+    let newest = |architecture| ParentFilter {
+        owners: vec!["amazon".into()],
+        name: "*".into(),
+        architecture,
+    };
+    let newest_of_all = e
+        .rt
+        .block_on(p.compute.latest_image("us-east-1", &newest(None)))
+        .expect("images");
+    assert_eq!(
+        newest_of_all.map(|i| i.0).as_deref(),
+        Some("ami-0a64000000000002"),
+        "the trap: the newest Amazon-owned image is the arm64 one"
+    );
+    // WHEN the tests publish their parent
+    let parent = e
+        .rt
+        .block_on(publish_public_ami(&p, "/kiln/tests/parent"));
+    // THEN it is the x86_64 image, under the parameter
+    assert_eq!(parent.0, "ami-0a86000000000001");
+    let published = e
+        .rt
+        .block_on(p.parameters.get("us-east-1", "/kiln/tests/parent"))
+        .expect("get");
+    assert_eq!(published.as_deref(), Some("ami-0a86000000000001"));
 }
 
 fn env_on(moto: Moto) -> Env {

@@ -23,7 +23,7 @@ fn tool(var: &str, fallback: &str) -> PathBuf {
 
 #[test]
 fn cfn_lint_passes_on_the_template() {
-    let mut cmd = Command::new(tool("KILN_CFN_LINT", ".venv/bin/cfn-lint"));
+    let mut cmd = Command::new(tool("KILN_CFN_LINT", ".venv/python/bin/cfn-lint"));
     cmd.arg(repo().join("infra/template.yaml"));
     run_ok(cmd);
 }
@@ -35,7 +35,7 @@ fn cfn_lint_passes_on_the_expanded_template() {
     let expanded = expand(dir.path());
     // WHEN cfn-lint reads it (its cycle rule skips AWS::Serverless::* in the SAM file), with
     // the recursion room the nested definition needs (infra/cfn_lint.py)
-    let mut cmd = Command::new(tool("KILN_PYTHON", ".venv/bin/python"));
+    let mut cmd = Command::new(tool("KILN_PYTHON", ".venv/python/bin/python"));
     cmd.arg(repo().join("infra/cfn_lint.py")).arg(&expanded);
     // THEN it reports nothing: no dependency cycle, no bad property
     run_ok(cmd);
@@ -46,7 +46,7 @@ fn checkov_finds_nothing_in_the_expanded_template() {
     // GIVEN the expanded template WHEN checkov reads it with the waivers of infra/checkov.yaml
     let dir = tempfile::tempdir().expect("dir");
     let expanded = expand(dir.path());
-    let mut cmd = Command::new(python().with_file_name("checkov"));
+    let mut cmd = Command::new(tool("KILN_CHECKOV", ".venv/checkov/bin/checkov"));
     cmd.arg("--config-file")
         .arg(repo().join("infra/checkov.yaml"))
         .args(["--framework", "cloudformation", "-f"])
@@ -71,7 +71,7 @@ fn parliament_finds_nothing_in_the_stack_policies() {
         "every role's policies"
     );
     // WHEN parliament reads them with the waivers of infra/parliament.yaml
-    let mut cmd = Command::new(python().with_file_name("parliament"));
+    let mut cmd = Command::new(tool("KILN_PARLIAMENT", ".venv/checkov/bin/parliament"));
     cmd.arg("--config")
         .arg(repo().join("infra/parliament.yaml"))
         .arg("--directory")
@@ -85,7 +85,7 @@ fn parliament_finds_nothing_in_the_stack_policies() {
 
 #[test]
 fn sam_validate_lint_passes_on_the_template() {
-    let mut cmd = Command::new(tool("KILN_SAM", ".venv/bin/sam"));
+    let mut cmd = Command::new(tool("KILN_SAM", ".venv/sam/bin/sam"));
     cmd.args(["validate", "--lint", "--template-file"])
         .arg(repo().join("infra/template.yaml"))
         .env("AWS_DEFAULT_REGION", "us-east-1")

@@ -50,6 +50,29 @@ pub fn built_binary(name: &str) -> PathBuf {
     bin
 }
 
+/// What ships, as `make test` builds it apart from the workspace build (whose feature
+/// unification could hide a feature a shipped binary lacks): `lambda/<function>/bootstrap` as
+/// `make package` builds them, `debug/kiln` and `debug/kiln-agent` as `make run` builds them.
+/// In `KILN_SHIPPED_DIR`, by default `shipped/` in the target dir.
+pub fn shipped(rel: &str) -> PathBuf {
+    let dir = std::env::var_os("KILN_SHIPPED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("test binary path");
+            exe.ancestors()
+                .nth(3)
+                .expect("target/<profile>/deps/<test>")
+                .join("shipped")
+        });
+    let path = dir.join(rel);
+    assert!(
+        path.is_file(),
+        "{} is missing: `make test` builds what ships before it runs the tests",
+        path.display()
+    );
+    path
+}
+
 /// Makes paths in tool output relative to the repository, for stable snapshots.
 pub fn relative(text: &str) -> String {
     text.replace(&format!("{}/", repo().display()), "")
@@ -67,7 +90,7 @@ impl Moto {
         let bin = std::env::var_os("KILN_MOTO_SERVER")
             .map(PathBuf::from)
             .filter(|p| p.is_file())
-            .unwrap_or_else(|| repo().join(".venv/bin/moto_server"));
+            .unwrap_or_else(|| repo().join(".venv/python/bin/moto_server"));
         assert!(
             bin.is_file(),
             "moto_server not found at {}: run `make setup` (or set KILN_MOTO_SERVER)",
@@ -80,10 +103,23 @@ impl Moto {
     /// DescribeInstanceInformation, tags at creation on CreateImage/CopyImage), run by the Python
     /// of moto's virtualenv.
     pub fn start() -> Moto {
+        Moto::launch(Moto::gaps_command())
+    }
+
+    /// As [`Moto::start`], with `images` (a JSON list in moto's `MOTO_AMIS_PATH` format) as the
+    /// Amazon-owned images in place of moto's stock ones, whose creation dates are the time
+    /// moto started: a test that needs "the newest" image states which one it is.
+    pub fn start_with_images(images: &Path) -> Moto {
+        let mut c = Moto::gaps_command();
+        c.env("MOTO_AMIS_PATH", images);
+        Moto::launch(c)
+    }
+
+    fn gaps_command() -> std::process::Command {
         let python = Moto::server_binary().with_file_name("python");
         let mut c = std::process::Command::new(python);
         c.arg(repo().join("tests/conformance/moto_gaps.py"));
-        Moto::launch(c)
+        c
     }
 
     /// The deployment rehearsal's moto: every request signed by an assumed role is authorized
