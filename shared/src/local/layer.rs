@@ -640,25 +640,24 @@ fn place<R: Read>(
             )?;
         }
         tar::EntryType::Char | tar::EntryType::Block => {
-            // Metadata only (see the module's comment); an overlay lower dir leaves it out.
-            if whiteouts == Whiteouts::Apply {
-                devices.0.insert(
-                    rel,
-                    Device {
-                        kind: if kind == tar::EntryType::Block {
-                            'b'
-                        } else {
-                            'c'
-                        },
-                        mode: mode & 0o7777,
-                        uid: header.uid().unwrap_or(0),
-                        gid: header.gid().unwrap_or(0),
-                        major: header.device_major()?.unwrap_or(0),
-                        minor: header.device_minor()?.unwrap_or(0),
-                        mtime,
+            // Metadata only (see the module's comment): saved for a folder to be written again,
+            // only known while unpacking an overlay lower dir (a hard link may name it).
+            devices.0.insert(
+                rel,
+                Device {
+                    kind: if kind == tar::EntryType::Block {
+                        'b'
+                    } else {
+                        'c'
                     },
-                );
-            }
+                    mode: mode & 0o7777,
+                    uid: header.uid().unwrap_or(0),
+                    gid: header.gid().unwrap_or(0),
+                    major: header.device_major()?.unwrap_or(0),
+                    minor: header.device_minor()?.unwrap_or(0),
+                    mtime,
+                },
+            );
         }
         tar::EntryType::Fifo => {
             mknodat(
