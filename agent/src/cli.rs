@@ -128,6 +128,12 @@ enum SandboxCommand {
         /// The most memory (bytes) the instance may use.
         #[arg(long, default_value_t = 4 << 30)]
         memory_max: u64,
+        /// No cgroup: the pipeline's explicit `infrastructure.limits: none`.
+        #[arg(long, conflicts_with_all = ["pids_max", "memory_max"])]
+        no_limits: bool,
+        /// A destination a private network lets through (repeatable): CIDR or host:port.
+        #[arg(long, value_name = "DEST")]
+        allow: Vec<String>,
     },
     /// PID 1 inside an instance.
     Init {
@@ -192,6 +198,8 @@ where
                     privileged,
                     pids_max,
                     memory_max,
+                    no_limits,
+                    allow,
                 } => crate::sandbox::boot(&crate::sandbox::Boot {
                     instance_dir,
                     lower,
@@ -199,10 +207,11 @@ where
                     network,
                     agent_dir,
                     privileged,
-                    limits: crate::sandbox::Limits {
+                    allow,
+                    limits: (!no_limits).then_some(crate::sandbox::Limits {
                         pids: pids_max,
                         memory: memory_max,
-                    },
+                    }),
                 }),
                 SandboxCommand::Usernet { target } => crate::usernet::helper(target),
                 SandboxCommand::Init { privileged, root } => {

@@ -53,8 +53,11 @@ pub struct Boot {
     /// Skip the posture (capabilities, no_new_privs, seccomp, masked /proc, nodev): the
     /// pipeline's explicit `infrastructure.privileged: true`.
     pub privileged: bool,
-    /// Processes and bytes of memory the instance may use.
-    pub limits: Limits,
+    /// Destinations a private network lets through its default-deny (`network.allow`).
+    pub allow: Vec<String>,
+    /// Processes and bytes of memory the instance may use; `None` is the pipeline's explicit
+    /// `limits: none`.
+    pub limits: Option<Limits>,
 }
 
 /// What one instance may use.
@@ -139,14 +142,9 @@ fn check_mount_points(root: &Path) -> Result<(), String> {
 pub fn boot(b: &Boot) -> Result<i32, String> {
     let d = &b.instance_dir;
     let root = d.join("rootfs");
-    // The network helper first: it must stay in the host's namespaces (and out of the
-    // instance's cgroup), and joins the instance's network namespace once it exists.
-    let usernet = match b.network {
-        Network::Private => Some(crate::usernet::prepare()?),
-        Network::Host | Network::None => None,
-    };
-    // A cgroup of its own first, so that the cgroup namespace below starts at it.
-    let confined = crate::cgroup::confine(&b.hostname, b.limits);
+    // A cgroup of its own first: the network helper started below is charged to it, and the
+    // cgroup namespace below starts at it. No cgroup, no instance (unless `limits: none`).
+    let confined = crate::cgroup::confine(&b.hostname, b.limits)?;
     eprintln!("kiln-agent sandbox: limits: {}", confined.how);
     let cgroups: String = confined
         .dirs
@@ -154,6 +152,15 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         .map(|p| format!("{}\n", p.display()))
         .collect();
     fs::write(d.join(CGROUPS_FILE), cgroups).map_err(|e| fail("record the cgroups", e))?;
+    // The network helper and the egress policy next, while the keeper is in the host's network
+    // namespace (the helper stays there; the policy needs the host's addresses).
+    let usernet = match b.network {
+        Network::Private => Some((
+            crate::usernet::Policy::for_instance(&b.allow)?,
+            crate::usernet::prepare()?,
+        )),
+        Network::Host | Network::None => None,
+    };
     let boots = fs::read_to_string(d.join(BOOTS_FILE))
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())
@@ -180,27 +187,36 @@ pub fn boot(b: &Boot) -> Result<i32, String> {
         fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
             .map_err(|e| fail("map the group", e))?;
     }
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWCGROUP;
+    let unshare_or_say = |flags: CloneFlags| {
+        unshare(flags).map_err(|e| {
+            fail(
+                "create namespaces",
+                if e == Errno::EPERM {
+                    "not permitted (as root, kiln-agent needs CAP_SYS_ADMIN)".to_string()
+                } else {
+                    e.to_string()
+                },
+            )
+        })
+    };
+    // The network namespace on its own, before the PID namespace: the policy's `nft` runs in
+    // it, and a child started after CLONE_NEWPID would become (and, ending, take down) the
+    // new PID namespace's init.
     if b.network != Network::Host {
-        flags |= CloneFlags::CLONE_NEWNET;
+        unshare_or_say(CloneFlags::CLONE_NEWNET)?;
     }
-    unshare(flags).map_err(|e| {
-        fail(
-            "create namespaces",
-            if e == Errno::EPERM {
-                "not permitted (as root, kiln-agent needs CAP_SYS_ADMIN)".to_string()
-            } else {
-                e.to_string()
-            },
-        )
-    })?;
-    if let Some(usernet) = usernet {
+    // The policy before the helper is let go: the network never exists unfiltered.
+    if let Some((policy, usernet)) = usernet {
+        policy.install()?;
         usernet.start()?;
     }
+    unshare_or_say(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWCGROUP,
+    )?;
     mnt(
         None,
         Path::new("/"),

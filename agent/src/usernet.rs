@@ -7,14 +7,30 @@
 //!
 //! slirp4netns must live in the host's network namespace and join the instance's, so the keeper
 //! starts it (through `kiln-agent sandbox usernet`, which waits on its stdin) before it
-//! unshares anything and lets it go once the namespace exists. It runs in its own sandbox
-//! (`--enable-sandbox`: a mount namespace of its own, capabilities dropped) under its own
-//! seccomp filter, and ends when the keeper does: its `--exit-fd` is the read end of a pipe
-//! whose write end only the keeper holds.
+//! unshares anything and lets it go once the namespace exists. It is started after the keeper
+//! entered the instance's cgroup, so its processes and memory count against the instance's
+//! limits and the host's clean-up finds it there. It runs as kiln's user (root for a root kiln:
+//! joining a network namespace of the machine's user namespace takes CAP_SYS_ADMIN there), in
+//! its own sandbox (`--enable-sandbox`: a mount namespace of its own, every capability but
+//! CAP_NET_BIND_SERVICE dropped) under its own seccomp filter, and ends when the keeper does:
+//! its `--exit-fd` is the read end of a pipe whose write end only the keeper holds.
+//!
+//! Egress policy. slirp4netns opens its sockets in the host's network namespace, so what the
+//! instance reaches is what the host reaches: the cloud's metadata service (169.254.169.254),
+//! the host's own addresses, its private networks. Before slirp4netns is let go, the keeper
+//! installs an nftables table in the instance's namespace that refuses, on every interface but
+//! loopback, link-local, private (RFC 1918, unique-local), shared (100.64/10), loopback,
+//! multicast and reserved addresses and every address of the host's interfaces, except the DNS
+//! forwarder and what the pipeline's `network.allow` names. A refusal is a TCP reset or an
+//! ICMP "administratively prohibited": the connection fails at once instead of timing out. The
+//! instance's processes hold no CAP_NET_ADMIN (see `posture::KEEP`), so they can neither change
+//! the table nor the routes; a `privileged: true` instance can, and is documented so.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use nix::fcntl::OFlag;
@@ -125,6 +141,221 @@ impl Waiting {
     }
 }
 
+/// The gateway slirp4netns answers at: the host's loopback seen from inside, refused
+/// (`--disable-host-loopback`) and inside 10.0.0.0/8 besides.
+pub const GATEWAY: &str = "10.0.2.2";
+
+/// What a private network refuses by default, IPv4: "this" network, private (RFC 1918),
+/// shared/CGNAT (RFC 6598; a provider's internal services live there), loopback, link-local
+/// (the metadata service), multicast and reserved.
+const DENIED_V4: &[(Ipv4Addr, u8)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8),
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(100, 64, 0, 0), 10),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+    (Ipv4Addr::new(169, 254, 0, 0), 16),
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(224, 0, 0, 0), 4),
+    (Ipv4Addr::new(240, 0, 0, 0), 4),
+];
+
+/// IPv6: unspecified, loopback, IPv4-mapped (the IPv4 ranges again), unique-local,
+/// link-local, multicast.
+const DENIED_V6: &[(Ipv6Addr, u8)] = &[
+    (Ipv6Addr::UNSPECIFIED, 128),
+    (Ipv6Addr::LOCALHOST, 128),
+    (Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+];
+
+/// A destination the pipeline allowed: addresses, and one port of them or all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opening {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub port: Option<u16>,
+}
+
+/// The egress policy of one private instance, computed in the host's network namespace (its
+/// addresses, its resolver) and installed in the instance's.
+#[derive(Debug)]
+pub struct Policy {
+    nft: PathBuf,
+    rules: String,
+}
+
+/// The addresses of the calling process's network namespace (the host's, before the keeper
+/// unshares): IPv4 from the kernel's local routes, IPv6 from its interface list.
+pub fn host_addresses() -> Vec<(IpAddr, u8)> {
+    let mut out = Vec::new();
+    let trie = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let mut last: Option<Ipv4Addr> = None;
+    for line in trie.lines() {
+        let t = line.trim();
+        if let Some(a) = t.strip_prefix("|-- ") {
+            last = a.parse().ok();
+        } else if let (Some(a), Some(rest)) = (last, t.strip_prefix('/')) {
+            // `/32 host LOCAL`: an address of this machine (`/8 host LOCAL`: all of 127/8).
+            let mut words = rest.split_whitespace();
+            let prefix = words.next().and_then(|p| p.parse::<u8>().ok());
+            if words.last() == Some("LOCAL") {
+                if let Some(p) = prefix {
+                    let entry = (IpAddr::V4(a), p);
+                    if !out.contains(&entry) {
+                        out.push(entry);
+                    }
+                }
+            }
+        }
+    }
+    let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    for line in inet6.lines() {
+        let Some(hex) = line.split_whitespace().next() else {
+            continue;
+        };
+        if let Ok(n) = u128::from_str_radix(hex, 16) {
+            let entry = (IpAddr::V6(Ipv6Addr::from(n)), 128);
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+    }
+    out
+}
+
+/// The pipeline's `allow` entries as addresses; names are resolved now, by the host's resolver.
+pub fn openings(allow: &[String]) -> Result<Vec<Opening>, String> {
+    use kiln::model::pipeline::Allowed;
+    let mut out = Vec::new();
+    for entry in allow {
+        match Allowed::parse(entry).map_err(|e| fail("network.allow", e))? {
+            Allowed::Net(addr, prefix) => out.push(Opening {
+                addr,
+                prefix,
+                port: None,
+            }),
+            Allowed::Port(host, port) => {
+                let addrs: Vec<IpAddr> = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| fail(&format!("network.allow `{entry}`: resolve {host}"), e))?
+                    .map(|a| a.ip())
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(fail(
+                        &format!("network.allow `{entry}`"),
+                        format!("{host} has no address"),
+                    ));
+                }
+                for addr in addrs {
+                    let prefix = if addr.is_ipv4() { 32 } else { 128 };
+                    let o = Opening {
+                        addr,
+                        prefix,
+                        port: Some(port),
+                    };
+                    if !out.contains(&o) {
+                        out.push(o);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn family(addr: &IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        "ip"
+    } else {
+        "ip6"
+    }
+}
+
+/// The nftables table: on every interface but loopback, the DNS forwarder and the openings go
+/// through, the denied ranges and the host's addresses are refused, the rest goes out.
+pub fn ruleset(host: &[(IpAddr, u8)], open: &[Opening]) -> String {
+    let mut r = String::from(
+        "table inet kiln {\n\tchain egress {\n\t\ttype filter hook output priority filter; policy accept;\n\t\toifname \"lo\" accept\n",
+    );
+    for proto in ["udp", "tcp"] {
+        r.push_str(&format!(
+            "\t\tip daddr {NAMESERVER} {proto} dport 53 accept\n"
+        ));
+    }
+    for o in open {
+        let to = format!("{} daddr {}/{}", family(&o.addr), o.addr, o.prefix);
+        match o.port {
+            None => r.push_str(&format!("\t\t{to} accept\n")),
+            Some(p) => {
+                for proto in ["tcp", "udp"] {
+                    r.push_str(&format!("\t\t{to} {proto} dport {p} accept\n"));
+                }
+            }
+        }
+    }
+    let denied = DENIED_V4
+        .iter()
+        .map(|(a, p)| (IpAddr::V4(*a), *p))
+        .chain(DENIED_V6.iter().map(|(a, p)| (IpAddr::V6(*a), *p)))
+        .chain(host.iter().copied());
+    for (addr, prefix) in denied {
+        r.push_str(&format!(
+            "\t\t{} daddr {addr}/{prefix} goto refuse\n",
+            family(&addr)
+        ));
+    }
+    r.push_str(
+        "\t}\n\tchain refuse {\n\t\tmeta l4proto tcp reject with tcp reset\n\t\treject with icmpx type admin-prohibited\n\t}\n}\n",
+    );
+    r
+}
+
+impl Policy {
+    /// The policy for an instance started now: call in the host's network namespace. An error
+    /// when nft is missing: a private network never runs unfiltered.
+    pub fn for_instance(allow: &[String]) -> Result<Policy, String> {
+        let nft = kiln::confine::find_program(kiln::confine::NFT).ok_or_else(|| {
+            fail(
+                "egress policy",
+                "nft (Debian package nftables) is not installed; kiln does not run a private network unfiltered",
+            )
+        })?;
+        Ok(Policy {
+            nft,
+            rules: ruleset(&host_addresses(), &openings(allow)?),
+        })
+    }
+
+    /// Installs the table in the calling process's (new) network namespace.
+    pub fn install(&self) -> Result<(), String> {
+        let mut child = Command::new(&self.nft)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(&format!("egress policy: start {}", self.nft.display()), e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(self.rules.as_bytes())
+                .map_err(|e| fail("egress policy: write the rules", e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| fail("egress policy: nft", e))?;
+        if !out.status.success() {
+            return Err(fail(
+                "egress policy: nft refused the rules",
+                String::from_utf8_lossy(&out.stderr).trim(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The instance's `/etc/resolv.conf` under `network: private`: slirp4netns's forwarder, with
 /// the host's search domains and options.
 pub fn resolv_conf(host: &str) -> String {
@@ -142,6 +373,39 @@ pub fn resolv_conf(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ruleset_opens_allowed_destinations_before_it_refuses_the_denied_ranges() {
+        // GIVEN the host's address and an allowed host:port inside a denied range
+        let host = [(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), 32)];
+        let open = openings(&["10.213.7.1:8080".to_string()]).expect("openings");
+        // WHEN the ruleset is written
+        let r = ruleset(&host, &open);
+        // THEN the opening comes before the refusal of 10/8, the host's address and the
+        // metadata service are refused, and refusals reset instead of dropping
+        let at = |needle: &str| r.find(needle).unwrap_or_else(|| panic!("{needle}: {r}"));
+        assert!(
+            at("ip daddr 10.213.7.1/32 tcp dport 8080 accept")
+                < at("ip daddr 10.0.0.0/8 goto refuse")
+        );
+        at("ip daddr 192.0.2.2/32 goto refuse");
+        at("ip daddr 169.254.0.0/16 goto refuse");
+        at("ip6 daddr fe80::/10 goto refuse");
+        at("ip daddr 10.0.2.3 udp dport 53 accept");
+        at("reject with tcp reset");
+        assert!(!r.contains("drop"), "{r}");
+    }
+
+    #[test]
+    fn the_host_addresses_include_loopback_and_every_interface() {
+        // GIVEN this machine WHEN its addresses are read THEN loopback is among them
+        let all = host_addresses();
+        assert!(
+            all.contains(&(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8))
+                || all.contains(&(IpAddr::V4(Ipv4Addr::LOCALHOST), 32)),
+            "{all:?}"
+        );
+    }
 
     #[test]
     fn resolv_conf_keeps_search_and_options_and_names_the_forwarder() {

@@ -231,8 +231,10 @@ pub fn run(
         return Ok(exit::INVALID);
     };
     if args.backend == Backend::Local {
-        let network = loaded.pipeline.infrastructure.network;
-        if let Err(e) = kiln::local::network_supported(network) {
+        let inf = &loaded.pipeline.infrastructure;
+        if let Err(e) = kiln::local::network_supported(inf.network.mode)
+            .and_then(|()| kiln::local::limits_supported(inf.limits))
+        {
             writeln!(stderr, "{}: {e}", args.pipeline.display())?;
             return Ok(exit::INVALID);
         }

@@ -4,6 +4,7 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod component;
+pub mod confine;
 pub mod diag;
 pub mod digest;
 #[cfg(feature = "engine")]

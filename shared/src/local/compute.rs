@@ -16,7 +16,7 @@ use super::oci::{self, ImageRecord, Layout};
 use super::{io_error, ready, LocalCloud};
 use crate::errors::{ErrorKind, StageError};
 use crate::model::build::{BuildId, ImageId, InstanceId};
-use crate::model::pipeline::{glob_match, LaunchPermission, Network, ParentFilter};
+use crate::model::pipeline::{glob_match, LaunchPermission, Limits, Network, ParentFilter};
 use crate::ports::{
     Compute, CopySpec, ImageFacts, ImageState, InstanceState, LaunchSpec, PortResult,
 };
@@ -41,6 +41,12 @@ pub struct InstanceRecord {
     /// Runs without the sandbox posture (`infrastructure.privileged`).
     #[serde(default)]
     pub privileged: bool,
+    /// Destinations a private network lets through its default-deny (`network.allow`).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// `infrastructure.limits`.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// An instance's network as its record says it: a name, or (records of kiln before `private`)
@@ -120,7 +126,22 @@ pub fn network_supported(network: Network) -> Result<(), String> {
             "infrastructure.network: private (the default) needs /dev/net/tun, which this user cannot open ({e}); a stock Debian has it mode 0666 (`chmod 0666 /dev/net/tun` as root); or choose `network: none` or `network: host`"
         ));
     }
+    // Without nft the default-deny cannot be installed: refused, never run unfiltered.
+    if crate::confine::find_program(crate::confine::NFT).is_none() {
+        return Err(format!(
+            "infrastructure.network: private (the default) needs {nft} (Debian package nftables, installed by `make setup`) to refuse link-local, private and the host's own addresses; or choose `network: none` (loopback only) or `network: host` (the machine's interfaces)",
+            nft = crate::confine::NFT
+        ));
+    }
     Ok(())
+}
+
+/// Whether this machine can bound an instance as `limits` asks: a clear reason when it cannot.
+pub fn limits_supported(limits: Limits) -> Result<(), String> {
+    match limits {
+        Limits::None => Ok(()),
+        Limits::Bounded { .. } => crate::confine::cgroups_available(),
+    }
 }
 
 /// The host side of sandboxes; cheap to clone into the threads that wait on them.
@@ -188,6 +209,17 @@ impl Host {
             .arg("--agent-dir")
             .arg(agent_dir);
         c.arg("--network").arg(r.network.as_str());
+        for a in &r.allow {
+            c.arg("--allow").arg(a);
+        }
+        match r.limits {
+            Limits::None => c.arg("--no-limits"),
+            Limits::Bounded { pids, memory } => c
+                .arg("--pids-max")
+                .arg(pids.to_string())
+                .arg("--memory-max")
+                .arg(memory.to_string()),
+        };
         if r.privileged {
             c.arg("--privileged");
         }
@@ -296,6 +328,7 @@ impl Host {
             {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            crate::confine::remove_parent_if_empty(&d);
         }
     }
 
@@ -519,7 +552,8 @@ impl Compute for LocalCloud {
             if let Some(id) = self.token(&spec.client_token) {
                 return Ok(InstanceId(id));
             }
-            network_supported(spec.infrastructure.network)
+            network_supported(spec.infrastructure.network.mode)
+                .and_then(|()| limits_supported(spec.infrastructure.limits))
                 .map_err(|e| StageError::new(ErrorKind::InvalidPipeline, e))?;
             let layout = self.layout(&spec.region)?;
             let image = layout
@@ -555,8 +589,10 @@ impl Compute for LocalCloud {
                 instance_type: spec.instance_type.clone(),
                 tags: spec.tags.clone(),
                 state: InstanceState::Pending,
-                network: spec.infrastructure.network,
+                network: spec.infrastructure.network.mode,
                 privileged: spec.infrastructure.privileged,
+                allow: spec.infrastructure.network.allow.clone(),
+                limits: spec.infrastructure.limits,
                 launched: now_text(),
                 lower,
                 keeper_pid: None,

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use crate::errors::{ErrorKind, StageError};
 use crate::ports::{BuildEvent, Clock, Events, Parameters, PortResult, Ports, PortsProvider};
 
-pub use compute::{network_supported, InstanceRecord, Job, USER_NET_PROGRAM};
+pub use compute::{limits_supported, network_supported, InstanceRecord, Job, USER_NET_PROGRAM};
 pub use store::{ScheduleRow, SqliteStore};
 
 /// Something told about every event as it happens (the progress display).

@@ -291,6 +291,36 @@ fn check_infrastructure(p: &Pipeline, out: &mut Collector<'_>) {
     if let Some(t) = &inf.sns_topic_arn {
         report(out, &at("snsTopicArn"), shape::topic_arn(t));
     }
+    // `network` as a bare word has no `allow`; written as a map, its entries are under it.
+    for (i, a) in inf.network.allow.iter().enumerate() {
+        let at = [
+            key("infrastructure"),
+            key("network"),
+            key("allow"),
+            Seg::Index(i),
+        ];
+        report(out, &at, Allowed::parse(a));
+    }
+    if !inf.network.allow.is_empty() && inf.network.mode != Network::Private {
+        out.at(
+            &[key("infrastructure"), key("network"), key("allow")],
+            format!(
+                "`allow` opens destinations of a `private` network; `{}` has no default-deny to open",
+                inf.network.mode.as_str()
+            ),
+        );
+    }
+    if let Limits::Bounded { memory, .. } = inf.limits {
+        if memory < MIN_MEMORY {
+            out.at(
+                &[key("infrastructure"), key("limits"), key("memory")],
+                format!(
+                    "{memory} bytes is too little for an instance to start: at least {}MiB",
+                    MIN_MEMORY >> 20
+                ),
+            );
+        }
+    }
     for k in inf.tags.keys() {
         if k.starts_with("kiln:") || k.starts_with("aws:") {
             out.at_key(

@@ -352,10 +352,17 @@ pub struct Infrastructure {
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// Embedded mode: `private` (the default) gives the sandbox its own network namespace with
-    /// outbound access through user-mode networking (slirp4netns); `host` shares the machine's
+    /// outbound access through user-mode networking (slirp4netns), link-local, private and the
+    /// host's own addresses refused unless `allow` names them; `host` shares the machine's
     /// interfaces, by explicit choice only; `none` gives it loopback alone.
     #[serde(default)]
-    pub network: Network,
+    #[schemars(with = "NetworkSchema")]
+    pub network: NetworkPolicy,
+    /// Embedded mode: what one instance may use, enforced by a cgroup (`{pids, memory}`, 4096
+    /// processes and 4 GiB by default); `none` runs it unbounded, by explicit choice only.
+    #[serde(default)]
+    #[schemars(with = "LimitsSchema")]
+    pub limits: Limits,
     /// Embedded mode: run the instance WITHOUT its sandbox posture — every capability, no
     /// seccomp filter, /proc writable, device nodes usable. Only for trusted components that
     /// must reach the kernel (load modules, mount file systems); anything they run owns the host.
@@ -377,7 +384,8 @@ impl Default for Infrastructure {
             imdsv2: Imdsv2::Required,
             associate_public_ip: false,
             tags: BTreeMap::new(),
-            network: Network::Private,
+            network: NetworkPolicy::default(),
+            limits: Limits::default(),
             privileged: false,
             sns_topic_arn: None,
         }
@@ -424,6 +432,259 @@ impl Network {
             .into_iter()
             .find(|n| n.as_str() == name)
             .ok_or_else(|| format!("unknown network `{name}` (private, host or none)"))
+    }
+}
+
+/// `infrastructure.network`: a mode, and for `private` the destinations let through its
+/// default-deny (written `private`, `host`, `none`, or `{mode: private, allow: [...]}`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkPolicy {
+    pub mode: Network,
+    /// CIDRs (`10.1.2.0/24`, `fd00::/8`, an address alone) and `host:port` (`10.1.2.3:443`,
+    /// `[fd00::1]:443`, `mirror.internal:8080`): reachable from a `private` instance although
+    /// their addresses are refused by default.
+    pub allow: Vec<String>,
+}
+
+/// How `network` may be written (for the JSON schema).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum NetworkSchema {
+    Mode(Network),
+    Policy(NetworkFields),
+}
+
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct NetworkFields {
+    #[serde(default)]
+    mode: Network,
+    /// Destinations let through the default-deny: CIDR or host:port.
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+impl Serialize for NetworkPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.allow.is_empty() {
+            self.mode.serialize(s)
+        } else {
+            NetworkFields {
+                mode: self.mode,
+                allow: self.allow.clone(),
+            }
+            .serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Mode(Network),
+            Policy(NetworkFields),
+        }
+        Ok(match Written::deserialize(d)? {
+            Written::Mode(mode) => NetworkPolicy {
+                mode,
+                allow: Vec::new(),
+            },
+            Written::Policy(f) => NetworkPolicy {
+                mode: f.mode,
+                allow: f.allow,
+            },
+        })
+    }
+}
+
+/// One `allow` entry of a private network, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// Every port of these addresses.
+    Net(std::net::IpAddr, u8),
+    /// One port of an address or of what a name resolves to when the instance starts.
+    Port(String, u16),
+}
+
+impl Allowed {
+    /// `10.0.0.0/8`, `10.1.2.3`, `fd00::/8`, `10.1.2.3:443`, `[fd00::1]:443`, `name:443`.
+    pub fn parse(text: &str) -> Result<Allowed, String> {
+        let bad = |why: &str| {
+            format!("`{text}` is not a destination to allow ({why}): write a CIDR (10.1.2.0/24, fd00::/8) or host:port (10.1.2.3:443, [fd00::1]:443, mirror.internal:8080)")
+        };
+        if let Some((addr, bits)) = text.split_once('/') {
+            let addr: std::net::IpAddr = addr.parse().map_err(|_| bad("not an address"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let bits: u8 = bits
+                .parse()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| bad(&format!("the prefix length must be 0 to {max}")))?;
+            return Ok(Allowed::Net(addr, bits));
+        }
+        if let Ok(addr) = text.parse::<std::net::IpAddr>() {
+            return Ok(Allowed::Net(addr, if addr.is_ipv4() { 32 } else { 128 }));
+        }
+        if let Ok(sock) = text.parse::<std::net::SocketAddr>() {
+            return Ok(Allowed::Port(sock.ip().to_string(), sock.port()));
+        }
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad("the port must be 1 to 65535"))?;
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !name_ok {
+            return Err(bad("not an address or host name"));
+        }
+        Ok(Allowed::Port(host.to_string(), port))
+    }
+}
+
+/// `infrastructure.limits`: a cgroup's bounds, or none by explicit choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limits {
+    /// No cgroup: the instance can use all of the machine's memory and processes.
+    None,
+    Bounded {
+        /// The most processes (and threads) at once.
+        pids: u64,
+        /// The most memory, in bytes.
+        memory: u64,
+    },
+}
+
+impl Limits {
+    pub const DEFAULT_PIDS: u64 = 4096;
+    pub const DEFAULT_MEMORY: u64 = 4 << 30;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::Bounded {
+            pids: Limits::DEFAULT_PIDS,
+            memory: Limits::DEFAULT_MEMORY,
+        }
+    }
+}
+
+/// How `limits` may be written (for the JSON schema).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum LimitsSchema {
+    /// `none`: no cgroup, by explicit choice.
+    Unbounded(NoLimits),
+    Bounded(LimitFields),
+}
+
+#[derive(JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum NoLimits {
+    None,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct LimitFields {
+    /// The most processes at once (4096 by default).
+    #[schemars(range(min = 16))]
+    pids: Option<u64>,
+    /// The most memory: bytes, or a size with KiB, MiB or GiB (`256MiB`); 4GiB by default.
+    memory: Option<MemorySize>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum MemorySize {
+    Bytes(u64),
+    /// A size with its unit: `256MiB`, `4GiB`, `65536KiB`.
+    Text(#[schemars(regex(pattern = r"^[0-9]+ ?(B|KiB|MiB|GiB)?$"))] String),
+}
+
+/// `256MiB`, `4GiB`, `65536KiB` or a number of bytes.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| t.split_at(i))
+        .unwrap_or((t, ""));
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "memory `{text}`: unknown unit `{other}` (KiB, MiB or GiB)"
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("memory `{text}` is not a size (e.g. 256MiB, 4GiB)"))
+}
+
+/// The least memory an instance can start in (init, the agent, a shell).
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+impl Serialize for Limits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Limits::None => s.serialize_str("none"),
+            Limits::Bounded { pids, memory } => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("pids", pids)?;
+                m.serialize_entry("memory", memory)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Word(String),
+            Fields(LimitFields),
+        }
+        match Written::deserialize(d)? {
+            Written::Word(w) if w == "none" => Ok(Limits::None),
+            Written::Word(w) => Err(D::Error::custom(format!(
+                "unknown limits `{w}` (`none`, or {{pids, memory}})"
+            ))),
+            Written::Fields(f) => {
+                let memory = match f.memory {
+                    None => Limits::DEFAULT_MEMORY,
+                    Some(MemorySize::Bytes(b)) => b,
+                    Some(MemorySize::Text(t)) => parse_memory(&t).map_err(D::Error::custom)?,
+                };
+                Ok(Limits::Bounded {
+                    pids: f.pids.unwrap_or(Limits::DEFAULT_PIDS),
+                    memory,
+                })
+            }
+        }
     }
 }
 
@@ -688,6 +949,103 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
 /// Resolves a component path relative to the pipeline file.
 pub fn component_path(pipeline_file: &Path, path: &str) -> PathBuf {
     pipeline_file.parent().unwrap_or(Path::new(".")).join(path)
+}
+
+#[cfg(test)]
+mod egress_and_limits_tests {
+    use super::*;
+
+    const HEAD: &str = "name: p\nversion: 1.0.0\nparent:\n  local: base\ninfrastructure:\n";
+    const TAIL: &str = "components:\n  - inline:\n      name: c\n      schemaVersion: 1.0\n      phases:\n        - name: build\n          steps:\n            - name: s\n              action: ExecuteBash\n              inputs:\n                commands: [\"true\"]\ndistribution:\n  - region: us-east-1\n";
+
+    fn load(infrastructure: &str) -> Result<Infrastructure, String> {
+        crate::model::load_str(
+            std::path::Path::new("p.yaml"),
+            &format!("{HEAD}{infrastructure}{TAIL}"),
+        )
+        .map(|l| l.pipeline.infrastructure)
+        .map_err(|d| d.to_string())
+    }
+
+    #[test]
+    fn network_keeps_its_short_forms_and_takes_an_allow_list() {
+        // GIVEN the short form WHEN loaded THEN a mode without openings
+        let i = load("  network: host\n").expect("host");
+        assert_eq!(i.network.mode, Network::Host);
+        assert!(i.network.allow.is_empty());
+        assert_eq!(
+            load("  region: us-east-1\n").expect("default").network.mode,
+            Network::Private
+        );
+        // GIVEN the long form WHEN loaded THEN its openings, each parsed
+        let i = load("  network:\n    mode: private\n    allow: [10.1.2.0/24, \"10.1.2.3:443\", \"[fd00::1]:443\", \"mirror.internal:8080\"]\n").expect("allow");
+        assert_eq!(i.network.allow.len(), 4);
+        assert_eq!(
+            Allowed::parse("[fd00::1]:443"),
+            Ok(Allowed::Port("fd00::1".into(), 443))
+        );
+        assert_eq!(
+            Allowed::parse("10.1.2.0/24"),
+            Ok(Allowed::Net("10.1.2.0".parse().expect("ip"), 24))
+        );
+        // AND it round-trips through the record's JSON in both forms
+        for n in [i.network.clone(), NetworkPolicy::default()] {
+            let json = serde_json::to_value(&n).expect("json");
+            assert_eq!(
+                serde_json::from_value::<NetworkPolicy>(json).expect("back"),
+                n
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_allow_entry_or_limit_is_reported_at_its_line_and_column() {
+        // GIVEN a destination with no port, a prefix too long and allow on `host`
+        let err =
+            load("  network:\n    mode: host\n    allow: [\"mirror.internal\", 10.0.0.0/33]\n")
+                .expect_err("refused");
+        // THEN each is reported at file:line:col
+        assert!(
+            err.contains("p.yaml:8:13") && err.contains("no port"),
+            "{err}"
+        );
+        assert!(
+            err.contains("p.yaml:8:32") && err.contains("0 to 32"),
+            "{err}"
+        );
+        assert!(err.contains("has no default-deny"), "{err}");
+        // GIVEN a memory size in an unknown unit and one too small THEN both are reported
+        let err = load("  limits:\n    pids: 512\n    memory: 256MB\n").expect_err("unit");
+        assert!(err.contains("p.yaml:8:13"), "{err}");
+        let err = load("  limits:\n    memory: 1MiB\n").expect_err("small");
+        assert!(err.contains("too little"), "{err}");
+        let err = load("  limits: nothing\n").expect_err("word");
+        assert!(err.contains("p.yaml:6:11"), "{err}");
+    }
+
+    #[test]
+    fn limits_default_to_a_cgroups_bounds_and_none_is_explicit() {
+        assert_eq!(
+            load("  region: us-east-1\n").expect("default").limits,
+            Limits::Bounded {
+                pids: 4096,
+                memory: 4 << 30
+            }
+        );
+        assert_eq!(load("  limits: none\n").expect("none").limits, Limits::None);
+        let i = load("  limits:\n    pids: 512\n    memory: 256MiB\n").expect("bounded");
+        assert_eq!(
+            i.limits,
+            Limits::Bounded {
+                pids: 512,
+                memory: 256 << 20
+            }
+        );
+        for l in [i.limits, Limits::None] {
+            let json = serde_json::to_value(l).expect("json");
+            assert_eq!(serde_json::from_value::<Limits>(json).expect("back"), l);
+        }
+    }
 }
 
 #[cfg(test)]
