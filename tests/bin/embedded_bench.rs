@@ -184,8 +184,16 @@ fn main() {
     kiln(&bin, &home, &["run", &one_region, "--output", "json"]); // warm-up
     let (mut two_wall, mut one_wall) = (vec![], vec![]);
     for _ in 0..RUNS {
-        two_wall.push(kiln(&bin, &home, &["run", &pipeline, "--output", "json"]).0.as_secs_f64());
-        one_wall.push(kiln(&bin, &home, &["run", &one_region, "--output", "json"]).0.as_secs_f64());
+        two_wall.push(
+            kiln(&bin, &home, &["run", &pipeline, "--output", "json"])
+                .0
+                .as_secs_f64(),
+        );
+        one_wall.push(
+            kiln(&bin, &home, &["run", &one_region, "--output", "json"])
+                .0
+                .as_secs_f64(),
+        );
     }
     let (two, one) = (median(two_wall), median(one_wall));
     println!(
@@ -228,7 +236,8 @@ fn main() {
     let out = work.join("baseline.tar.zst");
     // At kiln's thread count: its layer writer walks and hashes in one thread and compresses in
     // available_parallelism - 1 workers (shared/src/local/layer.rs), as `tar | zstd -T<n-1>` does.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    let workers =
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
     let baseline = format!(
         "tar -cf - -C {tree_s} . | zstd -3 -T{workers} -q -f -o {}",
         out.display()

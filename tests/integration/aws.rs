@@ -141,25 +141,21 @@ fn the_tests_publish_an_x86_64_parent_when_a_newer_amazon_arm64_image_exists() {
         name: "*".into(),
         architecture,
     };
-    let newest_of_all = e
-        .rt
-        .block_on(p.compute.latest_image("us-east-1", &newest(None)))
-        .expect("images");
+    let newest_of_all =
+        e.rt.block_on(p.compute.latest_image("us-east-1", &newest(None)))
+            .expect("images");
     assert_eq!(
         newest_of_all.map(|i| i.0).as_deref(),
         Some("ami-0a64000000000002"),
         "the trap: the newest Amazon-owned image is the arm64 one"
     );
     // WHEN the tests publish their parent
-    let parent = e
-        .rt
-        .block_on(publish_public_ami(&p, "/kiln/tests/parent"));
+    let parent = e.rt.block_on(publish_public_ami(&p, "/kiln/tests/parent"));
     // THEN it is the x86_64 image, under the parameter
     assert_eq!(parent.0, "ami-0a86000000000001");
-    let published = e
-        .rt
-        .block_on(p.parameters.get("us-east-1", "/kiln/tests/parent"))
-        .expect("get");
+    let published =
+        e.rt.block_on(p.parameters.get("us-east-1", "/kiln/tests/parent"))
+            .expect("get");
     assert_eq!(published.as_deref(), Some("ami-0a86000000000001"));
 }
 

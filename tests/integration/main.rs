@@ -21,3 +21,4 @@ mod pipeline_asl;
 mod rehearsal;
 mod simulate;
 mod stages;
+mod tools;

@@ -35,15 +35,26 @@ fn every_python_environment_holds_exactly_what_its_lock_pins() {
         let lock = std::fs::read_to_string(repo().join(format!("tests/tools/{env}.txt")))
             .expect("the lock");
         let locked = pins(&lock);
-        assert!(locked.len() > 5, "{env}: the lock pins its dependencies too");
+        assert!(
+            locked.len() > 5,
+            "{env}: the lock pins its dependencies too"
+        );
         // WHEN pip lists what is installed there
         let pip = venv().join(env).join("bin/pip");
-        assert!(pip.is_file(), "{} not found: run `make setup`", pip.display());
+        assert!(
+            pip.is_file(),
+            "{} not found: run `make setup`",
+            pip.display()
+        );
         let out = Command::new(&pip)
             .args(["freeze", "--all", "--disable-pip-version-check"])
             .output()
             .expect("pip freeze");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut installed = pins(&String::from_utf8_lossy(&out.stdout));
         // (the installer itself comes with the environment, unless the lock pins it)
         for tool in ["pip", "setuptools", "wheel"] {
@@ -52,7 +63,10 @@ fn every_python_environment_holds_exactly_what_its_lock_pins() {
             }
         }
         // THEN it is exactly the lock: no package more, less or at another version
-        assert_eq!(installed, locked, "{env}: installed (left) against the lock (right)");
+        assert_eq!(
+            installed, locked,
+            "{env}: installed (left) against the lock (right)"
+        );
     }
 }
 

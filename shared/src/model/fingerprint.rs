@@ -253,7 +253,9 @@ mod tests {
             }
             "distribution" => {
                 let mut d = v["distribution"].clone();
-                d.as_array_mut().expect("list").push(json!({"region": "ap-south-1"}));
+                d.as_array_mut()
+                    .expect("list")
+                    .push(json!({"region": "ap-south-1"}));
                 d
             }
             "schedule" => json!({"cron": "cron(0 3 * * ? *)", "startCondition": "always"}),
@@ -275,7 +277,10 @@ mod tests {
             }
             other => panic!("no mutation for the pipeline field `{other}`: classify it above"),
         };
-        assert_ne!(v[field], other, "{field}: the mutation must change the value");
+        assert_ne!(
+            v[field], other,
+            "{field}: the mutation must change the value"
+        );
         v[field] = other;
         changed.pipeline = serde_json::from_value(v).unwrap_or_else(|e| panic!("{field}: {e}"));
         changed
@@ -284,8 +289,8 @@ mod tests {
     #[test]
     fn every_field_of_the_pipeline_file_is_classified() {
         // GIVEN the pipeline file's schema WHEN its top-level properties are listed
-        let schema = serde_json::to_value(schemars::schema_for!(crate::model::Pipeline))
-            .expect("schema");
+        let schema =
+            serde_json::to_value(schemars::schema_for!(crate::model::Pipeline)).expect("schema");
         let fields: std::collections::BTreeSet<String> = schema["properties"]
             .as_object()
             .expect("properties")
@@ -299,7 +304,10 @@ mod tests {
             .map(|f| f.to_string())
             .collect();
         assert_eq!(fields, classified);
-        assert_eq!(classified.len(), DETERMINES_THE_IMAGE.len() + DOES_NOT.len());
+        assert_eq!(
+            classified.len(),
+            DETERMINES_THE_IMAGE.len() + DOES_NOT.len()
+        );
     }
 
     #[test]
@@ -316,23 +324,40 @@ mod tests {
             };
             // THEN it differs exactly when the field determines the image
             if DETERMINES_THE_IMAGE.contains(field) {
-                assert_ne!(before, after, "changing `{field}` must change the fingerprint");
+                assert_ne!(
+                    before, after,
+                    "changing `{field}` must change the fingerprint"
+                );
             } else {
-                assert_eq!(before, after, "changing `{field}` must not change the fingerprint");
+                assert_eq!(
+                    before, after,
+                    "changing `{field}` must not change the fingerprint"
+                );
             }
         }
         // Within the fields: a component's parameter, its document, the test components.
         let mut doc = record.clone();
         doc.components[0].document["phases"][0]["steps"][0]["name"] = json!("Renamed");
-        assert_ne!(before, of_record(&doc, "ami-0parent"), "a component's document");
+        assert_ne!(
+            before,
+            of_record(&doc, "ami-0parent"),
+            "a component's document"
+        );
         let mut tests = record.clone();
-        tests.tests[0].parameters.insert("Greeting".into(), "Hej".into());
-        assert_ne!(before, of_record(&tests, "ami-0parent"), "a test's parameter");
+        tests.tests[0]
+            .parameters
+            .insert("Greeting".into(), "Hej".into());
+        assert_ne!(
+            before,
+            of_record(&tests, "ami-0parent"),
+            "a test's parameter"
+        );
         let mut devices = record.clone();
-        devices.pipeline.block_devices = vec![serde_json::from_value(
-            json!({"deviceName": "/dev/xvda", "volumeSize": 16}),
-        )
-        .expect("device")];
+        devices.pipeline.block_devices =
+            vec![
+                serde_json::from_value(json!({"deviceName": "/dev/xvda", "volumeSize": 16}))
+                    .expect("device"),
+            ];
         let mut bigger = devices.clone();
         bigger.pipeline.block_devices[0].volume_size = Some(32);
         assert_ne!(
