@@ -78,11 +78,13 @@ impl StateError {
         loop {
             let payload =
                 serde_json::json!({ "errorType": error_type, "errorMessage": message }).to_string();
-            let over = payload.chars().count().saturating_sub(MAX_CAUSE_CHARS);
-            if over == 0 || message.is_empty() {
+            let length = payload.chars().count();
+            if length <= MAX_CAUSE_CHARS || message.is_empty() {
                 return StateError::new(error_type, payload);
             }
-            let keep = message.chars().count().saturating_sub(over);
+            // In proportion (escapes make a character up to six), and always shorter.
+            let count = message.chars().count();
+            let keep = (count * MAX_CAUSE_CHARS / length).min(count - 1);
             message = message.chars().take(keep).collect();
         }
     }
@@ -143,6 +145,12 @@ mod tests {
             let payload: serde_json::Value = serde_json::from_str(&lambda.cause).expect("JSON");
             assert_eq!(payload["errorType"], "Kiln.ComponentFailed");
         }
+        // AND a message of characters JSON escapes keeps what fits, not nothing
+        let escaped = StateError::from_lambda("Kiln.ComponentFailed", &"\0".repeat(100_000));
+        let payload: serde_json::Value = serde_json::from_str(&escaped.cause).expect("JSON");
+        let kept = payload["errorMessage"].as_str().expect("message").len();
+        assert!(escaped.cause.chars().count() <= MAX_CAUSE_CHARS);
+        assert!(kept > 4000, "{kept} characters kept");
         // AND a short cause is kept whole
         assert_eq!(StateError::new("E", "short").cause, "short");
     }
