@@ -857,26 +857,19 @@ while True:
     let out = agent.wait_with_output().expect("kiln-agent");
     let _ = attacker.kill();
     let _ = attacker.wait();
-    // THEN the trap was aimed at this very run (a link for its PID was waiting)
-    let aimed = work.join(format!(".kiln-agent/step-{pid}-0.sh"));
-    assert!(
-        std::fs::symlink_metadata(&aimed).is_ok_and(|m| m.file_type().is_symlink()),
-        "{} was not planted",
-        aimed.display()
-    );
-    // AND the component's own script ran, and nothing of the attacker's
+    // THEN the component's own script ran, and nothing of the attacker's
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     let report = std::fs::read_to_string(d.join("report.json")).expect("report");
-    assert!(report.contains("the component's own script"), "{report}");
-    assert!(!report.contains("pwned-by-nobody"), "{report}");
     assert!(
         !work.join("pwned").exists(),
-        "the attacker's script ran as root"
+        "the attacker's script ran as root: {report}"
     );
+    assert!(!report.contains("pwned-by-nobody"), "{report}");
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(report.contains("the component's own script"), "{report}");
     // AND the attacker's reader got nothing, and the victim is as it was
     let captured = std::fs::read(work.join(".kiln-agent/captured")).unwrap_or_default();
     assert!(
@@ -887,6 +880,13 @@ while True:
     assert_eq!(
         std::fs::read_to_string(&victim).expect("victim"),
         "root's file\n"
+    );
+    // AND the trap was aimed at this very run (a link for its PID was waiting)
+    let aimed = work.join(format!(".kiln-agent/step-{pid}-0.sh"));
+    assert!(
+        std::fs::symlink_metadata(&aimed).is_ok_and(|m| m.file_type().is_symlink()),
+        "{} was not planted",
+        aimed.display()
     );
     // AND the agent left no script behind where it keeps them
     let left: Vec<_> = std::fs::read_dir(d.join("state"))
@@ -977,16 +977,16 @@ fn s3_download_refuses_a_key_that_leaves_the_destination() {
     let listed = moto.http("GET", "/kiln-keys?list-type=2&prefix=p/", b"").1;
     assert!(listed.contains("<Key>p/../../escape</Key>"), "{listed}");
     let r = run_doc_env(&doc(steps), &[], &moto.env());
-    // THEN the step fails naming the key, and nothing was written anywhere
+    // THEN nothing was written, outside the destination or in it, and the step fails naming the key
+    for p in ["a/escape", "a/b/escape", "escape", "a/b/dest/ok"] {
+        assert!(!r.path(p).exists(), "{p} was written");
+    }
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
     let report = r.read("report.json");
     assert!(
         report.contains("object key `p/../../escape` leaves the destination"),
         "{report}"
     );
-    for p in ["a/escape", "a/b/escape", "escape", "a/b/dest/ok"] {
-        assert!(!r.path(p).exists(), "{p} was written");
-    }
 }
 
 /// A parameter in moto's SSM (`{{ ssm-secure:name }}` reads SecureStrings).
