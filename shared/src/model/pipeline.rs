@@ -960,7 +960,7 @@ mod egress_and_limits_tests {
 
     fn load(infrastructure: &str) -> Result<Infrastructure, String> {
         crate::model::load_str(
-            std::path::Path::new("p.yaml"),
+            Path::new("p.yaml"),
             &format!("{HEAD}{infrastructure}{TAIL}"),
         )
         .map(|l| l.pipeline.infrastructure)
