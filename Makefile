@@ -25,9 +25,9 @@ NEXTEST_VERSION := 0.9.143
 EXPANDED := $(TARGET_DIR)/infra/template.expanded.json
 
 # Debian packages are installed as root (sudo when not root).
-DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap iproute2 curl bsdutils
+DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap iproute2 curl bsdutils podman runc
 # A command of each package, to tell whether it is installed.
-DEBIAN_COMMANDS := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns newuidmap ip curl script nftables iproute2
+DEBIAN_COMMANDS := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns newuidmap ip curl script podman runc nftables iproute2
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 # The Lambda functions; arm64 when the aarch64 standard library is installed, else x86_64.

@@ -280,7 +280,11 @@ pub fn harden() -> Result<(), String> {
     let have =
         caps::read(None, CapSet::Permitted).map_err(|e| format!("read capabilities: {e}"))?;
     let kept: caps::CapsHashSet = have.intersection(&keep).copied().collect();
-    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+    // Inheritable stays empty, as in podman and Docker since CVE-2022-29162: a program whose
+    // file carries inheritable capabilities gains nothing from it on exec.
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| format!("clear the inheritable capabilities: {e}"))?;
+    for set in [CapSet::Effective, CapSet::Permitted] {
         caps::set(None, set, &kept).map_err(|e| format!("set {set:?} capabilities: {e}"))?;
     }
     let names: BTreeSet<String> = kept.iter().map(|c| c.to_string()).collect();

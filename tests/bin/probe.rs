@@ -25,6 +25,10 @@
 //! | `ptrace_seize_pid1` | ptrace(PTRACE_SEIZE, N) (let go when the probe exits) |
 //! | `masked:<path>` | `masked` (a file that is /dev/null, or an empty tmpfs folder), `open`, or `absent`, for Docker's and podman's masked paths |
 //! | `readonly:<path>` | `ro`, `rw` or `absent`, for their read-only paths |
+//! | `status:CapInh` … `status:CapAmb`, `status:NoNewPrivs`, `status:Seccomp` | those lines of /proc/self/status (hex masks, numbers) |
+//! | `socket_af_0` … `socket_af_45` | socket(family, t, 0) for t in DGRAM, STREAM, SEQPACKET, RAW: `OK(<type>)` for the first that opens, else EPERM/EACCES if any try said so, else the first error |
+//! | `sys_<name>` | a call Docker's default seccomp profile denies, with arguments that make success impossible (a missing path, a bad descriptor, a wrong magic or flags), so only its errno is seen; `sys_unshare_newns_newuser` runs in a child |
+//! | `dev:<path>` | `c<major>:<minor>` or `b<major>:<minor>` for each device node in /dev and its folders |
 //!
 //! Nothing it does outlives it: the key it adds goes to its own process keyring, the bytes it
 //! pushes into its own pty go nowhere. What it pushes into a terminal it was given is the point.
@@ -253,6 +257,247 @@ fn read_only(path: &str) -> &'static str {
     }
 }
 
+/// socket(af, …) with each common type: the first that opens, else the refusal.
+fn socket_family(af: libc::c_int) -> String {
+    let types = [
+        ("DGRAM", libc::SOCK_DGRAM),
+        ("STREAM", libc::SOCK_STREAM),
+        ("SEQPACKET", libc::SOCK_SEQPACKET),
+        ("RAW", libc::SOCK_RAW),
+    ];
+    let mut errors = Vec::new();
+    for (name, ty) in types {
+        // SAFETY: socket takes no pointers; the descriptor is closed at once.
+        let fd = unsafe { libc::socket(af, ty | libc::SOCK_CLOEXEC, 0) };
+        if fd >= 0 {
+            unsafe { libc::close(fd) };
+            return format!("OK({name})");
+        }
+        errors.push(errno());
+    }
+    let refused = errors
+        .iter()
+        .find(|e| **e == libc::EPERM || **e == libc::EACCES);
+    format!("ERR({})", errno_name(*refused.unwrap_or(&errors[0])))
+}
+
+/// Calls Docker's default profile denies, each with arguments that cannot succeed: the kernel
+/// checks the capability (or seccomp refuses) before it finds the argument wrong, so the errno
+/// tells which stopped it, and nothing changes either way.
+fn denied_calls() -> Vec<(&'static str, String)> {
+    let absent = cstr("/nonexistent-kiln-probe");
+    let absent2 = cstr("/nonexistent-kiln-probe-2");
+    let nofs = cstr("kiln-probe-no-such-fs");
+    let module = cstr("kiln_probe_absent");
+    let junk = [0u8; 64];
+    let zeros = [0u64; 16];
+    // Microseconds past a second: settimeofday and clock_settime refuse it as invalid.
+    let bad_tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 2_000_000,
+    };
+    let bad_ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 2_000_000_000,
+    };
+    let mut out = Vec::new();
+    // SAFETY: every pointer passed is to a value above that outlives the call; none of the
+    // calls can succeed with these arguments.
+    unsafe {
+        out.push((
+            "mount",
+            outcome(libc::syscall(
+                libc::SYS_mount,
+                nofs.as_ptr(),
+                absent.as_ptr(),
+                nofs.as_ptr(),
+                0,
+                0,
+            )),
+        ));
+        out.push((
+            "umount2",
+            outcome(libc::syscall(libc::SYS_umount2, absent.as_ptr(), 0)),
+        ));
+        out.push(("setns", outcome(libc::syscall(libc::SYS_setns, -1, 0))));
+        out.push((
+            "pivot_root",
+            outcome(libc::syscall(
+                libc::SYS_pivot_root,
+                absent.as_ptr(),
+                absent2.as_ptr(),
+            )),
+        ));
+        out.push((
+            "swapon",
+            outcome(libc::syscall(libc::SYS_swapon, absent.as_ptr(), 0)),
+        ));
+        out.push((
+            "swapoff",
+            outcome(libc::syscall(libc::SYS_swapoff, absent.as_ptr())),
+        ));
+        // Wrong magic numbers: the kernel answers EINVAL once the capability is checked.
+        out.push((
+            "reboot",
+            outcome(libc::syscall(libc::SYS_reboot, 0, 0, 0, 0)),
+        ));
+        // 64 zero bytes are no ELF module.
+        out.push((
+            "init_module",
+            outcome(libc::syscall(
+                libc::SYS_init_module,
+                junk.as_ptr(),
+                junk.len(),
+                absent.as_ptr(),
+            )),
+        ));
+        out.push((
+            "finit_module",
+            outcome(libc::syscall(
+                libc::SYS_finit_module,
+                -1,
+                absent.as_ptr(),
+                0,
+            )),
+        ));
+        out.push((
+            "delete_module",
+            outcome(libc::syscall(
+                libc::SYS_delete_module,
+                module.as_ptr(),
+                libc::O_NONBLOCK,
+            )),
+        ));
+        // Flags no kernel knows and more segments than it takes (0 segments would unload).
+        out.push((
+            "kexec_load",
+            outcome(libc::syscall(
+                libc::SYS_kexec_load,
+                0,
+                1000,
+                junk.as_ptr(),
+                0xdead_0000u64,
+            )),
+        ));
+        // BPF_MAP_CREATE of map type 0 (unspecified): EINVAL where bpf is allowed.
+        out.push((
+            "bpf",
+            outcome(libc::syscall(libc::SYS_bpf, 0, zeros.as_ptr(), 64)),
+        ));
+        // Flags no kernel knows.
+        out.push((
+            "perf_event_open",
+            outcome(libc::syscall(
+                libc::SYS_perf_event_open,
+                zeros.as_ptr(),
+                0,
+                -1,
+                -1,
+                0xdead_0000u64,
+            )),
+        ));
+        let ufd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC);
+        out.push(("userfaultfd", outcome(ufd)));
+        if ufd >= 0 {
+            libc::close(ufd as libc::c_int);
+        }
+        out.push((
+            "open_by_handle_at",
+            outcome(libc::syscall(
+                libc::SYS_open_by_handle_at,
+                -1,
+                zeros.as_ptr(),
+                0,
+            )),
+        ));
+        // A file that does not exist: accounting cannot start (NULL would stop it).
+        out.push((
+            "acct",
+            outcome(libc::syscall(libc::SYS_acct, absent.as_ptr())),
+        ));
+        out.push((
+            "settimeofday",
+            outcome(libc::syscall(
+                libc::SYS_settimeofday,
+                &bad_tv as *const libc::timeval,
+                0,
+            )),
+        ));
+        out.push((
+            "clock_settime",
+            outcome(libc::syscall(
+                libc::SYS_clock_settime,
+                libc::CLOCK_REALTIME,
+                &bad_ts as *const libc::timespec,
+            )),
+        ));
+        // SYSLOG_ACTION_SIZE_BUFFER: reads the kernel log's size.
+        out.push(("syslog", outcome(libc::syscall(libc::SYS_syslog, 10, 0, 0))));
+        out.push((
+            "quotactl",
+            outcome(libc::syscall(libc::SYS_quotactl, 0, absent.as_ptr(), 0, 0)),
+        ));
+        out.push((
+            "lookup_dcookie",
+            outcome(libc::syscall(libc::SYS_lookup_dcookie, 0u64, 0, 0)),
+        ));
+    }
+    out.push((
+        "unshare_newns_newuser",
+        in_child(|| {
+            // SAFETY: unshare takes no pointers; it changes only this child's namespaces.
+            outcome(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUSER) }.into())
+        }),
+    ));
+    out
+}
+
+/// `f` in a forked child (so what it changes ends with the child): its one-line answer.
+fn in_child(f: impl FnOnce() -> String) -> String {
+    let mut fds = [0; 2];
+    // SAFETY: a pipe into the two ints; the probe is single-threaded, the child writes and
+    // ends with _exit.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return format!("ERR({})", errno_name(errno()));
+        }
+        let pid = libc::fork();
+        if pid == 0 {
+            let line = f();
+            libc::write(fds[1], line.as_ptr().cast(), line.len());
+            libc::_exit(0);
+        }
+        libc::close(fds[1]);
+        let mut buf = [0u8; 128];
+        let n = libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fds[0]);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+        String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned()
+    }
+}
+
+/// Device nodes under `dir` (two levels deep): path and `c`/`b` major:minor.
+fn device_nodes(dir: &Path, depth: u32, out: &mut Vec<(String, String)>) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let ft = meta.file_type();
+        let (maj, min) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        if ft.is_char_device() {
+            out.push((entry.path().display().to_string(), format!("c{maj}:{min}")));
+        } else if ft.is_block_device() {
+            out.push((entry.path().display().to_string(), format!("b{maj}:{min}")));
+        } else if ft.is_dir() && depth < 1 {
+            device_nodes(&entry.path(), depth + 1, out);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let pid: i32 = match args.iter().position(|a| a == "--pid") {
@@ -361,6 +606,28 @@ fn main() {
     }
     for p in READ_ONLY {
         rec(&format!("readonly:{p}"), read_only(p).to_string());
+    }
+
+    // What the process holds, as the kernel reports it.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for line in status.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            if k.starts_with("Cap") || k == "NoNewPrivs" || k == "Seccomp" {
+                rec(&format!("status:{k}"), v.trim().to_string());
+            }
+        }
+    }
+    for af in 0..=45 {
+        rec(&format!("socket_af_{af}"), socket_family(af));
+    }
+    for (name, value) in denied_calls() {
+        rec(&format!("sys_{name}"), value);
+    }
+    let mut nodes = Vec::new();
+    device_nodes(Path::new("/dev"), 0, &mut nodes);
+    nodes.sort();
+    for (path, node) in nodes {
+        rec(&format!("dev:{path}"), node);
     }
     println!("{}", out.join("\n"));
 }

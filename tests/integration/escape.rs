@@ -19,9 +19,9 @@ use crate::support::{built_binary, repo};
 const INJECTED: &str = "#kiln-probe-tiocsti";
 
 /// The probe's `key=value` lines.
-type Probe = BTreeMap<String, String>;
+pub(crate) type Probe = BTreeMap<String, String>;
 
-fn parse(text: &str) -> Probe {
+pub(crate) fn parse(text: &str) -> Probe {
     text.lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -30,7 +30,7 @@ fn parse(text: &str) -> Probe {
 
 /// The image `probe-base` in `home`: kiln-tiny with kiln-probe at /usr/local/bin (kiln-tiny
 /// carries the libraries Rust programs load).
-fn probe_image(home: &Home) -> &'static str {
+pub(crate) fn probe_image(home: &Home) -> &'static str {
     let tar = home.tiny_base_tarball();
     let root = home.path().join("probe-root");
     std::fs::create_dir_all(root.join("usr/local/bin")).expect("root");
@@ -47,7 +47,7 @@ fn probe_image(home: &Home) -> &'static str {
 }
 
 /// The probe's pipeline on `parent`, named `name`, `privileged` or not.
-fn pipeline(home: &Home, parent: &str, name: &str, privileged: bool) -> PathBuf {
+pub(crate) fn pipeline(home: &Home, parent: &str, name: &str, privileged: bool) -> PathBuf {
     let dir = repo().join("tests/data/escape");
     let text = std::fs::read_to_string(dir.join("pipeline.yaml"))
         .expect("pipeline")
@@ -64,7 +64,7 @@ fn pipeline(home: &Home, parent: &str, name: &str, privileged: bool) -> PathBuf 
 }
 
 /// The probe's report in the image a finished build made.
-fn report(home: &Home, summary: &Json) -> Probe {
+pub(crate) fn report(home: &Home, summary: &Json) -> Probe {
     let id = summary["images"]["us-east-1"].as_str().expect("image");
     let tar = home.path().join(format!("{id}-layer.tar"));
     top_layer(&home.layout("us-east-1").dir, id, &tar);

@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod cold_start;
 mod control;
+mod differential;
 mod egress;
 mod embedded;
 mod engine;
