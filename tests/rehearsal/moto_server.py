@@ -719,6 +719,20 @@ def task_answer(environ, start_response, body):
 ANSWERS_LOCK = threading.Lock()
 
 
+# moto applies a DynamoDB write's condition and the write itself without holding a lock, so two
+# requests on the server's threads can both pass `attribute_not_exists(pk)` (seen: two builds
+# took one pipeline's lock). DynamoDB applies a conditional write atomically per item; here every
+# DynamoDB request runs alone, which is at least as strict.
+DYNAMODB_LOCK = threading.Lock()
+
+
+def moto_call(self, environ, start_response, service):
+    if service == "dynamodb":
+        with DYNAMODB_LOCK:
+            return ORIGINAL_CALL(self, environ, start_response)
+    return ORIGINAL_CALL(self, environ, start_response)
+
+
 def authorized_call(self, environ, start_response):
     # Every AWS SDK request is TLS in AWS; moto sees plain HTTP on loopback. The bucket policy's
     # TLS-only deny (aws:SecureTransport), which moto evaluates, must see what AWS would.
@@ -730,7 +744,7 @@ def authorized_call(self, environ, start_response):
     key, region, service = signer(environ, query)
     role = assumed_role(key) if key else None
     if role is None:
-        return ORIGINAL_CALL(self, environ, start_response)
+        return moto_call(self, environ, start_response, service)
     function, policies = role_policies(role.role_arn)
     principal = f"arn:{PARTITION}:sts::{ACCOUNT}:assumed-role/{function}/{role.session_name}"
     problem = signature_problem(environ, body, query, service, role.secret_access_key)
@@ -797,7 +811,7 @@ def authorized_call(self, environ, start_response):
             return failed_command(self, environ, start_response)
         if "imageState" in fault:
             return images_in_state(self, environ, start_response, fault["imageState"])
-    return ORIGINAL_CALL(self, environ, start_response)
+    return moto_call(self, environ, start_response, service)
 
 
 DomainDispatcherApplication.__call__ = authorized_call
