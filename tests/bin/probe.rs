@@ -35,6 +35,8 @@
 
 // The probe is raw system calls, as a hostile program makes them.
 #![allow(unsafe_code)]
+// libc's ioctl request type is u64 here and a c_int elsewhere: the casts are for the others.
+#![allow(clippy::unnecessary_cast)]
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
