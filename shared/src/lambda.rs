@@ -20,7 +20,8 @@ pub mod env {
     pub const STACK: &str = "KILN_STACK";
     /// The stack's builder instance profile, for pipelines that name none.
     pub const INSTANCE_PROFILE: &str = "KILN_INSTANCE_PROFILE";
-    /// The trigger function: the state machine it starts.
+    /// The trigger function: the state machine it starts; the cleanup function: the state
+    /// machine whose ended executions it reaps.
     pub const STATE_MACHINE: &str = "KILN_STATE_MACHINE_ARN";
 }
 
@@ -209,6 +210,24 @@ bootstraps! {
 
 /// Runs a stage function until the runtime stops it.
 pub async fn run(bootstrap: Bootstrap) -> Result<(), lambda_runtime::Error> {
+    serve(bootstrap, |_| None).await
+}
+
+/// Runs the cleanup function: the stage's operations, and the reaper for the "Step Functions
+/// Execution Status Change" events of the stack's executions that ended outside kiln's Catch
+/// (`aws::reaper`, the only function that links DescribeExecution).
+pub async fn run_cleanup() -> Result<(), lambda_runtime::Error> {
+    serve(CLEANUP, |aws| {
+        let machine = std::env::var(env::STATE_MACHINE).ok();
+        Some(crate::aws::reaper::Reaper::new(aws, machine))
+    })
+    .await
+}
+
+async fn serve(
+    bootstrap: Bootstrap,
+    reaper: impl FnOnce(&'static AwsPorts) -> Option<crate::aws::reaper::Reaper>,
+) -> Result<(), lambda_runtime::Error> {
     init_logs();
     let config = Config::from_env()?;
     let aws: &'static AwsPorts = Box::leak(Box::new(AwsPorts::new(
@@ -217,9 +236,19 @@ pub async fn run(bootstrap: Bootstrap) -> Result<(), lambda_runtime::Error> {
     )));
     let function = bootstrap.function;
     let ports = &*Box::leak(Box::new((bootstrap.ports)(aws)));
+    let reaper: Option<&'static crate::aws::reaper::Reaper> =
+        reaper(aws).map(|r| &*Box::leak(Box::new(r)));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Json>| async move {
-        let op = event.payload.get("op").and_then(Json::as_str).unwrap_or("-").to_string();
-        let result = handle(ports, function, event.payload).await;
+        let reaping = reaper.filter(|_| crate::aws::reaper::is_status_change(&event.payload));
+        let op = match reaping {
+            Some(_) => "reap",
+            None => event.payload.get("op").and_then(Json::as_str).unwrap_or("-"),
+        }
+        .to_string();
+        let result = match reaping {
+            Some(r) => r.on_event(ports, &event.payload).await,
+            None => handle(ports, function, event.payload).await,
+        };
         match &result {
             Ok(_) => tracing::info!(stage = function.name(), op = op.as_str(), "done"),
             Err(e) => tracing::error!(stage = function.name(), op = op.as_str(), error_type = e.error_type(), error = %e, "failed"),

@@ -76,6 +76,8 @@ pub struct Faults {
     pub image_fails: bool,
     /// The next N compute calls are throttled.
     pub throttle_next: u32,
+    /// Every TerminateInstances fails as a transient EC2 error (InternalError).
+    pub terminate_fails: bool,
 }
 
 #[derive(Debug, Default)]
@@ -438,6 +440,13 @@ impl Compute for MemoryCloud {
 
     fn terminate<'a>(&'a self, _region: &'a str, id: &'a InstanceId) -> PortResult<'a, ()> {
         ok(self.with(|c| {
+            if c.faults.terminate_fails {
+                return Err(StageError::new(
+                    ErrorKind::Retryable,
+                    "TerminateInstances: we encountered an internal error",
+                )
+                .with_code("InternalError"));
+            }
             if let Some(i) = c.instances.get_mut(id) {
                 i.state = InstanceState::Terminated;
             }

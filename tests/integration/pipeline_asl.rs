@@ -436,6 +436,68 @@ fn a_failure_at_every_stage_ends_the_execution_with_its_error_after_cleanup() {
     }
 }
 
+/// The cleanup's own Catch: when the cleanup still fails after its retries, RecordFailure
+/// (the store only) ends the build FAILED with both errors and frees the lock; the execution
+/// still fails with the first error. Without the Catch the execution fails with the cleanup's
+/// error and leaves the build BUILDING, its pipeline locked.
+#[test]
+fn a_cleanup_that_fails_even_after_its_retries_records_the_build_failed_and_frees_the_lock() {
+    // GIVEN a component that fails, and EC2 refusing every TerminateInstances
+    let cloud = cloud();
+    cloud.with(|c| {
+        c.faults.command_fails.insert(
+            "build".into(),
+            CommandStatus::Failed {
+                message: "component harden, build/DisableRootLogin: exit code 2".into(),
+                output_tail: String::new(),
+            },
+        );
+        c.faults.terminate_fails = true;
+    });
+    // WHEN the execution runs
+    let out = execute(&cloud, "exec-cleanup-fails", input());
+    // THEN it fails with the component's error, after the cleanup's attempts and RecordFailure
+    assert_eq!(out.status, Status::Failed);
+    assert_eq!(
+        out.error.as_deref(),
+        Some("Kiln.ComponentFailed"),
+        "{:?}",
+        out.cause
+    );
+    let failed_attempts = out
+        .history
+        .iter()
+        .filter(|e| e.kind == "LambdaFunctionFailed" && e.state.as_deref() == Some("Cleanup"))
+        .count();
+    assert_eq!(failed_attempts, 7, "the cleanup and its six retries");
+    assert!(out
+        .history
+        .iter()
+        .any(|e| e.kind == "TaskStateEntered" && e.state.as_deref() == Some("RecordFailure")));
+    // AND the build is FAILED at customize, the reason naming both failures and the builder
+    let builds = futures::executor::block_on(cloud.store().builds("al2023-base")).expect("builds");
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0].status, BuildStatus::Failed);
+    let failure = builds[0].failure.clone().expect("a failure");
+    assert_eq!(
+        (failure.stage.as_str(), failure.error.as_str()),
+        ("customize", "Kiln.ComponentFailed")
+    );
+    let live = cloud.live_instances();
+    assert_eq!(live.len(), 1, "the builder the cleanup could not terminate");
+    assert!(
+        failure.message.contains("exit code 2")
+            && failure
+                .message
+                .contains("then the cleanup failed (Kiln.Retryable: TerminateInstances")
+            && failure.message.contains(live[0].as_str()),
+        "{}",
+        failure.message
+    );
+    // AND the lock is free
+    assert!(cloud.lock_free("al2023-base"));
+}
+
 #[test]
 fn a_failed_test_shares_and_publishes_nothing_and_its_copies_are_removed() {
     // GIVEN the two-region example (shares with accounts and an organization, publishes to SSM

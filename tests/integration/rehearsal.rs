@@ -2179,3 +2179,424 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
         .expect("the object");
     assert_eq!(&body[..], b"{}");
 }
+
+/// Task delivery that stops the execution when it reaches `state`, as "Stop execution" in the
+/// console stops it between two states: that Task is never invoked, and `stopped` is told.
+struct StopAt {
+    inner: Bootstraps,
+    state: &'static str,
+    stopped: Arc<tokio::sync::Notify>,
+}
+
+impl Tasks for StopAt {
+    fn invoke<'a>(
+        &'a self,
+        resource: &'a str,
+        state: &'a str,
+        input: Json,
+    ) -> futures::future::BoxFuture<'a, Result<Json, StateError>> {
+        Box::pin(async move {
+            if state == self.state {
+                self.stopped.notify_one();
+                futures::future::pending::<()>().await;
+            }
+            self.inner.invoke(resource, state, input).await
+        })
+    }
+}
+
+/// What EventBridge delivers to a rule's Lambda target when an execution's status changes: the
+/// "Step Functions Execution Status Change" event as AWS documents it (Step Functions developer
+/// guide, "EventBridge (CloudWatch Events) for Step Functions execution status changes"), no
+/// input transformer.
+fn execution_status_change(execution: &str, machine: &str, status: &str, input: &Json) -> Json {
+    let name = execution.rsplit(':').next().unwrap_or_default();
+    let stopped = if status == "RUNNING" {
+        Json::Null
+    } else {
+        json!(1_796_677_341_576_u64)
+    };
+    json!({
+        "version": "0",
+        "id": "315c1398-40ff-a850-213b-158f73e60175",
+        "detail-type": "Step Functions Execution Status Change",
+        "source": "aws.states",
+        "account": "123456789012",
+        "time": "2026-12-07T21:42:21Z",
+        "region": "us-east-1",
+        "resources": [execution],
+        "detail": {
+            "executionArn": execution,
+            "stateMachineArn": machine,
+            "name": name,
+            "status": status,
+            "startDate": 1_796_677_014_968_u64,
+            "stopDate": stopped,
+            "input": input.to_string(),
+            "inputDetails": {"included": true},
+            "output": null,
+            "outputDetails": null,
+            "error": null,
+            "cause": null
+        }
+    })
+}
+
+/// An instance's state by a raw DescribeInstances as the administrator.
+fn instance_state(
+    rt: &tokio::runtime::Runtime,
+    admin: &aws_config::SdkConfig,
+    instance: &str,
+) -> String {
+    rt.block_on(
+        aws_sdk_ec2::Client::new(admin)
+            .describe_instances()
+            .instance_ids(instance)
+            .send(),
+    )
+    .expect("DescribeInstances")
+    .reservations()
+    .iter()
+    .flat_map(|r| r.instances())
+    .filter_map(|i| i.state().and_then(|s| s.name()))
+    .map(|n| n.as_str().to_string())
+    .next()
+    .unwrap_or_default()
+}
+
+impl Rehearsal {
+    /// The build whose request id (execution name) is `id`, as the deployed table holds it.
+    fn build_of(&self, rt: &tokio::runtime::Runtime, id: &str) -> kiln::model::build::Build {
+        let ports = self.store_ports(rt);
+        rt.block_on(ports.ports().store.builds("al2023-moto"))
+            .expect("builds")
+            .into_iter()
+            .find(|b| b.request_id.as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no build recorded for {id}"))
+    }
+
+    /// The build holding the pipeline's lock, by a raw GetItem of `PIPELINE#<name>` / `LOCK`.
+    fn lock_holder(&self, rt: &tokio::runtime::Runtime, pipeline: &str) -> Option<String> {
+        let ddb = aws_sdk_dynamodb::Client::new(&self.admin(rt));
+        let item = rt
+            .block_on(
+                ddb.get_item()
+                    .table_name(&self.outputs["TableName"])
+                    .key("pk", AttributeValue::S(format!("PIPELINE#{pipeline}")))
+                    .key("sk", AttributeValue::S("LOCK".into()))
+                    .consistent_read(true)
+                    .send(),
+            )
+            .expect("GetItem");
+        item.item()
+            .and_then(|i| i.get("build"))
+            .and_then(|b| b.as_s().ok())
+            .cloned()
+    }
+
+    /// An execution of the deployed state machine in moto's Step Functions, which keeps it
+    /// RUNNING until it is stopped (kiln's engine runs the states): the record the reaper
+    /// reads with DescribeExecution.
+    fn start_recorded_execution(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        name: &str,
+        input: &Json,
+    ) -> String {
+        let sfn = aws_sdk_sfn::Client::new(&self.admin(rt));
+        rt.block_on(
+            sfn.start_execution()
+                .state_machine_arn(&self.outputs["StateMachineArn"])
+                .name(name)
+                .input(input.to_string())
+                .send(),
+        )
+        .expect("StartExecution")
+        .execution_arn()
+        .to_string()
+    }
+
+    /// StopExecution as the administrator, as "Stop execution" in the console calls it.
+    fn stop_recorded_execution(&self, rt: &tokio::runtime::Runtime, execution: &str) {
+        let sfn = aws_sdk_sfn::Client::new(&self.admin(rt));
+        rt.block_on(sfn.stop_execution().execution_arn(execution).send())
+            .expect("StopExecution");
+    }
+}
+
+/// The reaper, through the deployed stack: a build stopped mid-way as the console stops it
+/// (StopExecution; Step Functions runs no Catch then) leaves its builder running and its lock
+/// held until the "Step Functions Execution Status Change" event reaches the cleanup function
+/// (under its own role, as the deployed rule's target), which asks DescribeExecution first: while
+/// the execution RUNS, the same event cleans nothing (negative control); once it is ABORTED, the
+/// builder is terminated (raw DescribeInstances), the build CANCELLED with the reason and the
+/// lock free; the event delivered again changes nothing. The deployed rule's pattern lets that
+/// event through (moto's EventBridge matcher), and not another state machine's or a running or
+/// succeeded execution's; the function's permission lets EventBridge invoke it for that rule
+/// only. Every request is authorized, DescribeExecution included.
+#[test]
+fn a_build_stopped_from_the_console_is_reaped_through_the_deployed_rule_once_it_has_stopped() {
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    let machine = r.outputs["StateMachineArn"].clone();
+    let id = "console-stop-1";
+    let input = json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0});
+    // GIVEN a build started as the stack starts one, stopped mid-way with its builder running
+    let execution = r.start_recorded_execution(&rt, id, &input);
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let tasks = StopAt {
+        inner: Bootstraps(r.functions.clone(), None),
+        state: "CustomizeCheck",
+        stopped: stopped.clone(),
+    };
+    let outcome = r.execute_until(&rt, Arc::new(tasks), "al2023-moto", id, stopped);
+    assert!(
+        outcome.is_none(),
+        "the execution ended by itself: {:?}",
+        outcome.as_ref().map(|o| (&o.status, &o.cause))
+    );
+    let building = r.build_of(&rt, id);
+    assert!(!building.status.is_final(), "{:?}", building.status);
+    let builder = building.builder.as_ref().expect("a builder").id.0.clone();
+    assert_eq!(instance_state(&rt, &admin, &builder), "running");
+    let held = r.lock_holder(&rt, "al2023-moto");
+    assert_eq!(held.as_deref(), Some(building.id.as_str()));
+    let ended = execution_status_change(&execution, &machine, "ABORTED", &input);
+
+    // WHEN the event arrives while Step Functions still says RUNNING (early, repeated, forged)
+    let (ok, early) = r.invoke("CleanupFunction", ended.clone());
+    // THEN nothing is cleaned
+    assert!(ok, "{early}");
+    assert_eq!(
+        (&early["reaped"], &early["status"]),
+        (&json!(false), &json!("RUNNING")),
+        "{early}"
+    );
+    assert_eq!(instance_state(&rt, &admin, &builder), "running", "{early}");
+    assert_eq!(r.build_of(&rt, id).status, building.status);
+    assert_eq!(r.lock_holder(&rt, "al2023-moto"), held);
+
+    // WHEN the execution is stopped as the console stops it, and its event is delivered
+    r.stop_recorded_execution(&rt, &execution);
+    let (ok, reaped) = r.invoke("CleanupFunction", ended.clone());
+    // THEN the builder is terminated, the build CANCELLED with the reason, the lock free
+    assert!(ok, "{reaped}");
+    assert_eq!(reaped["reaped"], true, "{reaped}");
+    assert_eq!(instance_state(&rt, &admin, &builder), "terminated");
+    let cancelled = r.build_of(&rt, id);
+    assert_eq!(cancelled.status, kiln::model::build::BuildStatus::Cancelled);
+    let failure = cancelled.failure.clone().expect("the reason");
+    assert_eq!(failure.error, "Kiln.Cancelled");
+    assert!(
+        failure
+            .message
+            .contains("the execution was stopped (ABORTED)"),
+        "{}",
+        failure.message
+    );
+    r.assert_lock_free(&rt, "al2023-moto", "after the reaper");
+
+    // WHEN the same event is delivered again (EventBridge and Lambda retry deliveries)
+    let (ok, again) = r.invoke("CleanupFunction", ended.clone());
+    // THEN nothing more is done: the build record is as the first delivery left it
+    assert!(ok, "{again}");
+    assert_eq!(
+        (&again["reaped"], &again["was"]),
+        (&json!(false), &json!("CANCELLED")),
+        "{again}"
+    );
+    assert_eq!(
+        serde_json::to_value(r.build_of(&rt, id)).expect("JSON"),
+        serde_json::to_value(&cancelled).expect("JSON")
+    );
+    r.assert_lock_free(&rt, "al2023-moto", "after the second delivery");
+
+    // AND the deployed rule sends this event to the cleanup function, and only such events
+    let events = aws_sdk_eventbridge::Client::new(&admin);
+    let cleanup = r
+        .functions
+        .iter()
+        .find(|(_, f)| f.binary == "cleanup")
+        .map(|(arn, _)| arn.clone())
+        .expect("the cleanup function");
+    let rules = rt
+        .block_on(events.list_rules().send())
+        .expect("ListRules")
+        .rules()
+        .to_vec();
+    let rule = rules
+        .iter()
+        .find(|rule| {
+            rt.block_on(
+                events
+                    .list_targets_by_rule()
+                    .rule(rule.name().unwrap_or_default())
+                    .send(),
+            )
+            .expect("ListTargetsByRule")
+            .targets()
+            .iter()
+            .any(|t| t.arn() == cleanup)
+        })
+        .unwrap_or_else(|| panic!("no deployed rule targets the cleanup function: {rules:?}"));
+    let pattern = rule.event_pattern().unwrap_or_default().to_string();
+    let matches = |e: &Json| {
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("tests/rehearsal/events.py"))
+            .args(["match", &pattern, &e.to_string()]);
+        run_ok(cmd).trim() == "true"
+    };
+    for status in ["ABORTED", "TIMED_OUT", "FAILED"] {
+        let e = execution_status_change(&execution, &machine, status, &input);
+        assert!(
+            matches(&e),
+            "the deployed rule {pattern} lets {status} through"
+        );
+    }
+    for status in ["RUNNING", "SUCCEEDED"] {
+        let e = execution_status_change(&execution, &machine, status, &input);
+        assert!(
+            !matches(&e),
+            "the deployed rule {pattern} lets {status} through"
+        );
+    }
+    let other_machine = machine.replace(":stateMachine:kiln-pipeline", ":stateMachine:other");
+    let other = execution_status_change(
+        &execution.replace(":kiln-pipeline:", ":other:"),
+        &other_machine,
+        "ABORTED",
+        &input,
+    );
+    assert_ne!(other_machine, machine);
+    assert!(
+        !matches(&other),
+        "the deployed rule {pattern} lets another state machine's execution through"
+    );
+    // AND EventBridge may invoke the cleanup function for that rule only
+    let rule_arn = rule.arn().unwrap_or_default().to_string();
+    let mut cmd = Command::new(python());
+    cmd.args([
+        "-c",
+        "import boto3, sys; print(boto3.client('lambda', region_name='us-east-1')\
+         .get_policy(FunctionName=sys.argv[1])['Policy'])",
+        &cleanup,
+    ])
+    .envs(r.moto.env());
+    let policy: Json = serde_json::from_str(run_ok(cmd).trim()).expect("a policy");
+    let from_events: Vec<&Json> = policy["Statement"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["Principal"].to_string().contains("events.amazonaws.com"))
+        .collect();
+    assert!(!from_events.is_empty(), "{policy}");
+    for s in from_events {
+        assert_eq!(
+            s["Condition"]["ArnLike"]["AWS:SourceArn"].as_str(),
+            Some(rule_arn.as_str()),
+            "{policy}"
+        );
+    }
+    // AND every request was authorized, the cleanup role's DescribeExecution among them
+    r.assert_all_allowed();
+    let described: Vec<Json> = r
+        .decisions()
+        .into_iter()
+        .filter(|d| d["action"] == "states:DescribeExecution")
+        .collect();
+    assert_eq!(described.len(), 3, "{described:#?}");
+    assert!(described.iter().all(|d| d["role"]
+        .as_str()
+        .is_some_and(|role| role.contains("CleanupFunctionRole"))
+        && d["resource"] == json!(execution)));
+}
+
+/// Cleanup's own Catch, through the deployed stack: a component fails and EC2 answers every
+/// TerminateInstances of the cleanup function with a 500, so the cleanup fails after its retries.
+/// RecordFailure ends the build FAILED anyway, with both failures and the builder it could not
+/// terminate in the reason, and frees the lock; the execution fails with the component's error.
+/// Once EC2 answers again, the execution's end event lets the reaper terminate the builder,
+/// leaving the record as it was.
+#[test]
+fn a_cleanup_that_fails_every_attempt_still_ends_the_deployed_build_failed_with_its_lock_free() {
+    let r = Rehearsal::deploy();
+    r.apply(&moto_pipeline());
+    let rt = runtime();
+    let admin = r.admin(&rt);
+    let id = "cleanup-fails-1";
+    // GIVEN a component that fails, and EC2 refusing the cleanup function's TerminateInstances
+    r.inject(json!([
+        {"role": "CustomizeFunctionRole", "operation": "AmazonSSM.GetCommandInvocation",
+         "commandStatus": "Failed"},
+        {"role": "CleanupFunctionRole", "operation": "TerminateInstances",
+         "error": {"status": 500, "code": "InternalError", "message": "injected: EC2 is down"}}
+    ]));
+    // WHEN the build runs
+    let outcome = r.execute(&rt, "al2023-moto", id);
+    r.inject(json!([]));
+    // THEN the execution fails with the component's error, not the cleanup's
+    assert_eq!(outcome.status, Status::Failed, "{:?}", outcome.cause);
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some("Kiln.ComponentFailed"),
+        "{:?}",
+        outcome.cause
+    );
+    // AND the cleanup was tried with its retries, then RecordFailure ran
+    let attempts = outcome
+        .history
+        .iter()
+        .filter(|e| e.kind == "LambdaFunctionFailed" && e.state.as_deref() == Some("Cleanup"))
+        .count();
+    assert_eq!(attempts, 7, "the cleanup and its six retries");
+    assert!(outcome
+        .history
+        .iter()
+        .any(|e| e.kind == "TaskStateEntered" && e.state.as_deref() == Some("RecordFailure")));
+    // AND the build is FAILED at customize, the reason naming both failures and the builder
+    let failed = r.build_of(&rt, id);
+    assert_eq!(failed.status, kiln::model::build::BuildStatus::Failed);
+    let failure = failed.failure.clone().expect("the reason");
+    assert_eq!(
+        (failure.stage.as_str(), failure.error.as_str()),
+        ("customize", "Kiln.ComponentFailed")
+    );
+    let builder = failed.builder.as_ref().expect("a builder").id.0.clone();
+    assert!(
+        failure
+            .message
+            .contains("then the cleanup failed (Kiln.Retryable: TerminateInstances")
+            && failure.message.contains(&builder),
+        "{}",
+        failure.message
+    );
+    // AND the lock is free, while the builder EC2 would not terminate still runs
+    r.assert_lock_free(&rt, "al2023-moto", "after a failed cleanup");
+    assert_eq!(instance_state(&rt, &admin, &builder), "running");
+    // AND every request was authorized (the 500s are faults, not denials)
+    r.assert_all_allowed();
+
+    // WHEN EC2 answers again and the execution's end event reaches the reaper (moto's Step
+    // Functions can only stop an execution: its record ends ABORTED, where AWS's ends FAILED)
+    let input = json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0});
+    let execution = r.start_recorded_execution(&rt, id, &input);
+    r.stop_recorded_execution(&rt, &execution);
+    let ended =
+        execution_status_change(&execution, &r.outputs["StateMachineArn"], "ABORTED", &input);
+    let (ok, reaped) = r.invoke("CleanupFunction", ended);
+    // THEN the builder is terminated, and the build stays FAILED with its reason
+    assert!(ok, "{reaped}");
+    assert_eq!(
+        (&reaped["reaped"], &reaped["now"]),
+        (&json!(false), &json!("FAILED")),
+        "{reaped}"
+    );
+    assert_eq!(instance_state(&rt, &admin, &builder), "terminated");
+    assert_eq!(
+        serde_json::to_value(r.build_of(&rt, id)).expect("JSON"),
+        serde_json::to_value(&failed).expect("JSON")
+    );
+    r.assert_all_allowed();
+}

@@ -603,3 +603,87 @@ fn a_parent_that_is_missing_unavailable_or_of_another_architecture_fails_before_
         assert!(cloud.lock_free("al2023-base"), "{case}: lock held");
     }
 }
+
+/// The reaper's cleanup (`cleanup::reap`, run when an execution ended outside kiln's Catch): a
+/// build stopped mid-way gets the cleanup its Catch would have run — the builder terminated, the
+/// build CANCELLED with the reason, the lock free; a second call changes nothing; an AVAILABLE
+/// build keeps its images, and a request id no build carries finds nothing.
+#[test]
+fn reaping_a_stopped_build_cancels_it_once_and_leaves_finished_builds_alone() {
+    // GIVEN a build stopped while its component runs
+    let cloud = cloud();
+    let ports = cloud.ports();
+    let b = block_on(launch_builder::start(&ports, &request("stopped-1"))).expect("start");
+    let b = until_ready(b, |b| block_on(launch_builder::check(&ports, b))).expect("launched");
+    let b = block_on(customize::start(&ports, b)).expect("customize");
+    assert_eq!(cloud.live_instances().len(), 1);
+    assert!(!cloud.lock_free("al2023-base"));
+    // WHEN it is reaped as a stopped execution
+    let reaped = block_on(cleanup::reap(
+        &ports,
+        Some("al2023-base"),
+        "stopped-1",
+        "Kiln.Cancelled",
+        "the execution was stopped (ABORTED)",
+    ))
+    .expect("reaped");
+    // THEN it is CANCELLED with the reason, nothing runs, the lock is free
+    assert!(reaped.concluded, "{reaped:?}");
+    assert_eq!(reaped.was, Some(b.status));
+    let stored = block_on(ports.store.build("al2023-base", &b.id))
+        .expect("read")
+        .expect("the build");
+    assert_eq!(stored.status, BuildStatus::Cancelled);
+    let failure = stored.failure.clone().expect("the reason");
+    assert_eq!(
+        (failure.stage.as_str(), failure.message.as_str()),
+        ("customize", "the execution was stopped (ABORTED)")
+    );
+    assert!(cloud.live_instances().is_empty());
+    assert!(cloud.lock_free("al2023-base"));
+    // AND a second call changes nothing
+    let again = block_on(cleanup::reap(
+        &ports,
+        None,
+        "stopped-1",
+        "Kiln.Cancelled",
+        "again",
+    ))
+    .expect("reaped again");
+    assert!(!again.concluded, "{again:?}");
+    let after = block_on(ports.store.build("al2023-base", &b.id))
+        .expect("read")
+        .expect("the build");
+    assert_eq!(after, stored);
+    // AND an AVAILABLE build keeps its images; an unknown request id finds nothing
+    let available = run(&ports, &request("ok-1")).expect("a build");
+    let images = cloud.build_images().len();
+    assert!(images > 0);
+    let kept = block_on(cleanup::reap(
+        &ports,
+        Some("al2023-base"),
+        "ok-1",
+        "States.Runtime",
+        "failed",
+    ))
+    .expect("reaped");
+    assert_eq!(
+        (kept.was, kept.now, kept.concluded),
+        (
+            Some(BuildStatus::Available),
+            Some(BuildStatus::Available),
+            false
+        )
+    );
+    assert_eq!(cloud.build_images().len(), images);
+    assert_eq!(
+        block_on(ports.store.build("al2023-base", &available.id))
+            .expect("read")
+            .expect("the build")
+            .status,
+        BuildStatus::Available
+    );
+    let none = block_on(cleanup::reap(&ports, None, "never", "Kiln.Cancelled", "x"))
+        .expect("nothing to reap");
+    assert_eq!(none.build, None);
+}

@@ -1,6 +1,7 @@
-//! The cleanup stage as a Lambda function: wiring only; the stage lives in `kiln::stages`.
+//! The cleanup stage as a Lambda function, and the reaper of executions that ended outside
+//! kiln's Catch: wiring only; both live in `kiln` (`stages::cleanup`, `aws::reaper`).
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    kiln::lambda::run(kiln::lambda::CLEANUP).await
+    kiln::lambda::run_cleanup().await
 }

@@ -8,6 +8,7 @@ mod compute;
 #[cfg(feature = "control")]
 pub mod control;
 mod objects;
+pub mod reaper;
 mod store;
 mod wake;
 

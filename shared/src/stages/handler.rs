@@ -178,6 +178,18 @@ struct Event {
     /// Cleanup: the error the state machine caught (`{"Error", "Cause"}`).
     #[serde(default)]
     error: Option<CaughtError>,
+    /// Cleanup's `record`: the error the cleanup itself failed with.
+    #[serde(default, rename = "cleanupError")]
+    cleanup_error: Option<CaughtError>,
+}
+
+impl CaughtError {
+    /// (error, cause) of a caught error, or an unknown failure when there is none.
+    fn parts(caught: Option<&CaughtError>) -> (&str, &str) {
+        caught
+            .map(|c| (c.error.as_str(), c.cause.as_str()))
+            .unwrap_or(("Kiln.Internal", "unknown failure"))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,11 +304,25 @@ async fn dispatch(ports: &Ports<'_>, function: Function, event: Json) -> Result<
         ),
         // The daily lifecycle run (the stack's schedule invokes the cleanup function with it).
         (Function::Cleanup, "lifecycle") => super::lifecycle::run_all(ports).await,
+        // The Catch of the cleanup itself: the store only (see `cleanup::record`).
+        (Function::Cleanup, "record") => {
+            let caught = CaughtError::parts(e.error.as_ref());
+            let failed = CaughtError::parts(e.cleanup_error.as_ref());
+            match (&e.build, &e.request) {
+                (Some(b), _) => to_json(
+                    &cleanup::record(ports, b.clone(), caught.0, caught.1, failed.0, failed.1)
+                        .await?,
+                ),
+                (None, Some(r)) => Ok(cleanup::record_for_request(ports, r, caught, failed)
+                    .await?
+                    .map(|b| to_json(&b))
+                    .transpose()?
+                    .unwrap_or_else(|| json!(null))),
+                (None, None) => Ok(json!(null)),
+            }
+        }
         (Function::Cleanup, _) => {
-            let caught = e.error.as_ref();
-            let (error, cause) = caught
-                .map(|c| (c.error.as_str(), c.cause.as_str()))
-                .unwrap_or(("Kiln.Internal", "unknown failure"));
+            let (error, cause) = CaughtError::parts(e.error.as_ref());
             match (&e.build, &e.request) {
                 (Some(b), _) => to_json(&cleanup::run(ports, b.clone(), error, cause).await?),
                 (None, Some(r)) => Ok(cleanup::run_for_request(ports, r, error, cause)
