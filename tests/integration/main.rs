@@ -19,6 +19,7 @@ mod host_io;
 mod infra;
 mod lambda;
 mod pipeline_asl;
+mod refusals;
 mod rehearsal;
 mod simulate;
 mod stages;

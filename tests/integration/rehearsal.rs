@@ -25,7 +25,7 @@ use serde_json::{json, Value as Json};
 
 use crate::support::{built_binary, repo, run_ok, Lcg, Moto};
 
-const STACK: &str = "kiln";
+pub(crate) const STACK: &str = "kiln";
 
 pub(crate) fn python() -> PathBuf {
     let p = std::env::var_os("KILN_PYTHON")
@@ -372,7 +372,7 @@ impl Rehearsal {
     }
 
     /// Every authorization decision so far.
-    fn decisions(&self) -> Vec<Json> {
+    pub(crate) fn decisions(&self) -> Vec<Json> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
