@@ -13,6 +13,30 @@ pub mod simulate;
 #[cfg(feature = "aws")]
 pub mod stack;
 
+/// Text an instance wrote (a command's output, a failure message), made safe to print on a
+/// terminal: control characters other than newline and tab (C0, DEL, C1, which start escape
+/// sequences, move the cursor or retitle the window) and the bidirectional overrides (which
+/// reorder what is shown) are printed as Rust escapes (`\u{1b}`, `\r`), so what a component
+/// printed is seen, never obeyed.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Exit codes: 0 success, 1 the job failed, 2 invalid input or usage.
 pub mod exit {
     pub const OK: i32 = 0;
@@ -479,5 +503,29 @@ fn sfn(command: SfnCommand, stdout: &mut dyn Write, stderr: &mut dyn Write) -> a
             writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
             Ok(exit::OK)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::terminal_safe;
+
+    #[test]
+    fn text_from_an_instance_is_shown_on_a_terminal_never_obeyed() {
+        // Plain text, newlines, tabs and non-ASCII letters pass as they are (no copy).
+        let plain = "line one\n\tline two: café ✓";
+        assert!(matches!(
+            terminal_safe(plain),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // Escape sequences (OSC title, CSI clear, C1 CSI), carriage return, bell, DEL and a
+        // right-to-left override are printed as escapes.
+        let hostile = "a\u{1b}]0;owned\u{7}b\u{1b}[2Jc\u{9b}31md\re\u{7f}f\u{202e}g";
+        let shown = terminal_safe(hostile);
+        assert_eq!(
+            shown,
+            "a\\u{1b}]0;owned\\u{7}b\\u{1b}[2Jc\\u{9b}31md\\re\\u{7f}f\\u{202e}g"
+        );
+        assert!(shown.chars().all(|c| !c.is_control() && c != '\u{202e}'));
     }
 }

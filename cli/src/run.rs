@@ -41,6 +41,43 @@ pub struct RunArgs {
     pub artifacts_bucket: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+    /// End the build when it runs longer than this (`90s`, `30m`, `2h`; seconds without a unit):
+    /// the execution's TimeoutSeconds, as a Step Functions execution has one. It ends TIMED_OUT,
+    /// its instances terminated, the build FAILED with States.Timeout, the lock released.
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+    /// `--backend aws`: the instance profile of the builder and test instances when the pipeline's
+    /// `infrastructure.instanceProfile` names none (name or ARN). kiln creates no IAM role.
+    #[arg(long, value_name = "NAME|ARN", value_parser = parse_instance_profile)]
+    pub instance_profile: Option<String>,
+}
+
+fn parse_instance_profile(text: &str) -> Result<String, String> {
+    kiln::model::ids::shape::instance_profile(text).map(|()| text.to_string())
+}
+
+/// `--timeout`: a whole number with an optional unit `s`, `m` or `h`, at least one second.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "`{text}`: the unit must be s, m or h (as in 90s, 30m, 2h)"
+            ))
+        }
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 && n <= 365 * 24 * 3600 / scale => Ok(Duration::from_secs(n * scale)),
+        _ => Err(format!(
+            "`{text}`: a whole number of seconds, minutes or hours from 1s to 365 days (as in 90s, 30m, 2h)"
+        )),
+    }
 }
 
 /// How one execution runs and reports.
@@ -52,6 +89,8 @@ pub struct How {
     pub trigger: Json,
     /// Ctrl-C and SIGTERM, caught since before the build started.
     pub shutdown: Shutdown,
+    /// The execution's TimeoutSeconds (`--timeout`); none by default.
+    pub timeout: Option<Duration>,
 }
 
 /// Where the embedded cloud lives: `--home`, `$KILN_HOME`, or `./.kiln`.
@@ -193,7 +232,7 @@ fn last_line(path: &Path) -> String {
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
-        .map(str::to_string)
+        .map(|l| crate::terminal_safe(l).into_owned())
         .unwrap_or_default()
 }
 
@@ -239,6 +278,19 @@ pub fn run(
             return Ok(exit::INVALID);
         }
     }
+    // An EC2 instance registers with SSM with its instance profile's role: launched without one
+    // it never comes online, and the build would wait out its timeout with a builder running.
+    if args.backend == Backend::Aws
+        && loaded.pipeline.infrastructure.instance_profile.is_none()
+        && args.instance_profile.is_none()
+    {
+        writeln!(
+            stderr,
+            "{}: infrastructure.instanceProfile: --backend aws launches the builder and test instances with an instance profile whose role lets their SSM agent register (ssm:UpdateInstanceInformation, ec2messages:*; AmazonSSMManagedInstanceCore has them); an instance without one never comes online. Name it in infrastructure.instanceProfile or with --instance-profile NAME (kiln creates no IAM role)",
+            args.pipeline.display()
+        )?;
+        return Ok(exit::INVALID);
+    }
     let home = home(home_flag);
     let cloud = match open_cloud(&home) {
         Ok(c) => c,
@@ -267,6 +319,7 @@ pub fn run(
         output: args.output,
         trigger: json!({"kind": "manual", "detail": "kiln run"}),
         shutdown,
+        timeout: args.timeout,
     };
     match args.backend {
         Backend::Local => execute(Arc::new(cloud), &runtime, &record, how, stdout, stderr),
@@ -317,6 +370,7 @@ fn aws_ports(
     runtime: &tokio::runtime::Runtime,
     bucket: String,
     region: String,
+    instance_profile: Option<String>,
 ) -> kiln::aws::AwsPorts {
     let settings = kiln::aws::Settings {
         table: String::new(),
@@ -324,7 +378,7 @@ fn aws_ports(
         event_bus: String::new(),
         region,
         stack: None,
-        instance_profile: None,
+        instance_profile,
     };
     runtime.block_on(kiln::aws::AwsPorts::from_env(settings))
 }
@@ -344,7 +398,7 @@ fn aws(
         .artifacts_bucket
         .clone()
         .unwrap_or_else(|| format!("kiln-artifacts-{region}"));
-    let remote = aws_ports(runtime, bucket, region);
+    let remote = aws_ports(runtime, bucket, region, args.instance_profile.clone());
     if let Err(e) = runtime.block_on(remote.prepare_artifacts(&cloud.agent)) {
         writeln!(stderr, "kiln run --backend aws: {e}")?;
         return Ok(exit::FAILED);
@@ -383,8 +437,11 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
 ) -> anyhow::Result<i32> {
     let p = &record.pipeline;
     let local = provider.local();
-    let machine = execution::machine(DEFINITION, &local_substitutions())
+    let mut machine = execution::machine(DEFINITION, &local_substitutions())
         .map_err(|e| anyhow::anyhow!("the built-in state machine: {e}"))?;
+    if let Some(t) = args.timeout {
+        machine.timeout_seconds = Some(t.as_secs_f64());
+    }
     let timeline = Arc::new(Mutex::new(Timeline::default()));
     let clock: Arc<dyn Clock> = Arc::new(RealClock);
     let tasks = Arc::new(StageTaskAdapter::new(
@@ -491,7 +548,12 @@ pub fn execute<P: PortsProvider + HasLocal + 'static>(
     );
     match args.output {
         Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&summary)?)?,
-        Output::Text => write_summary(stdout, &summary)?,
+        // The summary carries what the instance wrote (the failure's output tail).
+        Output::Text => {
+            let mut text = Vec::new();
+            write_summary(&mut text, &summary)?;
+            stdout.write_all(crate::terminal_safe(&String::from_utf8_lossy(&text)).as_bytes())?;
+        }
     }
     Ok(match (outcome.status, build.map(|b| b.status)) {
         (Status::Succeeded, Some(BuildStatus::Available | BuildStatus::Skipped)) => exit::OK,
@@ -772,7 +834,7 @@ pub fn upload_agent(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let ports = aws_ports(&runtime, bucket.to_string(), region);
+    let ports = aws_ports(&runtime, bucket.to_string(), region, None);
     match runtime.block_on(ports.upload_agent(&agent, arch)) {
         Ok((key, sha)) => {
             // What the stack's AgentSha256 parameter must pin (`make deploy` computes the same).
@@ -869,7 +931,12 @@ fn lifecycle_aws(
     pipeline: &kiln::model::pipeline::Pipeline,
     dry_run: bool,
 ) -> Result<Vec<kiln::stages::lifecycle::Action>, kiln::errors::StageError> {
-    let remote = aws_ports(runtime, String::new(), pipeline.home_region().to_string());
+    let remote = aws_ports(
+        runtime,
+        String::new(),
+        pipeline.home_region().to_string(),
+        None,
+    );
     let mixed = Mixed {
         remote,
         local: LocalCloud::open(&local.home, &local.agent)?,

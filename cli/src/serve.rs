@@ -198,6 +198,7 @@ pub fn serve(
                 output: Output::Text,
                 trigger: json!({"kind": "schedule", "detail": format!("{} {}", row.cron, row.timezone)}),
                 shutdown: crate::run::Shutdown::catch(&runtime),
+                timeout: None,
             };
             let code = crate::run::execute(cloud.clone(), &runtime, &record, how, stdout, stderr)?;
             failed |= code != exit::OK;

@@ -823,6 +823,41 @@ fn gc_cleans_up_after_a_kiln_that_was_killed() {
     home.assert_nothing_left("slow");
 }
 
+/// An error no Catch of the state machine takes still ends the build cleanly: `kiln run
+/// --timeout` gives the execution a TimeoutSeconds, and a build that outruns it (the slow
+/// component sleeps a minute) ends TIMED_OUT in the engine — States.Timeout, which no Catch
+/// matches — so only kiln run's reap ends its instances, records it FAILED with the reason and
+/// releases the lock. Without the reap the build stays BUILDING with the lock held and the
+/// builder running.
+#[test]
+fn a_build_past_its_timeout_is_reaped_failed_with_nothing_left() {
+    let home = Home::new();
+    let slow = data("slow").display().to_string();
+    // A duration kiln cannot read is refused before anything starts.
+    let (code, out, err) = home.kiln(&["run", &slow, "--timeout", "5x"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("the unit must be s, m or h"), "{err}");
+    let (code, out, err) = home.kiln(&["run", &slow, "--timeout", "2s", "--output", "json"]);
+    let summary: Json = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("summary is not JSON ({e}): {out}\n{err}"));
+    assert_eq!(code, 1, "{summary}\n{err}");
+    assert_eq!(summary["status"], "FAILED", "{summary}");
+    assert_eq!(summary["error"], "States.Timeout", "{summary}");
+    let failure = &summary["failure"];
+    assert_eq!(failure["error"], "States.Timeout", "{summary}");
+    assert!(
+        failure["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("TimeoutSeconds of 2 seconds")),
+        "{summary}"
+    );
+    // One build: the refused run recorded none.
+    let builds = futures::executor::block_on(home.store().builds("slow")).expect("builds");
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0].status.as_str(), "FAILED");
+    home.assert_nothing_left("slow");
+}
+
 #[test]
 fn invalid_input_is_refused_with_exit_2_and_nothing_created() {
     let home = Home::new();

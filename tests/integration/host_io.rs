@@ -554,3 +554,48 @@ fn a_small_failure_reaches_the_build_record_whole() {
     );
     home.assert_nothing_left("host-io");
 }
+
+/// What an instance prints reaches the operator's terminal shown, never obeyed: a component that
+/// fails with escape sequences on both streams (window title, clear screen, C1 CSI, carriage
+/// return, bell, a right-to-left override) has them escaped in `kiln run`'s text output. Positive
+/// control: the same bytes are in the build's record (the JSON summary), so the component did
+/// print them and the escaping is what keeps them off the terminal.
+#[test]
+fn escape_sequences_an_instance_prints_are_shown_escaped_on_the_terminal() {
+    let home = Home::new();
+    let pipeline = repo().join("tests/data/embedded/terminal/pipeline.yaml");
+    let (code, summary, err) = home.run(&pipeline);
+    assert_eq!(code, 1, "{summary}\n{err}");
+    let message = summary["failure"]["message"].as_str().expect("message");
+    for raw in [
+        "\u{1b}]0;owned\u{7}",
+        "\u{1b}[2J",
+        "\u{9b}31m",
+        "\r",
+        "\u{202e}",
+    ] {
+        assert!(
+            message.contains(raw),
+            "the control: the record keeps what the component printed ({raw:?}): {message:?}"
+        );
+    }
+    let (code, text, err) = home.kiln(&["run", &pipeline.display().to_string()]);
+    assert_eq!(code, 1, "{text}\n{err}");
+    for (stream, out) in [("stdout", &text), ("stderr", &err)] {
+        let obeyed: Vec<char> = out
+            .chars()
+            .filter(|&c| (c.is_control() && c != '\n' && c != '\t') || c == '\u{202e}')
+            .collect();
+        assert!(
+            obeyed.is_empty(),
+            "{stream} has control characters {obeyed:?}: {out:?}"
+        );
+    }
+    assert!(
+        text.contains("title\\u{1b}]0;owned\\u{7} clear\\u{1b}[2J")
+            && text.contains("hidden\\rshown")
+            && text.contains("concealed\\u{202e} reversed"),
+        "the output is shown, escaped: {text}"
+    );
+    home.assert_nothing_left("terminal");
+}
