@@ -25,9 +25,9 @@ NEXTEST_VERSION := 0.9.143
 EXPANDED := $(TARGET_DIR)/infra/template.expanded.json
 
 # Debian packages are installed as root (sudo when not root).
-DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap iproute2 curl bsdutils podman runc
+DEBIAN_PACKAGES := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns uidmap iproute2 nftables curl bsdutils podman runc
 # A command of each package, to tell whether it is installed.
-DEBIAN_COMMANDS := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns newuidmap ip curl script podman runc nftables iproute2
+DEBIAN_COMMANDS := skopeo umoci mmdebstrap zstd sqlite3 slirp4netns newuidmap ip nft curl script podman runc
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 # The Lambda functions; arm64 when the aarch64 standard library is installed, else x86_64.
@@ -45,7 +45,7 @@ export KILN_SHIPPED_DIR := $(abspath $(SHIPPED_DIR))
 STACK ?= kiln
 TOOLS_PATH := $(VENV)/python/bin:$(VENV)/sam/bin:$(PATH)
 
-.PHONY: setup run test lint fmt bench build package deploy chaos
+.PHONY: setup run test lint fmt bench build package deploy chaos mutants
 
 ## setup: install what the build and the tests need, each at the version its lock pins: Rust
 ## components, cargo-nextest; from PyPI (hash-checked, tests/tools/*.txt) moto server, cfn-lint,
@@ -106,6 +106,13 @@ KILN_CHAOS_EMBEDDED_BUILDS ?= 1000
 chaos: setup
 	$(CARGO) build --workspace --all-targets
 	KILN_CHAOS_BUILDS=$(KILN_CHAOS_BUILDS) KILN_CHAOS_EMBEDDED_BUILDS=$(KILN_CHAOS_EMBEDDED_BUILDS) $(CARGO) nextest run --workspace --no-capture -E 'test(fault_campaign)'
+
+## mutants: each committed mutation of a guard (tests/mutants/*.patch: a template condition, a
+## grant, a stand-in's refusal, a CLI check) applied to a scratch worktree of HEAD and the test its
+## header names run: every one must fail (KILLED). Outside CI; MUTANT=name runs one.
+mutants: setup
+	@test -x $(SHIPPED_DIR)/lambda/trigger/bootstrap || { echo "make mutants runs the functions make test builds: run make test first"; exit 2; }
+	tests/mutants/run $(MUTANT)
 
 ## lint: formatting and clippy, warnings are errors; the stack as CloudFormation sees it: the
 ## template expanded by aws-sam-translator, then cfn-lint, checkov and parliament on the result

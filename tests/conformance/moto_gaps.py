@@ -1,10 +1,25 @@
 """moto's server with what kiln needs and moto 5 lacks, each written to AWS's documented behaviour.
 
-1. DescribeInstanceInformation (SSM).
+1. DescribeInstanceInformation (SSM), and the default VPC's way out.
 
-Every instance moto's EC2 reports running in the region answers as a managed instance with its
-agent Online (moto runs no SSM agent; it also reports every command as Success). Filters on
-InstanceIds are honoured.
+moto runs no SSM agent (it also reports every command as Success). A running instance answers
+here as a managed instance with its agent Online only when AWS's agent could register: its
+instance profile's role is allowed ssm:UpdateInstanceInformation and ec2messages:GetMessages,
+AcknowledgeMessage and SendReply — each decided by the IAM policy evaluator
+(tests/rehearsal/authorize.cjs, @cloud-copilot/iam-simulate) on the role's policies as moto holds
+them, by action, not by policy name — and its subnet reaches the SSM endpoints: a 0.0.0.0/0 route
+to an internet gateway with a public IP, or to a NAT gateway, or the VPC has interface endpoints
+for ssm, ssmmessages and ec2messages. Any other instance is absent from the answer, as AWS leaves
+out an instance whose agent never registered. Without the evaluator (KILN_AUTHZ_MODULES unset) no
+instance is Online. Filters on InstanceIds are honoured.
+
+AWS's default VPC has an internet gateway and a 0.0.0.0/0 route in its main route table; moto's
+has neither, so both are added when moto makes it.
+
+5. The `amazon` owner alias (DescribeImages Owners=amazon): moto gives it to every image it loads
+at start (Canonical's included); AWS gives it to images of Amazon's own accounts only, so a
+`parent.filter` with owners [amazon] never picks another publisher's newer image. Here the alias
+stays only on images of Amazon's accounts.
 
 2. Tags at creation on images: CreateImage's `TagSpecification` for `snapshot` (moto raises
 NotImplementedError, a 500) and CopyImage's `TagSpecification` for `image` and `snapshot` (moto
@@ -26,6 +41,9 @@ Everything else is moto, unchanged. Every moto-backed test runs this server; run
 """
 
 import json
+import os
+import subprocess
+import threading
 
 from moto.core.responses import ActionResult
 from moto.ec2.exceptions import InvalidTaggableResourceType
@@ -33,9 +51,132 @@ from moto.ec2.models import ec2_backends
 from moto.ec2.models.amis import AmiBackend
 from moto.ec2.models.iam_instance_profile import IamInstanceProfileAssociationBackend
 from moto.ec2.models.instances import InstanceBackend
+from moto.ec2.models.vpcs import VPCBackend
+from moto.iam.models import iam_backends
 from moto.ec2.responses.amis import AmisResponse
 from moto.stepfunctions.models import StateMachine
 from moto.ssm.responses import SimpleSystemManagerResponse
+
+
+class Evaluator:
+    """One node process running tests/rehearsal/authorize.cjs; one question at a time."""
+
+    def __init__(self):
+        modules = os.environ.get("KILN_AUTHZ_MODULES", "")
+        env = dict(os.environ)
+        env["NODE_PATH"] = modules
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen(
+            [os.environ.get("KILN_AUTHZ_NODE", "node"), os.path.join(here, "..", "rehearsal", "authorize.cjs")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=os.path.dirname(modules) if modules else here,
+            text=True,
+        )
+        self.lock = threading.Lock()
+
+    def decide(self, question):
+        with self.lock:
+            self.proc.stdin.write(json.dumps(question) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            return {"result": "Error", "why": "the evaluator exited"}
+        return json.loads(line)
+
+
+_EVALUATOR = None
+_EVALUATOR_LOCK = threading.Lock()
+
+
+def evaluator():
+    """The IAM evaluator (started on first use), or None without KILN_AUTHZ_MODULES."""
+    global _EVALUATOR
+    with _EVALUATOR_LOCK:
+        if _EVALUATOR is None and os.environ.get("KILN_AUTHZ_MODULES"):
+            _EVALUATOR = Evaluator()
+        return _EVALUATOR
+
+
+def role_policies(account, partition, role_arn):
+    """The role's name and its identity policies (inline and managed) as moto holds them."""
+    role = iam_backends[account][partition].get_role_by_arn(role_arn)
+    out = [
+        {"name": f"inline:{name}", "policy": json.loads(doc) if isinstance(doc, str) else doc}
+        for name, doc in role.policies.items()
+    ]
+    for arn, policy in role.managed_policies.items():
+        version = next(v for v in policy.versions if v.is_default)
+        doc = version.document
+        out.append({"name": arn, "policy": json.loads(doc) if isinstance(doc, str) else doc})
+    return role.name, out
+
+
+# What the SSM agent calls to register and to receive Run Command (AWS's documentation of the
+# agent's permissions; AmazonSSMManagedInstanceCore grants them).
+AGENT_ACTIONS = (
+    "ssm:UpdateInstanceInformation",
+    "ec2messages:GetMessages",
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:SendReply",
+)
+
+
+def agent_can_register(ec2, instance):
+    """Whether AWS's SSM agent on `instance` could register: (True, "") or (False, why)."""
+    association = ec2.iam_instance_profile_associations.get(instance.id)
+    if association is None:
+        return False, "no instance profile"
+    roles = [r.arn for r in association.iam_instance_profile.roles]
+    if not roles:
+        return False, "the instance profile has no role"
+    judge = evaluator()
+    if judge is None:
+        return False, "no IAM evaluator (KILN_AUTHZ_MODULES unset)"
+    account, partition = ec2.account_id, ec2.partition
+    role_name, policies = role_policies(account, partition, roles[0])
+    principal = f"arn:{partition}:sts::{account}:assumed-role/{role_name}/{instance.id}"
+    instance_arn = f"arn:{partition}:ec2:{ec2.region_name}:{account}:instance/{instance.id}"
+    for action in AGENT_ACTIONS:
+        decision = judge.decide(
+            {
+                "principal": principal,
+                "action": action,
+                "resource": instance_arn if action.startswith("ssm:") else "*",
+                "accountId": account,
+                "context": {
+                    "aws:RequestedRegion": ec2.region_name,
+                    "aws:PrincipalArn": roles[0],
+                    "aws:PrincipalAccount": account,
+                    "aws:SecureTransport": "true",
+                    "ec2:SourceInstanceARN": instance_arn,
+                },
+                "identityPolicies": policies,
+            }
+        )
+        if decision["result"] != "Allowed":
+            return False, f"{role_name} may not {action} ({decision['result']})"
+    return reaches_ssm(ec2, instance)
+
+
+def reaches_ssm(ec2, instance):
+    """Whether the instance's subnet reaches the SSM endpoints: (True, "") or (False, why)."""
+    subnet = ec2.get_subnet(instance.subnet_id)
+    services = {e.service_name for e in ec2.vpc_end_points.values() if e.vpc_id == subnet.vpc_id}
+    if all(f"com.amazonaws.{ec2.region_name}.{s}" in services for s in ("ssm", "ssmmessages", "ec2messages")):
+        return True, ""
+    tables = [t for t in ec2.route_tables.values() if t.vpc_id == subnet.vpc_id]
+    explicit = [t for t in tables if subnet.id in t._associations.values()]
+    table = (explicit or [t for t in tables if t.main_association_id is not None] or [None])[0]
+    for route in table.routes if table is not None else []:
+        if route.destination_cidr_block != "0.0.0.0/0":
+            continue
+        if route.nat_gateway is not None:
+            return True, ""
+        if route.gateway is not None and route.gateway.id.startswith("igw-") and instance.public_ip:
+            return True, ""
+    return False, f"{subnet.id} has no way to the SSM endpoints (no 0.0.0.0/0 route to an internet gateway with a public IP or to a NAT, no ssm/ssmmessages/ec2messages endpoints)"
 
 
 def describe_instance_information(self):
@@ -52,6 +193,8 @@ def describe_instance_information(self):
         for instance in reservation.instances:
             if instance.state != "running" or (wanted and instance.id not in wanted):
                 continue
+            if not agent_can_register(ec2, instance)[0]:
+                continue
             found.append(
                 {
                     "InstanceId": instance.id,
@@ -65,6 +208,39 @@ def describe_instance_information(self):
 
 
 SimpleSystemManagerResponse.describe_instance_information = describe_instance_information
+
+_create_default_vpc = VPCBackend.create_default_vpc
+
+
+def create_default_vpc(self):
+    vpc = _create_default_vpc(self)
+    igw = self.create_internet_gateway()
+    self.attach_internet_gateway(igw.id, vpc.id)
+    main = next(t for t in self.route_tables.values() if t.vpc_id == vpc.id and t.main_association_id is not None)
+    self.create_route(main.id, "0.0.0.0/0", gateway_id=igw.id)
+    return vpc
+
+
+VPCBackend.create_default_vpc = create_default_vpc
+
+# The accounts whose public images carry the `amazon` owner alias (Amazon Linux, Windows, and
+# AWS's other image-publishing accounts).
+AMAZON_IMAGE_OWNERS = {
+    "137112412989", "591542846629", "801119661308", "102837901569",
+    "013907871322", "206029621532", "286198878708", "443319210888",
+}
+
+_load_amis = AmiBackend._load_amis
+
+
+def load_amis(self):
+    _load_amis(self)
+    for ami in self.amis.values():
+        if ami.owner_alias == "amazon" and ami.owner_id not in AMAZON_IMAGE_OWNERS:
+            ami.owner_alias = None
+
+
+AmiBackend._load_amis = load_amis
 
 
 def _split_specs(specs):

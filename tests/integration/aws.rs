@@ -432,6 +432,249 @@ fn store_contract_on_sqlite() {
     futures::executor::block_on(store_contract(&store));
 }
 
+/// The instance profile the `kiln run --backend aws` tests name (`--instance-profile`).
+const RUN_PROFILE: &str = "kiln-run-builder";
+
+/// An instance profile in moto's IAM, as an account administrator makes one for `kiln run
+/// --backend aws` (kiln creates no IAM role): its role may do what the SSM agent does to register
+/// and take commands. moto refuses RunInstances naming a profile it does not have, as EC2 does,
+/// and its SSM answers Online only for an instance whose role may register
+/// (tests/conformance/moto_gaps.py).
+fn create_instance_profile(name: &str) {
+    const SCRIPT: &str = r#"
+import boto3, json, sys
+iam = boto3.client("iam", region_name="us-east-1")
+name = sys.argv[1]
+trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
+agent = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["ssm:UpdateInstanceInformation", "ssmmessages:*", "ec2messages:*"], "Resource": "*"}]}
+iam.put_role_policy(RoleName=name, PolicyName="ssm-agent", PolicyDocument=json.dumps(agent))
+iam.create_instance_profile(InstanceProfileName=name)
+iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+"#;
+    let out = std::process::Command::new(crate::rehearsal::python())
+        .args(["-c", SCRIPT, name])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "create_instance_profile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every instance moto ever launched in `region` (terminated ones included): raw
+/// DescribeInstances, not kiln's filters.
+async fn all_instances(e: &Env, region: &str) -> Vec<String> {
+    let out = e
+        .ports
+        .ec2(region)
+        .describe_instances()
+        .send()
+        .await
+        .expect("DescribeInstances");
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect()
+}
+
+/// `parent.filter` on EC2 (moto): the newest image of the given owners whose name matches and,
+/// when given, whose architecture is the one asked for — and the launch stage builds on it. The
+/// images and their creation dates are the test's own (tests/data/aws/amis-parent-filter.json),
+/// so "newest" does not depend on when moto started.
+#[test]
+fn parent_filter_on_moto_takes_the_newest_image_of_its_owners_name_and_architecture() {
+    let e = env_on(Moto::start_with_images(
+        &repo().join("tests/data/aws/amis-parent-filter.json"),
+    ));
+    let p = e.ports.ports();
+    let filter = |owners: &[&str], name: &str, architecture| ParentFilter {
+        owners: owners.iter().map(|o| o.to_string()).collect(),
+        name: name.into(),
+        architecture,
+    };
+    let pick = |f: &ParentFilter| {
+        e.rt.block_on(p.compute.latest_image("us-east-1", f))
+            .expect("DescribeImages")
+            .map(|i| i.0)
+    };
+    let x86 = Some(Architecture::X86_64);
+    let cases = [
+        // The newest x86_64 match of Amazon, not the newer arm64 one, not the newer other name.
+        (
+            filter(&["amazon"], "golden-base-*", x86),
+            Some("ami-0f00000000000002"),
+        ),
+        (
+            filter(&["amazon"], "golden-base-*", Some(Architecture::Arm64)),
+            Some("ami-0f00000000000003"),
+        ),
+        // No architecture: the newest match of any.
+        (
+            filter(&["amazon"], "golden-base-*", None),
+            Some("ami-0f00000000000003"),
+        ),
+        // Another owner's newer image counts only when that owner is named.
+        (
+            filter(&["amazon", "099720109477"], "golden-base-*", x86),
+            Some("ami-0f00000000000005"),
+        ),
+        (
+            filter(&["099720109477"], "golden-base-*", x86),
+            Some("ami-0f00000000000005"),
+        ),
+        // `?` matches one character; nothing matches: none.
+        (
+            filter(&["amazon"], "golden-base-2026.0?-x86_64", x86),
+            Some("ami-0f00000000000001"),
+        ),
+        (filter(&["amazon"], "nothing-*", None), None),
+    ];
+    for (f, want) in &cases {
+        assert_eq!(pick(f).as_deref(), *want, "{f:?}");
+    }
+    // The launch stage resolves a pipeline's filter to that image and launches the builder on it.
+    let commands = MotoCommands(&e.ports);
+    let p = ports_of(&e.ports, &commands);
+    e.rt.block_on(async {
+        let mut record = apply_example(&p).await;
+        record.pipeline.parent = kiln::model::pipeline::Parent::Filter(cases[0].0.clone());
+        // Another definition: another version (versions are immutable).
+        record.pipeline.version = "2.2.0".into();
+        p.store.put_pipeline(&record).await.expect("apply");
+        let req = StartRequest {
+            pipeline: record.pipeline.name.clone(),
+            trigger: Trigger {
+                kind: TriggerKind::Manual,
+                detail: None,
+            },
+            request_id: Some("exec-filter".into()),
+        };
+        let b = launch_builder::start(&p, &req).await.expect("start");
+        assert_eq!(
+            b.parent_image.as_ref().map(|i| i.0.as_str()),
+            Some("ami-0f00000000000002")
+        );
+        assert!(b.builder.is_some());
+        let id = b.id.clone();
+        cleanup::run(&p, b, "Kiln.Cancelled", "the test is done")
+            .await
+            .expect("cleanup");
+        assert!(p
+            .compute
+            .instances_of("us-east-1", &id)
+            .await
+            .expect("instances")
+            .is_empty());
+    });
+}
+
+/// moto's stand-in for SSM's managed-instance list refuses what AWS refuses (moto runs no agent):
+/// an instance is Online only when its profile's role may register, by action (the IAM
+/// evaluator), and its subnet reaches the SSM endpoints; each refused case has its control
+/// (tests/conformance/check_agent_online.py).
+#[test]
+fn moto_answers_an_ssm_agent_online_only_when_aws_would() {
+    let out = std::process::Command::new(crate::rehearsal::python())
+        .arg(repo().join("tests/conformance/check_agent_online.py"))
+        .env("KILN_AUTHZ_MODULES", Moto::evaluator_modules())
+        .output()
+        .expect("python");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every case ran: six refusals, four controls.
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        10,
+        "{text}"
+    );
+    assert_eq!(text.matches("expected False").count(), 6, "{text}");
+}
+
+/// `kiln run --backend aws` with no instance profile (none in the pipeline, no
+/// `--instance-profile`) is refused before anything is created: in AWS the builder would never
+/// come online (its SSM agent registers with the profile's role) and the build would wait out its
+/// timeout with the instance running. The control: the same run naming a profile launches.
+#[test]
+fn kiln_run_backend_aws_without_an_instance_profile_is_refused_with_exit_2_and_nothing_created() {
+    // GIVEN moto and the test pipeline, which names no instance profile
+    let e = env_on(Moto::start());
+    let p = e.ports.ports();
+    e.rt.block_on(parent_image(&p));
+    let home = tempfile::tempdir().expect("home");
+    let pipeline = repo().join("tests/data/aws/moto-al2023/pipeline.yaml");
+    let kiln = |extra: &[&str]| {
+        std::process::Command::new(crate::support::built_binary("kiln"))
+            .arg("--home")
+            .arg(home.path())
+            .args([
+                "run",
+                "--backend",
+                "aws",
+                "--artifacts-bucket",
+                "kiln-refused",
+            ])
+            .args(extra)
+            .arg(&pipeline)
+            .env_remove("KILN_HOME")
+            .env_remove("KILN_AGENT")
+            .output()
+            .expect("kiln run")
+    };
+    // WHEN it runs with no profile
+    let out = kiln(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // THEN exit 2, naming the field and the flag, and nothing was created: no instance, no bucket
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("infrastructure.instanceProfile") && stderr.contains("--instance-profile"),
+        "{stderr}"
+    );
+    assert!(e.rt.block_on(all_instances(&e, "us-east-1")).is_empty());
+    let buckets = e.rt.block_on(async {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&config)
+                .force_path_style(true)
+                .build(),
+        );
+        let out = s3.list_buckets().send().await.expect("ListBuckets");
+        out.buckets()
+            .iter()
+            .filter_map(|b| b.name().map(str::to_string))
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        !buckets.iter().any(|b| b == "kiln-refused"),
+        "the artifacts bucket was created: {buckets:?}"
+    );
+    // AND a profile name kiln cannot pass is refused as usage (exit 2)
+    let out = kiln(&["--instance-profile", "no spaces; rm -rf /"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(e.rt.block_on(all_instances(&e, "us-east-1")).is_empty());
+    // The control: named, the run builds. Its builder and test instance came online, which moto
+    // answers only for an instance whose profile's role may register (the test before this
+    // one); moto drops the association when an instance terminates, so it is not read back.
+    create_instance_profile(RUN_PROFILE);
+    let out = kiln(&["--instance-profile", RUN_PROFILE, "--output", "json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("summary JSON");
+    assert_eq!(summary["status"], "AVAILABLE", "{summary}");
+    assert!(e.rt.block_on(all_instances(&e, "us-east-1")).len() >= 2);
+}
+
 /// `kiln run --backend aws`: the real kiln binary runs the state machine with the stage code over
 /// EC2, SSM and S3 (a moto server; moto runs no agent, so commands report Success) and keeps the
 /// build in its local store.
@@ -442,6 +685,7 @@ fn kiln_run_backend_aws_builds_shares_and_publishes_in_two_regions_on_moto() {
     let p = e.ports.ports();
     let parent = e.rt.block_on(parent_image(&p));
     let home = tempfile::tempdir().expect("home");
+    create_instance_profile(RUN_PROFILE);
     // WHEN kiln runs the pipeline against it
     let out = std::process::Command::new(crate::support::built_binary("kiln"))
         .arg("--home")
@@ -452,6 +696,8 @@ fn kiln_run_backend_aws_builds_shares_and_publishes_in_two_regions_on_moto() {
             "aws",
             "--artifacts-bucket",
             "kiln-run-artifacts",
+            "--instance-profile",
+            RUN_PROFILE,
             "--output",
             "json",
         ])
@@ -530,6 +776,7 @@ fn lifecycle_on_moto_deregisters_old_images_in_every_region_and_keeps_excluded_o
     let e = env_on(Moto::start());
     let p = e.ports.ports();
     e.rt.block_on(parent_image(&p));
+    create_instance_profile(RUN_PROFILE);
     let home = tempfile::tempdir().expect("home");
     // A copy of the test pipeline that builds every time and keeps one image.
     let file = home.path().join("pipeline.yaml");
@@ -568,6 +815,8 @@ fn lifecycle_on_moto_deregisters_old_images_in_every_region_and_keeps_excluded_o
                 "aws",
                 "--artifacts-bucket",
                 "kiln-lc",
+                "--instance-profile",
+                RUN_PROFILE,
                 "--output",
                 "json",
             ])["images"]

@@ -115,19 +115,17 @@ impl Moto {
         Moto::launch(c)
     }
 
+    /// moto_gaps.py, with the IAM evaluator it decides an SSM agent's registration by.
     fn gaps_command() -> std::process::Command {
         let python = Moto::server_binary().with_file_name("python");
         let mut c = std::process::Command::new(python);
-        c.arg(repo().join("tests/conformance/moto_gaps.py"));
+        c.arg(repo().join("tests/conformance/moto_gaps.py"))
+            .env("KILN_AUTHZ_MODULES", Moto::evaluator_modules());
         c
     }
 
-    /// The deployment rehearsal's moto: every request signed by an assumed role is authorized
-    /// against that role's policies by an IAM policy evaluator before moto runs it
-    /// (tests/rehearsal/moto_server.py); each decision is appended to `log` as a JSON line.
-    /// `faults` names the JSON file of injected faults (read on every request; may not exist).
-    pub fn start_authorizing(log: &Path, faults: &Path, answers: &Path) -> Moto {
-        let python = Moto::server_binary().with_file_name("python");
+    /// The node_modules folder holding @cloud-copilot/iam-simulate (the IAM evaluator).
+    pub fn evaluator_modules() -> PathBuf {
         let modules = std::env::var_os("KILN_NODE_MODULES")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo().join(".venv/node/node_modules"));
@@ -136,6 +134,16 @@ impl Moto {
             "@cloud-copilot/iam-simulate not found in {}: run `make setup` (or set KILN_NODE_MODULES)",
             modules.display()
         );
+        modules
+    }
+
+    /// The deployment rehearsal's moto: every request signed by an assumed role is authorized
+    /// against that role's policies by an IAM policy evaluator before moto runs it
+    /// (tests/rehearsal/moto_server.py); each decision is appended to `log` as a JSON line.
+    /// `faults` names the JSON file of injected faults (read on every request; may not exist).
+    pub fn start_authorizing(log: &Path, faults: &Path, answers: &Path) -> Moto {
+        let python = Moto::server_binary().with_file_name("python");
+        let modules = Moto::evaluator_modules();
         let mut c = std::process::Command::new(python);
         c.arg(repo().join("tests/rehearsal/moto_server.py"))
             .env("KILN_AUTHZ_LOG", log)

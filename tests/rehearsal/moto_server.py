@@ -48,7 +48,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import urllib.parse
@@ -67,32 +66,8 @@ ACCOUNT = "123456789012"
 PARTITION = "aws"
 
 
-class Evaluator:
-    """One node process running authorize.cjs; one question at a time."""
-
-    def __init__(self):
-        env = dict(os.environ)
-        env["NODE_PATH"] = os.environ.get("KILN_AUTHZ_MODULES", "")
-        self.proc = subprocess.Popen(
-            [os.environ.get("KILN_AUTHZ_NODE", "node"), os.path.join(HERE, "authorize.cjs")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            cwd=os.path.dirname(os.environ.get("KILN_AUTHZ_MODULES", HERE)),
-            text=True,
-        )
-        self.lock = threading.Lock()
-
-    def decide(self, question):
-        with self.lock:
-            self.proc.stdin.write(json.dumps(question) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        if not line:
-            return {"result": "Error", "why": "the evaluator exited"}
-        return json.loads(line)
-
-
+# The IAM evaluator (authorize.cjs) is moto_gaps' own, which also decides whether an instance's
+# SSM agent could register; one node process answers both.
 EVALUATOR = None
 LOG_LOCK = threading.Lock()
 
@@ -210,17 +185,7 @@ def assumed_role(access_key):
 
 
 def role_policies(role_arn):
-    iam = iam_backends[ACCOUNT][PARTITION]
-    role = iam.get_role_by_arn(role_arn)
-    out = [
-        {"name": f"inline:{name}", "policy": json.loads(doc) if isinstance(doc, str) else doc}
-        for name, doc in role.policies.items()
-    ]
-    for arn, policy in role.managed_policies.items():
-        version = next(v for v in policy.versions if v.is_default)
-        doc = version.document
-        out.append({"name": arn, "policy": json.loads(doc) if isinstance(doc, str) else doc})
-    return role.name, out
+    return moto_gaps.role_policies(ACCOUNT, PARTITION, role_arn)
 
 
 # --- what the request asks for ---------------------------------------------------------------------
@@ -829,7 +794,7 @@ def _bucket_policy_left_to_the_evaluator(self, action, resource):
 FakeBucket.get_permission = _bucket_policy_left_to_the_evaluator
 
 if __name__ == "__main__":
-    EVALUATOR = Evaluator()
+    EVALUATOR = moto_gaps.evaluator()
     from moto.server import main
 
     main()

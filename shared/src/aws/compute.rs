@@ -278,7 +278,7 @@ impl Compute for AwsPorts {
             };
             let mut nic = InstanceNetworkInterfaceSpecification::builder()
                 .device_index(0)
-                .associate_public_ip_address(inf.associate_public_ip)
+                .set_associate_public_ip_address(inf.associate_public_ip)
                 .set_groups(Some(groups));
             if let Some(subnet) = &inf.subnet_id {
                 nic = nic.subnet_id(subnet);

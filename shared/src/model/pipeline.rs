@@ -346,8 +346,12 @@ pub struct Infrastructure {
     pub terminate_on_failure: bool,
     #[serde(default)]
     pub imdsv2: Imdsv2,
-    #[serde(default)]
-    pub associate_public_ip: bool,
+    /// A public IP on the builder and test instances; unset, the subnet's own setting, as EC2
+    /// and Packer do (a default VPC's subnets give one: that is how an instance there reaches
+    /// SSM without a NAT gateway or VPC endpoints). `false` in a subnet whose only way out is an
+    /// internet gateway leaves the SSM agent unable to register.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associate_public_ip: Option<bool>,
     /// Tags on every instance kiln launches (besides `kiln:*`).
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
@@ -382,7 +386,7 @@ impl Default for Infrastructure {
             key_pair: None,
             terminate_on_failure: true,
             imdsv2: Imdsv2::Required,
-            associate_public_ip: false,
+            associate_public_ip: None,
             tags: BTreeMap::new(),
             network: NetworkPolicy::default(),
             limits: Limits::default(),
