@@ -367,7 +367,10 @@ pub fn builds(
                         "{}  {:<12} {}",
                         e["time"].as_str().unwrap_or_default(),
                         e["detail"]["state"].as_str().unwrap_or_default(),
-                        e["detail"]["failureReason"].as_str().unwrap_or_default()
+                        // The reason carries the failure's output tail: what an instance printed.
+                        crate::terminal_safe(
+                            e["detail"]["failureReason"].as_str().unwrap_or_default()
+                        )
                     )?;
                 }
             }

@@ -286,7 +286,7 @@ pub fn run(
     {
         writeln!(
             stderr,
-            "{}: infrastructure.instanceProfile: --backend aws launches the builder and test instances with an instance profile whose role lets their SSM agent register (ssm:UpdateInstanceInformation, ec2messages:*; AmazonSSMManagedInstanceCore has them); an instance without one never comes online. Name it in infrastructure.instanceProfile or with --instance-profile NAME (kiln creates no IAM role)",
+            "{}: infrastructure.instanceProfile: --backend aws launches the builder and test instances with an instance profile whose role lets their SSM agent register (ssm:UpdateInstanceInformation, ec2messages:*; AmazonSSMManagedInstanceCore has them); without one it comes online only where the account's Default Host Management Configuration registers instances, which kiln cannot see. Name it in infrastructure.instanceProfile or with --instance-profile NAME (kiln creates no IAM role)",
             args.pipeline.display()
         )?;
         return Ok(exit::INVALID);

@@ -60,12 +60,26 @@ def main():
         iam.create_instance_profile(InstanceProfileName="no-role")
         private_vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
         private = ec2.create_subnet(VpcId=private_vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
-        nat_vpc = ec2.create_vpc(CidrBlock="10.8.0.0/16")["Vpc"]["VpcId"]
-        behind_nat = ec2.create_subnet(VpcId=nat_vpc, CidrBlock="10.8.1.0/24")["Subnet"]["SubnetId"]
-        nat = ec2.create_nat_gateway(SubnetId=behind_nat, AllocationId=ec2.allocate_address(Domain="vpc")["AllocationId"])
-        table = ec2.create_route_table(VpcId=nat_vpc)["RouteTable"]["RouteTableId"]
-        ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=nat["NatGateway"]["NatGatewayId"])
-        ec2.associate_route_table(RouteTableId=table, SubnetId=behind_nat)
+        def behind_a_nat(cidr, nat_reaches_the_internet):
+            """A private subnet whose 0.0.0.0/0 goes to a NAT gateway in a public subnet of the same
+            VPC; that public subnet routes to an internet gateway only when asked."""
+            vpc_id = ec2.create_vpc(CidrBlock=f"{cidr}.0.0/16")["Vpc"]["VpcId"]
+            public = ec2.create_subnet(VpcId=vpc_id, CidrBlock=f"{cidr}.0.0/24")["Subnet"]["SubnetId"]
+            private_subnet = ec2.create_subnet(VpcId=vpc_id, CidrBlock=f"{cidr}.1.0/24")["Subnet"]["SubnetId"]
+            if nat_reaches_the_internet:
+                igw = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+                ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=vpc_id)
+                out = ec2.create_route_table(VpcId=vpc_id)["RouteTable"]["RouteTableId"]
+                ec2.create_route(RouteTableId=out, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw)
+                ec2.associate_route_table(RouteTableId=out, SubnetId=public)
+            nat = ec2.create_nat_gateway(SubnetId=public, AllocationId=ec2.allocate_address(Domain="vpc")["AllocationId"])
+            table = ec2.create_route_table(VpcId=vpc_id)["RouteTable"]["RouteTableId"]
+            ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", NatGatewayId=nat["NatGateway"]["NatGatewayId"])
+            ec2.associate_route_table(RouteTableId=table, SubnetId=private_subnet)
+            return private_subnet
+
+        behind_nat = behind_a_nat("10.8", True)
+        behind_stranded_nat = behind_a_nat("10.7", False)
 
         cases = [
             # (what, instance, expected Online)
@@ -77,20 +91,29 @@ def main():
             ("a role without ec2messages", launch(IamInstanceProfile={"Name": "no-ec2messages"}), False),
             ("a role without ssm:UpdateInstanceInformation", launch(IamInstanceProfile={"Name": "no-register"}), False),
             ("a subnet with no way out", launch(IamInstanceProfile={"Name": "agent"}, SubnetId=private), False),
-            ("a subnet behind a NAT gateway", launch(IamInstanceProfile={"Name": "agent"}, SubnetId=behind_nat), True),
+            ("a subnet behind a NAT gateway in a public subnet", launch(IamInstanceProfile={"Name": "agent"}, SubnetId=behind_nat), True),
+            ("a subnet behind a NAT gateway with no way out", launch(IamInstanceProfile={"Name": "agent"}, SubnetId=behind_stranded_nat), False),
         ]
         answered = online()
         for what, instance, expected in cases:
             got = instance in answered
             print(f"{'ok  ' if got == expected else 'FAIL'} {what}: Online={got}, expected {expected}")
             failures += got != expected
-        # The private subnet's control: interface endpoints for the three services.
+        # The private subnet with interface endpoints for the three services: without private DNS
+        # the agent still resolves the public names (refused); with it, Online (the control).
         isolated = cases[7][1]
-        for service in ("ssm", "ssmmessages", "ec2messages"):
-            ec2.create_vpc_endpoint(VpcId=private_vpc, ServiceName=f"com.amazonaws.{REGION}.{service}", VpcEndpointType="Interface")
-        got = isolated in online()
-        print(f"{'ok  ' if got else 'FAIL'} the same subnet with ssm, ssmmessages and ec2messages endpoints: Online={got}, expected True")
-        failures += not got
+        for private_dns, expected in ((False, False), (True, True)):
+            for service in ("ssm", "ssmmessages", "ec2messages"):
+                ec2.create_vpc_endpoint(
+                    VpcId=private_vpc,
+                    ServiceName=f"com.amazonaws.{REGION}.{service}",
+                    VpcEndpointType="Interface",
+                    SubnetIds=[private],
+                    PrivateDnsEnabled=private_dns,
+                )
+            got = isolated in online()
+            print(f"{'ok  ' if got == expected else 'FAIL'} the same subnet with ssm, ssmmessages and ec2messages endpoints, private DNS {private_dns}: Online={got}, expected {expected}")
+            failures += got != expected
     return 1 if failures else 0
 
 

@@ -8,8 +8,10 @@ instance profile's role is allowed ssm:UpdateInstanceInformation and ec2messages
 AcknowledgeMessage and SendReply — each decided by the IAM policy evaluator
 (tests/rehearsal/authorize.cjs, @cloud-copilot/iam-simulate) on the role's policies as moto holds
 them, by action, not by policy name — and its subnet reaches the SSM endpoints: a 0.0.0.0/0 route
-to an internet gateway with a public IP, or to a NAT gateway, or the VPC has interface endpoints
-for ssm, ssmmessages and ec2messages. Any other instance is absent from the answer, as AWS leaves
+to an internet gateway with a public IP, or to a public NAT gateway whose own subnet routes to an
+internet gateway, or the VPC has interface endpoints for ssm, ssmmessages and ec2messages with
+private DNS. (Not modelled: permissions boundaries, prefix-list and transit routes, Default Host
+Management Configuration.) Any other instance is absent from the answer, as AWS leaves
 out an instance whose agent never registered. Without the evaluator (KILN_AUTHZ_MODULES unset) no
 instance is Online. Filters on InstanceIds are honoured.
 
@@ -160,23 +162,48 @@ def agent_can_register(ec2, instance):
     return reaches_ssm(ec2, instance)
 
 
-def reaches_ssm(ec2, instance):
-    """Whether the instance's subnet reaches the SSM endpoints: (True, "") or (False, why)."""
-    subnet = ec2.get_subnet(instance.subnet_id)
-    services = {e.service_name for e in ec2.vpc_end_points.values() if e.vpc_id == subnet.vpc_id}
-    if all(f"com.amazonaws.{ec2.region_name}.{s}" in services for s in ("ssm", "ssmmessages", "ec2messages")):
-        return True, ""
+def route_table_of(ec2, subnet):
+    """The subnet's route table: its explicit association, else its VPC's main table."""
     tables = [t for t in ec2.route_tables.values() if t.vpc_id == subnet.vpc_id]
     explicit = [t for t in tables if subnet.id in t._associations.values()]
-    table = (explicit or [t for t in tables if t.main_association_id is not None] or [None])[0]
+    main = [t for t in tables if t.main_association_id is not None]
+    return (explicit or main or [None])[0]
+
+
+def default_route(ec2, subnet):
+    """The subnet's 0.0.0.0/0 route, or None."""
+    table = route_table_of(ec2, subnet)
     for route in table.routes if table is not None else []:
-        if route.destination_cidr_block != "0.0.0.0/0":
-            continue
-        if route.nat_gateway is not None:
+        if route.destination_cidr_block == "0.0.0.0/0":
+            return route
+    return None
+
+
+def to_internet_gateway(route):
+    return route is not None and route.gateway is not None and route.gateway.id.startswith("igw-")
+
+
+def reaches_ssm(ec2, instance):
+    """Whether the instance's subnet reaches the SSM endpoints: (True, "") or (False, why). Interface
+    endpoints for ssm, ssmmessages and ec2messages with private DNS (the agent resolves the
+    public names); else a 0.0.0.0/0 route to an internet gateway with a public IP, or to a public
+    NAT gateway whose own subnet routes to an internet gateway."""
+    subnet = ec2.get_subnet(instance.subnet_id)
+    services = {
+        e.service_name
+        for e in ec2.vpc_end_points.values()
+        if e.vpc_id == subnet.vpc_id and e.private_dns_enabled
+    }
+    if all(f"com.amazonaws.{ec2.region_name}.{s}" in services for s in ("ssm", "ssmmessages", "ec2messages")):
+        return True, ""
+    route = default_route(ec2, subnet)
+    if to_internet_gateway(route) and instance.public_ip:
+        return True, ""
+    nat = route.nat_gateway if route is not None else None
+    if nat is not None and nat.connectivity_type != "private":
+        if to_internet_gateway(default_route(ec2, ec2.get_subnet(nat.subnet_id))):
             return True, ""
-        if route.gateway is not None and route.gateway.id.startswith("igw-") and instance.public_ip:
-            return True, ""
-    return False, f"{subnet.id} has no way to the SSM endpoints (no 0.0.0.0/0 route to an internet gateway with a public IP or to a NAT, no ssm/ssmmessages/ec2messages endpoints)"
+    return False, f"{subnet.id} has no way to the SSM endpoints (no 0.0.0.0/0 route to an internet gateway with a public IP or to a public NAT that has one, no ssm/ssmmessages/ec2messages endpoints with private DNS)"
 
 
 def describe_instance_information(self):

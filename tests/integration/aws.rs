@@ -588,13 +588,13 @@ fn moto_answers_an_ssm_agent_online_only_when_aws_would() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Every case ran: six refusals, four controls.
+    // Every case ran: eight refusals, four controls.
     assert_eq!(
         text.lines().filter(|l| l.starts_with("ok ")).count(),
-        10,
+        12,
         "{text}"
     );
-    assert_eq!(text.matches("expected False").count(), 6, "{text}");
+    assert_eq!(text.matches("expected False").count(), 8, "{text}");
 }
 
 /// `kiln run --backend aws` with no instance profile (none in the pipeline, no

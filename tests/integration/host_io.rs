@@ -591,6 +591,19 @@ fn escape_sequences_an_instance_prints_are_shown_escaped_on_the_terminal() {
             "{stream} has control characters {obeyed:?}: {out:?}"
         );
     }
+    // `kiln builds history` shows the same reason (the status events' failureReason).
+    let build = summary["build"].as_str().expect("build id");
+    let (code, history, err) = home.kiln(&["builds", "history", build]);
+    assert_eq!(code, 0, "{history}{err}");
+    assert!(history.contains("FAILED"), "{history}");
+    let obeyed: Vec<char> = history
+        .chars()
+        .filter(|&c| (c.is_control() && c != '\n' && c != '\t') || c == '\u{202e}')
+        .collect();
+    assert!(
+        obeyed.is_empty() && history.contains("\\u{1b}[2J"),
+        "builds history: {obeyed:?} in {history:?}"
+    );
     assert!(
         text.contains("title\\u{1b}]0;owned\\u{7} clear\\u{1b}[2J")
             && text.contains("hidden\\rshown")
