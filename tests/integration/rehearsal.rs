@@ -353,22 +353,8 @@ impl Rehearsal {
     /// The pipeline's lock is free, read by a raw DynamoDB GetItem of its record in the deployed
     /// table (`PIPELINE#<name>` / `LOCK`), not through kiln's store.
     pub fn assert_lock_free(&self, rt: &tokio::runtime::Runtime, pipeline: &str, what: &str) {
-        let ddb = aws_sdk_dynamodb::Client::new(&self.admin(rt));
-        let item = rt
-            .block_on(
-                ddb.get_item()
-                    .table_name(&self.outputs["TableName"])
-                    .key("pk", AttributeValue::S(format!("PIPELINE#{pipeline}")))
-                    .key("sk", AttributeValue::S("LOCK".into()))
-                    .consistent_read(true)
-                    .send(),
-            )
-            .expect("GetItem");
-        assert!(
-            item.item().is_none(),
-            "{what}: the lock is held: {:?}",
-            item.item()
-        );
+        let holder = self.lock_holder(rt, pipeline);
+        assert!(holder.is_none(), "{what}: the lock is held by {holder:?}");
     }
 
     /// Every authorization decision so far.
