@@ -312,28 +312,89 @@ fn the_state_machine_builds_and_distributes_an_image() {
     );
 }
 
-/// Without `waitSeconds` of at least one second there is no bound for an event wait
-/// (TimeoutSeconds must be a positive integer): the checks poll, as the rehearsal's executions
-/// (waitSeconds 0) do.
+/// The poll interval comes from the execution's input, which anyone allowed StartExecution (or a
+/// forged schedule, or a redriven execution) writes. 0 or less made every Wait a busy loop in AWS
+/// (a Lambda invocation and three billed transitions per turn, for as long as the stage's
+/// timeout), and a huge one let a stage overrun its timeout by that much: the definition refuses
+/// both before anything starts. The rehearsal and these tests poll every second, in virtual time.
 #[test]
-fn with_no_wait_seconds_the_checks_poll_and_nothing_waits_for_an_event() {
+fn a_wait_of_zero_negative_huge_or_not_a_number_is_refused_before_the_build_starts() {
+    for hostile in [json!(0), json!(-5), json!(0.5), json!(301), json!(1e9), json!("30"), json!(null)] {
+        // GIVEN a forged input with that poll interval
+        let cloud = cloud();
+        let mut input = input();
+        input["waitSeconds"] = hostile.clone();
+        // WHEN it is executed
+        let out = execute(&cloud, "exec-hostile", input);
+        // THEN it fails at once with the refusal, nothing invoked, no build recorded, no lock
+        assert_eq!(out.status, Status::Failed, "{hostile}");
+        assert_eq!(out.error.as_deref(), Some("Kiln.InvalidInput"), "{hostile}");
+        assert!(
+            out.cause.as_deref().unwrap_or_default().contains("waitSeconds must be a number of seconds from 1 to 300"),
+            "{hostile}: {:?}",
+            out.cause
+        );
+        assert_eq!(out.task_invocations(), 0, "{hostile}");
+        let builds = futures::executor::block_on(cloud.ports().store.builds("al2023-base"))
+            .expect("builds");
+        assert!(builds.is_empty(), "{hostile}: {builds:?}");
+    }
+    // AND the positive control: the same input polling every second (the shortest allowed)
+    // builds, its checks polling while the images are pending
     let cloud = cloud();
     cloud.with(|c| {
         c.faults.image_pending_checks = 2;
         c.faults.command_in_progress_checks = 2;
     });
     let mut input = input();
-    input["waitSeconds"] = json!(0);
-    let out = execute(&cloud, "exec-0", input);
+    input["waitSeconds"] = json!(1);
+    let out = execute(&cloud, "exec-1s", input);
     assert_eq!(out.status, Status::Succeeded, "{:?}", out.cause);
-    let awaits: Vec<&str> = out
-        .history
+}
+
+/// The execution's own TimeoutSeconds is what ends an execution nothing else ends (a stage check
+/// that keeps answering "not yet" past its stage's deadline, a wait that is never answered):
+/// at least every stage at its longest allowed timeout (the pipeline schema's maximum) plus one
+/// more poll of every polling Wait at the longest allowed interval (CheckInput's bound).
+#[test]
+fn the_definition_times_out_no_sooner_than_its_longest_allowed_build() {
+    let definition = definition_json();
+    let timeout = definition["TimeoutSeconds"]
+        .as_u64()
+        .expect("the definition has its own TimeoutSeconds");
+    // The longest poll interval CheckInput lets through.
+    let mut bounds = Vec::new();
+    collect(&definition["States"]["CheckInput"], "NumericLessThanEquals", &mut bounds);
+    assert_eq!(bounds.len(), 1, "CheckInput bounds waitSeconds once: {bounds:?}");
+    let longest_wait = bounds[0].as_u64().expect("a whole number of seconds");
+    // The Wait states that wait waitSeconds, in every branch and iterator.
+    let mut paths = Vec::new();
+    collect(&definition, "SecondsPath", &mut paths);
+    let waits = paths.iter().filter(|p| *p == "$.waitSeconds").count() as u64;
+    assert!(waits >= 5, "{paths:?}");
+    // Every stage's longest timeout, from the schema `kiln schema pipeline` prints.
+    let (code, schema, stderr) = crate::support::kiln(&["schema", "pipeline"]);
+    assert_eq!(code, 0, "{stderr}");
+    let schema: Json = serde_json::from_str(&schema).expect("JSON");
+    let stages = schema["$defs"]["Timeouts"]["properties"]
+        .as_object()
+        .expect("the Timeouts of the schema");
+    assert_eq!(stages.len(), 5, "{stages:?}");
+    let minutes: u64 = stages
         .iter()
-        .filter_map(|e| e.state.as_deref())
-        .filter(|s| s.ends_with("Await"))
-        .collect();
-    assert!(awaits.is_empty(), "{awaits:?}");
-    assert!(out.history.iter().any(|e| e.kind == "WaitStateEntered"));
+        .map(|(k, v)| {
+            v["maximum"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k} has no maximum: {v}"))
+        })
+        .sum();
+    let needed = minutes * 60 + waits * longest_wait;
+    assert!(
+        timeout >= needed,
+        "TimeoutSeconds {timeout} < {minutes} stage minutes + {waits} waits of {longest_wait} s = {needed}"
+    );
+    // Step Functions' own ceiling for a Standard execution: one year.
+    assert!(timeout <= 365 * 24 * 3600, "{timeout}");
 }
 
 #[test]

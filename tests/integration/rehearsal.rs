@@ -267,7 +267,7 @@ impl Rehearsal {
         self.run_input(
             rt,
             Arc::new(Bootstraps(self.functions.clone(), None)),
-            json!({"pipeline": pipeline, "trigger": {"kind": "schedule"}, "waitSeconds": 0}),
+            json!({"pipeline": pipeline, "trigger": {"kind": "schedule"}, "waitSeconds": 1}),
             name,
         )
     }
@@ -283,7 +283,7 @@ impl Rehearsal {
         self.run_input(
             rt,
             tasks,
-            json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0}),
+            json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 1}),
             name,
         )
     }
@@ -300,7 +300,7 @@ impl Rehearsal {
         let machine = definition::parse(&self.definition).expect("the deployed definition parses");
         let engine = Engine::new(tasks, Arc::new(VirtualClock::default()), true)
             .with_tokens(self.tokens.clone());
-        let input = json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 0});
+        let input = json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 1});
         rt.block_on(async {
             tokio::select! {
                 out = engine.run(&machine, input, name) => Some(out),
@@ -2328,7 +2328,7 @@ fn a_build_stopped_from_the_console_is_reaped_through_the_deployed_rule_once_it_
     let admin = r.admin(&rt);
     let machine = r.outputs["StateMachineArn"].clone();
     let id = "console-stop-1";
-    let input = json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0});
+    let input = json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 1});
     // GIVEN a build started as the stack starts one, stopped mid-way with its builder running
     let execution = r.start_recorded_execution(&rt, id, &input);
     let stopped = Arc::new(tokio::sync::Notify::new());
@@ -2566,7 +2566,7 @@ fn a_cleanup_that_fails_every_attempt_still_ends_the_deployed_build_failed_with_
 
     // WHEN EC2 answers again and the execution's end event reaches the reaper (moto's Step
     // Functions can only stop an execution: its record ends ABORTED, where AWS's ends FAILED)
-    let input = json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 0});
+    let input = json!({"pipeline": "al2023-moto", "trigger": {"kind": "manual"}, "waitSeconds": 1});
     let execution = r.start_recorded_execution(&rt, id, &input);
     r.stop_recorded_execution(&rt, &execution);
     let ended =
