@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod cold_start;
 mod control;
+mod delivery;
 mod differential;
 mod egress;
 mod embedded;

@@ -107,6 +107,16 @@ impl Rehearsal {
     /// The stack deployed, its invocations running the bootstraps `make package` built in
     /// `lambda_dir` (`<function>/bootstrap`) in place of the debug ones.
     pub fn deploy_running(lambda_dir: Option<&Path>) -> Rehearsal {
+        Rehearsal::deploy_full(lambda_dir, &json!({}))
+    }
+
+    /// The stack deployed with these template parameters beside Architecture and AgentSha256
+    /// (e.g. `{"EventBusName": "kiln-bus"}`; tests/rehearsal/deploy.py makes a named bus first).
+    pub fn deploy_with(parameters: &Json) -> Rehearsal {
+        Rehearsal::deploy_full(None, parameters)
+    }
+
+    fn deploy_full(lambda_dir: Option<&Path>, parameters: &Json) -> Rehearsal {
         let dir = tempfile::tempdir().expect("dir");
         let log = dir.path().join("authz.jsonl");
         let faults = dir.path().join("faults.json");
@@ -125,7 +135,8 @@ impl Rehearsal {
             .arg(&expanded)
             .arg(&bin_dir)
             .arg(STACK)
-            .envs(moto.env());
+            .envs(moto.env())
+            .env("KILN_DEPLOY_PARAMETERS", parameters.to_string());
         let deployed: Json = serde_json::from_str(&run_ok(cmd)).expect("deploy.py prints JSON");
         let mut functions = HashMap::new();
         for (arn, f) in deployed["functions"].as_object().expect("functions") {

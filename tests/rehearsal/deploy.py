@@ -42,12 +42,34 @@ def resolve(value, physical, stack):
         kind, pid = physical[name]
         if kind == "AWS::S3::Bucket":
             return f"arn:aws:s3:::{pid}"
+        if kind == "AWS::Events::Rule":  # moto's physical id is the rule's name
+            bus = PARAMETERS.get("EventBusName", "default")
+            return f"arn:aws:events:us-east-1:123456789012:rule/{'' if bus == 'default' else bus + '/'}{pid}"
         return pid
 
     def ref(name):
-        return pseudo.get(name) or physical[name][1]
+        return pseudo.get(name) or PARAMETERS.get(name) or physical[name][1]
 
     return intrinsics.resolve(value, ref, lambda name, _attr: arn(name))
+
+
+# Parameters beside Architecture and AgentSha256: $KILN_DEPLOY_PARAMETERS, a JSON object
+# (e.g. {"EventBusName": "kiln-bus", "NotificationEmail": "ops@example.com"}).
+PARAMETERS = json.loads(os.environ.get("KILN_DEPLOY_PARAMETERS") or "{}")
+
+
+def condition_holds(resource, template):
+    """Whether a resource's Condition holds for PARAMETERS (the template's `Not Equals ""` ones)."""
+    name = resource.get("Condition")
+    if name is None:
+        return True
+    cond = template.get("Conditions", {}).get(name, {})
+    inner = cond.get("Fn::Not", [{}])[0].get("Fn::Equals") if "Fn::Not" in cond else None
+    if inner and isinstance(inner[0], dict) and "Ref" in inner[0]:
+        param = inner[0]["Ref"]
+        default = template.get("Parameters", {}).get(param, {}).get("Default", "")
+        return PARAMETERS.get(param, default) != inner[1]
+    return False
 
 
 def main(expanded_path, bin_dir, stack):
@@ -72,6 +94,9 @@ def main(expanded_path, bin_dir, stack):
         agent = f.read()
     agent_sha256 = hashlib.sha256(agent).hexdigest()
     cfn = client("cloudformation")
+    if PARAMETERS.get("EventBusName", "default") != "default":
+        # The stack names a bus its administrator made (the template makes none).
+        client("events").create_event_bus(Name=PARAMETERS["EventBusName"])
     cfn.create_stack(
         StackName=stack,
         TemplateBody=json.dumps(template),
@@ -80,7 +105,7 @@ def main(expanded_path, bin_dir, stack):
             {"ParameterKey": "Architecture", "ParameterValue": "x86_64"},
             # As `make deploy` pins it: the agent this checkout built.
             {"ParameterKey": "AgentSha256", "ParameterValue": f"{platform.machine()}={agent_sha256}"},
-        ],
+        ] + [{"ParameterKey": k, "ParameterValue": v} for k, v in PARAMETERS.items()],
     )
     described = cfn.describe_stacks(StackName=stack)["Stacks"][0]
     if described["StackStatus"] != "CREATE_COMPLETE":
@@ -95,6 +120,12 @@ def main(expanded_path, bin_dir, stack):
         if r["Type"] == "AWS::S3::BucketPolicy":
             props = resolve(r["Properties"], physical, stack)
             s3.put_bucket_policy(Bucket=props["Bucket"], Policy=json.dumps(props["PolicyDocument"]))
+            made_by_api.append(name)
+        elif r["Type"] == "AWS::SNS::TopicPolicy" and name not in physical and condition_holds(r, template):
+            props = resolve(r["Properties"], physical, stack)
+            for topic in props["Topics"]:
+                client("sns").set_topic_attributes(
+                    TopicArn=topic, AttributeName="Policy", AttributeValue=json.dumps(props["PolicyDocument"]))
             made_by_api.append(name)
         elif r["Type"] == "AWS::Scheduler::Schedule":
             props = resolve(r["Properties"], physical, stack)

@@ -56,6 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "conformance"))
 
 import moto_gaps  # noqa: E402,F401  (patches moto's SSM responses)
+import delivery  # noqa: E402  (EventBridge and SNS delivering to Lambda and SNS, authorized)
 from moto.ec2.models import ec2_backends  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication  # noqa: E402
@@ -705,6 +706,8 @@ def authorized_call(self, environ, start_response):
     length = int(environ.get("CONTENT_LENGTH") or 0)
     body = environ["wsgi.input"].read(length) if length else b""
     environ["wsgi.input"] = io.BytesIO(body)
+    if environ.get("PATH_INFO", "").startswith(delivery.INJECT_PREFIX):
+        return delivery.handle(environ, start_response, body)  # the test harness's own path
     query = {k: v[0] for k, v in urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).items()}
     key, region, service = signer(environ, query)
     role = assumed_role(key) if key else None
@@ -780,6 +783,7 @@ def authorized_call(self, environ, start_response):
 
 
 DomainDispatcherApplication.__call__ = authorized_call
+delivery.install()
 
 
 def _bucket_policy_left_to_the_evaluator(self, action, resource):

@@ -344,7 +344,7 @@ impl Control {
         self.events()
             .put_rule()
             .name(rule)
-            .event_bus_name(&self.stack.event_bus)
+            .event_bus_name(super::AWS_EVENTS_BUS)
             .event_pattern(pattern.to_string())
             .description(format!("kiln: rebuild {pipeline} when {parameter} changes"))
             .send()
@@ -366,7 +366,7 @@ impl Control {
         self.events()
             .put_targets()
             .rule(rule)
-            .event_bus_name(&self.stack.event_bus)
+            .event_bus_name(super::AWS_EVENTS_BUS)
             .targets(target)
             .send()
             .await
@@ -379,7 +379,7 @@ impl Control {
             .events()
             .describe_rule()
             .name(rule)
-            .event_bus_name(&self.stack.event_bus)
+            .event_bus_name(super::AWS_EVENTS_BUS)
             .send()
             .await
             .is_ok();
@@ -387,7 +387,7 @@ impl Control {
             self.events()
                 .remove_targets()
                 .rule(rule)
-                .event_bus_name(&self.stack.event_bus)
+                .event_bus_name(super::AWS_EVENTS_BUS)
                 .ids("trigger")
                 .send()
                 .await
@@ -395,7 +395,7 @@ impl Control {
             self.events()
                 .delete_rule()
                 .name(rule)
-                .event_bus_name(&self.stack.event_bus)
+                .event_bus_name(super::AWS_EVENTS_BUS)
                 .send()
                 .await
                 .map_err(|e| sdk_error("DeleteRule", e))?;

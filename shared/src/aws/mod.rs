@@ -249,6 +249,11 @@ where
     }
 }
 
+/// The bus of the pipelines' parent-change rules: AWS's services (Parameter Store's "Parameter
+/// Store Change" among them) send their events to the account's default bus only, so a rule on
+/// the stack's own bus (`EventBusName`) would never fire. kiln's own status events go to that one.
+pub const AWS_EVENTS_BUS: &str = "default";
+
 /// The failure policy's switch: the pipeline's EventBridge rules (`kiln-<pipeline>-*`, created by
 /// `kiln apply`) are disabled.
 impl crate::ports::Triggers for AwsPorts {
@@ -258,7 +263,7 @@ impl crate::ports::Triggers for AwsPorts {
                 .events()
                 .list_rules()
                 .name_prefix(format!("kiln-{pipeline}-"))
-                .event_bus_name(&self.settings.event_bus)
+                .event_bus_name(AWS_EVENTS_BUS)
                 .send()
                 .await
                 .map_err(|e| sdk_error("ListRules", e))?;
@@ -274,7 +279,7 @@ impl crate::ports::Triggers for AwsPorts {
                     self.events()
                         .disable_rule()
                         .name(name)
-                        .event_bus_name(&self.settings.event_bus)
+                        .event_bus_name(AWS_EVENTS_BUS)
                         .send()
                         .await
                         .map_err(|e| sdk_error("DisableRule", e))?;
