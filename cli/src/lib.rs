@@ -74,6 +74,10 @@ pub enum Command {
         files: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        /// Also check each pipeline's SSM parameters against what this deployed stack's roles
+        /// may read and write (its ImageParameterPrefix, read through CloudFormation).
+        #[arg(long, value_name = "STACK")]
+        stack: Option<String>,
     },
     /// Work with AWSTOE component documents.
     Component {
@@ -367,7 +371,21 @@ fn execute(cli: Cli, stdout: &mut dyn Write, stderr: &mut dyn Write) -> anyhow::
             arch,
             agent,
         } => run::upload_agent(&artifacts_bucket, region, &arch, agent, stdout, stderr),
-        Command::Validate { files, output } => {
+        #[cfg(feature = "aws")]
+        Command::Validate {
+            files,
+            output,
+            stack: Some(stack),
+        } => stack::validate(&files, &stack, output, stdout, stderr),
+        #[cfg(not(feature = "aws"))]
+        Command::Validate { stack: Some(_), .. } => {
+            writeln!(
+                stderr,
+                "--stack: this kiln was built without the AWS backend (cargo feature `aws`)"
+            )?;
+            Ok(exit::INVALID)
+        }
+        Command::Validate { files, output, .. } => {
             let results = kiln::report::check_pipelines(&files);
             let ok = kiln::report::write(&results, output == Output::Json, stdout, stderr)?;
             Ok(if ok { exit::OK } else { exit::INVALID })

@@ -34,6 +34,34 @@ fn with_control(
     }
 }
 
+/// `kiln validate PIPELINE.yaml… --stack NAME`: the files' checks, and each pipeline's SSM
+/// parameters against what the deployed stack grants (exit 2 with each position otherwise).
+pub fn validate(
+    files: &[std::path::PathBuf],
+    stack: &str,
+    output: Output,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> anyhow::Result<i32> {
+    let rt = runtime()?;
+    let grants = rt.block_on(async {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .load()
+            .await;
+        kiln::aws::control::stack_grants(&config, stack).await
+    });
+    let grants = match grants {
+        Ok(g) => g,
+        Err(e) => {
+            writeln!(stderr, "--stack {stack}: {e}")?;
+            return Ok(exit::INVALID);
+        }
+    };
+    let results = kiln::report::check_pipelines_for_stack(files, &grants);
+    let ok = kiln::report::write(&results, output == Output::Json, stdout, stderr)?;
+    Ok(if ok { exit::OK } else { exit::INVALID })
+}
+
 /// `kiln apply PIPELINE.yaml --stack NAME`.
 pub fn apply(
     file: &Path,

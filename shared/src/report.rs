@@ -104,11 +104,27 @@ pub fn check_components(files: &[PathBuf]) -> Vec<Checked> {
 
 /// Checks pipeline files, as `kiln validate` does.
 pub fn check_pipelines(files: &[PathBuf]) -> Vec<Checked> {
+    check_pipelines_with(files, crate::model::load)
+}
+
+/// [`check_pipelines`], and each pipeline's SSM parameters against what the deployed stack
+/// `grants` describes lets its roles read and write.
+pub fn check_pipelines_for_stack(
+    files: &[PathBuf],
+    grants: &crate::model::load::StackGrants,
+) -> Vec<Checked> {
+    check_pipelines_with(files, |f| crate::model::load::load_for_stack(f, grants))
+}
+
+fn check_pipelines_with(
+    files: &[PathBuf],
+    load: impl Fn(&std::path::Path) -> Result<crate::model::LoadedPipeline, Diagnostics>,
+) -> Vec<Checked> {
     files
         .iter()
         .map(|f| Checked {
             file: f.clone(),
-            outcome: crate::model::load(f).map(|l| {
+            outcome: load(f).map(|l| {
                 let p = &l.pipeline;
                 let regions: Vec<&str> = p.distribution.iter().map(|d| d.region.as_str()).collect();
                 format!(

@@ -22,6 +22,8 @@ mod lambda;
 mod pipeline_asl;
 mod refusals;
 mod rehearsal;
+mod service_roles;
+mod stack_grants;
 mod simulate;
 mod stages;
 mod tools;

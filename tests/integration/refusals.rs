@@ -48,21 +48,6 @@ const RUN_SHELL_SCRIPT: [&str; 2] = ["CustomizeFunction", "TestImageFunction"];
 /// The functions the template grants RunInstances (passing the builder role only).
 const LAUNCHERS: [&str; 2] = ["LaunchBuilderFunction", "TestImageFunction"];
 
-/// Requests a role must not make that the template allows today: account-wide grants that issue
-/// 28 item 8 (security review M-4) asks to scope. Each is asserted as allowed, with a comment at
-/// the call, so that the fix fails this test on that line and the case becomes a refusal.
-fn allowed_today(function: &str, action: &str) -> bool {
-    matches!(
-        (function, action),
-        // ParentParameter: `ssm:GetParameter` on `parameter/*` in any account.
-        ("LaunchBuilderFunction" | "TriggerFunction", "ssm:GetParameter")
-            // PublishImageIds: `ssm:PutParameter` on `parameter/*`.
-            | ("DistributeFunction", "ssm:PutParameter")
-            // UserLaunchTemplates: every launch template of the account.
-            | ("DistributeFunction", "ec2:CreateLaunchTemplateVersion")
-    )
-}
-
 /// What the test asked and saw, printed as its counts line.
 #[derive(Debug, Default)]
 struct Tally {
@@ -72,8 +57,6 @@ struct Tally {
     controls: usize,
     /// Denials in the decisions of a positive control (must stay 0).
     unexpected_denies: usize,
-    /// Requests [`allowed_today`] though the role must not make them.
-    allowed_today: usize,
 }
 
 /// A request a role must not make, and the refusal expected: AWS's error code, and the decision
@@ -182,31 +165,6 @@ impl Probe<'_> {
         assert_eq!(last["action"], f.action, "{who}: {last:#}");
         assert_eq!(last["resource"], f.resource.as_str(), "{who}: {last:#}");
         self.tally.refusals += 1;
-    }
-
-    /// A request the role must not make that the template allows today (see [`allowed_today`]):
-    /// it succeeds, and the decision for it is the evaluator's "Allowed".
-    fn allowed_today<T, E: Debug>(
-        &mut self,
-        f: Forbidden,
-        call: impl Future<Output = Result<T, E>>,
-    ) {
-        let (answer, lines) = self.send(call);
-        let who = format!("{} {}", f.function, f.what);
-        if let Err(e) = answer {
-            panic!(
-                "{who}: now refused ({e:?}): issue 28 item 8's scoping is in; make it a refusal (Probe::refused)"
-            );
-        }
-        assert!(
-            lines
-                .iter()
-                .any(|d| d["action"] == f.action && d["resource"] == f.resource.as_str()),
-            "{who}: no decision for {} on {}: {lines:#?}",
-            f.action,
-            f.resource
-        );
-        self.tally.allowed_today += 1;
     }
 
     /// A positive control by one of the stack's roles: it succeeds, every decision made for it is
@@ -687,13 +645,8 @@ fn no_function_of_the_deployed_stack_may_touch_what_the_stack_did_not_make() {
             .r#type(ParameterType::String)
             .overwrite(true)
             .send();
-        if allowed_today(function, put.action) {
-            // Expected to be refused once fixed (issue 28 item 8: PutParameter only under the
-            // stack's image-parameter prefix); today Distribute may overwrite any parameter.
-            p.allowed_today(put, put_call);
-        } else {
-            p.refused(put, put_call);
-        }
+        // PutParameter only under the stack's ImageParameterPrefix (security review M-4).
+        p.refused(put, put_call);
         let get = Forbidden::ssm(
             function,
             format!("GetParameter {secret} (no pipeline names it)"),
@@ -706,14 +659,9 @@ fn no_function_of_the_deployed_stack_may_touch_what_the_stack_did_not_make() {
             .name(secret)
             .with_decryption(true)
             .send();
-        if allowed_today(function, get.action) {
-            // Expected to be refused once fixed (issue 28 item 8: parent parameters only under
-            // `/aws/service/` and a stack prefix); today LaunchBuilder and Trigger may read any
-            // parameter of any account, SecureStrings included.
-            p.allowed_today(get, get_call);
-        } else {
-            p.refused(get, get_call);
-        }
+        // Parent parameters only under `/aws/service/` and the stack's ImageParameterPrefix
+        // (security review M-4, L4).
+        p.refused(get, get_call);
         let version = Forbidden::ec2(
             function,
             "CreateLaunchTemplateVersion of someone else's launch template".into(),
@@ -730,13 +678,8 @@ fn no_function_of_the_deployed_stack_may_touch_what_the_stack_did_not_make() {
                     .build(),
             )
             .send();
-        if allowed_today(function, version.action) {
-            // Expected to be refused once fixed (issue 28 item 8: launch templates by tag or by
-            // a list given at deploy time); today Distribute may change any launch template.
-            p.allowed_today(version, version_call);
-        } else {
-            p.refused(version, version_call);
-        }
+        // Only launch templates the user tagged kiln:stack=<stack> (security review M-4).
+        p.refused(version, version_call);
     }
 
     // THEN the roles may do each of those on what the stack made (positive controls): the
@@ -816,6 +759,72 @@ fn no_function_of_the_deployed_stack_may_touch_what_the_stack_did_not_make() {
             .set_instance_ids(Some(ours.clone()))
             .send(),
     );
+
+    // AND what the scoped grants leave: Distribute publishes under the stack's parameter prefix
+    // and changes a launch template designated for the stack (tagged kiln:stack); LaunchBuilder
+    // and Trigger read a parent under the prefix and AWS's public ones
+    let ours_template = rt
+        .block_on(
+            a.ec2
+                .create_launch_template()
+                .launch_template_name("designated-for-the-stack")
+                .launch_template_data(
+                    RequestLaunchTemplateData::builder()
+                        .image_id(&parent)
+                        .build(),
+                )
+                .tag_specifications(
+                    TagSpecification::builder()
+                        .resource_type(ResourceType::LaunchTemplate)
+                        .tags(Tag::builder().key("kiln:stack").value(STACK).build())
+                        .build(),
+                )
+                .send(),
+        )
+        .expect("CreateLaunchTemplate")
+        .launch_template()
+        .and_then(|t| t.launch_template_id())
+        .expect("an id")
+        .to_string();
+    p.control_by_role(
+        "DistributeFunction",
+        "CreateLaunchTemplateVersion of a launch template tagged kiln:stack",
+        distributor
+            .ec2
+            .create_launch_template_version()
+            .launch_template_id(&ours_template)
+            .launch_template_data(
+                RequestLaunchTemplateData::builder()
+                    .image_id(&parent)
+                    .build(),
+            )
+            .send(),
+    );
+    p.control_by_role(
+        "DistributeFunction",
+        "PutParameter under the stack's parameter prefix",
+        distributor
+            .ssm
+            .put_parameter()
+            .name("/images/refusals/latest")
+            .value(&parent)
+            .r#type(ParameterType::String)
+            .overwrite(true)
+            .send(),
+    );
+    for function in ["LaunchBuilderFunction", "TriggerFunction"] {
+        let c = Clients::as_function(&r, &rt, function);
+        for name in [
+            "/images/refusals/latest",
+            "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        ] {
+            p.control_by_role(
+                function,
+                &format!("GetParameter {name}"),
+                c.ssm.get_parameter().name(name).send(),
+            );
+        }
+    }
 
     // AND the administrator's same requests on the same resources succeed (the destructive
     // ones last)
@@ -942,19 +951,18 @@ fn no_function_of_the_deployed_stack_may_touch_what_the_stack_did_not_make() {
 
     let t = &p.tally;
     eprintln!(
-        "refusals: requests evaluated {}, refusals asserted {}, positive controls {}, denies where none was expected {}, allowed today though they must be refused (issue 28 item 8) {}, in {:.1}s",
+        "refusals: requests evaluated {}, refusals asserted {}, positive controls {}, denies where none was expected {}, in {:.1}s",
         t.evaluated,
         t.refusals,
         t.controls,
         t.unexpected_denies,
-        t.allowed_today,
         started.elapsed().as_secs_f64()
     );
     assert_eq!(t.unexpected_denies, 0, "denied in a positive control");
     // Every function was refused something, and the matrix is complete: a case lost to an edit
     // would otherwise go unnoticed.
     assert_eq!(
-        t.refusals + t.allowed_today,
+        t.refusals,
         FUNCTIONS.len() * 25 + LAUNCHERS.len() * 2,
         "{t:?}"
     );

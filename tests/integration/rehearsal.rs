@@ -57,6 +57,144 @@ pub(crate) struct Deployed {
     /// (`Rehearsal::deploy_running`).
     pub(crate) path: PathBuf,
     pub(crate) env: Vec<(String, String)>,
+    /// The role the deployed state machine invokes the function as: each Task's invocation is
+    /// first authorized as that role (a signed DryRun Invoke, see [`ServiceRole::may_invoke`]).
+    pub(crate) invoker: Option<Arc<ServiceRole>>,
+}
+
+/// A role an AWS service acts as for the stack (the state machine's, a schedule's), with
+/// credentials of it (deploy.py's AssumeRole): what the service's calls are signed with here.
+#[derive(Debug)]
+pub(crate) struct ServiceRole {
+    pub(crate) arn: String,
+    endpoint: String,
+    key: String,
+    secret: String,
+    token: String,
+}
+
+impl ServiceRole {
+    pub(crate) fn new(
+        arn: String,
+        endpoint: String,
+        key: String,
+        secret: String,
+        token: String,
+    ) -> ServiceRole {
+        ServiceRole {
+            arn,
+            endpoint,
+            key,
+            secret,
+            token,
+        }
+    }
+
+    /// The role's AWS configuration against moto (no retries: a refusal is the first answer).
+    pub(crate) fn config(&self, rt: &tokio::runtime::Runtime) -> aws_config::SdkConfig {
+        rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(&self.endpoint)
+                .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                    &self.key,
+                    &self.secret,
+                    Some(self.token.clone()),
+                    None,
+                    "service-role",
+                ))
+                .retry_config(aws_config::retry::RetryConfig::disabled())
+                .load(),
+        )
+    }
+
+    /// Lambda's Invoke of `function` (an ARN) with `InvocationType: DryRun`, signed (SigV4, the
+    /// session token included) with this role's credentials: Lambda then checks only that the
+    /// caller may invoke the function, `lambda:InvokeFunction` by its identity policies and the
+    /// function's resource policy, which is what Step Functions' invocation as the state
+    /// machine's role needs. Ok, or AWS's answer: (status, error code, message).
+    pub(crate) fn may_invoke(&self, function: &str) -> Result<(), (u16, String, String)> {
+        use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+        use std::io::{Read, Write};
+        let host = self.endpoint.trim_start_matches("http://").to_string();
+        let encoded: String = function
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let path = format!("/2015-03-31/functions/{encoded}/invocations");
+        let url = format!("{}{path}", self.endpoint);
+        let body = b"{}";
+        let headers = [
+            ("host", host.as_str()),
+            ("content-type", "application/json"),
+            ("x-amz-invocation-type", "DryRun"),
+        ];
+        let identity: aws_smithy_runtime_api::client::identity::Identity =
+            aws_sdk_ec2::config::Credentials::new(
+                &self.key,
+                &self.secret,
+                Some(self.token.clone()),
+                None,
+                "service-role",
+            )
+            .into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region("us-east-1")
+            .name("lambda")
+            .time(std::time::SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .expect("signing parameters")
+            .into();
+        let request = SignableRequest::new(
+            "POST",
+            &url,
+            headers.iter().copied(),
+            SignableBody::Bytes(body),
+        )
+        .expect("a signable request");
+        let (instructions, _) = sign(request, &params).expect("signed").into_parts();
+        let (signed, _) = instructions.into_parts();
+        let mut s = std::net::TcpStream::connect(&host).expect("connect to moto");
+        let mut head = format!("POST {path} HTTP/1.1\r\n");
+        for (k, v) in headers {
+            head += &format!("{k}: {v}\r\n");
+        }
+        for h in &signed {
+            head += &format!("{}: {}\r\n", h.name(), h.value());
+        }
+        head += &format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("body");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let status: u16 = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if status == 204 {
+            return Ok(());
+        }
+        let answer: Json = out
+            .split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str(b).ok())
+            .unwrap_or(Json::Null);
+        Err((
+            status,
+            answer["__type"].as_str().unwrap_or("Unknown").to_string(),
+            answer["message"].as_str().unwrap_or(&out).to_string(),
+        ))
+    }
 }
 
 /// The deployed stack on an authorizing moto server.
@@ -69,6 +207,10 @@ pub(crate) struct Rehearsal {
     definition: Json,
     pub(crate) functions: HashMap<String, Deployed>,
     made_by_api: Vec<String>,
+    /// The roles AWS services act as for the stack, by ARN (see [`ServiceRole`]).
+    pub(crate) service_roles: HashMap<String, Arc<ServiceRole>>,
+    /// The deployed state machine's role.
+    pub(crate) state_machine_role: String,
     /// The task tokens of the executions, answered by the deployed functions' SendTaskSuccess
     /// (moto_server.py hands each to [`forward_answers`]).
     tokens: Arc<TaskTokens>,
@@ -138,6 +280,31 @@ impl Rehearsal {
             .envs(moto.env())
             .env("KILN_DEPLOY_PARAMETERS", parameters.to_string());
         let deployed: Json = serde_json::from_str(&run_ok(cmd)).expect("deploy.py prints JSON");
+        let service_roles: HashMap<String, Arc<ServiceRole>> = deployed["serviceRoles"]
+            .as_object()
+            .expect("serviceRoles")
+            .iter()
+            .map(|(arn, c)| {
+                let v = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                let role = ServiceRole::new(
+                    arn.clone(),
+                    moto.endpoint(),
+                    v("AWS_ACCESS_KEY_ID"),
+                    v("AWS_SECRET_ACCESS_KEY"),
+                    v("AWS_SESSION_TOKEN"),
+                );
+                (arn.clone(), Arc::new(role))
+            })
+            .collect();
+        let state_machine_role: String = deployed["stateMachineRole"]
+            .as_str()
+            .expect("stateMachineRole")
+            .into();
+        let invoker = service_roles.get(&state_machine_role).cloned();
+        assert!(
+            invoker.is_some(),
+            "no credentials of the state machine's role"
+        );
         let mut functions = HashMap::new();
         for (arn, f) in deployed["functions"].as_object().expect("functions") {
             let mut env: Vec<(String, String)> = f["environment"]
@@ -164,6 +331,7 @@ impl Rehearsal {
                     binary,
                     path,
                     env,
+                    invoker: invoker.clone(),
                 },
             );
         }
@@ -191,6 +359,8 @@ impl Rehearsal {
             definition,
             functions,
             made_by_api,
+            service_roles,
+            state_machine_role,
             tokens,
         }
     }
@@ -212,7 +382,7 @@ impl Rehearsal {
     }
 
     /// The faults moto injects from now on (tests/rehearsal/moto_server.py).
-    fn inject(&self, faults: Json) {
+    pub(crate) fn inject(&self, faults: Json) {
         std::fs::write(&self.faults, faults.to_string()).expect("faults");
     }
 
@@ -268,19 +438,74 @@ impl Rehearsal {
         )
     }
 
-    /// One execution as the pipeline's schedule starts it.
+    /// One execution as the pipeline's schedule (`kiln-<pipeline>`) starts it: see
+    /// [`Rehearsal::fire_schedule`]; the schedule's role must be allowed to start it.
     pub fn execute_scheduled(
         &self,
         rt: &tokio::runtime::Runtime,
         pipeline: &str,
         name: &str,
     ) -> kiln::engine::Outcome {
-        self.run_input(
+        let schedule = kiln::aws::control::schedule_name(pipeline);
+        self.fire_schedule(rt, &schedule, name).unwrap_or_else(|e| {
+            panic!("the schedule {schedule} could not start its execution: {e}")
+        })
+    }
+
+    /// What EventBridge Scheduler does when `schedule` fires: StartExecution of its target with
+    /// its input, signed as its role (credentials deploy.py assumed; the evaluator decides
+    /// `states:StartExecution` on the target as that role), then the execution run in the engine
+    /// (with the rehearsal's poll interval). Err: AWS's error code and message when the role is
+    /// refused, nothing run.
+    pub fn fire_schedule(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        schedule: &str,
+        name: &str,
+    ) -> Result<kiln::engine::Outcome, String> {
+        let admin = self.admin(rt);
+        let s = rt
+            .block_on(
+                aws_sdk_scheduler::Client::new(&admin)
+                    .get_schedule()
+                    .name(schedule)
+                    .send(),
+            )
+            .unwrap_or_else(|e| panic!("GetSchedule {schedule}: {e:?}"));
+        let target = s.target().expect("the schedule's target");
+        let role = self
+            .service_roles
+            .get(target.role_arn())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no credentials of the schedule's role {}: deploy.py assumes the roles the stack's schedules name",
+                    target.role_arn()
+                )
+            });
+        let sfn = aws_sdk_sfn::Client::new(&role.config(rt));
+        let input = target.input().unwrap_or("{}");
+        rt.block_on(
+            sfn.start_execution()
+                .state_machine_arn(target.arn())
+                .input(input)
+                .send(),
+        )
+        .map_err(|e| {
+            use aws_sdk_sfn::error::ProvideErrorMetadata;
+            format!(
+                "{}: {}",
+                e.code().unwrap_or("?"),
+                e.message().unwrap_or_default()
+            )
+        })?;
+        let mut input: Json = serde_json::from_str(input).expect("the schedule's input is JSON");
+        input["waitSeconds"] = json!(1);
+        Ok(self.run_input(
             rt,
             Arc::new(Bootstraps(self.functions.clone(), None)),
-            json!({"pipeline": pipeline, "trigger": {"kind": "schedule"}, "waitSeconds": 1}),
+            input,
             name,
-        )
+        ))
     }
 
     /// One execution of the deployed definition with its Tasks delivered by `tasks`.
@@ -295,6 +520,22 @@ impl Rehearsal {
             rt,
             tasks,
             json!({"pipeline": pipeline, "trigger": {"kind": "manual"}, "waitSeconds": 1}),
+            name,
+        )
+    }
+
+    /// One execution of the deployed definition on exactly `input`, each Task the function's
+    /// bootstrap.
+    pub fn execute_input(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        input: Json,
+        name: &str,
+    ) -> kiln::engine::Outcome {
+        self.run_input(
+            rt,
+            Arc::new(Bootstraps(self.functions.clone(), None)),
+            input,
             name,
         )
     }
@@ -430,6 +671,20 @@ impl Tasks for Bootstraps {
                     format!("no deployed function {resource}"),
                 )
             })?;
+            // As Step Functions invokes it: as the state machine's role, which must be allowed
+            // to (AWS's answer otherwise fails the Task, for its Retry and Catch to see).
+            if let Some(role) = f.invoker.clone() {
+                let function = resource.to_string();
+                let allowed = tokio::task::spawn_blocking(move || role.may_invoke(&function))
+                    .await
+                    .map_err(|e| StateError::new("Lambda.ServiceException", e.to_string()))?;
+                if let Err((status, code, message)) = allowed {
+                    return Err(StateError::new(
+                        "Lambda.AWSLambdaException",
+                        format!("{message} (Service: AWSLambda; Status Code: {status}; Error Code: {code})"),
+                    ));
+                }
+            }
             let op = input["op"].as_str().unwrap_or("-").to_string();
             let binary = f.binary.clone();
             let answer = tokio::task::spawn_blocking(move || {

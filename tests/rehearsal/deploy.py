@@ -8,6 +8,10 @@
    (AWS::Scheduler::Schedule, from SAM's ScheduleV2 event).
 4. For each function: its deployed configuration (environment, role) read back from Lambda, and
    credentials of its own role (sts:AssumeRole), which the test hands to the function's bootstrap.
+5. Credentials of the roles AWS services act as for the stack (`serviceRoles`, by role ARN): the
+   state machine's role, which the test's engine signs each Task's invocation with, and the roles
+   of the schedules (the scheduler role kiln's schedules name, the daily lifecycle's), which the
+   test signs a schedule's StartExecution with.
 
 Prints one JSON document: stack outputs, the deployed definition, and the functions by ARN.
 Usage: deploy.py EXPANDED.json BIN_DIR STACK   (AWS_ENDPOINT_URL and credentials from the env)
@@ -116,6 +120,7 @@ def main(expanded_path, bin_dir, stack):
         for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]
     }
     made_by_api = []
+    schedule_roles = []
     for name, r in template["Resources"].items():
         if r["Type"] == "AWS::S3::BucketPolicy":
             props = resolve(r["Properties"], physical, stack)
@@ -130,6 +135,7 @@ def main(expanded_path, bin_dir, stack):
         elif r["Type"] == "AWS::Scheduler::Schedule":
             props = resolve(r["Properties"], physical, stack)
             target = props["Target"]
+            schedule_roles.append(target["RoleArn"])
             client("scheduler").create_schedule(
                 Name=props.get("Name") or f"{stack}-{name}",
                 ScheduleExpression=props["ScheduleExpression"],
@@ -167,11 +173,19 @@ def main(expanded_path, bin_dir, stack):
         Body=agent,
         Metadata={"sha256": agent_sha256},
     )
-    definition = client("stepfunctions").describe_state_machine(
-        stateMachineArn=outputs["StateMachineArn"]
-    )["definition"]
+    machine = client("stepfunctions").describe_state_machine(stateMachineArn=outputs["StateMachineArn"])
+    definition = machine["definition"]
+    service_roles = {}
+    for role in [machine["roleArn"], outputs["SchedulerRoleArn"], *schedule_roles]:
+        creds = sts.assume_role(RoleArn=role, RoleSessionName="service")["Credentials"]
+        service_roles[role] = {
+            "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": creds["SessionToken"],
+        }
     json.dump(
-        {"outputs": outputs, "definition": definition, "functions": functions, "madeByApi": made_by_api},
+        {"outputs": outputs, "definition": definition, "functions": functions, "madeByApi": made_by_api,
+         "stateMachineRole": machine["roleArn"], "serviceRoles": service_roles},
         sys.stdout,
     )
     return 0

@@ -32,6 +32,13 @@ an authorized request whose role name contains `role` and whose operation is `op
 A fault with "count": N applies to the first N matching requests only (a transient fault).
 Each applied fault is recorded in the log as {"fault": ...}.
 
+Lambda Invoke is authorized as lambda:InvokeFunction on the function's ARN, with the function's
+resource policy; only DryRun invocations are answered (204, or ResourceNotFoundException), by this
+layer: moto would run the function in Docker, and the rehearsal runs each bootstrap through its
+Lambda Runtime API emulator. The test's engine asks a DryRun signed with the state machine role's
+assumed-role credentials before each Task invocation, as Step Functions invokes a function as that
+role (tests/integration/rehearsal.rs, `Bootstraps`).
+
 SendTaskSuccess (authorized like any call) is appended to $KILN_TASK_ANSWERS for the test's
 engine, which runs the executions in place of moto's Step Functions.
 
@@ -514,6 +521,56 @@ def map_scheduler(region, method, path, query, body):
     return out
 
 
+def function_arn(region, name):
+    """The ARN Lambda authorizes an invocation of `name` (a name or an ARN, without qualifier) as."""
+    if name.startswith("arn:"):
+        return ":".join(name.split(":")[:7])
+    return f"arn:{PARTITION}:lambda:{region}:{ACCOUNT}:function:{name}"
+
+
+INVOKE_PATH = re.compile(r"^/2015-03-31/functions/([^/]+)/invocations$")
+
+
+def map_lambda(region, method, path):
+    m = INVOKE_PATH.match(path)
+    if not m or method != "POST":
+        return None
+    return [("lambda:InvokeFunction", function_arn(region, urllib.parse.unquote(m.group(1))), {})]
+
+
+def lambda_function(resource):
+    """moto's function of a function ARN, or None."""
+    from moto.awslambda.models import lambda_backends
+
+    region = resource.split(":")[3]
+    try:
+        return lambda_backends[ACCOUNT][region].get_function(resource)
+    except Exception:  # noqa: BLE001  (moto raises its own not-found types)
+        return None
+
+
+def function_policy(resource):
+    """A function's resource policy (its AWS::Lambda::Permission statements) as Lambda's
+    GetPolicy answers it, or None. moto keeps a permission's request fields (FunctionName, …) in
+    the statements CloudFormation made: only the policy language's keys are the policy."""
+    fn = lambda_function(resource)
+    if fn is None or not fn.policy.statements:
+        return None
+    policy = json.loads(json.dumps(fn.policy.get_policy()["Policy"]))
+    keys = ("Sid", "Effect", "Principal", "NotPrincipal", "Action", "NotAction", "Resource", "NotResource", "Condition")
+    policy["Statement"] = [{k: v for k, v in st.items() if k in keys} for st in policy.get("Statement", [])]
+    return policy
+
+
+def dry_run(environ, start_response, resource):
+    """Lambda's answer to an authorized DryRun invocation: 204, or the function is not there."""
+    if lambda_function(resource) is None:
+        return error_answer(start_response, "lambda", environ, 404, "ResourceNotFoundException",
+                            f"Function not found: {resource}")
+    start_response("204 No Content", [("Content-Length", "0")])
+    return [b""]
+
+
 def map_request(service, region, environ, body, query):
     method = environ.get("REQUEST_METHOD", "GET")
     path = environ.get("PATH_INFO", "/")
@@ -524,6 +581,8 @@ def map_request(service, region, environ, body, query):
         return map_s3(method, path, query)
     if service == "scheduler":
         return map_scheduler(region, method, path, query, body)
+    if service == "lambda":
+        return map_lambda(region, method, path)
     params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
     params.update(query)
     if service == "sts" and params.get("Action") == "GetCallerIdentity":
@@ -554,6 +613,8 @@ def bucket_policy(resource):
     """The resource policy of what is asked for: a bucket's (from moto), a key's (the default)."""
     if resource.startswith(f"arn:{PARTITION}:kms:"):
         return key_policy(resource)
+    if resource.startswith(f"arn:{PARTITION}:lambda:"):
+        return function_policy(resource)
     if not resource.startswith("arn:aws:s3:::"):
         return None
     bucket = resource[len("arn:aws:s3:::"):].split("/", 1)[0]
@@ -571,14 +632,14 @@ def bucket_policy(resource):
 
 def denied(start_response, service, environ, message):
     code = "UnauthorizedOperation" if service == "ec2" else "AccessDeniedException" if (
-        environ.get("HTTP_X_AMZ_TARGET") or service == "scheduler") else "AccessDenied"
+        environ.get("HTTP_X_AMZ_TARGET") or service in ("scheduler", "lambda")) else "AccessDenied"
     return error_answer(start_response, service, environ, 403, code, message)
 
 
 def error_answer(start_response, service, environ, status, code, message):
     """An AWS error answer in the protocol of `service`."""
     target = environ.get("HTTP_X_AMZ_TARGET", "")
-    if target or service in ("scheduler",):
+    if target or service in ("scheduler", "lambda"):
         body = json.dumps({"__type": code, "message": message, "Message": message})
         headers = [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", code)]
     elif service == "s3":
@@ -769,6 +830,12 @@ def authorized_call(self, environ, start_response):
             )
     if operation.endswith(".SendTaskSuccess") and os.environ.get("KILN_TASK_ANSWERS"):
         return task_answer(environ, start_response, body)
+    if service == "lambda":
+        # Only DryRun: the bootstraps run through the test's Runtime API emulator, not moto.
+        if environ.get("HTTP_X_AMZ_INVOCATION_TYPE") != "DryRun":
+            return error_answer(start_response, service, environ, 400, "InvalidParameterValueException",
+                                "kiln rehearsal: only DryRun invocations are answered here")
+        return dry_run(environ, start_response, asks[0][1])
     fault = fault_for(function, operation, region)
     if fault is not None:
         record({"role": function, "operation": operation, "region": region, "fault": fault})

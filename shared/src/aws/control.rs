@@ -41,6 +41,51 @@ pub fn is_public_parameter(name: &str) -> bool {
     name.starts_with("/aws/service/")
 }
 
+/// What stack `name` lets its pipelines' SSM parameters be (`kiln validate --stack`): its
+/// `ImageParameterPrefix` parameter as CloudFormation describes the deployed stack.
+pub async fn stack_grants(
+    config: &aws_config::SdkConfig,
+    name: &str,
+) -> Result<crate::model::load::StackGrants, StageError> {
+    let out = aws_sdk_cloudformation::Client::new(config)
+        .describe_stacks()
+        .stack_name(name)
+        .send()
+        .await
+        .map_err(|e| {
+            let e = sdk_error("DescribeStacks", e);
+            invalid(format!(
+                "stack `{name}`: {e} (deploy it with `make deploy`)"
+            ))
+        })?;
+    let stack = out
+        .stacks()
+        .first()
+        .ok_or_else(|| invalid(format!("stack `{name}` does not exist")))?;
+    // The parameter as deployed, or the output the template also gives it as.
+    let prefix = stack
+        .parameters()
+        .iter()
+        .find(|p| p.parameter_key() == Some("ImageParameterPrefix"))
+        .and_then(|p| p.parameter_value())
+        .or_else(|| {
+            stack
+                .outputs()
+                .iter()
+                .find(|o| o.output_key() == Some("ImageParameterPrefix"))
+                .and_then(|o| o.output_value())
+        })
+        .ok_or_else(|| {
+            invalid(format!(
+                "stack `{name}` has no ImageParameterPrefix parameter: it predates scoped parameters (update it with `make deploy`)"
+            ))
+        })?;
+    Ok(crate::model::load::StackGrants {
+        stack: name.to_string(),
+        parameter_prefix: prefix.to_string(),
+    })
+}
+
 impl Stack {
     /// Reads stack `name`'s outputs.
     pub async fn describe(config: &aws_config::SdkConfig, name: &str) -> Result<Stack, StageError> {

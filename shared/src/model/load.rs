@@ -24,10 +24,52 @@ pub fn load(file: &Path) -> Result<LoadedPipeline, Diagnostics> {
 
 /// Validates a pipeline given as text; component paths are relative to `file`.
 pub fn load_str(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnostics> {
+    load_checked(file, text, |_, _| {})
+}
+
+/// What a deployed stack lets its pipelines' SSM parameters be (`kiln validate --stack`), as
+/// its template scopes its roles: parents are read only from AWS's public parameters and under
+/// its `ImageParameterPrefix`, image ids are published only under that prefix, and the stack's
+/// builder instance profile reads no parameter at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackGrants {
+    pub stack: String,
+    /// The stack's `ImageParameterPrefix` (begins and ends with `/`).
+    pub parameter_prefix: String,
+}
+
+impl StackGrants {
+    /// Whether the stack's functions may read `name` as a parent.
+    pub fn reads_parent(&self, name: &str) -> bool {
+        name.starts_with("/aws/service/") || name.starts_with(&self.parameter_prefix)
+    }
+
+    /// Whether the stack's functions may publish an image id as `name`.
+    pub fn publishes(&self, name: &str) -> bool {
+        name.starts_with(&self.parameter_prefix)
+    }
+}
+
+/// Loads and validates the pipeline file at `file`, and what its parameters need from the
+/// deployed stack `grants` describes: each parameter the stack's roles could not read or write
+/// is reported at its position.
+pub fn load_for_stack(file: &Path, grants: &StackGrants) -> Result<LoadedPipeline, Diagnostics> {
+    let text = crate::read_source(file)?;
+    load_checked(file, &text, |p, out| check_stack_grants(p, grants, out))
+}
+
+fn load_checked(
+    file: &Path,
+    text: &str,
+    more: impl FnOnce(&Pipeline, &mut Collector<'_>),
+) -> Result<LoadedPipeline, Diagnostics> {
     let root = crate::parse_source(file, text)?;
     let mut out = Collector::new(file, &root);
     let mut others = Diagnostics::default();
     let loaded = check(file, &root, &mut out, &mut others);
+    if let Some(l) = &loaded {
+        more(&l.pipeline, &mut out);
+    }
     let mut all = Diagnostics(out.found);
     all.extend(others);
     match loaded {
@@ -328,6 +370,56 @@ fn check_infrastructure(p: &Pipeline, out: &mut Collector<'_>) {
                 format!("tag `{k}`: the `kiln:` and `aws:` prefixes are reserved"),
                 Vec::new(),
             );
+        }
+    }
+}
+
+/// The pipeline's SSM parameters against what the deployed stack's roles may do with them: a
+/// parent outside what the stack reads would fail every build at launch, an image id outside what
+/// it publishes every distribution, and a SecureString read with the stack's builder profile
+/// (which reads none) every customize or test.
+fn check_stack_grants(p: &Pipeline, grants: &StackGrants, out: &mut Collector<'_>) {
+    let (stack, prefix) = (&grants.stack, &grants.parameter_prefix);
+    if let Parent::SsmParameter(name) = &p.parent {
+        if !grants.reads_parent(name) {
+            out.at(
+                &[key("parent"), key("ssmParameter")],
+                format!("stack `{stack}` reads parent parameters only under /aws/service/ and {prefix} (its ImageParameterPrefix): its functions may not read `{name}`; publish the parent under {prefix}, or deploy the stack with another ImageParameterPrefix"),
+            );
+        }
+    }
+    for (i, d) in p.distribution.iter().enumerate() {
+        if let Some(name) = &d.ssm_parameter {
+            if !grants.publishes(name) {
+                out.at(
+                    &[key("distribution"), Seg::Index(i), key("ssmParameter")],
+                    format!("stack `{stack}` publishes image ids only under {prefix} (its ImageParameterPrefix): its distribute function may not write `{name}`"),
+                );
+            }
+        }
+    }
+    if p.infrastructure.instance_profile.is_some() {
+        return; // the pipeline's own profile: its role's grants are the pipeline author's
+    }
+    let lists = [
+        ("components", &p.components),
+        ("tests", &p.tests.components),
+    ];
+    for (list, refs) in lists {
+        for (i, r) in refs.iter().enumerate() {
+            for (name, value) in &r.parameters {
+                if let Some(parameter) = component::secure_reference(value) {
+                    let mut at = vec![key(list)];
+                    if list == "tests" {
+                        at.push(key("components"));
+                    }
+                    at.extend([Seg::Index(i), key("parameters"), key(name)]);
+                    out.at(
+                        &at,
+                        format!("`{parameter}` is read on the instance with its instance profile's role, and stack `{stack}`'s builder profile may read no parameter: name an instance profile whose role may read it (infrastructure.instanceProfile)"),
+                    );
+                }
+            }
         }
     }
 }
