@@ -817,3 +817,77 @@ fn with_a_custom_bus_parent_changes_still_trigger_and_notifications_reach_the_to
         ]
     );
 }
+
+/// Amazon publishing to one of its topics (as its owner): what SNS delivered.
+fn inject_sns(r: &Rehearsal, topic: &str, message: &str, subject: &str) -> Vec<Json> {
+    test_path(
+        r,
+        "POST",
+        "/_kiln/inject/sns",
+        &json!({"topicArn": topic, "message": message, "subject": subject}),
+    )["deliveries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_amazon_linux_update_reaches_the_trigger_through_the_deployed_subscription() {
+    // GIVEN the stack deployed following Amazon's Amazon Linux 2023 updates topic, and a pipeline
+    // on the Amazon Linux public parameter
+    let topic = "arn:aws:sns:us-east-1:137112412989:amazon-linux-2023-ami-updates";
+    let r = Rehearsal::deploy_with(&json!({ "AmazonLinuxUpdatesTopicArn": topic }));
+    r.apply(&crate::rehearsal::moto_pipeline());
+    // WHEN Amazon announces new images (the topic's message: a JSON text, its subject)
+    let message = json!({"v1": {"ReleaseVersion": "2023", "ImageVersion": "2023.6.20241121.0",
+        "ReleaseNotes": "Updated kernel and packages.",
+        "Regions": {"us-east-1": [{"ImageId": "ami-0abcd1111abcd1111",
+            "Name": "al2023-ami-2023.6.20241121.0-kernel-6.1-x86_64"}]}}})
+    .to_string();
+    let subject = "Amazon Linux 2023 AMI: new images are available (2023.6.20241121.0)";
+    let got = inject_sns(&r, topic, &message, subject);
+    // THEN SNS delivers it to the trigger function, as sns.amazonaws.com for that topic, in the
+    // event Lambda receives from SNS
+    let d = one_to(&r, &got, "TriggerFunction", "an Amazon Linux update");
+    assert_eq!(d["result"], "Delivered", "{d:#}");
+    assert_eq!(d["principal"], "sns.amazonaws.com");
+    assert_eq!(
+        d["decisions"][0]["context"]["aws:SourceArn"], topic,
+        "{d:#}"
+    );
+    let record = &d["payload"]["Records"][0];
+    assert_eq!(record["EventSource"], "aws:sns");
+    assert_eq!(record["Sns"]["TopicArn"], topic);
+    assert_eq!(record["Sns"]["Message"], message.as_str());
+    assert_eq!(record["Sns"]["Subject"], subject);
+    // AND the trigger function, invoked with it, starts the pipeline
+    let invoked = r.deliver();
+    assert_eq!(invoked.len(), 1, "{invoked:#?}");
+    assert!(
+        invoked[0].1,
+        "the trigger function failed: {}",
+        invoked[0].2
+    );
+    assert_eq!(
+        invoked[0].2["pipelines"][0]["started"], true,
+        "{}",
+        invoked[0].2
+    );
+    // WHEN the function's permission for SNS is removed
+    let (sid, _) = permissions(&r, "TriggerFunction")
+        .into_iter()
+        .find(|(_, s)| s["Principal"]["Service"] == "sns.amazonaws.com")
+        .expect("the trigger function's permission for SNS");
+    admin_call(
+        &r,
+        "lambda",
+        "remove_permission",
+        &json!({"FunctionName": r.function("TriggerFunction").function_name, "StatementId": sid}),
+    );
+    // THEN the same update is refused by the evaluator and invokes nothing
+    let got = inject_sns(&r, topic, &message, subject);
+    let d = one_to(&r, &got, "TriggerFunction", "without the permission");
+    assert_eq!(d["result"], "Refused", "{d:#}");
+    assert_eq!(d["why"], "ImplicitlyDenied", "{d:#}");
+    assert!(r.deliver().is_empty());
+}

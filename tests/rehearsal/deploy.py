@@ -46,6 +46,8 @@ def resolve(value, physical, stack):
         kind, pid = physical[name]
         if kind == "AWS::S3::Bucket":
             return f"arn:aws:s3:::{pid}"
+        if kind == "AWS::Lambda::Function":  # moto's physical id is the function's name
+            return f"arn:aws:lambda:us-east-1:123456789012:function:{pid}"
         if kind == "AWS::Events::Rule":  # moto's physical id is the rule's name
             bus = PARAMETERS.get("EventBusName", "default")
             return f"arn:aws:events:us-east-1:123456789012:rule/{'' if bus == 'default' else bus + '/'}{pid}"
