@@ -231,29 +231,7 @@ impl Clients {
     }
 
     fn as_function(r: &Rehearsal, rt: &tokio::runtime::Runtime, function: &str) -> Clients {
-        let f = r.function(function);
-        let env = |k: &str| {
-            f.env
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| panic!("{k} not in {function}'s environment"))
-        };
-        let config = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new(REGION))
-                .endpoint_url(r.moto.endpoint())
-                .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                    env("AWS_ACCESS_KEY_ID"),
-                    env("AWS_SECRET_ACCESS_KEY"),
-                    Some(env("AWS_SESSION_TOKEN")),
-                    None,
-                    "function-role",
-                ))
-                .retry_config(aws_config::retry::RetryConfig::disabled())
-                .load(),
-        );
-        Clients::of(&config)
+        Clients::of(&r.as_function(rt, function))
     }
 }
 

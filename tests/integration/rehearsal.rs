@@ -316,7 +316,12 @@ impl Rehearsal {
                 .collect();
             env.extend([
                 ("AWS_REGION".into(), "us-east-1".into()),
-                ("AWS_ENDPOINT_URL".into(), moto.endpoint()),
+                ("AWS_ENDPOINT_URL".into(), moto.tls_endpoint()),
+                // The Lambda runtime's CA bundle, in AWS; here the rehearsal's own certificate.
+                (
+                    "SSL_CERT_FILE".into(),
+                    moto.certificate().display().to_string(),
+                ),
                 ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
             ]);
             let binary: String = f["binary"].as_str().unwrap_or_default().into();
@@ -583,6 +588,38 @@ impl Rehearsal {
                 .credentials_provider(aws_sdk_ec2::config::Credentials::new(
                     "testing", "testing", None, None, "test",
                 ))
+                .load(),
+        )
+    }
+
+    /// The AWS configuration a function's bootstrap has: its role's credentials as Lambda hands
+    /// them over, and moto's TLS endpoint. No retries: a refusal is the first answer.
+    pub fn as_function(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        logical: &str,
+    ) -> aws_config::SdkConfig {
+        let f = self.function(logical);
+        let env = |k: &str| {
+            f.env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{k} not in {logical}'s environment"))
+        };
+        rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(self.moto.tls_endpoint())
+                .http_client(self.moto.https_client())
+                .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                    env("AWS_ACCESS_KEY_ID"),
+                    env("AWS_SECRET_ACCESS_KEY"),
+                    Some(env("AWS_SESSION_TOKEN")),
+                    None,
+                    "function-role",
+                ))
+                .retry_config(aws_config::retry::RetryConfig::disabled())
                 .load(),
         )
     }
@@ -2275,27 +2312,43 @@ fn a_wait_ends_by_its_event_through_the_deployed_rule_and_the_wake_function() {
     r.assert_lock_free(&rt, "al2023-moto", "after the woken build");
 }
 
-/// One plain HTTP/1.1 request to moto on loopback: (status, body).
-fn raw_http(method: &str, url: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").expect("an http URL");
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut s = std::net::TcpStream::connect(host).expect("connect");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .expect("write");
-    s.write_all(body).expect("body");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
+/// One request to a URL of the rehearsal's moto as a plain HTTP client sends it (curl, no AWS
+/// SDK: only what the URL carries signs it), trusting the TLS listener's certificate only:
+/// (status, body).
+pub(crate) fn raw_http(r: &Rehearsal, method: &str, url: &str, body: &[u8]) -> (u16, String) {
+    use std::io::Write;
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--cacert"])
+        .arg(r.moto.certificate())
+        .args([
+            "-X",
+            method,
+            "-H",
+            "Content-Type:",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ]);
+    if method != "GET" {
+        cmd.args(["--data-binary", "@-"]);
+    }
+    let mut child = cmd
+        .arg(url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body)
+        .expect("body");
+    let out = child.wait_with_output().expect("curl ends");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (answer, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.trim().parse().unwrap_or(0), answer.to_string())
 }
 
 #[test]
@@ -2328,6 +2381,7 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| panic!("{k} not in the function's environment"))
     };
+    let as_customize = r.as_function(&rt, "CustomizeFunction");
     let s3_as = |secret: &str| {
         let creds = aws_sdk_s3::config::Credentials::new(
             env("AWS_ACCESS_KEY_ID"),
@@ -2337,7 +2391,7 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
             "role",
         );
         aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&r.admin(&rt))
+            aws_sdk_s3::config::Builder::from(&as_customize)
                 .credentials_provider(creds)
                 .force_path_style(true)
                 .build(),
@@ -2367,8 +2421,37 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
     // the SDK's signer), in the headers and presigned
     rt.block_on(s3_as(&secret).get_object().bucket(&bucket).key(key).send())
         .expect("a header-signed GetObject of the role");
+    // AND the same request over plain HTTP is refused by the bucket's TLS-only statement:
+    // aws:SecureTransport is the scheme the request came by
+    let plain = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&r.admin(&rt))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                env("AWS_ACCESS_KEY_ID"),
+                secret.clone(),
+                Some(env("AWS_SESSION_TOKEN")),
+                None,
+                "role",
+            ))
+            .force_path_style(true)
+            .build(),
+    );
+    let refused = rt
+        .block_on(plain.get_object().bucket(&bucket).key(key).send())
+        .expect_err("the role's GetObject over plain HTTP");
+    assert_eq!(
+        aws_sdk_s3::error::ProvideErrorMetadata::code(&refused),
+        Some("AccessDenied"),
+        "{refused:?}"
+    );
+    let line = r
+        .decisions()
+        .into_iter()
+        .rev()
+        .find(|d| d["action"] == "s3:GetObject")
+        .expect("the evaluator's line for the plain GetObject");
+    assert_eq!(line["result"], "ExplicitlyDenied", "{line}");
     let good = presigned(&secret, now, 600);
-    let (status, answer) = raw_http("GET", &good, b"");
+    let (status, answer) = raw_http(&r, "GET", &good, b"");
     assert_eq!(status, 200, "{answer}");
 
     // WHEN the signature is made with another secret, or the URL is altered after signing
@@ -2386,18 +2469,18 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
         Some("SignatureDoesNotMatch"),
         "{e:?}"
     );
-    let (status, answer) = raw_http("GET", &presigned("not-the-roles-secret", now, 600), b"");
+    let (status, answer) = raw_http(&r, "GET", &presigned("not-the-roles-secret", now, 600), b"");
     assert!(
         status == 403 && answer.contains("SignatureDoesNotMatch"),
         "{answer}"
     );
     let other = good.replace("customize/report.json", "test/report.json");
-    let (status, answer) = raw_http("GET", &other, b"");
+    let (status, answer) = raw_http(&r, "GET", &other, b"");
     assert!(
         status == 403 && answer.contains("SignatureDoesNotMatch"),
         "{answer}"
     );
-    let (status, answer) = raw_http("PUT", &good, b"{\"forged\": true}");
+    let (status, answer) = raw_http(&r, "PUT", &good, b"{\"forged\": true}");
     assert!(
         status == 403 && answer.contains("SignatureDoesNotMatch"),
         "{answer}"
@@ -2405,7 +2488,7 @@ fn a_request_signed_wrong_or_expired_is_refused_as_aws_refuses_it() {
 
     // OR the URL has expired (signed two hours ago for one hour)
     let old = presigned(&secret, now - std::time::Duration::from_secs(7200), 3600);
-    let (status, answer) = raw_http("GET", &old, b"");
+    let (status, answer) = raw_http(&r, "GET", &old, b"");
     assert!(
         status == 403 && answer.contains("Request has expired"),
         "{answer}"

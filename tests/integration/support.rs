@@ -83,6 +83,9 @@ pub fn relative(text: &str) -> String {
 pub struct Moto {
     child: std::process::Child,
     pub port: u16,
+    /// The rehearsal's TLS listener (the functions' endpoint): its port and the folder holding
+    /// its self-signed certificate (`cert.pem`).
+    tls: Option<(u16, tempfile::TempDir)>,
 }
 
 impl Moto {
@@ -141,30 +144,86 @@ impl Moto {
     /// against that role's policies by an IAM policy evaluator before moto runs it
     /// (tests/rehearsal/moto_server.py); each decision is appended to `log` as a JSON line.
     /// `faults` names the JSON file of injected faults (read on every request; may not exist).
+    ///
+    /// The same server also listens with TLS on a second port ([`Moto::tls_endpoint`]), with a
+    /// self-signed certificate for 127.0.0.1 ([`Moto::certificate`]): the functions reach it
+    /// there, as they reach AWS, so their HTTPS client and its trust store are exercised and
+    /// `aws:SecureTransport` is true for them only.
     pub fn start_authorizing(log: &Path, faults: &Path, answers: &Path) -> Moto {
         let python = Moto::server_binary().with_file_name("python");
         let modules = Moto::evaluator_modules();
+        let tls_port = free_port();
+        let tls_dir = tempfile::tempdir().expect("certificate folder");
         let mut c = std::process::Command::new(python);
         c.arg(repo().join("tests/rehearsal/moto_server.py"))
             .env("KILN_AUTHZ_LOG", log)
             .env("KILN_FAULTS", faults)
             .env("KILN_TASK_ANSWERS", answers)
-            .env("KILN_AUTHZ_MODULES", modules);
-        Moto::launch(c)
+            .env("KILN_AUTHZ_MODULES", modules)
+            .env("KILN_TLS_PORT", tls_port.to_string())
+            .env("KILN_TLS_DIR", tls_dir.path());
+        let mut moto = Moto::launch(c);
+        let cert = tls_dir.path().join("cert.pem");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !cert.is_file() || std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server's TLS listener did not start on {tls_port} within 120s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        moto.tls = Some((tls_port, tls_dir));
+        moto
+    }
+
+    /// The TLS endpoint of [`Moto::start_authorizing`]'s server.
+    pub fn tls_endpoint(&self) -> String {
+        let (port, _) = self
+            .tls
+            .as_ref()
+            .expect("a TLS listener (start_authorizing)");
+        format!("https://127.0.0.1:{port}")
+    }
+
+    /// An SDK HTTPS client (the functions' own: rustls over ring) trusting only the TLS
+    /// listener's certificate.
+    pub fn https_client(&self) -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+        use aws_smithy_http_client::tls;
+        let pem = std::fs::read(self.certificate()).expect("the TLS listener's certificate");
+        let context = tls::TlsContext::builder()
+            .with_trust_store(tls::TrustStore::empty().with_pem_certificate(pem))
+            .build()
+            .expect("a TLS context");
+        aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .tls_context(context)
+            .build_https()
+    }
+
+    /// The TLS listener's certificate (PEM), for SSL_CERT_FILE.
+    pub fn certificate(&self) -> PathBuf {
+        let (_, dir) = self
+            .tls
+            .as_ref()
+            .expect("a TLS listener (start_authorizing)");
+        dir.path().join("cert.pem")
     }
 
     fn launch(mut command: std::process::Command) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("moto_server starts");
-        let moto = Moto { child, port };
+        let moto = Moto {
+            child,
+            port,
+            tls: None,
+        };
         // Generous: on a loaded 2-core machine moto's imports (and the rehearsal's evaluator)
         // took over 30 s once, which failed a fault campaign at a re-deploy.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -214,6 +273,13 @@ impl Moto {
             .unwrap_or_default();
         (status, body)
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Drop for Moto {

@@ -761,9 +761,10 @@ def moto_call(self, environ, start_response, service):
 
 
 def authorized_call(self, environ, start_response):
-    # Every AWS SDK request is TLS in AWS; moto sees plain HTTP on loopback. The bucket policy's
-    # TLS-only deny (aws:SecureTransport), which moto evaluates, must see what AWS would.
-    environ["wsgi.url_scheme"] = "https"
+    # aws:SecureTransport is the scheme the request arrived by: the functions reach this server
+    # through its TLS listener (as every AWS endpoint is TLS), the test's administrator over plain
+    # HTTP on loopback, whose requests no policy evaluates.
+    secure = environ.get("wsgi.url_scheme") == "https"
     length = int(environ.get("CONTENT_LENGTH") or 0)
     body = environ["wsgi.input"].read(length) if length else b""
     environ["wsgi.input"] = io.BytesIO(body)
@@ -795,7 +796,7 @@ def authorized_call(self, environ, start_response):
             "aws:RequestedRegion": region,
             "aws:PrincipalArn": role.role_arn,
             "aws:PrincipalAccount": ACCOUNT,
-            "aws:SecureTransport": "true",
+            "aws:SecureTransport": "true" if secure else "false",
         }
         ctx.update(context)
         decision = EVALUATOR.decide(
@@ -864,8 +865,62 @@ def _bucket_policy_left_to_the_evaluator(self, action, resource):
 
 FakeBucket.get_permission = _bucket_policy_left_to_the_evaluator
 
+def certificate(folder):
+    """A self-signed certificate for 127.0.0.1 (cert.pem, key.pem in `folder`): the functions
+    trust it through SSL_CERT_FILE, as they trust the Lambda runtime's CA bundle in AWS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kiln rehearsal")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    paths = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(paths[1] + ".tmp", "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    os.rename(paths[1] + ".tmp", paths[1])
+    with open(paths[0] + ".tmp", "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    # The certificate appears last: the harness waits for it (and the port) before it starts a function.
+    os.rename(paths[0] + ".tmp", paths[0])
+    return paths
+
+
+def serve_tls(host, port, folder):
+    """The functions' endpoint: the same moto (backends are process-wide) behind TLS, with
+    keep-alive as AWS endpoints answer."""
+    from moto.server import create_backend_app
+    from werkzeug.serving import WSGIRequestHandler, run_simple
+
+    class KeepAlive(WSGIRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+    cert, key = certificate(folder)
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(host, port, app, threaded=True, ssl_context=(cert, key), request_handler=KeepAlive)
+
+
 if __name__ == "__main__":
     EVALUATOR = moto_gaps.evaluator()
     from moto.server import main
 
+    if os.environ.get("KILN_TLS_PORT"):
+        host = sys.argv[sys.argv.index("-H") + 1] if "-H" in sys.argv else "127.0.0.1"
+        threading.Thread(
+            target=serve_tls, args=(host, int(os.environ["KILN_TLS_PORT"]), os.environ["KILN_TLS_DIR"]), daemon=True
+        ).start()
     main()
