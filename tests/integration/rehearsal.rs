@@ -646,6 +646,11 @@ impl Rehearsal {
         assert!(holder.is_none(), "{what}: the lock is held by {holder:?}");
     }
 
+    /// The resources deploy.py made through the API (what moto's CloudFormation cannot make).
+    pub(crate) fn made_by_api(&self) -> &[String] {
+        &self.made_by_api
+    }
+
     /// Every authorization decision so far.
     pub(crate) fn decisions(&self) -> Vec<Json> {
         std::fs::read_to_string(&self.log)

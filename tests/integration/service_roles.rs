@@ -347,3 +347,120 @@ fn the_documented_console_input_starts_a_build_of_the_deployed_stack() {
     );
     r.assert_lock_free(&rt, &pipeline, "after the console's build");
 }
+
+/// Deployed with every optional parameter (a notification address, Amazon's Amazon Linux updates
+/// topic, a custom event bus), every resource whose Condition then holds exists: in the stack as
+/// moto's CloudFormation made it, or made by deploy.py through the API as CloudFormation would
+/// (deploy.py fails on any other that is missing, so none is excused), and each is really there.
+#[test]
+fn the_stack_deploys_with_every_optional_parameter_and_every_conditional_resource_exists() {
+    // GIVEN the template, and every optional parameter set
+    let bus = "kiln-all-options";
+    let topic = "arn:aws:sns:us-east-1:137112412989:amazon-linux-2023-ami-updates";
+    let dir = tempfile::tempdir().expect("dir");
+    let template: Json = serde_json::from_str(
+        &std::fs::read_to_string(crate::rehearsal::expand(dir.path())).expect("expanded"),
+    )
+    .expect("JSON");
+    let conditional: BTreeSet<String> = template["Resources"]
+        .as_object()
+        .expect("resources")
+        .iter()
+        .filter(|(_, r)| r.get("Condition").is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(conditional.len() >= 5, "{conditional:?}");
+
+    // WHEN the stack is deployed with them
+    let r = Rehearsal::deploy_with(&json!({
+        "EventBusName": bus,
+        "NotificationEmail": "builds@example.com",
+        "AmazonLinuxUpdatesTopicArn": topic,
+    }));
+
+    // THEN each conditional resource is in the stack or was made by the API
+    let rt = runtime();
+    let cfn = aws_sdk_cloudformation::Client::new(&r.admin(&rt));
+    let in_stack: BTreeSet<String> = rt
+        .block_on(
+            cfn.list_stack_resources()
+                .stack_name(crate::rehearsal::STACK)
+                .send(),
+        )
+        .expect("ListStackResources")
+        .stack_resource_summaries()
+        .iter()
+        .filter_map(|s| s.logical_resource_id().map(str::to_string))
+        .collect();
+    let made: BTreeSet<String> = r.made_by_api().iter().cloned().collect();
+    for name in &conditional {
+        assert!(
+            in_stack.contains(name) || made.contains(name),
+            "{name}: its condition holds and it is neither in the stack nor made by the API"
+        );
+    }
+    // AND each is really there: the subscription of the trigger to Amazon's topic, the
+    // notification topic with its e-mail subscription and its policy, the rule on the custom bus
+    let trigger = r.outputs["TriggerFunctionArn"].clone();
+    let script = r#"
+import json, sys, boto3
+topic, trigger, bus = sys.argv[1:4]
+amazon = boto3.client("sns", region_name="us-east-1")
+amazon.meta.events.register("before-sign.sns.*", lambda request, **_: request.headers.__setitem__("x-moto-account-id", topic.split(":")[4]))
+subs = amazon.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
+ours = boto3.client("sns", region_name="us-east-1")
+topics = [t["TopicArn"] for t in ours.list_topics()["Topics"]]
+attrs = {t: ours.get_topic_attributes(TopicArn=t)["Attributes"] for t in topics}
+mails = {t: [s["Endpoint"] for s in ours.list_subscriptions_by_topic(TopicArn=t)["Subscriptions"]] for t in topics}
+rules = [x["Name"] for x in boto3.client("events", region_name="us-east-1").list_rules(EventBusName=bus)["Rules"]]
+policy = json.loads(boto3.client("lambda", region_name="us-east-1").get_policy(FunctionName=trigger)["Policy"])
+print(json.dumps({"subs": subs, "attrs": attrs, "mails": mails, "rules": rules, "policy": policy}))
+"#;
+    let mut cmd = std::process::Command::new(python());
+    cmd.args(["-c", script, topic, &trigger, bus])
+        .envs(r.moto.env());
+    let seen: Json = serde_json::from_str(&run_ok(cmd)).expect("the script prints JSON");
+    let subs = seen["subs"].as_array().expect("subscriptions");
+    assert!(
+        subs.iter()
+            .any(|s| s["Protocol"] == "lambda" && s["Endpoint"] == trigger.as_str()),
+        "the trigger is not subscribed to {topic}: {subs:#?}"
+    );
+    let notification = seen["mails"]
+        .as_object()
+        .expect("topics")
+        .iter()
+        .find(|(_, m)| {
+            m.as_array()
+                .is_some_and(|m| m.iter().any(|e| e == "builds@example.com"))
+        })
+        .map(|(t, _)| t.clone())
+        .unwrap_or_else(|| panic!("no topic mails builds@example.com: {seen:#}"));
+    let attrs = &seen["attrs"][&notification];
+    assert!(
+        attrs["Policy"]
+            .as_str()
+            .is_some_and(|p| p.contains("events.amazonaws.com")),
+        "the notification topic's policy: {attrs:#}"
+    );
+    assert!(
+        attrs["KmsMasterKeyId"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty() && k != "alias/aws/sns"),
+        "the notification topic's key: {attrs:#}"
+    );
+    let rules = seen["rules"].as_array().expect("rules");
+    assert!(
+        rules
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.ends_with("-notify"))),
+        "no notification rule on {bus}: {rules:?}"
+    );
+    let statements = seen["policy"]["Statement"].as_array().expect("statements");
+    assert!(
+        statements
+            .iter()
+            .any(|s| s.to_string().contains("sns.amazonaws.com") && s.to_string().contains(topic)),
+        "the trigger does not let {topic} invoke it: {statements:#?}"
+    );
+}

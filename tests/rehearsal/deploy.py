@@ -4,8 +4,11 @@
    bucket in moto's S3 (the expanded template's CodeUri points there).
 2. create_stack with the expanded template; the stack must reach CREATE_COMPLETE.
 3. What moto's CloudFormation cannot create, made through its own API from the template's values:
-   the artifacts bucket policy (AWS::S3::BucketPolicy) and the cleanup function's daily schedule
-   (AWS::Scheduler::Schedule, from SAM's ScheduleV2 event).
+   the artifacts bucket policy (AWS::S3::BucketPolicy), the cleanup function's daily schedule
+   (AWS::Scheduler::Schedule, from SAM's ScheduleV2 event), the notification topic's policy
+   (AWS::SNS::TopicPolicy) and the trigger's subscription to the Amazon Linux updates topic
+   (AWS::SNS::Subscription; the topic, Amazon's, is made in its own account first). Any other
+   resource whose Condition holds and that is not in the stack fails the deploy: none is excused.
 4. For each function: its deployed configuration (environment, role) read back from Lambda, and
    credentials of its own role (sts:AssumeRole), which the test hands to the function's bootstrap.
 5. Credentials of the roles AWS services act as for the stack (`serviceRoles`, by role ARN): the
@@ -64,18 +67,42 @@ def resolve(value, physical, stack):
 PARAMETERS = json.loads(os.environ.get("KILN_DEPLOY_PARAMETERS") or "{}")
 
 
-def condition_holds(resource, template):
-    """Whether a resource's Condition holds for PARAMETERS (the template's `Not Equals ""` ones)."""
+def condition_holds(resource, template, stack="kiln"):
+    """Whether a resource's Condition holds for PARAMETERS (their defaults otherwise), evaluated
+    as CloudFormation evaluates Conditions (Fn::Equals, Fn::Not, Fn::And, Fn::Or, Condition, Ref
+    of a parameter or pseudo parameter). A form it does not know is an error, never False: a
+    resource must not be excused because its condition was not understood."""
+    conditions = template.get("Conditions", {})
+    pseudo = {"AWS::Region": "us-east-1", "AWS::AccountId": "123456789012",
+              "AWS::Partition": "aws", "AWS::StackName": stack}
+
+    def value(v):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, dict) and list(v) == ["Ref"]:
+            name = v["Ref"]
+            if name in pseudo:
+                return pseudo[name]
+            return PARAMETERS.get(name, template["Parameters"][name].get("Default", ""))
+        raise ValueError(f"deploy.py cannot evaluate the condition value {v!r}")
+
+    def holds(expr):
+        if isinstance(expr, dict) and len(expr) == 1:
+            (fn, args), = expr.items()
+            if fn == "Fn::Equals":
+                return value(args[0]) == value(args[1])
+            if fn == "Fn::Not":
+                return not holds(args[0])
+            if fn == "Fn::And":
+                return all(holds(a) for a in args)
+            if fn == "Fn::Or":
+                return any(holds(a) for a in args)
+            if fn == "Condition":
+                return holds(conditions[args])
+        raise ValueError(f"deploy.py cannot evaluate the condition {expr!r}")
+
     name = resource.get("Condition")
-    if name is None:
-        return True
-    cond = template.get("Conditions", {}).get(name, {})
-    inner = cond.get("Fn::Not", [{}])[0].get("Fn::Equals") if "Fn::Not" in cond else None
-    if inner and isinstance(inner[0], dict) and "Ref" in inner[0]:
-        param = inner[0]["Ref"]
-        default = template.get("Parameters", {}).get(param, {}).get("Default", "")
-        return PARAMETERS.get(param, default) != inner[1]
-    return False
+    return True if name is None else holds(conditions[name])
 
 
 def main(expanded_path, bin_dir, stack):
@@ -128,11 +155,22 @@ def main(expanded_path, bin_dir, stack):
             props = resolve(r["Properties"], physical, stack)
             s3.put_bucket_policy(Bucket=props["Bucket"], Policy=json.dumps(props["PolicyDocument"]))
             made_by_api.append(name)
-        elif r["Type"] == "AWS::SNS::TopicPolicy" and name not in physical and condition_holds(r, template):
+        elif r["Type"] == "AWS::SNS::TopicPolicy" and name not in physical and condition_holds(r, template, stack):
             props = resolve(r["Properties"], physical, stack)
             for topic in props["Topics"]:
                 client("sns").set_topic_attributes(
                     TopicArn=topic, AttributeName="Policy", AttributeValue=json.dumps(props["PolicyDocument"]))
+            made_by_api.append(name)
+        elif r["Type"] == "AWS::SNS::Subscription" and name not in physical and condition_holds(r, template, stack):
+            # A subscription to a topic of another account (Amazon's Amazon Linux updates topic):
+            # the topic exists there in AWS; here it is made in that account first, as its owner
+            # would have, then the stack's subscription to it.
+            props = resolve(r["Properties"], physical, stack)
+            owner, region = props["TopicArn"].split(":")[4], props["TopicArn"].split(":")[3]
+            sns = boto3.client("sns", region_name=region)
+            sns.meta.events.register("before-sign.sns.*", lambda request, **_: request.headers.__setitem__("x-moto-account-id", owner))
+            sns.create_topic(Name=props["TopicArn"].rsplit(":", 1)[-1])
+            sns.subscribe(TopicArn=props["TopicArn"], Protocol=props["Protocol"], Endpoint=props["Endpoint"])
             made_by_api.append(name)
         elif r["Type"] == "AWS::Scheduler::Schedule":
             props = resolve(r["Properties"], physical, stack)
@@ -146,7 +184,9 @@ def main(expanded_path, bin_dir, stack):
                 State=props.get("State", "ENABLED"),
             )
             made_by_api.append(name)
-        elif r["Type"].startswith("AWS::") and name not in physical and "Condition" not in r:
+        elif name not in physical and condition_holds(r, template, stack):
+            # Made by nobody: a resource the template makes here (its condition holds) that is
+            # neither in the stack nor made above fails the deploy; none is excused.
             print(f"moto's CloudFormation did not create {name} ({r['Type']})", file=sys.stderr)
             return 1
 
