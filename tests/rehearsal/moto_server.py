@@ -12,12 +12,18 @@ new call cannot slip through unchecked.
 
 Every request signed with an assumed role's key has its SigV4 signature verified first, header or
 presigned, as AWS verifies it (the canonical request rebuilt from what arrived, the role's secret
-key, the 15-minute clock skew, a presigned URL's expiry): a wrong one gets SignatureDoesNotMatch
-(or AccessDenied "Request has expired") and is recorded as such. moto checks no signature, and
+key, the 15-minute clock skew, a presigned URL's expiry): a wrong one gets the service's answer
+(SignatureDoesNotMatch; InvalidSignatureException from the JSON APIs; AccessDenied "Request has
+expired") and is recorded as such. moto checks no signature, and
 kiln signs its artifact-bucket calls itself (shared/src/aws/objects.rs).
 
-Requests signed with any other key (the test's own administrator) pass unchecked, as an account
-administrator's would.
+Who signed is decided first, as AWS decides it (tests/rehearsal/identity.py): an unsigned request,
+a key that is neither an assumed role's nor the test harness's administrator (`testing`), a
+temporary key without its session token or with another one, or an expired session, is refused
+with the service's own code (AccessDenied, InvalidAccessKeyId, AuthFailure,
+UnrecognizedClientException, InvalidClientTokenId, InvalidToken, ExpiredToken…) and recorded as
+`CredentialsRefused`. The administrator's requests are signature-checked too, then run
+unevaluated, as an account administrator's would be allowed.
 
 Faults (port-level, for what moto cannot show: capacity, a failed command, a failed API call):
 $KILN_FAULTS names a JSON file holding a list of faults, read on every request; a fault applies to
@@ -63,6 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "conformance"))
 
 import moto_gaps  # noqa: E402,F401  (patches moto's SSM responses)
+import identity  # noqa: E402  (who signed: the administrator, an assumed role, or refused)
 import delivery  # noqa: E402  (EventBridge and SNS delivering to Lambda and SNS, authorized)
 from moto.ec2.models import ec2_backends  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
@@ -183,6 +190,13 @@ def signature_problem(environ, body, query, service, secret):
     return None
 
 
+def unsigned_service(app, environ):
+    """The service an unsigned request is for, as moto's dispatcher routes it (for the protocol
+    of the refusal)."""
+    host = app.infer_service_region_host(environ, environ.get("PATH_INFO", "/")) or "s3."
+    return host.split(".", 1)[0]
+
+
 def assumed_role(access_key):
     for account in list(sts_backends.keys()):
         backend = sts_backends[account]["global"]
@@ -215,6 +229,7 @@ def ec2_arn(region, resource_id):
         "lt": "launch-template",
         "subnet": "subnet",
         "sg": "security-group",
+        "vpc": "vpc",
         "eni": "network-interface",
     }.get(resource_id.split("-", 1)[0], "unknown")
     if kind in ("image", "snapshot"):
@@ -318,6 +333,80 @@ def kms_on_behalf(region, keys, encrypt):
     return out
 
 
+def default_vpc(region):
+    vpc = ec2_backends[ACCOUNT][region].get_default_vpc()
+    return vpc.id if vpc else None
+
+
+def launch_network(region, params):
+    """(subnet id, security group ids) a RunInstances launches into, or None if unknown."""
+    ec2 = ec2_backends[ACCOUNT][region]
+    nic = "NetworkInterface.1."
+    subnet = params.get("SubnetId") or params.get(nic + "SubnetId")
+    groups = indexed(params, "SecurityGroupId") + indexed(params, nic + "SecurityGroupId")
+    for name in indexed(params, "SecurityGroup"):
+        group = ec2.get_security_group_from_name(name, vpc_id=None)
+        if group is None:
+            return None
+        groups.append(group.id)
+    if not subnet:
+        zone = params.get("Placement.AvailabilityZone") or region + "a"
+        default = ec2.get_default_subnets().get(zone)
+        if default is None:
+            return None
+        subnet = default.id
+    if not groups:
+        try:
+            vpc = ec2.get_subnet(subnet).vpc_id
+        except Exception:  # noqa: BLE001  (moto's not-found error)
+            return None
+        group = ec2.get_security_group_from_name("default", vpc_id=vpc)
+        if group is None:
+            return None
+        groups = [group.id]
+    return subnet, groups
+
+
+def launch_template_id(region, params):
+    """The id of the launch template a RunInstances names (by id or by name), or None."""
+    ec2 = ec2_backends[ACCOUNT][region]
+    if params.get("LaunchTemplate.LaunchTemplateId"):
+        return params["LaunchTemplate.LaunchTemplateId"]
+    name = params.get("LaunchTemplate.LaunchTemplateName")
+    for template in getattr(ec2, "launch_templates", {}).values():
+        if template.name == name:
+            return template.id
+    return None
+
+
+# The customer managed keys of the volumes each image was made from, by (region, instance):
+# moto's images keep no key (their snapshots come from a blank volume), AWS's snapshots are
+# encrypted with their volume's key, which a CopyImage then reads. Noted at CreateImage.
+VOLUME_KEYS = {}
+
+
+def remember_volume_keys(region, instance_id):
+    ec2 = ec2_backends[ACCOUNT][region]
+    try:
+        instance = ec2.get_instance(instance_id)
+    except Exception:  # noqa: BLE001  (moto's not-found error)
+        return
+    keys = set()
+    for device in instance.block_device_mapping.values():
+        volume = ec2.volumes.get(device.volume_id)
+        if volume is not None and volume.kms_key_id:
+            keys.add(volume.kms_key_id)
+    VOLUME_KEYS[(region, instance_id)] = sorted(keys)
+
+
+def image_keys(region, image_id):
+    """The customer managed keys of an image's snapshots (none for moto's stock images)."""
+    ami = ec2_backends[ACCOUNT][region].amis.get(image_id)
+    if ami is None or not ami.instance_id:
+        return []
+    return VOLUME_KEYS.get((region, ami.instance_id), [])
+
+
 def map_ec2(region, params):
     op = params.get("Action", "")
     action = f"ec2:{op}"
@@ -329,12 +418,25 @@ def map_ec2(region, params):
             action, region, specs, ["instance", "volume", "network-interface"], "RunInstances"
         )
         image = params.get("ImageId", "")
-        out.append((action, ec2_arn(region, image), resource_tag_keys(ec2_tags(region, image))))
-        subnet = params.get("SubnetId") or "subnet-default"
-        out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:subnet/{subnet}", {}))
-        groups = indexed(params, "SecurityGroupId") or ["sg-default"]
+        if image:
+            out.append((action, ec2_arn(region, image), resource_tag_keys(ec2_tags(region, image))))
+        # The subnet and security groups the instance gets, by their real ids: named at the top
+        # or in the primary network interface (kiln names them there), else the default subnet
+        # of the zone and the default group of its VPC, as EC2 picks them.
+        network = launch_network(region, params)
+        if network is None:
+            return None  # not what this mapping knows: fail closed
+        subnet, groups = network
+        out.append((action, ec2_arn(region, subnet), resource_tag_keys(ec2_tags(region, subnet))))
         for g in groups:
-            out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:security-group/{g}", {}))
+            out.append((action, ec2_arn(region, g), resource_tag_keys(ec2_tags(region, g))))
+        if params.get("KeyName"):
+            out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:key-pair/{params['KeyName']}", {}))
+        if any(k.startswith("LaunchTemplate.") for k in params):
+            template = launch_template_id(region, params)
+            if template is None:
+                return None
+            out.append((action, ec2_arn(region, template), resource_tag_keys(ec2_tags(region, template))))
         keys = sorted({v for k, v in params.items() if k.startswith("BlockDeviceMapping.") and k.endswith(".Ebs.KmsKeyId")})
         out += kms_on_behalf(region, keys, encrypt=False)
         profile = params.get("IamInstanceProfile.Name") or params.get("IamInstanceProfile.Arn")
@@ -344,11 +446,14 @@ def map_ec2(region, params):
         return out
     if op == "CreateSecurityGroup":
         out = new_resources_with_tags(action, region, specs, ["security-group"], "CreateSecurityGroup")
-        vpc = params.get("VpcId", "vpc-default")
-        out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:vpc/{vpc}", {}))
+        vpc = params.get("VpcId") or default_vpc(region)
+        if vpc is None:
+            return None
+        out.append((action, f"arn:{PARTITION}:ec2:{region}:{ACCOUNT}:vpc/{vpc}", resource_tag_keys(ec2_tags(region, vpc))))
         return out
     if op == "CreateImage":
         instance = params.get("InstanceId", "")
+        remember_volume_keys(region, instance)
         out = [
             (action, ec2_arn(region, instance), resource_tag_keys(ec2_tags(region, instance)))
         ]
@@ -361,6 +466,8 @@ def map_ec2(region, params):
         ctx = request_tag_keys(specs.get("image", {}))
         ctx.update(resource_tag_keys(ec2_tags(source_region, source)))
         out.append((action, ec2_arn(source_region, source), ctx))
+        # Both keys: the source image's snapshots' (read in the source region) and the copy's.
+        out += kms_on_behalf(source_region, image_keys(source_region, source), encrypt=False)
         if params.get("KmsKeyId"):
             out += kms_on_behalf(region, [params["KmsKeyId"]], encrypt=True)
         return out
@@ -486,18 +593,43 @@ def map_json(service, region, target, body):
     return None
 
 
-def map_s3(method, path, query):
+# Query parameters of a presigned URL (the signature, not the request).
+PRESIGNED = {"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+             "X-Amz-Signature", "X-Amz-Security-Token"}
+# Headers that make an object request another IAM action (CopyObject reads its source,
+# x-amz-tagging needs s3:PutObjectTagging, a grant or ACL s3:PutObjectAcl): not mapped here.
+OTHER_ACTIONS = ("HTTP_X_AMZ_COPY_SOURCE", "HTTP_X_AMZ_TAGGING", "HTTP_X_AMZ_ACL", "HTTP_X_AMZ_GRANT_READ",
+                 "HTTP_X_AMZ_GRANT_FULL_CONTROL", "HTTP_X_AMZ_GRANT_READ_ACP", "HTTP_X_AMZ_GRANT_WRITE_ACP",
+                 "HTTP_X_AMZ_OBJECT_LOCK_MODE", "HTTP_X_AMZ_OBJECT_LOCK_LEGAL_HOLD")
+
+
+def map_s3(method, path, query, environ=None):
+    environ = environ or {}
     parts = path.lstrip("/").split("/", 1)
     bucket = parts[0]
     key = urllib.parse.unquote(parts[1]) if len(parts) > 1 else ""
+    # Names as they arrived: parse_qs drops the empty ones (?tagging, ?acl, ?uploads).
+    raw = environ.get("QUERY_STRING")
+    names = {urllib.parse.unquote(p.partition("=")[0]) for p in raw.split("&") if p} if raw is not None else set(query)
+    asked = names - PRESIGNED - {"x-id"}
     if not bucket:
-        return [("s3:ListAllMyBuckets", "*", {})]
+        return [("s3:ListAllMyBuckets", "*", {})] if not asked else None
     if key:
-        action = {"GET": "s3:GetObject", "HEAD": "s3:GetObject", "PUT": "s3:PutObject", "DELETE": "s3:DeleteObject"}.get(method)
-        return [(action, f"arn:{PARTITION}:s3:::{bucket}/{key}", {})] if action else None
-    if method in ("GET", "HEAD") and not set(query) - {"list-type", "prefix", "continuation-token", "max-keys", "delimiter", "x-id"}:
+        # A sub-resource (?tagging, ?acl, ?versionId, ?uploads…) or a copy is another action.
+        if any(environ.get(h) for h in OTHER_ACTIONS):
+            return None
+        if method in ("GET", "HEAD") and not {q for q in asked if not q.startswith("response-")}:
+            action = "s3:GetObject"
+        elif method in ("PUT", "DELETE") and not asked:
+            action = {"PUT": "s3:PutObject", "DELETE": "s3:DeleteObject"}[method]
+        else:
+            return None
+        return [(action, f"arn:{PARTITION}:s3:::{bucket}/{key}", {})]
+    listing = {"list-type", "prefix", "continuation-token", "max-keys", "delimiter", "start-after",
+               "encoding-type", "fetch-owner"}
+    if method in ("GET", "HEAD") and not asked - listing:
         return [("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}", {})]
-    if method == "PUT" and not query:
+    if method == "PUT" and not asked:
         return [("s3:CreateBucket", f"arn:{PARTITION}:s3:::{bucket}", {})]
     return None
 
@@ -578,7 +710,7 @@ def map_request(service, region, environ, body, query):
     if target:
         return map_json(service, region, target, body)
     if service == "s3":
-        return map_s3(method, path, query)
+        return map_s3(method, path, query, environ)
     if service == "scheduler":
         return map_scheduler(region, method, path, query, body)
     if service == "lambda":
@@ -766,25 +898,48 @@ def authorized_call(self, environ, start_response):
     # HTTP on loopback, whose requests no policy evaluates.
     secure = environ.get("wsgi.url_scheme") == "https"
     length = int(environ.get("CONTENT_LENGTH") or 0)
-    body = environ["wsgi.input"].read(length) if length else b""
+    # A chunked upload has no Content-Length: werkzeug dechunks it (wsgi.input_terminated).
+    body = environ["wsgi.input"].read(length) if length else (
+        environ["wsgi.input"].read() if environ.get("wsgi.input_terminated") else b"")
     environ["wsgi.input"] = io.BytesIO(body)
     if environ.get("PATH_INFO", "").startswith(delivery.INJECT_PREFIX):
         return delivery.handle(environ, start_response, body)  # the test harness's own path
     query = {k: v[0] for k, v in urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).items()}
     key, region, service = signer(environ, query)
-    role = assumed_role(key) if key else None
+    if key is None and environ.get("PATH_INFO", "").startswith(identity.NOT_AWS):
+        return moto_call(self, environ, start_response, service)
+    # Who signed, as AWS decides it before any policy: the administrator's key, or an assumed
+    # role's key with its own session token; anything else is refused with the service's code.
+    role = assumed_role(key) if key and key not in identity.ADMIN else None
+    if key is None:
+        service = unsigned_service(self, environ)
+        why, who = "unsigned", "anonymous"
+    elif key in identity.ADMIN:
+        why, who = None, "administrator"
+    else:
+        why = identity.credential_problem(role, environ, query)
+        who = role_policies(role.role_arn)[0] if role else f"unknown key {key}"
+    operation = environ.get("HTTP_X_AMZ_TARGET") or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
+    if why is not None:
+        status, code, message = identity.answer(why, service, environ)
+        record({"role": who, "service": service, "result": "CredentialsRefused", "code": code, "why": why,
+                "operation": operation})
+        return error_answer(start_response, service, environ, status, code, message)
+    secret = identity.ADMIN[key] if role is None else role.secret_access_key
+    problem = signature_problem(environ, body, query, service, secret)
+    if problem is not None:
+        status, code, _ = identity.answer("signature", service, environ)
+        if problem == "Request has expired":
+            status, code = 403, "AccessDenied"
+        record({"role": who, "service": service, "result": "SignatureRefused", "code": code, "why": problem,
+                "operation": operation})
+        return error_answer(start_response, service, environ, status, code, problem)
     if role is None:
+        # The account's administrator: verified, then run unevaluated.
         return moto_call(self, environ, start_response, service)
     function, policies = role_policies(role.role_arn)
     principal = f"arn:{PARTITION}:sts::{ACCOUNT}:assumed-role/{function}/{role.session_name}"
-    problem = signature_problem(environ, body, query, service, role.secret_access_key)
-    if problem is not None:
-        code = "AccessDenied" if problem == "Request has expired" else "SignatureDoesNotMatch"
-        record({"role": function, "service": service, "result": "SignatureRefused", "code": code, "why": problem,
-                "operation": environ.get("HTTP_X_AMZ_TARGET") or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"})
-        return error_answer(start_response, service, environ, 403, code, problem)
     asks = map_request(service, region, environ, body, query)
-    operation = environ.get("HTTP_X_AMZ_TARGET") or f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
     if service == "ec2":
         params = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
         operation = (params.get("Action") or [operation])[0]
