@@ -160,9 +160,10 @@ bench: package
 	$(CARGO) build --release -p kiln-agent
 	@echo "kiln-agent release binary: $$(stat -c %s $(TARGET_DIR)/release/kiln-agent) bytes"
 	PATH="$(TOOLS_PATH)" $(CARGO) lambda build --release --$(LAMBDA_ARCH) -p kiln-lambda-baseline
+	# The harnesses in debug (they start processes and read JSON); what they time is release.
 	$(CARGO) build --workspace --bins
 	KILN_LAMBDA_DIR=$(abspath $(TARGET_DIR))/lambda $(CARGO) nextest run -p kiln-tests --no-capture -E 'test(lambda_cold_start_bench)'
 	@if [ "$$(id -u)" = 0 ]; then \
 	  $(CARGO) build --release -p kiln-cli -p kiln-agent --no-default-features && \
-	  $(CARGO) run --release -q -p kiln-tests --bin kiln-embedded-bench -- $(TARGET_DIR)/release/kiln .; \
+	  $(TARGET_DIR)/debug/kiln-embedded-bench $(TARGET_DIR)/release/kiln .; \
 	else echo "embedded bench skipped: it starts sandboxes, run make bench as root"; fi
