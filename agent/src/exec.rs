@@ -1,10 +1,16 @@
 //! Running a process for a step: its own process group (so a timeout kills everything it
 //! started), output captured in full and streamed to the console, a deadline.
+//!
+//! A step ends when its shell exits, as AWSTOE's do: what the step started in the background (a
+//! daemon that forks away, `service nginx start`) keeps running until the instance stops, as on
+//! an EC2 builder. Only a timeout kills the step's whole process group.
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -38,8 +44,15 @@ pub fn run(
         .process_group(0);
     let mut child = cmd.spawn()?;
     let pid = Pid::from_raw(child.id() as i32);
-    let out = child.stdout.take().map(|s| reader(s, echo, false));
-    let err = child.stderr.take().map(|s| reader(s, echo, true));
+    let ended = Arc::new(AtomicBool::new(false));
+    let out = child
+        .stdout
+        .take()
+        .map(|s| reader(s, echo, false, ended.clone()));
+    let err = child
+        .stderr
+        .take()
+        .map(|s| reader(s, echo, true, ended.clone()));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait());
@@ -60,8 +73,9 @@ pub fn run(
             false,
         ),
     };
-    // The group may have left processes holding the pipes open; they go with the step.
-    let _ = killpg(pid, Signal::SIGKILL);
+    // The shell has ended (or its group was killed): what it wrote is in the pipes now. The
+    // readers take that and stop, though a process it left running holds the pipes open.
+    ended.store(true, Ordering::Release);
     let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
     let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
     Ok(Finished {
@@ -77,17 +91,38 @@ pub fn run(
     })
 }
 
+/// Reads a step's output until its end, or — once `ended` is set — until the pipe holds no
+/// more: everything the shell wrote was in the pipe before it exited, and a background process
+/// that inherited the pipe may keep it open for as long as it runs.
 fn reader(
-    mut stream: impl Read + Send + 'static,
+    mut stream: impl Read + AsFd + Send + 'static,
     echo: bool,
     is_err: bool,
+    ended: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<String> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     std::thread::spawn(move || {
         let mut all = Vec::new();
         let mut buf = [0u8; 8192];
+        // Should this fail, reads block until the pipe's end, as they did before.
+        let _ = fcntl(stream.as_fd(), FcntlArg::F_GETFL)
+            .map(|f| OFlag::from_bits_truncate(f) | OFlag::O_NONBLOCK)
+            .and_then(|f| fcntl(stream.as_fd(), FcntlArg::F_SETFL(f)));
         loop {
+            // Read after looking at `ended`: a pipe found empty after the shell ended stays so.
+            let shell_ended = ended.load(Ordering::Acquire);
             match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if shell_ended {
+                        break;
+                    }
+                    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+                    let _ = poll(&mut fds, PollTimeout::from(50u16));
+                }
+                Err(_) => break,
                 Ok(n) => {
                     all.extend_from_slice(&buf[..n]);
                     if echo {

@@ -334,6 +334,56 @@ fn on_failure_max_attempts_and_timeout_combine_as_documented() {
     }
 }
 
+/// A step ends when its shell exits, as AWSTOE's do: a daemon it starts in the background keeps
+/// running for the next steps (as `service nginx start` leaves nginx running on an EC2 builder),
+/// even one that forks late and holds the step's output open. 50 runs in a row, with both cores
+/// kept busy.
+#[test]
+fn a_daemon_a_step_starts_runs_on_into_the_next_step() {
+    let burners: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("a burner")
+        })
+        .collect();
+    let steps = doc("      - name: StartDaemon\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo starting\n            - (sleep 0.3; echo up > @DIR@/up; exec sleep 60) &\n            - echo $! > @DIR@/daemon.pid\n      - name: UseDaemon\n        action: ExecuteBash\n        timeoutSeconds: 20\n        inputs:\n          commands:\n            - while [ ! -e @DIR@/up ]; do sleep 0.05; done\n            - kill -0 $(cat @DIR@/daemon.pid)\n");
+    let mut failure = None;
+    for n in 0..50 {
+        // WHEN the first step starts a daemon that writes its mark late, holding stdout
+        let r = run_doc(&steps, &[]);
+        let pid: i32 = r
+            .read("daemon.pid")
+            .trim()
+            .parse()
+            .expect("the daemon's pid");
+        // THEN the second step found it running, and it still runs after the document ended
+        // (the agent ended though the daemon holds the first step's output pipe)
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if r.code != 0 || !alive || r.step("UseDaemon").0 != "success" {
+            failure = Some(format!(
+                "run {n}: exit {}, alive {alive}\n{}",
+                r.code, r.stdout
+            ));
+            break;
+        }
+        // AND the step's own output was captured whole
+        let report = r.report().to_string();
+        assert!(report.contains(r#""stdoutTail":"starting\n""#), "{report}");
+    }
+    for mut b in burners {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    assert_eq!(failure, None);
+}
+
 #[test]
 fn a_step_that_succeeds_on_a_later_attempt_succeeds() {
     let r = run_doc(&doc("      - name: Second\n        action: ExecuteBash\n        maxAttempts: 3\n        inputs:\n          commands:\n            - n=$(cat @DIR@/n 2>/dev/null || echo 0)\n            - echo $((n+1)) > @DIR@/n\n            - test $n -ge 1\n"), &[]);
