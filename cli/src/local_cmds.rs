@@ -286,6 +286,16 @@ pub fn image(
                 layout.remove(&record.id)?;
                 writeln!(stdout, "removed {} ({})", record.id, record.name)?;
             }
+            // The unpacked trees only the removed images used go with them.
+            for (path, bytes) in cloud.unused_layer_dirs()? {
+                kiln::local::layer::remove_any(&path)?;
+                writeln!(
+                    stdout,
+                    "freed {} ({})",
+                    path.file_name().unwrap_or_default().to_string_lossy(),
+                    human(bytes)
+                )?;
+            }
             Ok(exit::OK)
         }
     }
@@ -417,8 +427,18 @@ pub fn write_builds(all: &[Build], output: Output, stdout: &mut dyn Write) -> an
 pub struct Collected {
     pub builds_cleaned: Vec<String>,
     pub instances_terminated: Vec<String>,
+    /// In a dry run, what would be freed and removed: nothing is.
     pub bytes_freed: u64,
     pub layer_dirs_removed: usize,
+    pub dry_run: bool,
+    /// Every path removed (or that would be), with its bytes.
+    pub removed: Vec<Removed>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Removed {
+    pub path: String,
+    pub bytes: u64,
 }
 
 /// Builds whose `kiln run` process is gone are cleaned up (instances terminated, partial images
@@ -477,11 +497,18 @@ pub fn gc(
             }
         }
     }
-    if !dry_run {
-        let (freed, dirs) = cloud.sweep()?;
-        done.bytes_freed = freed;
-        done.layer_dirs_removed = dirs;
-    }
+    let swept = cloud.sweep(dry_run)?;
+    done.bytes_freed = swept.bytes;
+    done.layer_dirs_removed = swept.layer_dirs;
+    done.dry_run = dry_run;
+    done.removed = swept
+        .paths
+        .iter()
+        .map(|(path, bytes)| Removed {
+            path: path.display().to_string(),
+            bytes: *bytes,
+        })
+        .collect();
     writeln!(stdout, "{}", serde_json::to_string_pretty(&done)?)?;
     Ok(exit::OK)
 }

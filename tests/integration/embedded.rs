@@ -943,6 +943,84 @@ fn imported_root_file_systems_become_images_that_run() {
     assert_eq!(blobs, 0);
 }
 
+/// `kiln gc --dry-run` says what `kiln gc` would remove, with sizes, and removes nothing; `kiln
+/// image rm` frees the unpacked trees no image uses any more, and keeps those another still uses.
+#[test]
+fn gc_dry_run_lists_what_gc_removes_and_image_rm_frees_unpacked_trees() {
+    // GIVEN hello built (kiln-tiny's and hello's layers unpacked), a scratch leftover of 1,000
+    // bytes and an unpacked layer of no image with a 500-byte file
+    let home = Home::new();
+    let (code, summary, err) = home.run(&repo().join("examples/hello/pipeline.yaml"));
+    assert_eq!(code, 0, "{summary}\n{err}");
+    let layers = home.path().join("layers/sha256");
+    let unpacked = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&layers)
+            .expect("layers")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let before = unpacked();
+    let scratch = home.path().join("scratch/left-over");
+    std::fs::create_dir_all(scratch.parent().expect("scratch")).expect("scratch");
+    std::fs::write(&scratch, vec![b'x'; 1000]).expect("leftover");
+    let orphan = layers.join("0".repeat(64));
+    std::fs::create_dir_all(orphan.join("etc")).expect("orphan layer");
+    std::fs::write(orphan.join("etc/file"), vec![b'y'; 500]).expect("orphan file");
+    // WHEN gc runs dry
+    let (code, out, err) = home.kiln(&["gc", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let dry: Json = serde_json::from_str(&out).expect("gc JSON");
+    // THEN it names both with their sizes, and both are still there
+    assert_eq!(dry["dryRun"], true, "{dry}");
+    assert_eq!(dry["bytesFreed"], 1500, "{dry}");
+    assert_eq!(dry["layerDirsRemoved"], 1, "{dry}");
+    let paths: Vec<(String, u64)> = dry["removed"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap_or_default().to_string(),
+                r["bytes"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        paths.contains(&(scratch.display().to_string(), 1000))
+            && paths.contains(&(orphan.display().to_string(), 500)),
+        "{dry}"
+    );
+    assert!(scratch.exists() && orphan.exists());
+    // AND gc itself removes exactly what the dry run listed
+    let (code, out, err) = home.kiln(&["gc"]);
+    assert_eq!(code, 0, "{err}");
+    let wet: Json = serde_json::from_str(&out).expect("gc JSON");
+    assert_eq!(wet["removed"], dry["removed"], "{wet}");
+    assert_eq!(wet["dryRun"], false, "{wet}");
+    assert!(!scratch.exists() && !orphan.exists());
+    assert_eq!(unpacked(), before, "the images' unpacked layers stay");
+
+    // WHEN hello's images are removed in both regions
+    for (region, id) in summary["images"].as_object().expect("images") {
+        let id = id.as_str().expect("id");
+        let (code, out, err) = home.kiln(&["image", "rm", id, "--region", region]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    // THEN the tree of hello's own layer is freed, and kiln-tiny's (still an image) stays
+    let after = unpacked();
+    let freed: Vec<&String> = before.difference(&after).collect();
+    assert_eq!(freed.len(), 1, "freed {freed:?} of {before:?}");
+    assert!(!after.is_empty() && after.is_subset(&before), "{after:?}");
+    let (code, out, _) = home.kiln(&["gc", "--dry-run"]);
+    assert_eq!(code, 0);
+    let dry: Json = serde_json::from_str(&out).expect("gc JSON");
+    assert_eq!(
+        dry["layerDirsRemoved"], 0,
+        "image rm left nothing for gc: {dry}"
+    );
+}
+
 #[test]
 fn lifecycle_keeps_the_latest_images_in_every_region_and_skips_excluded_ones() {
     // GIVEN examples/hello rebuilt four times (startCondition always, keepLatest 3)

@@ -209,10 +209,11 @@ pub fn write(
 ) -> io::Result<Layer> {
     let compressed = Hashing::new(out);
     let mut encoder = zstd::stream::write::Encoder::new(compressed, level)?;
-    // Compression in worker threads while this one walks, reads and hashes (as `tar | zstd`
-    // runs two processes); the output does not depend on the number of workers.
-    let workers =
-        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    // Every core compresses (zstd's own workers, as `zstd -T0` runs) while this thread walks,
+    // reads and hashes, which costs little beside compression: one worker fewer than the cores
+    // left one of two cores idle most of the time. zstd's output does not depend on the number
+    // of workers.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     encoder.multithread(workers as u32)?;
     let raw = Hashing::new(encoder);
     let mut builder = tar::Builder::new(raw);
@@ -683,6 +684,21 @@ fn place<R: Read>(
 }
 
 /// Removes a file, link or folder; a missing path is fine.
+/// The bytes of the files under `path` (or of `path` itself), links not followed; what cannot be
+/// read counts as nothing.
+pub fn size_of(path: &Path) -> u64 {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| size_of(&e.path()))
+            .sum(),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
 pub fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path).or_else(|e| {

@@ -339,16 +339,12 @@ impl LocalCloud {
             .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
     }
 
-    /// Deletes what nothing refers to: blobs and temporary files in every region, unpacked
-    /// layers no image or instance uses, scratch space. Returns (bytes freed, layer dirs removed).
-    pub fn sweep(&self) -> Result<(u64, usize), StageError> {
-        let mut freed = 0;
+    /// Unpacked layers (`layers/sha256/<digest>`) that no image in any region and no instance
+    /// that is not terminated uses, with their sizes.
+    pub fn unused_layer_dirs(&self) -> Result<Vec<(PathBuf, u64)>, StageError> {
         let mut used = std::collections::BTreeSet::new();
         for region in self.regions() {
             let layout = self.layout(&region)?;
-            freed += layout
-                .sweep()
-                .map_err(|e| io_error(format!("sweep {region}"), e))?;
             for image in layout.images().map_err(|e| io_error("images", e))? {
                 for l in layout
                     .layers(&image.manifest)
@@ -370,15 +366,30 @@ impl LocalCloud {
                 }
             }
         }
-        let mut dirs = 0;
-        for e in fs::read_dir(self.home.join("layers/sha256"))
+        Ok(fs::read_dir(self.home.join("layers/sha256"))
             .map_err(|e| io_error("layers", e))?
             .flatten()
-        {
-            if !used.contains(e.file_name().to_string_lossy().as_ref()) {
-                layer::remove_any(&e.path()).map_err(|e| io_error("remove layer", e))?;
-                dirs += 1;
+            .filter(|e| !used.contains(e.file_name().to_string_lossy().as_ref()))
+            .map(|e| (e.path(), layer::size_of(&e.path())))
+            .collect())
+    }
+
+    /// Deletes what nothing refers to (or, with `dry_run`, only lists it): blobs and temporary
+    /// files in every region, unpacked layers no image or instance uses, scratch space.
+    pub fn sweep(&self, dry_run: bool) -> Result<Swept, StageError> {
+        let mut swept = Swept::default();
+        for region in self.regions() {
+            let layout = self.layout(&region)?;
+            for (path, bytes) in layout
+                .unreferenced()
+                .map_err(|e| io_error(format!("sweep {region}"), e))?
+            {
+                swept.add(path, bytes);
             }
+        }
+        for (path, bytes) in self.unused_layer_dirs()? {
+            swept.layer_dirs += 1;
+            swept.add(path, bytes);
         }
         for dir in ["layers/tmp", "scratch"] {
             for e in fs::read_dir(self.home.join(dir))
@@ -386,7 +397,7 @@ impl LocalCloud {
                 .flatten()
                 .flatten()
             {
-                layer::remove_any(&e.path()).map_err(|e| io_error("remove leftovers", e))?;
+                swept.add(e.path(), layer::size_of(&e.path()));
             }
         }
         for e in fs::read_dir(&self.home)
@@ -394,10 +405,15 @@ impl LocalCloud {
             .flatten()
         {
             if e.file_name().to_string_lossy().starts_with("agent.tmp-") {
-                layer::remove_any(&e.path()).map_err(|e| io_error("remove leftovers", e))?;
+                swept.add(e.path(), layer::size_of(&e.path()));
             }
         }
-        Ok((freed, dirs))
+        if !dry_run {
+            for (path, _) in &swept.paths {
+                layer::remove_any(path).map_err(|e| io_error("remove leftovers", e))?;
+            }
+        }
+        Ok(swept)
     }
 }
 
@@ -469,5 +485,22 @@ impl PortsProvider for LocalCloud {
             wakeups: &self.wakeups,
             clock: self,
         }
+    }
+}
+
+/// What [`LocalCloud::sweep`] removed (or, in a dry run, would remove).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Each path with its bytes.
+    pub paths: Vec<(PathBuf, u64)>,
+    pub bytes: u64,
+    /// Unpacked layers among `paths`.
+    pub layer_dirs: usize,
+}
+
+impl Swept {
+    fn add(&mut self, path: PathBuf, bytes: u64) {
+        self.bytes += bytes;
+        self.paths.push((path, bytes));
     }
 }

@@ -413,28 +413,34 @@ impl Layout {
         Ok(removed)
     }
 
-    /// Deletes blobs no manifest in the index refers to, and leftovers in `tmp/`; returns the
-    /// bytes freed.
-    pub fn sweep(&self) -> io::Result<u64> {
+    /// Blobs no manifest in the index refers to, and leftovers in `tmp/`, with their sizes.
+    pub fn unreferenced(&self) -> io::Result<Vec<(PathBuf, u64)>> {
         let mut keep = BTreeSet::new();
         for image in self.images()? {
             for d in self.blobs_of(&image.manifest)? {
                 keep.insert(d.digest.trim_start_matches("sha256:").to_string());
             }
         }
-        let mut freed = 0;
+        let mut found = vec![];
         for e in fs::read_dir(self.dir.join("blobs/sha256"))? {
             let e = e?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name) {
-                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(e.path())?;
+            if !keep.contains(e.file_name().to_string_lossy().as_ref()) {
+                found.push((e.path(), e.metadata().map(|m| m.len()).unwrap_or(0)));
             }
         }
         for e in fs::read_dir(self.dir.join("tmp"))? {
             let e = e?;
-            freed += e.metadata().map(|m| m.len()).unwrap_or(0);
-            crate::local::layer::remove_any(&e.path())?;
+            found.push((e.path(), crate::local::layer::size_of(&e.path())));
+        }
+        Ok(found)
+    }
+
+    /// Deletes what [`Layout::unreferenced`] finds; returns the bytes freed.
+    pub fn sweep(&self) -> io::Result<u64> {
+        let mut freed = 0;
+        for (path, bytes) in self.unreferenced()? {
+            crate::local::layer::remove_any(&path)?;
+            freed += bytes;
         }
         Ok(freed)
     }
