@@ -25,7 +25,7 @@ mod refusals;
 mod rehearsal;
 mod service_roles;
 mod signatures;
-mod stack_grants;
 mod simulate;
+mod stack_grants;
 mod stages;
 mod tools;

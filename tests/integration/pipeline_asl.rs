@@ -319,7 +319,15 @@ fn the_state_machine_builds_and_distributes_an_image() {
 /// both before anything starts. The rehearsal and these tests poll every second, in virtual time.
 #[test]
 fn a_wait_of_zero_negative_huge_or_not_a_number_is_refused_before_the_build_starts() {
-    for hostile in [json!(0), json!(-5), json!(0.5), json!(301), json!(1e9), json!("30"), json!(null)] {
+    for hostile in [
+        json!(0),
+        json!(-5),
+        json!(0.5),
+        json!(301),
+        json!(1e9),
+        json!("30"),
+        json!(null),
+    ] {
         // GIVEN a forged input with that poll interval
         let cloud = cloud();
         let mut input = input();
@@ -330,13 +338,16 @@ fn a_wait_of_zero_negative_huge_or_not_a_number_is_refused_before_the_build_star
         assert_eq!(out.status, Status::Failed, "{hostile}");
         assert_eq!(out.error.as_deref(), Some("Kiln.InvalidInput"), "{hostile}");
         assert!(
-            out.cause.as_deref().unwrap_or_default().contains("waitSeconds must be a number of seconds from 1 to 300"),
+            out.cause
+                .as_deref()
+                .unwrap_or_default()
+                .contains("waitSeconds must be a number of seconds from 1 to 300"),
             "{hostile}: {:?}",
             out.cause
         );
         assert_eq!(out.task_invocations(), 0, "{hostile}");
-        let builds = futures::executor::block_on(cloud.ports().store.builds("al2023-base"))
-            .expect("builds");
+        let builds =
+            futures::executor::block_on(cloud.ports().store.builds("al2023-base")).expect("builds");
         assert!(builds.is_empty(), "{hostile}: {builds:?}");
     }
     // AND the positive control: the same input polling every second (the shortest allowed)
@@ -364,8 +375,16 @@ fn the_definition_times_out_no_sooner_than_its_longest_allowed_build() {
         .expect("the definition has its own TimeoutSeconds");
     // The longest poll interval CheckInput lets through.
     let mut bounds = Vec::new();
-    collect(&definition["States"]["CheckInput"], "NumericLessThanEquals", &mut bounds);
-    assert_eq!(bounds.len(), 1, "CheckInput bounds waitSeconds once: {bounds:?}");
+    collect(
+        &definition["States"]["CheckInput"],
+        "NumericLessThanEquals",
+        &mut bounds,
+    );
+    assert_eq!(
+        bounds.len(),
+        1,
+        "CheckInput bounds waitSeconds once: {bounds:?}"
+    );
     let longest_wait = bounds[0].as_u64().expect("a whole number of seconds");
     // The Wait states that wait waitSeconds, in every branch and iterator.
     let mut paths = Vec::new();

@@ -416,7 +416,7 @@ rules = [x["Name"] for x in boto3.client("events", region_name="us-east-1").list
 policy = json.loads(boto3.client("lambda", region_name="us-east-1").get_policy(FunctionName=trigger)["Policy"])
 print(json.dumps({"subs": subs, "attrs": attrs, "mails": mails, "rules": rules, "policy": policy}))
 "#;
-    let mut cmd = std::process::Command::new(python());
+    let mut cmd = Command::new(python());
     cmd.args(["-c", script, topic, &trigger, bus])
         .envs(r.moto.env());
     let seen: Json = serde_json::from_str(&run_ok(cmd)).expect("the script prints JSON");
