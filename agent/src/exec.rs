@@ -76,8 +76,8 @@ pub fn run(
     // The shell has ended (or its group was killed): what it wrote is in the pipes now. The
     // readers take that and stop, though a process it left running holds the pipes open.
     ended.store(true, Ordering::Release);
-    let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
-    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stdout = out.and_then(|h| h.recv().ok()).unwrap_or_default();
+    let stderr = err.and_then(|h| h.recv().ok()).unwrap_or_default();
     Ok(Finished {
         exit_code: if timed_out {
             None
@@ -91,32 +91,46 @@ pub fn run(
     })
 }
 
-/// Reads a step's output until its end, or — once `ended` is set — until the pipe holds no
-/// more: everything the shell wrote was in the pipe before it exited, and a background process
-/// that inherited the pipe may keep it open for as long as it runs.
+/// Reads a step's output until its end, or, once `ended` is set, what the pipe holds then:
+/// everything the shell wrote was queued before it exited, and that is at most the pipe's
+/// capacity. A background process that inherited the pipe may keep it open, and writing, for as
+/// long as it runs: after the step's output is sent, the thread goes on reading and dropping
+/// what comes until the pipe's end, so that such a process neither blocks on a full pipe nor
+/// dies of SIGPIPE.
 fn reader(
     mut stream: impl Read + AsFd + Send + 'static,
     echo: bool,
     is_err: bool,
     ended: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<String> {
+) -> mpsc::Receiver<String> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut all = Vec::new();
         let mut buf = [0u8; 8192];
+        let flags = fcntl(stream.as_fd(), FcntlArg::F_GETFL).map(OFlag::from_bits_truncate);
         // Should this fail, reads block until the pipe's end, as they did before.
-        let _ = fcntl(stream.as_fd(), FcntlArg::F_GETFL)
-            .map(|f| OFlag::from_bits_truncate(f) | OFlag::O_NONBLOCK)
-            .and_then(|f| fcntl(stream.as_fd(), FcntlArg::F_SETFL(f)));
+        if let Ok(f) = flags {
+            let _ = fcntl(stream.as_fd(), FcntlArg::F_SETFL(f | OFlag::O_NONBLOCK));
+        }
+        // What is left to read once the shell has ended.
+        let mut left: Option<usize> = None;
         loop {
-            // Read after looking at `ended`: a pipe found empty after the shell ended stays so.
-            let shell_ended = ended.load(Ordering::Acquire);
-            match stream.read(&mut buf) {
+            if left.is_none() && ended.load(Ordering::Acquire) {
+                left = Some(
+                    fcntl(stream.as_fd(), FcntlArg::F_GETPIPE_SZ).map_or(1 << 20, |n| n as usize),
+                );
+            }
+            let want = left.map_or(buf.len(), |l| l.min(buf.len()));
+            if want == 0 {
+                break;
+            }
+            match stream.read(&mut buf[..want]) {
                 Ok(0) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if shell_ended {
+                    if left.is_some() {
                         break;
                     }
                     let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
@@ -125,6 +139,9 @@ fn reader(
                 Err(_) => break,
                 Ok(n) => {
                     all.extend_from_slice(&buf[..n]);
+                    if let Some(l) = left.as_mut() {
+                        *l -= n;
+                    }
                     if echo {
                         let _ = if is_err {
                             std::io::stderr().write_all(&buf[..n])
@@ -135,8 +152,20 @@ fn reader(
                 }
             }
         }
-        String::from_utf8_lossy(&all).into_owned()
-    })
+        let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
+        if let Ok(f) = flags {
+            let _ = fcntl(stream.as_fd(), FcntlArg::F_SETFL(f - OFlag::O_NONBLOCK));
+        }
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    rx
 }
 
 /// The last `n` characters of `text`, for reports.

@@ -348,7 +348,7 @@ fn a_daemon_a_step_starts_runs_on_into_the_next_step() {
                 .expect("a burner")
         })
         .collect();
-    let steps = doc("      - name: StartDaemon\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo starting\n            - (sleep 0.3; echo up > @DIR@/up; exec sleep 60) &\n            - echo $! > @DIR@/daemon.pid\n      - name: UseDaemon\n        action: ExecuteBash\n        timeoutSeconds: 20\n        inputs:\n          commands:\n            - while [ ! -e @DIR@/up ]; do sleep 0.05; done\n            - kill -0 $(cat @DIR@/daemon.pid)\n");
+    let steps = doc("      - name: StartDaemon\n        action: ExecuteBash\n        inputs:\n          commands:\n            - echo starting\n            - (sleep 0.3; echo up; echo up >&2; echo up > @DIR@/up; exec sleep 60) &\n            - echo $! > @DIR@/daemon.pid\n      - name: UseDaemon\n        action: ExecuteBash\n        timeoutSeconds: 20\n        inputs:\n          commands:\n            - while [ ! -e @DIR@/up ]; do sleep 0.05; done\n            - kill -0 $(cat @DIR@/daemon.pid)\n");
     let mut failure = None;
     for n in 0..50 {
         // WHEN the first step starts a daemon that writes its mark late, holding stdout
@@ -382,6 +382,36 @@ fn a_daemon_a_step_starts_runs_on_into_the_next_step() {
         let _ = b.wait();
     }
     assert_eq!(failure, None);
+}
+
+/// A background process that never stops writing to the step's output does not hold the step
+/// open: the step ends when its shell does, with its own output.
+#[test]
+fn a_step_whose_background_writer_never_stops_ends_with_its_shell() {
+    // GIVEN a step that leaves `yes` writing to its stdout
+    let r = run_doc(
+        &doc("      - name: Flood\n        action: ExecuteBash\n        timeoutSeconds: 60\n        inputs:\n          commands:\n            - echo mine\n            - yes &\n            - echo $! > @DIR@/yes.pid\n      - name: After\n        action: ExecuteBash\n        inputs:\n          commands: [echo after]\n"),
+        &[],
+    );
+    let pid: i32 = r.read("yes.pid").trim().parse().expect("yes's pid");
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z "));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // THEN both steps succeeded well before the timeout, yes still ran, and the step's output
+    // was captured
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(r.step("Flood").0, "success");
+    assert_eq!(r.step("After").0, "success");
+    assert!(alive, "yes was killed with its step");
+    let report = r.report();
+    let flood = report["documents"][0]["phases"][0]["steps"][0]["stdoutTail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!flood.is_empty(), "{report}");
 }
 
 #[test]
