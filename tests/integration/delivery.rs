@@ -392,32 +392,6 @@ fn put_events(
         .collect()
 }
 
-/// The AWS configuration of a deployed function's role (its credentials, as Lambda hands them).
-fn as_role(r: &Rehearsal, rt: &tokio::runtime::Runtime, logical: &str) -> aws_config::SdkConfig {
-    let f = r.function(logical);
-    let env = |k: &str| {
-        f.env
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| panic!("{k} not in {logical}'s environment"))
-    };
-    rt.block_on(
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(r.moto.endpoint())
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                env("AWS_ACCESS_KEY_ID"),
-                env("AWS_SECRET_ACCESS_KEY"),
-                Some(env("AWS_SESSION_TOKEN")),
-                None,
-                "function-role",
-            ))
-            .retry_config(aws_config::retry::RetryConfig::disabled())
-            .load(),
-    )
-}
-
 /// Nobody puts an `aws.*` event: AWS answers NotAuthorizedForSourceException for the entry,
 /// whoever asks (the account's administrator, a role allowed PutEvents on the bus); the same
 /// principals put a `kiln` event.
@@ -427,7 +401,7 @@ fn aws_sources_are_refused_to_every_principal(
     bus: &str,
 ) {
     let admin = r.admin(rt);
-    let cleanup = as_role(r, rt, "CleanupFunction");
+    let cleanup = r.as_function(rt, "CleanupFunction");
     let forged = json!({"operation": "Update", "name": PARAM, "type": "String"});
     let before = deliveries(r).len();
     for (who, config) in [

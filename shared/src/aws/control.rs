@@ -41,12 +41,11 @@ pub fn is_public_parameter(name: &str) -> bool {
     name.starts_with("/aws/service/")
 }
 
-/// What stack `name` lets its pipelines' SSM parameters be (`kiln validate --stack`): its
-/// `ImageParameterPrefix` parameter as CloudFormation describes the deployed stack.
-pub async fn stack_grants(
+/// Stack `name` as CloudFormation describes it.
+async fn described(
     config: &aws_config::SdkConfig,
     name: &str,
-) -> Result<crate::model::load::StackGrants, StageError> {
+) -> Result<aws_sdk_cloudformation::types::Stack, StageError> {
     let out = aws_sdk_cloudformation::Client::new(config)
         .describe_stacks()
         .stack_name(name)
@@ -58,10 +57,19 @@ pub async fn stack_grants(
                 "stack `{name}`: {e} (deploy it with `make deploy`)"
             ))
         })?;
-    let stack = out
-        .stacks()
+    out.stacks()
         .first()
-        .ok_or_else(|| invalid(format!("stack `{name}` does not exist")))?;
+        .cloned()
+        .ok_or_else(|| invalid(format!("stack `{name}` does not exist")))
+}
+
+/// What stack `name` lets its pipelines' SSM parameters be (`kiln validate --stack`): its
+/// `ImageParameterPrefix` parameter as CloudFormation describes the deployed stack.
+pub async fn stack_grants(
+    config: &aws_config::SdkConfig,
+    name: &str,
+) -> Result<crate::model::load::StackGrants, StageError> {
+    let stack = described(config, name).await?;
     // The parameter as deployed, or the output the template also gives it as.
     let prefix = stack
         .parameters()
@@ -89,22 +97,7 @@ pub async fn stack_grants(
 impl Stack {
     /// Reads stack `name`'s outputs.
     pub async fn describe(config: &aws_config::SdkConfig, name: &str) -> Result<Stack, StageError> {
-        let cfn = aws_sdk_cloudformation::Client::new(config);
-        let out = cfn
-            .describe_stacks()
-            .stack_name(name)
-            .send()
-            .await
-            .map_err(|e| {
-                let e = sdk_error("DescribeStacks", e);
-                invalid(format!(
-                    "stack `{name}`: {e} (deploy it with `make deploy`)"
-                ))
-            })?;
-        let stack = out
-            .stacks()
-            .first()
-            .ok_or_else(|| invalid(format!("stack `{name}` does not exist")))?;
+        let stack = described(config, name).await?;
         let output = |key: &str| {
             stack
                 .outputs()

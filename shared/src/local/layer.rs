@@ -683,7 +683,6 @@ fn place<R: Read>(
     Ok(())
 }
 
-/// Removes a file, link or folder; a missing path is fine.
 /// The bytes of the files under `path` (or of `path` itself), links not followed; what cannot be
 /// read counts as nothing.
 pub fn size_of(path: &Path) -> u64 {
@@ -699,6 +698,7 @@ pub fn size_of(path: &Path) -> u64 {
     }
 }
 
+/// Removes a file, link or folder; a missing path is fine.
 pub fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path).or_else(|e| {
