@@ -668,33 +668,27 @@ fn a_delivery_the_function_policy_does_not_allow_is_refused_by_the_evaluator_and
     assert_delivered_by_events(&one_to(&r, &got, "WakeFunction", "instance"), "instance");
 }
 
-#[test]
-fn with_a_custom_bus_parent_changes_still_trigger_and_notifications_reach_the_topic() {
-    // GIVEN the stack deployed on its own bus, with build notifications by e-mail
-    let bus = "kiln-bus";
-    let r = Rehearsal::deploy_with(
-        &json!({"EventBusName": bus, "NotificationEmail": "builds@example.com"}),
-    );
-    let rt = runtime();
-    apply_on_own_parameter(&r, &rt);
-    assert_eq!(r.outputs["EventBusName"], bus);
-    // WHEN/THEN AWS's events (which reach the default bus only) still reach kiln's functions
-    every_rule_delivers_what_it_must_and_nothing_else(&r, &rt);
-    aws_sources_are_refused_to_every_principal(&r, &rt, bus);
-
+/// A build's final state, announced on `bus` as the functions announce it, is published by
+/// EventBridge to the notification topic (its policy and its key allow the stack's notification
+/// rule) and mailed; a state that is not final publishes nothing. Returns the event's detail.
+fn a_final_state_is_published_and_mailed(
+    r: &Rehearsal,
+    rt: &tokio::runtime::Runtime,
+    bus: &str,
+) -> Json {
     // WHEN a build's final state is announced on the stack's bus, as the functions announce it
-    let admin = r.admin(&rt);
-    let before = deliveries(&r).len();
+    let admin = r.admin(rt);
+    let before = deliveries(r).len();
     let detail = json!({"pipeline": "al2023-moto", "version": "1.0.0",
         "build": "01JEXAMPLE0000000000000000", "state": "AVAILABLE",
         "images": {"us-east-1": "ami-0abcd1111abcd1111"}});
     assert_eq!(
-        put_events(&rt, &admin, "kiln", "Kiln Image State Change", &detail, bus),
+        put_events(rt, &admin, "kiln", "Kiln Image State Change", &detail, bus),
         vec![None]
     );
     // THEN EventBridge publishes it to the notification topic (its policy and its key allow the
     // notification rule), and SNS mails it
-    let all = deliveries(&r);
+    let all = deliveries(r);
     let got: Vec<&Json> = all[before..].iter().collect();
     let published = got
         .iter()
@@ -705,7 +699,11 @@ fn with_a_custom_bus_parent_changes_still_trigger_and_notifications_reach_the_to
         published["from"]
             .as_str()
             .unwrap_or_default()
-            .ends_with(&format!(":rule/{bus}/{STACK}-notify")),
+            .ends_with(&if bus == "default" {
+                format!(":rule/{STACK}-notify")
+            } else {
+                format!(":rule/{bus}/{STACK}-notify")
+            }),
         "{published:#}"
     );
     let actions: Vec<&str> = published["decisions"]
@@ -728,11 +726,11 @@ fn with_a_custom_bus_parent_changes_still_trigger_and_notifications_reach_the_to
         .expect("the event, as EventBridge publishes it");
     assert_eq!(message["detail"], detail);
     // AND a state that is not final publishes nothing
-    let before = deliveries(&r).len();
+    let before = deliveries(r).len();
     let building = json!({"pipeline": "al2023-moto", "state": "BUILDING"});
     assert_eq!(
         put_events(
-            &rt,
+            rt,
             &admin,
             "kiln",
             "Kiln Image State Change",
@@ -741,7 +739,37 @@ fn with_a_custom_bus_parent_changes_still_trigger_and_notifications_reach_the_to
         ),
         vec![None]
     );
-    assert!(deliveries(&r)[before..].is_empty());
+    assert!(deliveries(r)[before..].is_empty());
+    detail
+}
+
+/// On the default bus (the template's default), build notifications reach the topic through the
+/// stack's own notification rule, `rule/<stack>-notify`, which the key and the topic policy name.
+#[test]
+fn on_the_default_bus_notifications_reach_the_topic() {
+    let r = Rehearsal::deploy_with(&json!({"NotificationEmail": "builds@example.com"}));
+    let rt = runtime();
+    assert_eq!(r.outputs["EventBusName"], "default");
+    a_final_state_is_published_and_mailed(&r, &rt, "default");
+    r.assert_all_allowed();
+}
+
+#[test]
+fn with_a_custom_bus_parent_changes_still_trigger_and_notifications_reach_the_topic() {
+    // GIVEN the stack deployed on its own bus, with build notifications by e-mail
+    let bus = "kiln-bus";
+    let r = Rehearsal::deploy_with(
+        &json!({"EventBusName": bus, "NotificationEmail": "builds@example.com"}),
+    );
+    let rt = runtime();
+    apply_on_own_parameter(&r, &rt);
+    assert_eq!(r.outputs["EventBusName"], bus);
+    // WHEN/THEN AWS's events (which reach the default bus only) still reach kiln's functions
+    every_rule_delivers_what_it_must_and_nothing_else(&r, &rt);
+    aws_sources_are_refused_to_every_principal(&r, &rt, bus);
+
+    let detail = a_final_state_is_published_and_mailed(&r, &rt, bus);
+    let admin = r.admin(&rt);
 
     // WHEN the topic is encrypted with the AWS managed key alias/aws/sns instead
     let topics = admin_call(&r, "sns", "list_topics", &json!({}));
